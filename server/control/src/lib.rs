@@ -1,0 +1,311 @@
+//! The control protocol between the `forkd` daemon and one `forkd-vmm`.
+//!
+//! The daemon creates a Unix stream socket pair and hands one end to the VMM
+//! process as `--control-fd`. Both directions carry frames:
+//!
+//! ```text
+//! u32 LE length of (kind + body) | u8 kind | body
+//! ```
+//!
+//! Kind [`KIND_JSON`] carries a [`Request`] (daemon to VMM) or an [`Event`]
+//! (VMM to daemon) as JSON: small, rare and easy to read in a log. Kind
+//! [`KIND_OUTPUT`] carries command output as raw bytes, so the bulk path
+//! never goes through JSON: `u64 LE exec id | u8 stream | data`.
+//!
+//! Requests carry an `id`; the VMM answers each with events carrying the
+//! same id. [`Event::Exited`] is unsolicited and is always the VMM's last
+//! frame.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Frame kind of a JSON [`Request`] or [`Event`].
+pub const KIND_JSON: u8 = 1;
+/// Frame kind of an [`Output`] chunk.
+pub const KIND_OUTPUT: u8 = 2;
+/// Bytes before a frame's body: length and kind.
+pub const HEADER_LEN: usize = 5;
+/// Largest frame body accepted (guards against a corrupt length).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed or closed.
+    #[error("control socket I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A frame's length is zero or above [`MAX_FRAME`].
+    #[error("control frame of {0} bytes is out of range")]
+    BadLength(usize),
+    /// A frame kind this version does not know.
+    #[error("unknown control frame kind {0}")]
+    BadKind(u8),
+    /// An output frame too short to hold its header.
+    #[error("truncated output frame")]
+    TruncatedOutput,
+    /// A JSON body that does not parse as the expected message.
+    #[error("malformed control message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A request from the daemon to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Round trip through the guest's agent; answered by [`Event::Pong`].
+    Ping { id: u64 },
+    /// Run a builtin; answered by [`Output`] frames, then [`Event::ExecDone`].
+    Exec { id: u64, argv: Vec<String> },
+    /// Ask the running Exec `id` to stop; it then ends with `cancelled`.
+    Cancel { id: u64 },
+    /// Stop the vCPUs; answered by [`Event::Paused`].
+    Pause { id: u64 },
+    /// Run the vCPUs again; answered by [`Event::Resumed`].
+    Resume { id: u64 },
+    /// Report resource use; answered by [`Event::Stats`].
+    Stats { id: u64 },
+    /// Stop the guest and exit; answered by [`Event::Exited`].
+    Shutdown { id: u64 },
+}
+
+impl Request {
+    /// The request's correlation id.
+    pub fn id(&self) -> u64 {
+        match self {
+            Request::Ping { id }
+            | Request::Exec { id, .. }
+            | Request::Cancel { id }
+            | Request::Pause { id }
+            | Request::Resume { id }
+            | Request::Stats { id }
+            | Request::Shutdown { id } => *id,
+        }
+    }
+}
+
+/// Why a VMM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The daemon asked for it.
+    Shutdown,
+    /// The guest powered off with this status.
+    GuestExit { status: i32 },
+    /// The guest crashed (unhandled exception, triple fault).
+    GuestCrash { detail: String },
+    /// KVM or the VMM failed.
+    VmmError { detail: String },
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Shutdown => write!(f, "shut down on request"),
+            ExitReason::GuestExit { status } => write!(f, "guest powered off with status {status}"),
+            ExitReason::GuestCrash { detail } => write!(f, "guest crashed: {detail}"),
+            ExitReason::VmmError { detail } => write!(f, "VMM failed: {detail}"),
+        }
+    }
+}
+
+/// Resource use of one VMM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmStats {
+    /// Bytes of guest RAM.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// VM exits handled since boot, all vCPUs.
+    pub exits: u64,
+    /// Requests served by the agent.
+    pub requests: u64,
+}
+
+/// An event from the VMM to the daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// The guest is up and waiting for requests. Sent once, unsolicited.
+    Ready { boot_us: u64 },
+    /// Answer to [`Request::Ping`].
+    Pong { id: u64 },
+    /// Exec `id` ended.
+    ExecDone {
+        id: u64,
+        exit_code: i32,
+        duration_us: u64,
+        cancelled: bool,
+    },
+    /// The vCPUs are stopped; `pause_us` is how long stopping took.
+    Paused { id: u64, pause_us: u64 },
+    /// The vCPUs run again; `paused_us` is how long they were stopped.
+    Resumed { id: u64, paused_us: u64 },
+    /// Answer to [`Request::Stats`].
+    Stats { id: u64, stats: VmmStats },
+    /// Request `id` could not be carried out.
+    Error { id: u64, message: String },
+    /// The VMM is exiting; always its last frame.
+    Exited { reason: ExitReason },
+}
+
+/// A chunk of command output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    /// The Exec request's id.
+    pub id: u64,
+    /// 1 for stdout, 2 for stderr.
+    pub stream: u8,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Anything the VMM sends.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FromVmm {
+    /// A JSON event.
+    Event(Event),
+    /// Raw output.
+    Output(Output),
+}
+
+/// Encodes a JSON frame.
+pub fn encode_json<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("control messages always serialize");
+    frame(KIND_JSON, &[&body])
+}
+
+/// Encodes an output frame without copying `data` twice.
+pub fn encode_output(id: u64, stream: u8, data: &[u8]) -> Vec<u8> {
+    frame(KIND_OUTPUT, &[&id.to_le_bytes(), &[stream], data])
+}
+
+fn frame(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + body_len);
+    out.extend_from_slice(&((body_len + 1) as u32).to_le_bytes());
+    out.push(kind);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// Parses a frame header: returns the body length (without the kind byte)
+/// and the kind.
+pub fn parse_header(header: [u8; HEADER_LEN]) -> Result<(usize, u8), ProtocolError> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(ProtocolError::BadLength(len));
+    }
+    Ok((len - 1, header[4]))
+}
+
+/// Decodes a frame body sent by the VMM.
+pub fn decode_from_vmm(kind: u8, body: Vec<u8>) -> Result<FromVmm, ProtocolError> {
+    match kind {
+        KIND_JSON => Ok(FromVmm::Event(serde_json::from_slice(&body)?)),
+        KIND_OUTPUT => {
+            if body.len() < 9 {
+                return Err(ProtocolError::TruncatedOutput);
+            }
+            let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            let stream = body[8];
+            Ok(FromVmm::Output(Output {
+                id,
+                stream,
+                data: body[9..].to_vec(),
+            }))
+        }
+        other => Err(ProtocolError::BadKind(other)),
+    }
+}
+
+/// Reads one frame (blocking): its kind and body.
+pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let (len, kind) = parse_header(header)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok((kind, body))
+}
+
+/// Reads one [`Request`] (blocking), as the VMM does.
+pub fn read_request(r: &mut impl Read) -> Result<Request, ProtocolError> {
+    let (kind, body) = read_frame(r)?;
+    if kind != KIND_JSON {
+        return Err(ProtocolError::BadKind(kind));
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Writes an already encoded frame (blocking).
+pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> Result<(), ProtocolError> {
+    w.write_all(frame)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips() {
+        let req = Request::Exec {
+            id: 7,
+            argv: vec!["echo".into(), "hi".into()],
+        };
+        let bytes = encode_json(&req);
+        let got = read_request(&mut &bytes[..]).unwrap();
+        assert_eq!(got, req);
+        assert_eq!(got.id(), 7);
+    }
+
+    #[test]
+    fn output_round_trips() {
+        let bytes = encode_output(42, 2, b"oops\n");
+        let (kind, body) = read_frame(&mut &bytes[..]).unwrap();
+        let got = decode_from_vmm(kind, body).unwrap();
+        assert_eq!(
+            got,
+            FromVmm::Output(Output {
+                id: 42,
+                stream: 2,
+                data: b"oops\n".to_vec()
+            })
+        );
+    }
+
+    #[test]
+    fn event_round_trips() {
+        let ev = Event::Exited {
+            reason: ExitReason::GuestCrash {
+                detail: "#UD at rip=0x1".into(),
+            },
+        };
+        let bytes = encode_json(&ev);
+        let (kind, body) = read_frame(&mut &bytes[..]).unwrap();
+        assert_eq!(decode_from_vmm(kind, body).unwrap(), FromVmm::Event(ev));
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(matches!(
+            parse_header([0, 0, 0, 0, 1]),
+            Err(ProtocolError::BadLength(0))
+        ));
+        assert!(matches!(
+            parse_header([0xff, 0xff, 0xff, 0x7f, 1]),
+            Err(ProtocolError::BadLength(_))
+        ));
+        assert!(matches!(
+            decode_from_vmm(9, vec![1]),
+            Err(ProtocolError::BadKind(9))
+        ));
+        assert!(matches!(
+            decode_from_vmm(KIND_OUTPUT, vec![1, 2]),
+            Err(ProtocolError::TruncatedOutput)
+        ));
+    }
+}
