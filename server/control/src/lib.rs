@@ -175,9 +175,23 @@ pub fn encode_json<T: Serialize>(msg: &T) -> Vec<u8> {
     frame(KIND_JSON, &[&body])
 }
 
-/// Encodes an output frame without copying `data` twice.
+/// Encodes an output frame.
 pub fn encode_output(id: u64, stream: u8, data: &[u8]) -> Vec<u8> {
     frame(KIND_OUTPUT, &[&id.to_le_bytes(), &[stream], data])
+}
+
+/// Bytes of an output frame before its data.
+pub const OUTPUT_HEADER_LEN: usize = HEADER_LEN + 9;
+
+/// The header of an output frame carrying `len` bytes, for writers that
+/// place the data themselves (no intermediate copy).
+pub fn output_header(id: u64, stream: u8, len: usize) -> [u8; OUTPUT_HEADER_LEN] {
+    let mut h = [0u8; OUTPUT_HEADER_LEN];
+    h[..4].copy_from_slice(&((len + 10) as u32).to_le_bytes());
+    h[4] = KIND_OUTPUT;
+    h[5..13].copy_from_slice(&id.to_le_bytes());
+    h[13] = stream;
+    h
 }
 
 fn frame(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -275,6 +289,12 @@ mod tests {
                 data: b"oops\n".to_vec()
             })
         );
+    }
+
+    #[test]
+    fn output_header_matches_encode_output() {
+        let full = encode_output(3, 1, b"abc");
+        assert_eq!(&full[..OUTPUT_HEADER_LEN], &output_header(3, 1, 3));
     }
 
     #[test]

@@ -1,13 +1,13 @@
 //! The contract between `forkd-vmm` and forkd's reference guest.
 //!
 //! Guest physical memory is identity-mapped, so every address here is both
-//! a guest-physical and a guest-virtual address. The guest runs at CPL3 with
-//! IOPL=3; each `in`/`out` on the ports below is one exit to the VMM.
+//! a guest-physical and a guest-virtual address. The guest runs at CPL3;
+//! each access to a doorbell register ([`reg`]) is one exit to the VMM.
 //!
 //! The agent channel is a mailbox in guest RAM: the VMM writes a request
-//! there and completes the guest's blocking `in` on [`PORT_WAIT`]; the guest
-//! writes output into the mailbox's output buffer and rings [`PORT_OUTPUT`],
-//! then writes the exit code and rings [`PORT_DONE`].
+//! there and completes the guest's blocking load of [`reg::WAIT`]; the guest
+//! writes output into the mailbox's output buffer and rings [`reg::OUTPUT`],
+//! then writes the exit code and rings [`reg::DONE`].
 #![no_std]
 
 /// Size of a small page.
@@ -32,7 +32,8 @@ pub const RING0_STACK_TOP: u64 = 0xF000;
 /// Page tables: the PML4 page; PDPT, page directories and the first page
 /// table follow it.
 pub const PAGE_TABLES_ADDR: u64 = 0x10000;
-/// Bytes reserved for page tables (enough to identity-map 64 GiB).
+/// Bytes reserved for page tables (enough to identity-map 64 GiB plus the
+/// doorbell page).
 pub const PAGE_TABLES_SIZE: u64 = 0x50000;
 /// Where the guest ELF image is linked (2 MiB).
 pub const IMAGE_ADDR: u64 = 0x20_0000;
@@ -50,7 +51,7 @@ pub const MAILBOX_ADDR: u64 = 0x80_0000;
 pub const REQUEST_ADDR: u64 = MAILBOX_ADDR + 0x1000;
 /// Largest request payload.
 pub const REQUEST_MAX: u64 = 0xF000;
-/// The output buffer the guest fills before ringing [`PORT_OUTPUT`].
+/// The output buffer the guest fills before ringing [`reg::OUTPUT`].
 pub const OUTPUT_ADDR: u64 = MAILBOX_ADDR + 0x10_0000;
 /// Size of the output buffer.
 pub const OUTPUT_SIZE: u64 = 0x10_0000;
@@ -62,31 +63,52 @@ pub const RING_MAX_PAGES: u64 = 4096;
 pub const FILL_ADDR: u64 = 0x200_0000;
 /// Smallest guest RAM in MiB (everything above plus room to fill).
 pub const MIN_MEMORY_MIB: u32 = 36;
+/// Largest guest RAM in MiB (64 GiB); the doorbell page sits right above.
+pub const MAX_MEMORY_MIB: u32 = 64 * 1024;
 
 /// Top of vCPU `index`'s user stack.
 pub const fn stack_top(index: u64) -> u64 {
     STACKS_ADDR + (index + 1) * STACK_SIZE
 }
 
-// ---- Ports --------------------------------------------------------------
+// ---- Doorbells --------------------------------------------------------
 
-/// `in` (32-bit), vCPU 0: block until the next request; returns its
-/// sequence number.
-pub const PORT_WAIT: u16 = 0xF00;
-/// `out` (32-bit): the request in the mailbox is done; the value is ignored
-/// (the exit code is in the mailbox).
-pub const PORT_DONE: u16 = 0xF01;
-/// `out` (32-bit): flush `out_len` bytes of stream `out_stream` from the
-/// output buffer.
-pub const PORT_OUTPUT: u16 = 0xF02;
-/// `in` (32-bit), vCPU 1 and up: block until vCPU 0 kicks background work.
-pub const PORT_BG_WAIT: u16 = 0xF03;
-/// `out` (32-bit): wake the background vCPU whose index is the value.
-pub const PORT_BG_KICK: u16 = 0xF04;
-/// `out` (8-bit) from the VMM's exception stubs: the vector number.
+/// The doorbell page: guest-physical memory with no RAM behind it, mapped
+/// user-accessible, right above the largest possible RAM. Every 32-bit load
+/// or store to one of its registers is one MMIO exit to the VMM. (Port I/O
+/// from CPL3 would need IOPL=3, which a PVM host does not grant; MMIO traps
+/// the same way on every KVM backend.)
+pub const DOORBELL_ADDR: u64 = MAX_MEMORY_MIB as u64 * 1024 * 1024;
+
+/// Doorbell registers (32-bit loads and stores).
+pub mod reg {
+    use super::DOORBELL_ADDR;
+
+    /// Load, vCPU 0: block until the next request; returns its sequence
+    /// number, or 0 when the wait ended without one (the guest then waits
+    /// again; the VMM does this to stop a vCPU at a clean point).
+    pub const WAIT: u64 = DOORBELL_ADDR;
+    /// Store: the request in the mailbox is done (exit code in the mailbox).
+    pub const DONE: u64 = DOORBELL_ADDR + 0x08;
+    /// Store: flush `out_len` bytes of stream `out_stream` from the output
+    /// buffer.
+    pub const OUTPUT: u64 = DOORBELL_ADDR + 0x10;
+    /// Load, vCPU 1 and up: block until vCPU 0 kicks background work;
+    /// non-zero when kicked, 0 when the wait ended without a kick.
+    pub const BG_WAIT: u64 = DOORBELL_ADDR + 0x18;
+    /// Store: wake the background vCPU whose index is the value.
+    pub const BG_KICK: u64 = DOORBELL_ADDR + 0x20;
+    /// Store: the guest powers off; the value is its exit status.
+    pub const SHUTDOWN: u64 = DOORBELL_ADDR + 0x28;
+    /// Store: block this vCPU for up to the value in microseconds, so an
+    /// idle or paced guest uses no host CPU. It may return early (for
+    /// example when the VMM pauses the vCPUs); the guest re-checks its clock.
+    pub const SLEEP: u64 = DOORBELL_ADDR + 0x30;
+}
+
+/// Port the VMM's CPL0 exception stubs write the vector number to (8-bit
+/// `out`; ring 0 may do port I/O on every backend).
 pub const PORT_EXCEPTION: u16 = 0xF05;
-/// `out` (32-bit): the guest powers off; the value is its exit status.
-pub const PORT_SHUTDOWN: u16 = 0xF06;
 
 // ---- Boot info and mailbox ---------------------------------------------
 
@@ -158,5 +180,7 @@ pub struct Mailbox {
 
 /// Exit code the guest reports for a command stopped by `cancel`.
 pub const EXIT_CANCELLED: i32 = -125;
-/// Exit code for an unknown builtin or bad arguments.
+/// Exit code for bad arguments to a builtin.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit code for an unknown builtin.
+pub const EXIT_UNKNOWN: i32 = 127;

@@ -1,1 +1,19 @@
-//! VMM
+//! forkd's virtual machine monitor: one KVM microVM per process.
+//!
+//! The daemon starts `forkd-vmm` with one end of a socket pair; the VMM
+//! builds the VM (memfd RAM, page tables, GDT/TSS/IDT, vCPUs at CPL3),
+//! loads the guest, runs one thread per vCPU and serves the control
+//! protocol of `forkd-control` on the main thread.
+
+pub mod agent;
+pub mod boot;
+pub mod control;
+pub mod coordinator;
+pub mod cpu;
+pub mod error;
+pub mod events;
+pub mod kick;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,1 +1,102 @@
-fn main() {}
+//! `forkd-vmm`: runs one sandbox's microVM for the forkd daemon.
+
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use forkd_control::ExitReason;
+use forkd_vmm::coordinator::Coordinator;
+use forkd_vmm::events::EventSink;
+use forkd_vmm::vcpu::{self, VmContext};
+use forkd_vmm::vm::{Vm, VmConfig};
+use forkd_vmm::{control, kick, loader};
+
+/// Runs one KVM microVM, controlled by the forkd daemon over a socket.
+#[derive(Parser, Debug)]
+#[command(name = "forkd-vmm", version)]
+struct Args {
+    /// Inherited Unix stream socket to the daemon.
+    #[arg(long)]
+    control_fd: i32,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u8,
+    /// Sandbox id, for logs.
+    #[arg(long, default_value = "-")]
+    id: String,
+    /// Guest ELF to run instead of the built-in reference guest.
+    #[arg(long)]
+    guest: Option<std::path::PathBuf>,
+}
+
+fn main() {
+    let started = Instant::now();
+    let args = Args::parse();
+    // SAFETY: the daemon passes this descriptor to us alone; we take
+    // ownership of it here, once.
+    let stream = unsafe { UnixStream::from_raw_fd(args.control_fd) };
+    let writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!(
+                "forkd-vmm[{}]: control fd {} unusable: {e}",
+                args.id, args.control_fd
+            );
+            std::process::exit(2);
+        }
+    };
+    let sink = EventSink::new(writer);
+    let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
+
+    let image = match &args.guest {
+        Some(path) => std::fs::read(path)
+            .unwrap_or_else(|e| fail(format!("reading guest image {}: {e}", path.display()))),
+        None => loader::REFERENCE_GUEST.to_vec(),
+    };
+    let config = VmConfig {
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+    };
+    let vm = Vm::create(&config, &image).unwrap_or_else(|e| fail(e.to_string()));
+    if let Err(e) = kick::install() {
+        fail(e.to_string());
+    }
+    let Vm {
+        kvm: _kvm,
+        fd: _vm_fd,
+        ram,
+        vcpus,
+        tsc_khz,
+    } = vm;
+    let vcpu_count = vcpus.len();
+    let ctx = Arc::new(VmContext {
+        ram,
+        coord: Coordinator::new(vcpu_count),
+        sink,
+        exits: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        started,
+        tsc_khz,
+    });
+    let mut threads = Vec::with_capacity(vcpu_count);
+    for (index, fd) in vcpus.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .stack_size(256 << 10)
+            .spawn(move || vcpu::run(index, fd, ctx))
+            .unwrap_or_else(|e| {
+                eprintln!("forkd-vmm[{}]: spawning vcpu thread: {e}", args.id);
+                std::process::exit(2)
+            });
+        threads.push(handle.as_pthread_t());
+    }
+    control::serve(stream, ctx, threads, vcpu_count as u32)
+}

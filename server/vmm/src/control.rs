@@ -1,0 +1,98 @@
+//! The control thread: read requests from the daemon and act on them.
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_control::{read_request, Event, ExitReason, ProtocolError, Request, VmmStats};
+use forkd_guest_abi as abi;
+
+use crate::agent;
+use crate::coordinator::{Cancelled, Job, JobKind};
+use crate::kick;
+use crate::vcpu::VmContext;
+
+/// How long a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves requests until the daemon asks for shutdown or goes away.
+pub fn serve(
+    mut stream: UnixStream,
+    ctx: Arc<VmContext>,
+    vcpu_threads: Vec<libc::pthread_t>,
+    vcpus: u32,
+) -> ! {
+    loop {
+        let request = match read_request(&mut stream) {
+            Ok(r) => r,
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                eprintln!("forkd-vmm: daemon closed the control socket; exiting");
+                std::process::exit(0);
+            }
+            Err(e) => ctx.sink.exit(
+                ExitReason::VmmError {
+                    detail: format!("bad control request: {e}"),
+                },
+                4,
+            ),
+        };
+        match request {
+            Request::Ping { id } => ctx.coord.submit(Job {
+                id,
+                kind: JobKind::Ping,
+            }),
+            Request::Exec { id, argv } => match agent::encode_argv(&argv) {
+                Some(bytes) if !argv.is_empty() => ctx.coord.submit(Job {
+                    id,
+                    kind: JobKind::Exec(bytes),
+                }),
+                Some(_) => ctx.sink.send(&Event::Error {
+                    id,
+                    message: "argv is empty".into(),
+                }),
+                None => ctx.sink.send(&Event::Error {
+                    id,
+                    message: format!("argv is longer than {} bytes", abi::REQUEST_MAX),
+                }),
+            },
+            Request::Cancel { id } => match ctx.coord.cancel(id) {
+                Cancelled::Running => agent::request_cancel(&ctx.ram),
+                Cancelled::Dequeued(job) => ctx.sink.send(&Event::ExecDone {
+                    id: job.id,
+                    exit_code: abi::EXIT_CANCELLED,
+                    duration_us: 0,
+                    cancelled: true,
+                }),
+                Cancelled::Unknown => {}
+            },
+            Request::Pause { id } => {
+                let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
+                match ctx.coord.pause(kick_all, PAUSE_TIMEOUT) {
+                    Ok(took) => ctx.sink.send(&Event::Paused {
+                        id,
+                        pause_us: took.as_micros() as u64,
+                    }),
+                    Err(message) => ctx.sink.send(&Event::Error { id, message }),
+                }
+            }
+            Request::Resume { id } => match ctx.coord.resume() {
+                Ok(paused) => ctx.sink.send(&Event::Resumed {
+                    id,
+                    paused_us: paused.as_micros() as u64,
+                }),
+                Err(message) => ctx.sink.send(&Event::Error { id, message }),
+            },
+            Request::Stats { id } => ctx.sink.send(&Event::Stats {
+                id,
+                stats: VmmStats {
+                    memory_bytes: ctx.ram.size(),
+                    vcpus,
+                    exits: ctx.exits.load(Ordering::Relaxed),
+                    requests: ctx.requests.load(Ordering::Relaxed),
+                },
+            }),
+            Request::Shutdown { .. } => ctx.sink.exit(ExitReason::Shutdown, 0),
+        }
+    }
+}

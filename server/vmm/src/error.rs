@@ -1,0 +1,54 @@
+//! Errors of the VMM, each carrying what failed and why.
+
+use std::io;
+
+/// Anything that stops a VMM from booting or running a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm cannot be opened.
+    #[error(
+        "cannot open /dev/kvm: {0}; forkd needs KVM: load the module for this host \
+         (kvm_intel, kvm_amd or kvm_pvm) and run as a user that can open /dev/kvm"
+    )]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// /dev/kvm is there but lacks something forkd needs.
+    #[error("KVM on this host is unusable for forkd: {0}")]
+    KvmUnsupported(String),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The operation, e.g. "KVM_CREATE_VM".
+        op: &'static str,
+        /// The errno from the kernel.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM could not be created or mapped.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The guest image could not be loaded.
+    #[error("loading the guest image: {0}")]
+    Load(String),
+    /// The requested machine shape is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A host system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl VmmError {
+    /// Wraps a KVM ioctl error with the name of the operation.
+    pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+        move |source| VmmError::Kvm { op, source }
+    }
+}
+
+/// Result alias for the VMM.
+pub type Result<T> = std::result::Result<T, VmmError>;

@@ -1,0 +1,136 @@
+//! Creating the KVM VM: checks, memory slot, in-kernel irqchip, vCPUs, the
+//! loaded guest and its boot environment.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::error::{Result, VmmError};
+use crate::memory::GuestRam;
+use crate::{boot, cpu, loader};
+
+/// Address KVM uses for the real-mode TSS on Intel hosts (unused by our
+/// guests, but KVM requires it to be set before running vCPUs there).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    /// Kept open for the VM's lifetime.
+    pub kvm: Kvm,
+    /// The VM.
+    pub fd: VmFd,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The vCPUs, in index order.
+    pub vcpus: Vec<VcpuFd>,
+    /// TSC frequency the guest was told.
+    pub tsc_khz: u64,
+}
+
+impl Vm {
+    /// Builds a VM running `image` (an ELF) with `config`.
+    pub fn create(config: &VmConfig, image: &[u8]) -> Result<Vm> {
+        if config.vcpus == 0 || u64::from(config.vcpus) > forkd_guest_abi::MAX_VCPUS {
+            return Err(VmmError::Config(format!(
+                "vcpus must be between 1 and {}, got {}",
+                forkd_guest_abi::MAX_VCPUS,
+                config.vcpus
+            )));
+        }
+        if config.memory_mib < forkd_guest_abi::MIN_MEMORY_MIB {
+            return Err(VmmError::Config(format!(
+                "memory must be at least {} MiB, got {}",
+                forkd_guest_abi::MIN_MEMORY_MIB,
+                config.memory_mib
+            )));
+        }
+        let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
+        check_kvm(&kvm)?;
+        let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+        if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
+            // Only Intel VMX needs it; other backends may refuse it.
+            eprintln!("forkd-vmm: KVM_SET_TSS_ADDR not accepted ({e}); continuing");
+        }
+        fd.create_irq_chip()
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+
+        let ram = GuestRam::new(u64::from(config.memory_mib) << 20)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_address(),
+        };
+        // SAFETY: the region is a live mapping of `ram.size()` bytes owned by
+        // `ram`, which the returned Vm keeps for as long as the VM exists.
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+
+        let entry = loader::load(&ram, image)?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(index))
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            cpu::set_cpuid(&vcpu, &supported, index)?;
+            cpu::set_entry_state(&vcpu, index, entry)?;
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = match vcpus[0].get_tsc_khz() {
+            Ok(khz) if khz > 0 => u64::from(khz),
+            _ => calibrate_tsc_khz(),
+        };
+        boot::build_environment(&ram, u32::from(config.vcpus), tsc_khz)?;
+        Ok(Vm {
+            kvm,
+            fd,
+            ram,
+            vcpus,
+            tsc_khz,
+        })
+    }
+}
+
+fn check_kvm(kvm: &Kvm) -> Result<()> {
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmmError::KvmUnsupported(format!(
+            "KVM API version {version}, expected 12"
+        )));
+    }
+    for (cap, name) in [
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmUnsupported(format!("{name} is missing")));
+        }
+    }
+    Ok(())
+}
+
+/// Measures the host TSC against the monotonic clock (guest and host share
+/// the TSC rate), for hosts where KVM_GET_TSC_KHZ is unavailable.
+fn calibrate_tsc_khz() -> u64 {
+    let t0 = std::time::Instant::now();
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // SAFETY: as above.
+    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+    let us = t0.elapsed().as_micros().max(1) as u64;
+    (c1 - c0) * 1000 / us
+}
