@@ -1,1 +1,64 @@
-fn main() {}
+//! `forkd`: the daemon that runs KVM microVM sandboxes behind a gRPC API.
+//! See DESIGN.md next to Cargo.toml for the module map.
+
+mod auth;
+mod cli;
+mod config;
+mod data_dir;
+mod drain;
+mod error;
+mod exec;
+mod ids;
+mod lifecycle;
+mod logging;
+mod registry;
+mod rlimit;
+mod sandbox_service;
+mod server;
+mod snapshot_service;
+mod validate;
+mod vmm_process;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, TOKEN_ENV};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    logging::init(args.log_format);
+    match rlimit::raise_nofile() {
+        Ok(limit) => tracing::debug!(limit, "RLIMIT_NOFILE raised"),
+        Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
+    }
+    let config = match Config::resolve(&args, std::env::var(TOKEN_ENV).ok()) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.token_file.is_some() && std::env::var_os(TOKEN_ENV).is_some() {
+        tracing::info!("--token-file given; ignoring {TOKEN_ENV}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

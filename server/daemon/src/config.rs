@@ -1,0 +1,195 @@
+//! The daemon's resolved configuration: the command line plus the
+//! environment, checked before anything starts.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::auth::BearerToken;
+use crate::cli::ServeArgs;
+use crate::error::StartupError;
+
+/// Name of the VMM binary looked up next to `forkd` and on `$PATH`.
+pub const VMM_BINARY: &str = "forkd-vmm";
+/// Environment variable holding the bearer token.
+pub const TOKEN_ENV: &str = "FORKD_TOKEN";
+
+/// Everything `forkd serve` runs with.
+#[derive(Debug)]
+pub struct Config {
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// Optional Unix socket path.
+    pub listen_unix: Option<PathBuf>,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The forkd-vmm binary.
+    pub vmm_path: PathBuf,
+    /// Token required on every non-health call, if any.
+    pub token: Option<BearerToken>,
+    /// Most sandboxes at once.
+    pub max_sandboxes: usize,
+    /// Bound on waiting for in-flight calls at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Pause between NOT_SERVING and stopping the listeners.
+    pub drain_grace: Duration,
+}
+
+impl Config {
+    /// Resolves the command line; `env_token` is the value of
+    /// [`TOKEN_ENV`], if set.
+    pub fn resolve(args: &ServeArgs, env_token: Option<String>) -> Result<Config, StartupError> {
+        let token = match (&args.token_file, env_token) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    StartupError::Config(format!(
+                        "cannot read --token-file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(BearerToken::new(&text).ok_or_else(|| {
+                    StartupError::Config(format!(
+                        "--token-file {} is empty or holds whitespace only",
+                        path.display()
+                    ))
+                })?)
+            }
+            (None, Some(value)) => Some(BearerToken::new(&value).ok_or_else(|| {
+                StartupError::Config(format!(
+                    "{TOKEN_ENV} is set but empty; unset it or give it a token"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        check_exposure(args.listen, token.is_some())?;
+        if args.max_sandboxes == 0 {
+            return Err(StartupError::Config(
+                "--max-sandboxes must be at least 1".into(),
+            ));
+        }
+        let vmm_path = resolve_vmm(
+            args.vmm_path.as_deref(),
+            std::env::current_exe().ok().as_deref(),
+            std::env::var_os("PATH").as_deref(),
+        )?;
+        Ok(Config {
+            listen: args.listen,
+            listen_unix: args.listen_unix.clone(),
+            data_dir: args.data_dir.clone(),
+            vmm_path,
+            token,
+            max_sandboxes: args.max_sandboxes,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            drain_grace: Duration::from_secs(args.drain_grace),
+        })
+    }
+}
+
+/// Refuses to expose an unauthenticated daemon beyond loopback.
+pub fn check_exposure(listen: SocketAddr, has_token: bool) -> Result<(), StartupError> {
+    if listen.ip().is_loopback() || has_token {
+        Ok(())
+    } else {
+        Err(StartupError::Config(format!(
+            "refusing to listen on non-loopback address {listen} without authentication: \
+             pass --token-file PATH or set {TOKEN_ENV}, or listen on 127.0.0.1"
+        )))
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Finds the VMM binary: `explicit` if given, else next to `current_exe`,
+/// else on `path_env`.
+pub fn resolve_vmm(
+    explicit: Option<&Path>,
+    current_exe: Option<&Path>,
+    path_env: Option<&OsStr>,
+) -> Result<PathBuf, StartupError> {
+    if let Some(path) = explicit {
+        return if is_executable(path) {
+            Ok(path.to_path_buf())
+        } else {
+            Err(StartupError::Config(format!(
+                "--vmm-path {} is not an executable file",
+                path.display()
+            )))
+        };
+    }
+    let beside = current_exe
+        .and_then(Path::parent)
+        .map(|dir| dir.join(VMM_BINARY));
+    if let Some(path) = beside.iter().find(|p| is_executable(p)) {
+        return Ok(path.clone());
+    }
+    if let Some(path) = path_env
+        .into_iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(VMM_BINARY))
+        .find(|p| is_executable(p))
+    {
+        return Ok(path);
+    }
+    Err(StartupError::Config(format!(
+        "cannot find {VMM_BINARY} next to {} or on $PATH; pass --vmm-path",
+        current_exe
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the forkd executable".into())
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn loopback_needs_no_token() {
+        assert!(check_exposure("127.0.0.1:1".parse().unwrap(), false).is_ok());
+        assert!(check_exposure("[::1]:1".parse().unwrap(), false).is_ok());
+        let err = check_exposure("0.0.0.0:1".parse().unwrap(), false).unwrap_err();
+        assert!(err.to_string().contains("--token-file"));
+        assert!(check_exposure("0.0.0.0:1".parse().unwrap(), true).is_ok());
+    }
+
+    #[test]
+    fn vmm_lookup_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let exe = bin.join("forkd");
+        let on_path = other.join(VMM_BINARY);
+        std::fs::write(&on_path, "").unwrap();
+        std::fs::set_permissions(&on_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path_env = std::env::join_paths([&other]).unwrap();
+
+        // Nothing beside forkd: $PATH wins.
+        let got = resolve_vmm(None, Some(&exe), Some(&path_env)).unwrap();
+        assert_eq!(got, on_path);
+
+        // Beside forkd beats $PATH.
+        let beside = bin.join(VMM_BINARY);
+        std::fs::write(&beside, "").unwrap();
+        std::fs::set_permissions(&beside, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            resolve_vmm(None, Some(&exe), Some(&path_env)).unwrap(),
+            beside
+        );
+
+        // Explicit must exist and be executable.
+        assert!(resolve_vmm(Some(&dir.path().join("nope")), None, None).is_err());
+        assert_eq!(resolve_vmm(Some(&on_path), None, None).unwrap(), on_path);
+        assert!(resolve_vmm(None, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--vmm-path"));
+    }
+}

@@ -1,0 +1,144 @@
+//! The data directory: its layout, the lock that keeps a second daemon
+//! out, and the clean-up of what a crashed daemon left behind.
+//!
+//! ```text
+//! <data-dir>/forkd.lock            flock held while the daemon runs
+//! <data-dir>/sandboxes/<id>/       one per live sandbox
+//! <data-dir>/sandboxes/<id>/vmm.log  the VMM's stdout and stderr
+//! <data-dir>/snapshots/            reserved for the snapshot store
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::StartupError;
+
+/// Name of the lock file.
+pub const LOCK_FILE: &str = "forkd.lock";
+/// Subdirectory holding one directory per sandbox.
+pub const SANDBOXES: &str = "sandboxes";
+/// Subdirectory reserved for snapshots.
+pub const SNAPSHOTS: &str = "snapshots";
+/// A sandbox's VMM log, inside its directory.
+pub const VMM_LOG: &str = "vmm.log";
+
+/// An opened, locked data directory. The lock is released on drop.
+#[derive(Debug)]
+pub struct DataDir {
+    root: PathBuf,
+    _lock: Flock<File>,
+}
+
+fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> StartupError + 'a {
+    move |source| StartupError::DataDir {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+impl DataDir {
+    /// Creates the layout under `root`, takes the lock, and removes
+    /// sandbox directories left by an earlier daemon.
+    pub fn open(root: &Path) -> Result<DataDir, StartupError> {
+        std::fs::create_dir_all(root).map_err(io_err(root, "cannot create it"))?;
+        let root = root
+            .canonicalize()
+            .map_err(io_err(root, "cannot resolve it"))?;
+        let lock_path = root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path, "cannot open the lock file"))?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, Errno::EWOULDBLOCK)) => return Err(StartupError::DataDirLocked(root)),
+            Err((_, errno)) => {
+                return Err(StartupError::DataDir {
+                    path: lock_path,
+                    what: "cannot lock it",
+                    source: errno.into(),
+                })
+            }
+        };
+        let dir = DataDir { root, _lock: lock };
+        for sub in [SANDBOXES, SNAPSHOTS] {
+            let path = dir.root.join(sub);
+            std::fs::create_dir_all(&path).map_err(io_err(&path, "cannot create it"))?;
+        }
+        let stale = dir
+            .remove_all_sandboxes()
+            .map_err(io_err(&dir.sandboxes(), "cannot remove stale sandboxes"))?;
+        if stale > 0 {
+            tracing::warn!(
+                count = stale,
+                "removed sandbox directories left by an earlier daemon"
+            );
+        }
+        Ok(dir)
+    }
+
+    /// The data directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/sandboxes`.
+    pub fn sandboxes(&self) -> PathBuf {
+        self.root.join(SANDBOXES)
+    }
+
+    /// `<root>/sandboxes/<id>`.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.sandboxes().join(id)
+    }
+
+    /// Removes every entry of `<root>/sandboxes`; returns how many there
+    /// were.
+    pub fn remove_all_sandboxes(&self) -> io::Result<usize> {
+        let mut count = 0;
+        for entry in std::fs::read_dir(self.sandboxes())? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_lock_and_stale_cleanup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        std::fs::create_dir_all(root.join("sandboxes/sb-old")).unwrap();
+        std::fs::write(root.join("sandboxes/sb-old/vmm.log"), "x").unwrap();
+
+        let dir = DataDir::open(&root).unwrap();
+        assert!(root.join("snapshots").is_dir());
+        assert!(root.join("forkd.lock").is_file());
+        assert_eq!(std::fs::read_dir(dir.sandboxes()).unwrap().count(), 0);
+        assert_eq!(dir.sandbox_dir("sb-1"), dir.root().join("sandboxes/sb-1"));
+
+        let err = DataDir::open(&root).unwrap_err();
+        assert!(matches!(err, StartupError::DataDirLocked(_)), "{err}");
+        assert!(err.to_string().contains("another forkd daemon"));
+
+        drop(dir);
+        DataDir::open(&root).unwrap();
+    }
+}

@@ -1,0 +1,305 @@
+//! Starting and stopping sandboxes: cold boots (bounded in parallel),
+//! deletion, and stopping everything at daemon shutdown.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::data_dir::{DataDir, VMM_LOG};
+use crate::error::{ApiError, BootError};
+use crate::ids::new_sandbox_id;
+use crate::registry::{Registry, Reservation, Sandbox, SandboxSpec};
+use crate::vmm_process::{RequestError, Vmm, VmmSpec};
+
+/// Most VMMs booting at the same time, across all calls.
+pub const BOOT_PARALLELISM: usize = 16;
+/// Time a sandbox gets from VMM start to answering its first ping.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a VMM gets to exit after `Shutdown` before it is killed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Most bytes of a VMM's log quoted in a boot failure.
+const LOG_TAIL_BYTES: usize = 600;
+
+/// A validated cold-boot request.
+#[derive(Debug, Clone)]
+pub struct BootPlan {
+    /// How many sandboxes.
+    pub n: usize,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Labels for each sandbox.
+    pub labels: HashMap<String, String>,
+    /// Recorded as `live_fork`.
+    pub live_fork: bool,
+}
+
+/// What a spawn call produced.
+#[derive(Debug)]
+pub struct SpawnOutcome {
+    /// Started sandboxes, in request order.
+    pub started: Vec<Arc<Sandbox>>,
+    /// Failures as (request index, error), in request order.
+    pub failures: Vec<(usize, BootError)>,
+    /// Wall time of the whole call.
+    pub elapsed: Duration,
+}
+
+/// Owns the sandboxes' processes and directories.
+#[derive(Debug)]
+pub struct Manager {
+    registry: Arc<Registry>,
+    data_dir: Arc<DataDir>,
+    vmm_path: PathBuf,
+    boot_permits: Semaphore,
+}
+
+impl Manager {
+    /// A manager starting `vmm_path` for each sandbox.
+    pub fn new(registry: Arc<Registry>, data_dir: Arc<DataDir>, vmm_path: PathBuf) -> Arc<Manager> {
+        Arc::new(Manager {
+            registry,
+            data_dir,
+            vmm_path,
+            boot_permits: Semaphore::new(BOOT_PARALLELISM),
+        })
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Cold-boots `plan.n` sandboxes concurrently. Fails only before any
+    /// boot starts (over the cap, shutting down); per-sandbox failures are
+    /// in the outcome.
+    pub async fn spawn(self: &Arc<Self>, plan: BootPlan) -> Result<SpawnOutcome, ApiError> {
+        let start = Instant::now();
+        let create_time = SystemTime::now();
+        let reservation = Arc::new(Mutex::new(self.registry.reserve(plan.n)?));
+        let mut tasks = JoinSet::new();
+        for index in 0..plan.n {
+            let this = self.clone();
+            let plan = plan.clone();
+            let reservation = reservation.clone();
+            tasks.spawn(async move {
+                let result = this
+                    .boot_one(index, &plan, create_time, start, &reservation)
+                    .await;
+                (index, result)
+            });
+        }
+        let mut results = Vec::with_capacity(plan.n);
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(r) => results.push(r),
+                Err(e) => tracing::error!(error = %e, "boot task failed"),
+            }
+        }
+        results.sort_by_key(|(index, _)| *index);
+        let mut outcome = SpawnOutcome {
+            started: Vec::new(),
+            failures: Vec::new(),
+            elapsed: start.elapsed(),
+        };
+        for (index, result) in results {
+            match result {
+                Ok(sandbox) => outcome.started.push(sandbox),
+                Err(e) => outcome.failures.push((index, e)),
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn boot_one(
+        &self,
+        index: usize,
+        plan: &BootPlan,
+        create_time: SystemTime,
+        start: Instant,
+        reservation: &Mutex<Reservation>,
+    ) -> Result<Arc<Sandbox>, BootError> {
+        let reserve = || reservation.lock().unwrap_or_else(|e| e.into_inner());
+        let _permit = self.boot_permits.acquire().await;
+        let id = loop {
+            let id = new_sandbox_id();
+            if !self.registry.contains(&id) {
+                break id;
+            }
+        };
+        let dir = self.data_dir.sandbox_dir(&id);
+        if let Err(source) = std::fs::create_dir(&dir) {
+            reserve().release_one();
+            return Err(BootError::SandboxDir { path: dir, source });
+        }
+        let spec = VmmSpec {
+            vmm_path: &self.vmm_path,
+            id: &id,
+            memory_mib: plan.memory_mib,
+            vcpus: plan.vcpus,
+            dir: &dir,
+        };
+        let vmm = match Vmm::spawn(&spec) {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                reserve().release_one();
+                remove_dir(&dir);
+                return Err(e);
+            }
+        };
+        tracing::debug!(sandbox = %id, pid = vmm.pid(), "VMM started");
+        let spec = SandboxSpec {
+            id: id.clone(),
+            memory_mib: plan.memory_mib,
+            vcpus: plan.vcpus,
+            labels: plan.labels.clone(),
+            create_time,
+            live_fork: plan.live_fork,
+        };
+        let inserted = reserve().insert(index, spec, vmm.clone());
+        let sandbox = match inserted {
+            Ok(sandbox) => sandbox,
+            Err(e) => {
+                stop_and_remove(&vmm, &dir, Duration::ZERO).await;
+                return Err(match e {
+                    ApiError::ShuttingDown => BootError::ShuttingDown,
+                    other => BootError::Exited {
+                        reason: other.to_string(),
+                        log: String::new(),
+                    },
+                });
+            }
+        };
+
+        let booted = tokio::time::timeout(BOOT_TIMEOUT, async {
+            vmm.wait_ready().await.map_err(|stop| stop.reason)?;
+            vmm.ping().await.map_err(|e| match e {
+                RequestError::Stopped(stop) => stop.reason,
+                RequestError::Refused(msg) => format!("VMM refused the first ping: {msg}"),
+            })
+        })
+        .await;
+        let failure = match booted {
+            Ok(Ok(())) => {
+                let boot_ms = start.elapsed().as_secs_f64() * 1000.0;
+                sandbox.mark_running(boot_ms);
+                tracing::info!(sandbox = %id, pid = vmm.pid(), boot_ms, "sandbox running");
+                return Ok(sandbox);
+            }
+            Ok(Err(reason)) => Some(reason),
+            Err(_) => None,
+        };
+        // Did not boot: stop it, quote its log, remove every trace.
+        self.registry.remove(&id);
+        vmm.kill();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, vmm.wait_reaped()).await;
+        let log = log_tail(&dir.join(VMM_LOG));
+        remove_dir(&dir);
+        let err = match failure {
+            _ if self.registry.is_closed() => BootError::ShuttingDown,
+            Some(reason) => BootError::Exited { reason, log },
+            None => BootError::Timeout {
+                secs: BOOT_TIMEOUT.as_secs(),
+                log,
+            },
+        };
+        tracing::warn!(sandbox = %id, error = %err, "sandbox failed to start");
+        Err(err)
+    }
+
+    /// Deletes a sandbox: removes it from the registry, stops its VMM
+    /// (Shutdown, then SIGKILL after [`SHUTDOWN_GRACE`]) and removes its
+    /// directory. Returns the sandbox as it was before.
+    pub async fn delete(&self, id: &str) -> Result<forkd_api::v1::Sandbox, ApiError> {
+        let sandbox = self.registry.take_for_delete(id)?;
+        let before = sandbox.to_proto();
+        stop_and_remove(&sandbox.vmm, &self.data_dir.sandbox_dir(id), SHUTDOWN_GRACE).await;
+        tracing::info!(sandbox = %id, "sandbox deleted");
+        Ok(before)
+    }
+
+    /// Stops every sandbox (concurrently) and refuses new ones; then
+    /// removes anything left in `<data-dir>/sandboxes`.
+    pub async fn shutdown_all(&self) {
+        let all = self.registry.close();
+        if !all.is_empty() {
+            tracing::info!(count = all.len(), "stopping sandboxes");
+        }
+        let mut tasks = JoinSet::new();
+        for sandbox in all {
+            let dir = self.data_dir.sandbox_dir(sandbox.id());
+            tasks.spawn(async move {
+                stop_and_remove(&sandbox.vmm, &dir, SHUTDOWN_GRACE).await;
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = self.data_dir.remove_all_sandboxes() {
+            tracing::warn!(error = %e, "could not empty the sandboxes directory");
+        }
+    }
+}
+
+/// Stops the VMM (gracefully within `grace`), waits until it is reaped,
+/// and removes its directory.
+async fn stop_and_remove(vmm: &Vmm, dir: &Path, grace: Duration) {
+    vmm.shutdown(grace).await;
+    remove_dir(dir);
+}
+
+fn remove_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove sandbox directory")
+        }
+    }
+}
+
+/// The end of a VMM log as `"; vmm.log: ..."`, or empty.
+fn log_tail(path: &Path) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    format_log_tail(&bytes)
+}
+
+fn format_log_tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    let mut start = text.len().saturating_sub(LOG_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail: Vec<&str> = text[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!("; vmm.log: {}", tail.join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_are_short_and_single_line() {
+        assert_eq!(format_log_tail(b""), "");
+        assert_eq!(format_log_tail(b"  \n"), "");
+        assert_eq!(
+            format_log_tail(b"starting\n\nKVM_CREATE_VM failed: ENOMEM\n"),
+            "; vmm.log: starting | KVM_CREATE_VM failed: ENOMEM"
+        );
+        let long = "x".repeat(5000);
+        assert!(format_log_tail(long.as_bytes()).len() <= LOG_TAIL_BYTES + 20);
+    }
+}

@@ -1,0 +1,316 @@
+//! The sandbox registry: every sandbox the daemon owns, from the moment
+//! its VMM is started until it is deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use forkd_api::v1 as pb;
+use pb::SandboxState;
+
+use crate::error::ApiError;
+use crate::validate::labels_match;
+use crate::vmm_process::{Lifecycle, Vmm};
+
+/// Fields of a sandbox fixed at spawn time.
+#[derive(Debug)]
+pub struct SandboxSpec {
+    /// The id.
+    pub id: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// When the spawn was requested.
+    pub create_time: SystemTime,
+    /// Whether the caller asked for a live-forkable sandbox.
+    pub live_fork: bool,
+}
+
+/// One sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Spawn-time fields.
+    pub spec: SandboxSpec,
+    /// (spawn call, index in the call): lists oldest first, and a call's
+    /// sandboxes in request order.
+    seq: (u64, usize),
+    /// Its VMM.
+    pub vmm: Arc<Vmm>,
+    boot_ms: OnceLock<f64>,
+    /// Serializes Execs: the guest runs one command at a time, and tokio's
+    /// mutex hands turns out in arrival order.
+    pub exec_turn: tokio::sync::Mutex<()>,
+}
+
+impl Sandbox {
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    /// Records that the guest answered its first ping `boot_ms` after the
+    /// spawn request; the sandbox is RUNNING from now on.
+    pub fn mark_running(&self, boot_ms: f64) {
+        let _ = self.boot_ms.set(boot_ms);
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SandboxState {
+        match self.vmm.lifecycle() {
+            Lifecycle::Stopped(stop) if stop.failed => SandboxState::Failed,
+            Lifecycle::Stopped(_) => SandboxState::Exited,
+            _ if self.boot_ms.get().is_some() => SandboxState::Running,
+            _ => SandboxState::Starting,
+        }
+    }
+
+    /// Whether an Exec may run now; otherwise FAILED_PRECONDITION saying
+    /// what to do.
+    pub fn check_exec(&self) -> Result<(), ApiError> {
+        let id = self.id();
+        match (self.state(), self.vmm.stop()) {
+            (SandboxState::Running, _) => Ok(()),
+            (SandboxState::Starting, _) => Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} is still starting; retry once it is RUNNING"
+            ))),
+            (state, stop) => Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} is {} ({}); delete it with DeleteSandbox and spawn a new one",
+                state.as_str_name().trim_start_matches("SANDBOX_STATE_"),
+                stop.map(|s| s.reason).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// The API view of the sandbox.
+    pub fn to_proto(&self) -> pb::Sandbox {
+        pb::Sandbox {
+            id: self.spec.id.clone(),
+            state: self.state() as i32,
+            snapshot_tag: String::new(),
+            memory_mib: self.spec.memory_mib,
+            vcpus: self.spec.vcpus,
+            labels: self.spec.labels.clone(),
+            create_time: Some(self.spec.create_time.into()),
+            exit_reason: self.vmm.stop().map(|s| s.reason).unwrap_or_default(),
+            vmm_pid: self.vmm.pid(),
+            live_fork: self.spec.live_fork,
+            boot_ms: self.boot_ms.get().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: HashMap<String, Arc<Sandbox>>,
+    reserved: usize,
+    closed: bool,
+    next_call: u64,
+}
+
+/// All sandboxes, with a cap on how many may exist.
+#[derive(Debug)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+    max: usize,
+}
+
+impl Registry {
+    /// An empty registry holding at most `max` sandboxes.
+    pub fn new(max: usize) -> Arc<Registry> {
+        Arc::new(Registry {
+            inner: Mutex::default(),
+            max,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain map updates keep the data consistent across a panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves room for `n` sandboxes (RESOURCE_EXHAUSTED if that would
+    /// go over the cap, UNAVAILABLE once shutting down).
+    pub fn reserve(self: &Arc<Self>, n: usize) -> Result<Reservation, ApiError> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(ApiError::ShuttingDown);
+        }
+        let current = inner.map.len() + inner.reserved;
+        if current + n > self.max {
+            return Err(ApiError::TooManySandboxes {
+                requested: n,
+                current,
+                max: self.max,
+            });
+        }
+        inner.reserved += n;
+        let call = inner.next_call;
+        inner.next_call += 1;
+        Ok(Reservation {
+            registry: self.clone(),
+            remaining: n,
+            call,
+        })
+    }
+
+    /// Whether a sandbox with this id exists.
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().map.contains_key(id)
+    }
+
+    /// The sandbox with this id, or NOT_FOUND.
+    pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+        self.lock()
+            .map
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::SandboxNotFound(id.to_string()))
+    }
+
+    /// Sandboxes whose labels match every pair of `selector`, oldest first.
+    pub fn list(&self, selector: &HashMap<String, String>) -> Vec<Arc<Sandbox>> {
+        let mut out: Vec<Arc<Sandbox>> = self
+            .lock()
+            .map
+            .values()
+            .filter(|s| labels_match(&s.spec.labels, selector))
+            .cloned()
+            .collect();
+        out.sort_by_key(|s| s.seq);
+        out
+    }
+
+    /// Removes a sandbox for deletion: NOT_FOUND if absent,
+    /// FAILED_PRECONDITION while it is still starting.
+    pub fn take_for_delete(&self, id: &str) -> Result<Arc<Sandbox>, ApiError> {
+        let mut inner = self.lock();
+        let sandbox = inner
+            .map
+            .get(id)
+            .ok_or_else(|| ApiError::SandboxNotFound(id.to_string()))?;
+        if sandbox.state() == SandboxState::Starting {
+            return Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} is still starting; retry once it is RUNNING"
+            )));
+        }
+        Ok(inner.map.remove(id).expect("present"))
+    }
+
+    /// Removes a sandbox whatever its state; returns it if it was there.
+    pub fn remove(&self, id: &str) -> Option<Arc<Sandbox>> {
+        self.lock().map.remove(id)
+    }
+
+    /// Refuses all further sandboxes and returns the ones there are, oldest
+    /// first.
+    pub fn close(&self) -> Vec<Arc<Sandbox>> {
+        let mut inner = self.lock();
+        inner.closed = true;
+        let mut all: Vec<Arc<Sandbox>> = inner.map.drain().map(|(_, s)| s).collect();
+        all.sort_by_key(|s| s.seq);
+        all
+    }
+
+    /// Whether [`Registry::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Number of sandboxes.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
+/// Room for sandboxes about to be started; unused room is given back on
+/// drop.
+#[derive(Debug)]
+pub struct Reservation {
+    registry: Arc<Registry>,
+    remaining: usize,
+    call: u64,
+}
+
+impl Reservation {
+    /// Adds a sandbox whose VMM was just started, using one reserved slot;
+    /// `index` is its position in the spawn request. Fails with UNAVAILABLE
+    /// once the registry is closed (the caller then stops the VMM).
+    pub fn insert(
+        &mut self,
+        index: usize,
+        spec: SandboxSpec,
+        vmm: Arc<Vmm>,
+    ) -> Result<Arc<Sandbox>, ApiError> {
+        assert!(self.remaining > 0, "insert beyond the reservation");
+        let mut inner = self.registry.lock();
+        self.remaining -= 1;
+        inner.reserved -= 1;
+        if inner.closed {
+            return Err(ApiError::ShuttingDown);
+        }
+        if inner.map.contains_key(&spec.id) {
+            return Err(ApiError::Internal(format!(
+                "sandbox id {} was generated twice",
+                spec.id
+            )));
+        }
+        let sandbox = Arc::new(Sandbox {
+            spec,
+            seq: (self.call, index),
+            vmm,
+            boot_ms: OnceLock::new(),
+            exec_turn: tokio::sync::Mutex::new(()),
+        });
+        inner.map.insert(sandbox.id().to_string(), sandbox.clone());
+        Ok(sandbox)
+    }
+
+    /// Gives back one slot without using it.
+    pub fn release_one(&mut self) {
+        if self.remaining > 0 {
+            self.remaining -= 1;
+            self.registry.lock().reserved -= 1;
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.remaining > 0 {
+            self.registry.lock().reserved -= self.remaining;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_respect_the_cap() {
+        let reg = Registry::new(3);
+        let a = reg.reserve(2).unwrap();
+        let err = reg.reserve(2).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let mut b = reg.reserve(1).unwrap();
+        b.release_one();
+        drop(a);
+        let _c = reg.reserve(3).unwrap();
+        assert!(reg.reserve(1).is_err());
+    }
+
+    #[test]
+    fn closed_registry_refuses() {
+        let reg = Registry::new(3);
+        assert!(reg.close().is_empty());
+        assert_eq!(reg.reserve(1).unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(reg.len(), 0);
+        let err = reg.get("sb-nope").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(err.to_string(), "sandbox sb-nope not found");
+    }
+}

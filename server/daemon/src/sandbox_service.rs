@@ -1,0 +1,226 @@
+//! `forkd.v1.SandboxService`: validates each request and hands it to the
+//! lifecycle manager, the registry or an Exec task.
+
+use std::sync::Arc;
+
+use forkd_api::v1 as pb;
+use pb::sandbox_service_server::SandboxService;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::error::{code_name, ApiError};
+use crate::exec::{self, ExecStream};
+use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
+use crate::validate;
+
+/// The SandboxService implementation.
+#[derive(Debug, Clone)]
+pub struct Sandboxes {
+    manager: Arc<Manager>,
+}
+
+impl Sandboxes {
+    /// A service over `manager`.
+    pub fn new(manager: Arc<Manager>) -> Sandboxes {
+        Sandboxes { manager }
+    }
+}
+
+/// Validates a SpawnSandboxes request into a cold-boot plan.
+pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
+    let n = validate::spawn_count(req.n)?;
+    let memory_mib = validate::memory_mib(req.memory_mib)?;
+    let vcpus = validate::vcpus(req.vcpus)?;
+    validate::labels(&req.labels)?;
+    if !req.snapshot_tag.is_empty() {
+        validate::snapshot_tag(&req.snapshot_tag)?;
+        return Err(ApiError::Unimplemented(
+            "spawning from snapshots is not implemented yet; leave snapshot_tag empty for a \
+             cold boot"
+                .into(),
+        ));
+    }
+    Ok(BootPlan {
+        n,
+        memory_mib,
+        vcpus,
+        labels: req.labels.clone(),
+        live_fork: req.live_fork == Some(true),
+    })
+}
+
+fn into_response(outcome: &SpawnOutcome) -> Result<pb::SpawnSandboxesResponse, ApiError> {
+    if let (true, Some((_, first))) = (outcome.started.is_empty(), outcome.failures.first()) {
+        return Err(ApiError::NoneStarted {
+            code: first.code(),
+            message: first.to_string(),
+        });
+    }
+    Ok(pb::SpawnSandboxesResponse {
+        sandboxes: outcome.started.iter().map(|s| s.to_proto()).collect(),
+        failures: outcome
+            .failures
+            .iter()
+            .map(|(index, e)| pb::SpawnFailure {
+                index: *index as u32,
+                code: code_name(e.code()).to_string(),
+                message: e.to_string(),
+            })
+            .collect(),
+        elapsed_ms: outcome.elapsed.as_secs_f64() * 1000.0,
+    })
+}
+
+#[tonic::async_trait]
+impl SandboxService for Sandboxes {
+    async fn spawn_sandboxes(
+        &self,
+        request: Request<pb::SpawnSandboxesRequest>,
+    ) -> Result<Response<pb::SpawnSandboxesResponse>, Status> {
+        let plan = boot_plan(request.get_ref())?;
+        tracing::info!(
+            n = plan.n,
+            memory_mib = plan.memory_mib,
+            vcpus = plan.vcpus,
+            "spawning sandboxes"
+        );
+        // The boots run in their own task: if the caller goes away, the
+        // sandboxes that started are deleted again instead of leaking.
+        let (tx, rx) = oneshot::channel();
+        let manager = self.manager.clone();
+        tokio::spawn(async move {
+            let outcome = manager.spawn(plan).await;
+            if let Err(Ok(abandoned)) = tx.send(outcome) {
+                for sandbox in &abandoned.started {
+                    tracing::info!(sandbox = %sandbox.id(), "caller went away; deleting");
+                    let _ = manager.delete(sandbox.id()).await;
+                }
+            }
+        });
+        let outcome = rx
+            .await
+            .map_err(|_| ApiError::Internal("spawn task ended without a result".into()))??;
+        Ok(Response::new(into_response(&outcome)?))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::GetSandboxResponse>, Status> {
+        let id = validate::sandbox_id("id", &request.get_ref().id)?;
+        let sandbox = self.manager.registry().get(id)?;
+        Ok(Response::new(pb::GetSandboxResponse {
+            sandbox: Some(sandbox.to_proto()),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let selector = &request.get_ref().label_selector;
+        let sandboxes = self
+            .manager
+            .registry()
+            .list(selector)
+            .iter()
+            .map(|s| s.to_proto())
+            .collect();
+        Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        request: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let id = validate::sandbox_id("id", &request.get_ref().id)?.to_string();
+        // Run to completion even if the caller goes away.
+        let manager = self.manager.clone();
+        let sandbox = tokio::spawn(async move { manager.delete(&id).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("delete task failed: {e}")))??;
+        Ok(Response::new(pb::DeleteSandboxResponse {
+            sandbox: Some(sandbox),
+        }))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        request: Request<pb::ExecRequest>,
+    ) -> Result<Response<ExecStream>, Status> {
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        validate::argv(&req.argv)?;
+        let sandbox = self.manager.registry().get(id)?;
+        sandbox.check_exec()?;
+        Ok(Response::new(exec::start(
+            sandbox,
+            req.argv,
+            req.timeout_ms,
+        )))
+    }
+
+    async fn branch_sandbox(
+        &self,
+        request: Request<pb::BranchSandboxRequest>,
+    ) -> Result<Response<pb::BranchSandboxResponse>, Status> {
+        let id = validate::sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
+        self.manager.registry().get(id)?;
+        Err(ApiError::Unimplemented(
+            "BranchSandbox is not implemented yet: snapshots come in a later release".into(),
+        )
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn req(n: u32) -> pb::SpawnSandboxesRequest {
+        pb::SpawnSandboxesRequest {
+            n,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plan_defaults() {
+        let plan = boot_plan(&req(3)).unwrap();
+        assert_eq!((plan.n, plan.memory_mib, plan.vcpus), (3, 256, 2));
+        assert!(!plan.live_fork);
+        let plan = boot_plan(&pb::SpawnSandboxesRequest {
+            live_fork: Some(true),
+            ..req(1)
+        })
+        .unwrap();
+        assert!(plan.live_fork);
+    }
+
+    #[test]
+    fn plan_rejects() {
+        let err = boot_plan(&req(0)).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(err.to_string(), "n must be between 1 and 1000, got 0");
+
+        let bad_tag = pb::SpawnSandboxesRequest {
+            snapshot_tag: "-bad".into(),
+            ..req(1)
+        };
+        assert_eq!(
+            boot_plan(&bad_tag).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+
+        let tag = pb::SpawnSandboxesRequest {
+            snapshot_tag: "base".into(),
+            ..req(1)
+        };
+        let err = boot_plan(&tag).unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        assert!(err.to_string().contains("leave snapshot_tag empty"));
+    }
+}

@@ -1,0 +1,263 @@
+//! Wires the services together, serves them on TCP and (optionally) a Unix
+//! socket, and runs the shutdown sequence on SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use forkd_api::v1::sandbox_service_server::SandboxServiceServer;
+use forkd_api::v1::snapshot_service_server::SnapshotServiceServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::auth::AuthLayer;
+use crate::config::Config;
+use crate::data_dir::DataDir;
+use crate::drain::{Drain, DrainLayer};
+use crate::error::StartupError;
+use crate::lifecycle::Manager;
+use crate::registry::Registry;
+use crate::sandbox_service::Sandboxes;
+use crate::snapshot_service::Snapshots;
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, StartupError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(StartupError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(StartupError::Signals)?,
+        })
+    }
+
+    /// Waits for either signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Runs the daemon until a signal (or a fatal server error) and a complete
+/// shutdown.
+pub async fn run(config: Config) -> Result<(), StartupError> {
+    let data_dir = Arc::new(DataDir::open(&config.data_dir)?);
+    let registry = Registry::new(config.max_sandboxes);
+    let manager = Manager::new(registry, data_dir.clone(), config.vmm_path.clone());
+    let mut signals = Signals::install()?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let drain = Drain::new(health_reporter);
+    drain.set_serving().await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| StartupError::Config(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
+
+    let router = Server::builder()
+        .layer(DrainLayer::new(drain.clone()))
+        .layer(AuthLayer::new(config.token.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SandboxServiceServer::new(Sandboxes::new(manager.clone())))
+        .add_service(SnapshotServiceServer::new(Snapshots));
+
+    let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();
+
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let tcp_addr = tcp
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.listen.to_string());
+    let incoming = TcpIncoming::from(tcp).with_nodelay(Some(true));
+    let serve = router
+        .clone()
+        .serve_with_incoming_shutdown(incoming, drain.stopped());
+    let name = tcp_addr.clone();
+    servers.spawn(async move { (name, serve.await) });
+
+    let unix_path = match &config.listen_unix {
+        Some(path) => {
+            let listener = bind_unix(path)?;
+            let incoming = UnixListenerStream::new(listener);
+            let serve = router.serve_with_incoming_shutdown(incoming, drain.stopped());
+            let name = format!("unix:{}", path.display());
+            servers.spawn(async move { (name, serve.await) });
+            Some(path.clone())
+        }
+        None => None,
+    };
+
+    tracing::info!(
+        listen = %tcp_addr,
+        listen_unix = ?unix_path,
+        data_dir = %data_dir.root().display(),
+        vmm = %config.vmm_path.display(),
+        auth = config.token.is_some(),
+        max_sandboxes = config.max_sandboxes,
+        "forkd serving"
+    );
+
+    let mut failure = None;
+    tokio::select! {
+        name = signals.recv() => tracing::info!(signal = name, "shutting down"),
+        Some(joined) = servers.join_next() => {
+            failure = Some(server_failure(joined));
+            tracing::error!(error = %failure.as_ref().expect("set"), "a server stopped; shutting down");
+        }
+    }
+
+    // 1. Health NOT_SERVING; new calls get UNAVAILABLE.
+    drain.start().await;
+    // 2. Let load balancers notice.
+    if !config.drain_grace.is_zero() {
+        tracing::info!(
+            secs = config.drain_grace.as_secs(),
+            "draining before closing listeners"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(config.drain_grace) => {}
+            name = signals.recv() => tracing::warn!(signal = name, "second signal; skipping the drain grace"),
+        }
+    }
+    // 3. Stop accepting; let in-flight calls finish, within the timeout.
+    drain.stop_listeners();
+    tracing::info!(
+        in_flight = drain.in_flight(),
+        "listeners closed; waiting for in-flight calls"
+    );
+    let finish = async {
+        while let Some(joined) = servers.join_next().await {
+            if let Err(e) = server_failure(joined).into_result() {
+                tracing::warn!(error = %e, "server ended with an error");
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(config.shutdown_timeout, finish) => {}
+        name = signals.recv() => tracing::warn!(signal = name, "second signal; not waiting for in-flight calls"),
+    }
+    if !servers.is_empty() {
+        tracing::warn!(
+            in_flight = drain.in_flight(),
+            timeout_secs = config.shutdown_timeout.as_secs(),
+            "in-flight calls did not finish in time; abandoning them"
+        );
+        servers.abort_all();
+    }
+    // 4. Stop every VMM and remove their directories.
+    manager.shutdown_all().await;
+    if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("forkd stopped");
+    match failure {
+        Some(ServerEnd::Failed(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+enum ServerEnd {
+    Clean,
+    Failed(StartupError),
+}
+
+impl ServerEnd {
+    fn into_result(self) -> Result<(), StartupError> {
+        match self {
+            ServerEnd::Clean => Ok(()),
+            ServerEnd::Failed(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerEnd::Clean => f.write_str("server stopped"),
+            ServerEnd::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+fn server_failure(
+    joined: Result<(String, Result<(), tonic::transport::Error>), tokio::task::JoinError>,
+) -> ServerEnd {
+    match joined {
+        Ok((_, Ok(()))) => ServerEnd::Clean,
+        Ok((addr, Err(e))) => ServerEnd::Failed(StartupError::Serve {
+            addr,
+            message: e.to_string(),
+        }),
+        Err(e) => ServerEnd::Failed(StartupError::Serve {
+            addr: "?".into(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Binds the Unix socket, replacing a stale socket file but never a live
+/// server's socket or a non-socket file.
+fn bind_unix(path: &Path) -> Result<UnixListener, StartupError> {
+    use std::os::unix::fs::FileTypeExt;
+    let listen_err = |source| StartupError::Listen {
+        addr: format!("unix:{}", path.display()),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(StartupError::Config(format!(
+                "--listen-unix {} exists and is not a socket; remove it or pick another path",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartupError::Config(format!(
+                "--listen-unix {}: another server is listening there",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    UnixListener::bind(path).map_err(listen_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unix_socket_replacement_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        let _live = bind_unix(&stale).expect("a stale socket is replaced");
+        let err = bind_unix(&stale).unwrap_err();
+        assert!(err.to_string().contains("another server"), "{err}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = bind_unix(&file).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+    }
+}

@@ -1,0 +1,260 @@
+//! Request validation at the edge: pure functions that either return the
+//! value to use or an INVALID_ARGUMENT error saying what to fix.
+
+use std::collections::HashMap;
+
+use crate::error::ApiError;
+
+/// Most sandboxes one SpawnSandboxes call may ask for.
+pub const MAX_SPAWN: u32 = 1000;
+/// Guest RAM used when the request says 0.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Largest guest RAM accepted.
+pub const MAX_MEMORY_MIB: u32 = 65536;
+/// vCPUs used when the request says 0.
+pub const DEFAULT_VCPUS: u32 = 2;
+/// Most vCPUs accepted (the reference guest's limit).
+pub const MAX_VCPUS: u32 = forkd_guest_abi::MAX_VCPUS as u32;
+/// Most labels on one sandbox.
+pub const MAX_LABELS: usize = 64;
+/// Largest argv, counting one NUL terminator per argument (the guest's
+/// request buffer holds NUL-separated arguments).
+pub const MAX_ARGV_BYTES: usize = 60_000;
+
+fn invalid(msg: String) -> ApiError {
+    ApiError::InvalidArgument(msg)
+}
+
+/// Checks `n` of SpawnSandboxes.
+pub fn spawn_count(n: u32) -> Result<usize, ApiError> {
+    if (1..=MAX_SPAWN).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(invalid(format!(
+            "n must be between 1 and {MAX_SPAWN}, got {n}"
+        )))
+    }
+}
+
+/// Resolves `memory_mib` (0 means the default).
+pub fn memory_mib(m: u32) -> Result<u32, ApiError> {
+    let min = forkd_guest_abi::MIN_MEMORY_MIB;
+    match m {
+        0 => Ok(DEFAULT_MEMORY_MIB),
+        m if (min..=MAX_MEMORY_MIB).contains(&m) => Ok(m),
+        m => Err(invalid(format!(
+            "memory_mib must be 0 (meaning {DEFAULT_MEMORY_MIB}) or between {min} and \
+             {MAX_MEMORY_MIB}, got {m}"
+        ))),
+    }
+}
+
+/// Resolves `vcpus` (0 means the default).
+pub fn vcpus(v: u32) -> Result<u32, ApiError> {
+    match v {
+        0 => Ok(DEFAULT_VCPUS),
+        v if (1..=MAX_VCPUS).contains(&v) => Ok(v),
+        v => Err(invalid(format!(
+            "vcpus must be 0 (meaning {DEFAULT_VCPUS}) or between 1 and {MAX_VCPUS}, got {v}"
+        ))),
+    }
+}
+
+fn is_label_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && bytes[1..]
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Checks the labels of a spawn request.
+pub fn labels(labels: &HashMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "at most {MAX_LABELS} labels are allowed, got {}",
+            labels.len()
+        )));
+    }
+    // Sorted, so the error names the same key every time.
+    let mut keys: Vec<&String> = labels.keys().collect();
+    keys.sort();
+    for key in keys {
+        if !is_label_key(key) {
+            return Err(invalid(format!(
+                "label key {key:?} is invalid: keys are 1-63 characters of lowercase letters, \
+                 digits, '.', '_' or '-', starting with a lowercase letter"
+            )));
+        }
+        if !is_label_value(&labels[key]) {
+            return Err(invalid(format!(
+                "value of label {key:?} is invalid: values are 0-63 characters of letters, \
+                 digits, '.', '_' or '-'"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every pair of `selector` is present in `labels`.
+pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Checks a snapshot tag.
+pub fn snapshot_tag(tag: &str) -> Result<(), ApiError> {
+    let bytes = tag.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 64
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[1..]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "snapshot tag {tag:?} is invalid: tags are 1-64 characters of letters, digits, \
+             '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks a sandbox id field (`field` names it in the message).
+pub fn sandbox_id<'a>(field: &str, id: &'a str) -> Result<&'a str, ApiError> {
+    if id.is_empty() {
+        Err(invalid(format!("{field} must not be empty")))
+    } else {
+        Ok(id)
+    }
+}
+
+/// Checks an Exec argv.
+pub fn argv(argv: &[String]) -> Result<(), ApiError> {
+    if argv.is_empty() {
+        return Err(invalid(
+            "argv must not be empty: argv[0] names the guest builtin (try [\"help\"])".into(),
+        ));
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(invalid(format!("argv[{i}] contains a NUL byte")));
+    }
+    let total: usize = argv.iter().map(|a| a.len() + 1).sum();
+    if total > MAX_ARGV_BYTES {
+        return Err(invalid(format!(
+            "argv is {total} bytes (counting one NUL per argument); the limit is {MAX_ARGV_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn msg(err: ApiError) -> String {
+        assert_eq!(err.code(), Code::InvalidArgument);
+        err.to_string()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn spawn_count_bounds() {
+        assert_eq!(
+            msg(spawn_count(0).unwrap_err()),
+            "n must be between 1 and 1000, got 0"
+        );
+        assert_eq!(spawn_count(1).unwrap(), 1);
+        assert_eq!(spawn_count(1000).unwrap(), 1000);
+        assert!(spawn_count(1001).is_err());
+    }
+
+    #[test]
+    fn memory_defaults_and_bounds() {
+        assert_eq!(memory_mib(0).unwrap(), 256);
+        let min = forkd_guest_abi::MIN_MEMORY_MIB;
+        assert_eq!(memory_mib(min).unwrap(), min);
+        assert_eq!(memory_mib(65536).unwrap(), 65536);
+        assert!(msg(memory_mib(min - 1).unwrap_err()).contains("memory_mib"));
+        assert!(memory_mib(65537).is_err());
+    }
+
+    #[test]
+    fn vcpus_defaults_and_bounds() {
+        assert_eq!(vcpus(0).unwrap(), 2);
+        assert_eq!(vcpus(1).unwrap(), 1);
+        assert_eq!(vcpus(8).unwrap(), 8);
+        assert!(msg(vcpus(9).unwrap_err()).contains("got 9"));
+    }
+
+    #[test]
+    fn label_rules() {
+        assert!(labels(&map(&[("team", "a-b_c.1"), ("x9.-_", "")])).is_ok());
+        let long_key = format!("a{}", "b".repeat(62));
+        assert!(labels(&map(&[(&long_key, "v")])).is_ok());
+        let too_long_key = format!("a{}", "b".repeat(63));
+        assert!(labels(&map(&[(&too_long_key, "v")])).is_err());
+        for bad in ["", "Team", "1abc", "a b", "a/b", "é"] {
+            let m = msg(labels(&map(&[(bad, "v")])).unwrap_err());
+            assert!(m.contains(&format!("{bad:?}")), "{m}");
+        }
+        let m = msg(labels(&map(&[("ok", "no spaces")])).unwrap_err());
+        assert!(m.contains("value of label \"ok\""), "{m}");
+        assert!(labels(&map(&[("ok", &"v".repeat(64))])).is_err());
+        let many: HashMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(msg(labels(&many).unwrap_err()).contains("at most 64"));
+    }
+
+    #[test]
+    fn selector_matching() {
+        let l = map(&[("a", "1"), ("b", "2")]);
+        assert!(labels_match(&l, &map(&[])));
+        assert!(labels_match(&l, &map(&[("a", "1")])));
+        assert!(labels_match(&l, &map(&[("a", "1"), ("b", "2")])));
+        assert!(!labels_match(&l, &map(&[("a", "2")])));
+        assert!(!labels_match(&l, &map(&[("a", "1"), ("c", "")])));
+    }
+
+    #[test]
+    fn tag_rules() {
+        assert!(snapshot_tag("base").is_ok());
+        assert!(snapshot_tag("0.v_1-x").is_ok());
+        assert!(snapshot_tag(&"a".repeat(64)).is_ok());
+        for bad in ["", "-x", ".x", "a b", &"a".repeat(65)] {
+            assert!(snapshot_tag(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn argv_rules() {
+        assert!(msg(argv(&[]).unwrap_err()).contains("argv must not be empty"));
+        assert!(argv(&["echo".into(), "hi".into()]).is_ok());
+        assert!(msg(argv(&["echo".into(), "a\0b".into()]).unwrap_err()).contains("argv[1]"));
+        // 59999 bytes + NUL fits exactly.
+        assert!(argv(&["x".repeat(MAX_ARGV_BYTES - 1)]).is_ok());
+        assert!(msg(argv(&["x".repeat(MAX_ARGV_BYTES)]).unwrap_err()).contains("60000"));
+    }
+
+    #[test]
+    fn empty_id_is_invalid() {
+        assert!(msg(sandbox_id("id", "").unwrap_err()).contains("id must not be empty"));
+        assert_eq!(sandbox_id("id", "sb-1").unwrap(), "sb-1");
+    }
+}

@@ -1,0 +1,661 @@
+//! One `forkd-vmm` child process and its control connection.
+//!
+//! [`Vmm::spawn`] creates a socket pair, starts the child with one end as
+//! fd 3 (`--control-fd 3`) and its output in the sandbox's `vmm.log`, and
+//! starts three tasks:
+//!
+//! - the *writer* sends encoded request frames in order;
+//! - the *reader* decodes the VMM's frames and routes them: events to the
+//!   request waiting for that id, output and `ExecDone` to the running
+//!   exec's channel; on `Exited` (or EOF) it records why the VMM stopped and
+//!   drops every waiter, so they learn the reason from [`Vmm::stop`];
+//! - the *reaper* waits for the child to exit (or kills it on request),
+//!   so no zombie remains, and sets the pid to 0.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkd_control::{
+    decode_from_vmm, encode_json, parse_header, Event, ExitReason, FromVmm, Request, HEADER_LEN,
+};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::data_dir::VMM_LOG;
+use crate::error::BootError;
+
+/// The fd number the VMM finds its control socket on.
+pub const CONTROL_FD: i32 = 3;
+/// How long a VMM gets to exit by itself after its last frame or EOF
+/// before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Bound on waiting for a killed VMM to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Output chunks buffered per exec before the reader waits for the caller.
+const EXEC_CHANNEL: usize = 16;
+
+/// What to start.
+#[derive(Debug)]
+pub struct VmmSpec<'a> {
+    /// The forkd-vmm binary.
+    pub vmm_path: &'a Path,
+    /// The sandbox id (passed as `--id`).
+    pub id: &'a str,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The sandbox directory (already created); `vmm.log` goes there.
+    pub dir: &'a Path,
+}
+
+/// Why a VMM stopped, as the sandbox reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stop {
+    /// Human-readable reason (the `exit_reason` of the sandbox).
+    pub reason: String,
+    /// True for a crash or failure (state FAILED), false for an orderly
+    /// exit (state EXITED).
+    pub failed: bool,
+}
+
+impl Stop {
+    /// The stop the VMM reported in its `Exited` frame.
+    pub fn from_exit(reason: &ExitReason) -> Stop {
+        let failed = matches!(
+            reason,
+            ExitReason::GuestCrash { .. } | ExitReason::VmmError { .. }
+        );
+        Stop {
+            reason: reason.to_string(),
+            failed,
+        }
+    }
+
+    /// A failure detected by the daemon.
+    pub fn failure(reason: impl Into<String>) -> Stop {
+        Stop {
+            reason: reason.into(),
+            failed: true,
+        }
+    }
+}
+
+/// Where the VMM is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Started; no `Ready` yet.
+    Booting,
+    /// The guest said `Ready`.
+    Ready,
+    /// The VMM stopped (or is stopping); no request can be sent any more.
+    Stopped(Stop),
+}
+
+/// What an exec's channel carries.
+#[derive(Debug)]
+pub enum ExecEvent {
+    /// A chunk of output; `stream` 1 is stdout, 2 stderr.
+    Output {
+        /// The stream.
+        stream: u8,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The command ended.
+    Done {
+        /// Its exit code.
+        exit_code: i32,
+        /// Time it ran in the guest.
+        duration_us: u64,
+        /// Whether it ended because of a Cancel.
+        cancelled: bool,
+    },
+    /// The VMM could not run it.
+    Refused(String),
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum RequestError {
+    /// The VMM stopped.
+    Stopped(Stop),
+    /// The VMM answered with `Event::Error`.
+    Refused(String),
+}
+
+#[derive(Default)]
+struct Routes {
+    closed: bool,
+    pending: HashMap<u64, oneshot::Sender<Event>>,
+    execs: HashMap<u64, mpsc::Sender<ExecEvent>>,
+}
+
+/// A running (or stopped) VMM and its control connection.
+pub struct Vmm {
+    id: String,
+    pid: Arc<AtomicU32>,
+    next_id: AtomicU64,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    routes: Mutex<Routes>,
+    lifecycle: watch::Sender<Lifecycle>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    reaped: watch::Receiver<Option<String>>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("id", &self.id)
+            .field("pid", &self.pid())
+            .field("lifecycle", &*self.lifecycle.borrow())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data
+    // (plain map updates), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Vmm {
+    /// Starts the VMM process and its connection tasks. Must run inside
+    /// the tokio runtime.
+    pub fn spawn(spec: &VmmSpec<'_>) -> Result<Arc<Vmm>, BootError> {
+        let log_path = spec.dir.join(VMM_LOG);
+        let log = std::fs::File::create(&log_path).map_err(|source| BootError::SandboxDir {
+            path: log_path.clone(),
+            source,
+        })?;
+        let launch_err = |source: std::io::Error| BootError::Launch {
+            path: spec.vmm_path.to_path_buf(),
+            source,
+        };
+        let log_err = log.try_clone().map_err(launch_err)?;
+        // Both ends are close-on-exec; only the child's copy of `theirs`
+        // is made inheritable, after the fork.
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| launch_err(e.into()))?;
+
+        let mut cmd = tokio::process::Command::new(spec.vmm_path);
+        cmd.arg("--control-fd")
+            .arg(CONTROL_FD.to_string())
+            .arg("--memory-mib")
+            .arg(spec.memory_mib.to_string())
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--id")
+            .arg(spec.id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Own process group: a terminal's Ctrl-C reaches only the
+            // daemon, which then shuts the VMMs down in order.
+            .process_group(0)
+            // Backstop: a VMM whose handle is lost with the runtime dies.
+            .kill_on_drop(true);
+        let theirs = above_stdio(theirs).map_err(launch_err)?;
+        let child_fd = theirs.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls async-signal-safe functions (dup2, fcntl) on an fd that is
+        // open in the child (it was inherited from the parent, where
+        // `theirs` stays open until after `spawn` returns).
+        unsafe {
+            cmd.pre_exec(move || inherit_as_control_fd(child_fd));
+        }
+        let mut child = cmd.spawn().map_err(launch_err)?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+
+        let stream = std_to_tokio(ours).map_err(launch_err)?;
+        let (rd, wr) = stream.into_split();
+        let (writer, writer_rx) = mpsc::unbounded_channel();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (reaped_tx, reaped) = watch::channel(None);
+        let pid_cell = Arc::new(AtomicU32::new(pid));
+        let vmm = Arc::new(Vmm {
+            id: spec.id.to_string(),
+            pid: pid_cell.clone(),
+            next_id: AtomicU64::new(1),
+            writer,
+            routes: Mutex::new(Routes::default()),
+            lifecycle: watch::Sender::new(Lifecycle::Booting),
+            kill: Mutex::new(Some(kill_tx)),
+            reaped,
+        });
+
+        let id = vmm.id.clone();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    if let Err(e) = child.start_kill() {
+                        tracing::debug!(sandbox = %id, error = %e, "kill failed (already exited?)");
+                    }
+                    child.wait().await
+                }
+            };
+            let text = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            tracing::debug!(sandbox = %id, pid, status = %text, "VMM reaped");
+            pid_cell.store(0, Ordering::SeqCst);
+            let _ = reaped_tx.send(Some(text));
+        });
+        tokio::spawn(write_loop(wr, writer_rx));
+        tokio::spawn(read_loop(vmm.clone(), rd));
+        Ok(vmm)
+    }
+
+    /// Host pid of the VMM, 0 once it has been reaped.
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    /// Where the VMM is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.borrow().clone()
+    }
+
+    /// Why the VMM stopped, if it did.
+    pub fn stop(&self) -> Option<Stop> {
+        match &*self.lifecycle.borrow() {
+            Lifecycle::Stopped(stop) => Some(stop.clone()),
+            _ => None,
+        }
+    }
+
+    fn stop_or_unknown(&self) -> Stop {
+        self.stop()
+            .unwrap_or_else(|| Stop::failure("VMM control connection closed"))
+    }
+
+    /// Waits for the guest's `Ready`; returns the VMM's stop if it stopped
+    /// first.
+    pub async fn wait_ready(&self) -> Result<(), Stop> {
+        let mut rx = self.lifecycle.subscribe();
+        let state = rx
+            .wait_for(|l| *l != Lifecycle::Booting)
+            .await
+            .map(|l| l.clone())
+            .unwrap_or(Lifecycle::Stopped(Stop::failure("VMM connection lost")));
+        match state {
+            Lifecycle::Stopped(stop) => Err(stop),
+            _ => Ok(()),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, req: &Request) {
+        // A send error means the writer is gone; the reader reports why.
+        let _ = self.writer.send(encode_json(req));
+    }
+
+    /// Sends a request answered by one event and waits for that event.
+    async fn call(&self, make: impl FnOnce(u64) -> Request) -> Result<Event, RequestError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut routes = lock(&self.routes);
+            if routes.closed {
+                return Err(RequestError::Stopped(self.stop_or_unknown()));
+            }
+            routes.pending.insert(id, tx);
+        }
+        self.send(&make(id));
+        match rx.await {
+            Ok(Event::Error { message, .. }) => Err(RequestError::Refused(message)),
+            Ok(event) => Ok(event),
+            Err(_) => Err(RequestError::Stopped(self.stop_or_unknown())),
+        }
+    }
+
+    /// Round trip through the guest.
+    pub async fn ping(&self) -> Result<(), RequestError> {
+        match self.call(|id| Request::Ping { id }).await? {
+            Event::Pong { .. } => Ok(()),
+            other => Err(RequestError::Refused(format!(
+                "unexpected answer to ping: {other:?}"
+            ))),
+        }
+    }
+
+    /// Starts a command; its output and end arrive on the returned channel.
+    /// The channel closes without `Done` if the VMM stops.
+    pub fn start_exec(&self, argv: Vec<String>) -> Result<(u64, mpsc::Receiver<ExecEvent>), Stop> {
+        let id = self.next_id();
+        let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
+        {
+            let mut routes = lock(&self.routes);
+            if routes.closed {
+                return Err(self.stop_or_unknown());
+            }
+            routes.execs.insert(id, tx);
+        }
+        self.send(&Request::Exec { id, argv });
+        Ok((id, rx))
+    }
+
+    /// Asks the running command `exec_id` to stop.
+    pub fn cancel(&self, exec_id: u64) {
+        self.send(&Request::Cancel { id: exec_id });
+    }
+
+    /// Marks the VMM FAILED with `reason` (unless it already stopped) and
+    /// kills it.
+    pub fn fail(&self, reason: &str) {
+        self.set_stop(Stop::failure(reason));
+        self.kill();
+    }
+
+    /// Records the stop unless one is recorded already (the first reason
+    /// wins).
+    fn set_stop(&self, stop: Stop) {
+        self.lifecycle.send_if_modified(|l| {
+            if matches!(l, Lifecycle::Stopped(_)) {
+                false
+            } else {
+                *l = Lifecycle::Stopped(stop);
+                true
+            }
+        });
+    }
+
+    /// Sends SIGKILL to the VMM (once; later calls do nothing).
+    pub fn kill(&self) {
+        if let Some(tx) = lock(&self.kill).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Whether the VMM process has been reaped.
+    pub fn is_reaped(&self) -> bool {
+        self.reaped.borrow().is_some()
+    }
+
+    /// Waits until the VMM process has been reaped; returns its exit status
+    /// text.
+    pub async fn wait_reaped(&self) -> String {
+        let mut rx = self.reaped.clone();
+        let status = match rx.wait_for(Option::is_some).await {
+            Ok(s) => s.clone().unwrap_or_default(),
+            Err(_) => "unknown".into(),
+        };
+        status
+    }
+
+    /// Stops the VMM: asks it to shut down, gives it `grace`, then kills
+    /// it, and returns once it has been reaped (or [`KILL_WAIT`] passed).
+    pub async fn shutdown(&self, grace: Duration) {
+        if self.is_reaped() {
+            return;
+        }
+        if self.stop().is_none() {
+            let id = self.next_id();
+            self.send(&Request::Shutdown { id });
+        }
+        if tokio::time::timeout(grace, self.wait_reaped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(sandbox = %self.id, "VMM did not exit after Shutdown; killing it");
+            self.kill();
+            if tokio::time::timeout(KILL_WAIT, self.wait_reaped())
+                .await
+                .is_err()
+            {
+                tracing::error!(sandbox = %self.id, pid = self.pid(), "VMM not reaped after SIGKILL");
+            }
+        }
+    }
+
+    /// Routes one decoded frame. Returns the stop when it was `Exited`.
+    async fn dispatch(&self, msg: FromVmm) -> Option<Stop> {
+        match msg {
+            FromVmm::Output(out) => {
+                let tx = lock(&self.routes).execs.get(&out.id).cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx
+                            .send(ExecEvent::Output {
+                                stream: out.stream,
+                                data: out.data,
+                            })
+                            .await;
+                    }
+                    None => {
+                        tracing::debug!(sandbox = %self.id, exec = out.id, "output for no exec")
+                    }
+                }
+            }
+            FromVmm::Event(Event::Ready { boot_us }) => {
+                tracing::debug!(sandbox = %self.id, boot_us, "VMM ready");
+                self.lifecycle.send_if_modified(|l| {
+                    let booting = *l == Lifecycle::Booting;
+                    if booting {
+                        *l = Lifecycle::Ready;
+                    }
+                    booting
+                });
+            }
+            FromVmm::Event(Event::ExecDone {
+                id,
+                exit_code,
+                duration_us,
+                cancelled,
+            }) => {
+                let tx = lock(&self.routes).execs.remove(&id);
+                if let Some(tx) = tx {
+                    let _ = tx
+                        .send(ExecEvent::Done {
+                            exit_code,
+                            duration_us,
+                            cancelled,
+                        })
+                        .await;
+                }
+            }
+            FromVmm::Event(Event::Exited { reason }) => return Some(Stop::from_exit(&reason)),
+            FromVmm::Event(event) => {
+                let id = event_id(&event);
+                let (waiter, exec) = {
+                    let mut routes = lock(&self.routes);
+                    let waiter = id.and_then(|id| routes.pending.remove(&id));
+                    let exec = match (&waiter, &event, id) {
+                        (None, Event::Error { .. }, Some(id)) => routes.execs.remove(&id),
+                        _ => None,
+                    };
+                    (waiter, exec)
+                };
+                match (waiter, exec, event) {
+                    (Some(waiter), _, event) => {
+                        let _ = waiter.send(event);
+                    }
+                    (None, Some(exec), Event::Error { message, .. }) => {
+                        let _ = exec.send(ExecEvent::Refused(message)).await;
+                    }
+                    (None, _, event) => {
+                        tracing::debug!(sandbox = %self.id, ?event, "event for no request")
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Closes the routes (no new requests) and returns the waiters so the
+    /// caller can drop them after publishing the stop.
+    fn close_routes(&self) -> Routes {
+        let mut routes = lock(&self.routes);
+        routes.closed = true;
+        Routes {
+            closed: true,
+            pending: std::mem::take(&mut routes.pending),
+            execs: std::mem::take(&mut routes.execs),
+        }
+    }
+}
+
+fn event_id(event: &Event) -> Option<u64> {
+    match event {
+        Event::Pong { id }
+        | Event::Paused { id, .. }
+        | Event::Resumed { id, .. }
+        | Event::Stats { id, .. }
+        | Event::Error { id, .. }
+        | Event::ExecDone { id, .. } => Some(*id),
+        Event::Ready { .. } | Event::Exited { .. } => None,
+    }
+}
+
+/// Makes `fd` the child's fd [`CONTROL_FD`], inheritable across exec.
+/// Runs between fork and exec.
+fn inherit_as_control_fd(fd: i32) -> std::io::Result<()> {
+    if fd == CONTROL_FD {
+        // SAFETY: fcntl on an fd we own in this process; clears FD_CLOEXEC.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    } else {
+        // SAFETY: dup2 onto fd 3 in the child; the duplicate does not carry
+        // FD_CLOEXEC, and stdio (0-2) is already set up at this point.
+        if unsafe { libc::dup2(fd, CONTROL_FD) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Moves `fd` above 0-2 if it landed there (possible when the daemon was
+/// started with a standard stream closed): the child's stdio setup would
+/// overwrite it before `pre_exec` runs.
+fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(CONTROL_FD))?;
+    // SAFETY: `raw` is a new descriptor returned by F_DUPFD_CLOEXEC and is
+    // owned by nothing else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+fn std_to_tokio(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = wr.write_all(&frame).await {
+            tracing::debug!(error = %e, "control socket write failed");
+            break;
+        }
+    }
+}
+
+/// Reads frames until `Exited`, EOF or a protocol error; then records the
+/// stop, fails every waiter, and makes sure the process is reaped.
+async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
+    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let stop = loop {
+        match read_one(&mut rd).await {
+            Ok(Some(msg)) => {
+                if let Some(stop) = vmm.dispatch(msg).await {
+                    break Some(stop);
+                }
+            }
+            Ok(None) => break None,
+            Err(e) => {
+                tracing::warn!(sandbox = %vmm.id, error = %e, "bad control frame; killing the VMM");
+                vmm.kill();
+                break Some(Stop::failure(format!("VMM sent a bad control frame: {e}")));
+            }
+        }
+    };
+    let waiters = vmm.close_routes();
+    match stop {
+        Some(stop) => {
+            vmm.set_stop(stop);
+            drop(waiters);
+            if tokio::time::timeout(EXIT_GRACE, vmm.wait_reaped())
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox = %vmm.id, "VMM still running after its last frame; killing it");
+                vmm.kill();
+            }
+        }
+        None => {
+            // EOF without `Exited`: the VMM died or closed the socket. Reap
+            // it first so the reason can carry its exit status.
+            let status = match tokio::time::timeout(EXIT_GRACE, vmm.wait_reaped()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    vmm.kill();
+                    vmm.wait_reaped().await
+                }
+            };
+            vmm.set_stop(Stop::failure(format!(
+                "VMM exited without reporting why ({status})"
+            )));
+            drop(waiters);
+        }
+    }
+    let stop = vmm.stop_or_unknown();
+    let status = vmm.wait_reaped().await;
+    if stop.failed {
+        tracing::warn!(sandbox = %vmm.id, reason = %stop.reason, %status, "sandbox stopped");
+    } else {
+        tracing::info!(sandbox = %vmm.id, reason = %stop.reason, %status, "sandbox stopped");
+    }
+}
+
+async fn read_one(
+    rd: &mut BufReader<OwnedReadHalf>,
+) -> Result<Option<FromVmm>, forkd_control::ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    match rd.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (len, kind) = parse_header(header)?;
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await?;
+    decode_from_vmm(kind, body).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reasons_map_to_states() {
+        let crash = Stop::from_exit(&ExitReason::GuestCrash {
+            detail: "#PF at rip=0x1".into(),
+        });
+        assert!(crash.failed);
+        assert_eq!(crash.reason, "guest crashed: #PF at rip=0x1");
+        assert!(Stop::from_exit(&ExitReason::VmmError { detail: "x".into() }).failed);
+        assert!(!Stop::from_exit(&ExitReason::GuestExit { status: 0 }).failed);
+        assert!(!Stop::from_exit(&ExitReason::Shutdown).failed);
+    }
+}
