@@ -58,10 +58,17 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let drain = Drain::new(health_reporter);
     drain.set_serving().await;
 
+    // Both reflection versions describe every service, both reflection
+    // services included, so `list` shows the same through either.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let reflection_err =
         |e: tonic_reflection::server::Error| StartupError::Config(format!("reflection: {e}"));
