@@ -1,0 +1,246 @@
+//! A stand-in for the `forkd` daemon, for checking the benchmark driver
+//! without KVM: `fake_forkd serve --listen ADDR --data-dir DIR`.
+//!
+//! Each "sandbox" is a `sleep` process started through a symlink named
+//! `forkd-vmm`, so it has a real pid and memory figures; Exec implements
+//! `echo`, `emit BYTES` and `sleep MS` in the daemon itself. Its figures say
+//! nothing about forkd: never record them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkd_api::v1::sandbox_service_server::{SandboxService, SandboxServiceServer};
+use forkd_api::v1::{
+    exec_response, BranchSandboxRequest, BranchSandboxResponse, DeleteSandboxRequest,
+    DeleteSandboxResponse, ExecExit, ExecRequest, ExecResponse, GetSandboxRequest,
+    GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse, Sandbox, SandboxState,
+    SpawnSandboxesRequest, SpawnSandboxesResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+struct Entry {
+    sandbox: Sandbox,
+    child: Child,
+}
+
+struct Fake {
+    vmm: PathBuf,
+    next: Mutex<u64>,
+    sandboxes: Mutex<Vec<Entry>>,
+}
+
+impl Fake {
+    fn kill_all(&self) {
+        for mut e in self.sandboxes.lock().unwrap().drain(..) {
+            let _ = e.child.kill();
+            let _ = e.child.wait();
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SandboxService for Fake {
+    async fn spawn_sandboxes(
+        &self,
+        req: Request<SpawnSandboxesRequest>,
+    ) -> Result<Response<SpawnSandboxesResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        if !(1..=1000).contains(&req.n) {
+            return Err(Status::invalid_argument("n must be 1..1000"));
+        }
+        let mut out = Vec::new();
+        for _ in 0..req.n {
+            let child = Command::new(&self.vmm)
+                .arg("3600")
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| Status::internal(format!("spawn: {e}")))?;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let id = {
+                let mut next = self.next.lock().unwrap();
+                *next += 1;
+                format!("sb-fake{:05}", *next)
+            };
+            let sandbox = Sandbox {
+                id,
+                state: SandboxState::Running as i32,
+                memory_mib: if req.memory_mib == 0 {
+                    256
+                } else {
+                    req.memory_mib
+                },
+                vcpus: if req.vcpus == 0 { 2 } else { req.vcpus },
+                labels: req.labels.clone(),
+                vmm_pid: child.id(),
+                live_fork: req.live_fork.unwrap_or(false),
+                boot_ms: start.elapsed().as_secs_f64() * 1e3,
+                ..Default::default()
+            };
+            out.push(sandbox.clone());
+            self.sandboxes
+                .lock()
+                .unwrap()
+                .push(Entry { sandbox, child });
+        }
+        Ok(Response::new(SpawnSandboxesResponse {
+            sandboxes: out,
+            failures: Vec::new(),
+            elapsed_ms: start.elapsed().as_secs_f64() * 1e3,
+        }))
+    }
+
+    async fn get_sandbox(
+        &self,
+        req: Request<GetSandboxRequest>,
+    ) -> Result<Response<GetSandboxResponse>, Status> {
+        let id = req.into_inner().id;
+        let list = self.sandboxes.lock().unwrap();
+        let e = list
+            .iter()
+            .find(|e| e.sandbox.id == id)
+            .ok_or_else(|| Status::not_found(id))?;
+        Ok(Response::new(GetSandboxResponse {
+            sandbox: Some(e.sandbox.clone()),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        req: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        let sel = req.into_inner().label_selector;
+        let list = self.sandboxes.lock().unwrap();
+        let sandboxes = list
+            .iter()
+            .filter(|e| sel.iter().all(|(k, v)| e.sandbox.labels.get(k) == Some(v)))
+            .map(|e| e.sandbox.clone())
+            .collect();
+        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        req: Request<DeleteSandboxRequest>,
+    ) -> Result<Response<DeleteSandboxResponse>, Status> {
+        let id = req.into_inner().id;
+        let mut e = {
+            let mut list = self.sandboxes.lock().unwrap();
+            let pos = list
+                .iter()
+                .position(|e| e.sandbox.id == id)
+                .ok_or_else(|| Status::not_found(id))?;
+            list.remove(pos)
+        };
+        let _ = e.child.kill();
+        let _ = e.child.wait();
+        Ok(Response::new(DeleteSandboxResponse {
+            sandbox: Some(e.sandbox),
+        }))
+    }
+
+    type ExecStream = ReceiverStream<Result<ExecResponse, Status>>;
+
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        let req = req.into_inner();
+        let known = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.sandbox.id == req.sandbox_id);
+        if !known {
+            return Err(Status::not_found(req.sandbox_id));
+        }
+        let argv = req.argv;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let send = |data: Vec<u8>| ExecResponse {
+                event: Some(exec_response::Event::Stdout(data)),
+            };
+            let arg = |i: usize| argv.get(i).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+            match argv.first().map(String::as_str) {
+                Some("echo") => {
+                    let line = format!("{}\n", argv[1..].join(" "));
+                    let _ = tx.send(Ok(send(line.into_bytes()))).await;
+                }
+                Some("emit") => {
+                    let mut left = arg(1) as usize;
+                    while left > 0 {
+                        let n = left.min(64 << 10);
+                        if tx.send(Ok(send(vec![b'x'; n]))).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                }
+                Some("sleep") => tokio::time::sleep(Duration::from_millis(arg(1))).await,
+                _ => {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("unknown builtin")))
+                        .await;
+                    return;
+                }
+            }
+            let exit = ExecResponse {
+                event: Some(exec_response::Event::Exit(ExecExit {
+                    exit_code: 0,
+                    duration_us: start.elapsed().as_micros() as u64,
+                })),
+            };
+            let _ = tx.send(Ok(exit)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn branch_sandbox(
+        &self,
+        _req: Request<BranchSandboxRequest>,
+    ) -> Result<Response<BranchSandboxResponse>, Status> {
+        Err(Status::unimplemented("the fake daemon has no snapshots"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or_else(|| format!("usage: fake_forkd serve --listen ADDR --data-dir DIR ({name})"))
+    };
+    if args.get(1).map(String::as_str) != Some("serve") {
+        return Err("usage: fake_forkd serve --listen ADDR --data-dir DIR".into());
+    }
+    let listen = flag("--listen")?.parse()?;
+    let data_dir = PathBuf::from(flag("--data-dir")?);
+    // A `sleep` whose process name reads forkd-vmm.
+    let vmm = data_dir.join("forkd-vmm");
+    std::os::unix::fs::symlink("/bin/sleep", &vmm)?;
+
+    let fake = Arc::new(Fake {
+        vmm,
+        next: Mutex::new(0),
+        sandboxes: Mutex::new(Vec::new()),
+    });
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<SandboxServiceServer<Fake>>().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    eprintln!("fake forkd listening on {listen}");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(SandboxServiceServer::from_arc(fake.clone()))
+        .serve_with_shutdown(listen, async move {
+            term.recv().await;
+        })
+        .await?;
+    fake.kill_all();
+    Ok(())
+}

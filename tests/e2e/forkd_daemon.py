@@ -1,0 +1,385 @@
+"""Start and stop a real `forkd` daemon for the end-to-end tests, and watch
+its `forkd-vmm` children through /proc.
+
+Only processes this module started (the daemon) or that descend from them
+(its VMMs) are ever looked at by pid or signalled; nothing is matched by
+name across the machine, since other sessions may run their own forkd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from grpcurl_client import ExecResult, GrpcError, Grpcurl
+
+VMM_NAME = "forkd-vmm"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+# ---- /proc helpers ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    starttime: int
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """Parse /proc/<pid>/stat; None when the process does not exist."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm is in parentheses and may hold spaces or parentheses itself.
+    lpar, rpar = raw.index("("), raw.rindex(")")
+    comm = raw[lpar + 1 : rpar]
+    rest = raw[rpar + 2 :].split()
+    # rest[0] is field 3 (state); starttime is field 22.
+    return ProcInfo(pid, comm, rest[0], int(rest[1]), int(rest[19]))
+
+
+def all_procs() -> list[ProcInfo]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = proc_info(int(name))
+            if info is not None:
+                out.append(info)
+    return out
+
+
+def descendants(pid: int) -> list[ProcInfo]:
+    """Every live descendant of `pid` (children, grandchildren, ...)."""
+    procs = all_procs()
+    by_parent: dict[int, list[ProcInfo]] = {}
+    for p in procs:
+        by_parent.setdefault(p.ppid, []).append(p)
+    out: list[ProcInfo] = []
+    todo = [pid]
+    while todo:
+        for child in by_parent.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child.pid)
+    return out
+
+
+def is_vmm(info: ProcInfo) -> bool:
+    if info.comm.startswith(VMM_NAME):
+        return True
+    try:
+        exe = os.readlink(f"/proc/{info.pid}/exe")
+    except OSError:
+        return False
+    return os.path.basename(exe).startswith(VMM_NAME)
+
+
+def still_running(info: ProcInfo) -> bool:
+    """Whether that very process (same pid and start time) is still there
+    and not a zombie."""
+    now = proc_info(info.pid)
+    return now is not None and now.starttime == info.starttime and now.state not in ("Z", "X")
+
+
+def still_exists(info: ProcInfo) -> bool:
+    """Like `still_running`, but a zombie (exited, not yet reaped) counts."""
+    now = proc_info(info.pid)
+    return now is not None and now.starttime == info.starttime
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants, so a VMM
+    left behind by a daemon we started is re-parented to us (and can be
+    found by its parent pid) instead of to init."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def orphaned_vmms() -> list[ProcInfo]:
+    """forkd-vmm processes re-parented to this (subreaper) process: VMMs
+    whose daemon, one we started, is gone."""
+    me = os.getpid()
+    return [p for p in all_procs() if p.ppid == me and is_vmm(p)]
+
+
+def reap_orphans() -> None:
+    """Collect the exit status of orphaned VMMs that ended, so they do not
+    stay zombies of this process. Only forkd-vmm pids are waited for, never
+    the subprocesses Python itself manages."""
+    for p in orphaned_vmms():
+        try:
+            os.waitpid(p.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def kill_leftovers(procs: Iterable[ProcInfo]) -> None:
+    """SIGKILL VMMs that outlived their daemon (all descend from a daemon
+    this suite started; checked by pid and start time)."""
+    for p in procs:
+        if still_running(p):
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(still_running(p) for p in procs):
+        time.sleep(0.05)
+    reap_orphans()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# ---- the daemon ------------------------------------------------------------
+
+
+class DaemonError(AssertionError):
+    pass
+
+
+class Daemon:
+    """One `forkd serve` process started by the suite."""
+
+    def __init__(
+        self,
+        binary: Path,
+        workdir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        listen_unix: Path | None = None,
+        token: str | None = None,
+        token_via: str = "file",
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        data_dir: Path | None = None,
+    ):
+        self.binary = binary
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.listen = f"{host}:{self.port}"
+        self.data_dir = data_dir or (workdir / "data")
+        self.listen_unix = listen_unix
+        self.token = token
+        self.token_via = token_via
+        self.extra_args = list(extra_args)
+        self.log_path = workdir / "forkd.log"
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        # Teardown fails the test unless SIGTERM ends the daemon with 0.
+        self.expect_clean_exit = True
+        # Every VMM process seen for this daemon, by pid (with start time).
+        self.vmms: dict[int, ProcInfo] = {}
+        base_env = {k: v for k, v in os.environ.items() if k != "FORKD_TOKEN"}
+        base_env.setdefault("RUST_BACKTRACE", "1")
+        base_env.setdefault("NO_COLOR", "1")  # plain log lines in reports
+        if env:
+            base_env.update(env)
+        self.env = base_env
+        # Clients: always through loopback, even for a 0.0.0.0 listener.
+        self.client = Grpcurl(f"127.0.0.1:{self.port}", token=token)
+        self.anon = self.client.with_options(token=None)
+
+    # ---- lifecycle --------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def argv(self) -> list[str]:
+        argv = [str(self.binary), "serve", "--listen", self.listen, "--data-dir", str(self.data_dir)]
+        if self.listen_unix is not None:
+            argv += ["--listen-unix", str(self.listen_unix)]
+        if self.token is not None:
+            if self.token_via == "file":
+                tf = self.workdir / "token"
+                tf.write_text(self.token + "\n")
+                tf.chmod(0o600)
+                argv += ["--token-file", str(tf)]
+            elif self.token_via == "env":
+                self.env["FORKD_TOKEN"] = self.token
+            else:
+                raise ValueError(self.token_via)
+        return argv + self.extra_args
+
+    def start(self) -> "Daemon":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+            )
+        finally:
+            log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> "Daemon":
+        """Wait until grpc.health.v1 answers SERVING."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            rc = self.proc.poll() if self.proc else None
+            if rc is not None:
+                self.returncode = rc
+                raise DaemonError(f"forkd exited with {rc} before it served:\n{self.log_tail()}")
+            try:
+                status = self.anon.health(timeout=15)
+                if status == "SERVING":
+                    return self
+                last = f"health status {status}"
+            except GrpcError as e:
+                last = f"{e.code}: {e.message}"
+            time.sleep(0.1)
+        raise DaemonError(f"forkd did not report SERVING in {timeout}s ({last}):\n{self.log_tail()}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def vmm_children(self) -> list[ProcInfo]:
+        """Live forkd-vmm descendants of the daemon; remembers them."""
+        if not self.running():
+            return []
+        found = [p for p in descendants(self.pid) if is_vmm(p) and p.state not in ("Z", "X")]
+        for p in found:
+            self.vmms.setdefault(p.pid, p)
+        return found
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def stop(self, timeout: float = 60.0) -> tuple[int | None, list[ProcInfo]]:
+        """SIGTERM the daemon, wait for it, and return (exit code or None if
+        it had to be killed, VMMs of this daemon still running afterwards).
+        Leftover VMMs are killed after being reported."""
+        if self.proc is None:
+            return None, []
+        self.vmm_children()  # remember the VMMs before they are re-parented
+        rc = self.proc.poll()
+        if rc is None:
+            self.signal(signal.SIGTERM)
+            rc = self.wait(timeout)
+            if rc is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.returncode = rc
+        leftovers = self.leftover_vmms()
+        kill_leftovers(leftovers)
+        return rc, leftovers
+
+    def leftover_vmms(self, grace: float = 2.0) -> list[ProcInfo]:
+        """VMMs of this daemon still running now that it has exited. A VMM
+        gets `grace` seconds to finish dying after its daemon's exit."""
+        assert not self.running()
+
+        def current() -> list[ProcInfo]:
+            seen = {p.pid: p for p in self.vmms.values() if still_running(p)}
+            for p in orphaned_vmms():
+                if p.state not in ("Z", "X"):
+                    seen.setdefault(p.pid, p)
+            return list(seen.values())
+
+        wait_until(lambda: not current(), grace)
+        reap_orphans()
+        return current()
+
+    # ---- logs ---------------------------------------------------------------
+
+    def log_tail(self, lines: int = 60) -> str:
+        parts = []
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+            parts.append(f"--- {self.log_path} (last {lines} lines) ---")
+            parts += text[-lines:]
+        except FileNotFoundError:
+            parts.append(f"--- {self.log_path}: missing ---")
+        sb = self.data_dir / "sandboxes"
+        if sb.is_dir():
+            for log in sorted(sb.glob("*/vmm.log"))[:8]:
+                text = log.read_text(errors="replace").splitlines()
+                parts.append(f"--- {log} (last 15 lines) ---")
+                parts += text[-15:]
+        return "\n".join(parts)
+
+    # ---- API shortcuts (through the authenticated client) ------------------
+
+    def record_sandboxes(self, sandboxes: Iterable[Mapping[str, Any]]) -> None:
+        """Remember the VMM pids the API reports, with their start times."""
+        for sb in sandboxes:
+            pid = int(sb.get("vmmPid", 0))
+            if pid and pid not in self.vmms:
+                info = proc_info(pid)
+                if info is not None and is_vmm(info):
+                    self.vmms[pid] = info
+
+    def spawn(self, n: int = 1, labels: Mapping[str, str] | None = None, **fields: Any) -> list[dict]:
+        req: dict[str, Any] = {"n": n, **fields}
+        if labels:
+            req["labels"] = dict(labels)
+        resp = self.client.call("forkd.v1.SandboxService/SpawnSandboxes", req, timeout=300)
+        sandboxes = resp.get("sandboxes", [])
+        self.record_sandboxes(sandboxes)
+        failures = resp.get("failures", [])
+        assert not failures, f"SpawnSandboxes reported failures: {failures}\n{self.log_tail()}"
+        assert len(sandboxes) == n, f"asked for {n} sandboxes, got {len(sandboxes)}: {resp}"
+        return sandboxes
+
+    def get(self, sandbox_id: str) -> dict:
+        resp = self.client.call("forkd.v1.SandboxService/GetSandbox", {"id": sandbox_id})
+        assert "sandbox" in resp, resp
+        self.record_sandboxes([resp["sandbox"]])
+        return resp["sandbox"]
+
+    def list(self, selector: Mapping[str, str] | None = None) -> list[dict]:
+        req = {"labelSelector": dict(selector)} if selector else {}
+        resp = self.client.call("forkd.v1.SandboxService/ListSandboxes", req)
+        return resp.get("sandboxes", [])
+
+    def delete(self, sandbox_id: str) -> dict:
+        resp = self.client.call("forkd.v1.SandboxService/DeleteSandbox", {"id": sandbox_id})
+        return resp.get("sandbox", {})
+
+    def exec(self, sandbox_id: str, argv: Sequence[str], timeout_ms: int = 0) -> ExecResult:
+        return self.client.exec(sandbox_id, argv, timeout_ms)
