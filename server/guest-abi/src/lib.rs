@@ -88,7 +88,9 @@ pub mod reg {
     /// number, or 0 when the wait ended without one (the guest then waits
     /// again; the VMM does this to stop a vCPU at a clean point).
     pub const WAIT: u64 = DOORBELL_ADDR;
-    /// Store: the request in the mailbox is done (exit code in the mailbox).
+    /// Store: the request in the mailbox is done (exit code in the
+    /// mailbox); `out_len` bytes of `out_stream` still in the output buffer
+    /// are its last output.
     pub const DONE: u64 = DOORBELL_ADDR + 0x08;
     /// Store: flush `out_len` bytes of stream `out_stream` from the output
     /// buffer.

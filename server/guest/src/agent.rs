@@ -34,10 +34,13 @@ pub fn serve() -> ! {
                     unsafe { core::slice::from_raw_parts(abi::REQUEST_ADDR as *const u8, len) };
                 let mut out = Output::new();
                 let code = builtins::run(Args::new(bytes), &mut out);
-                out.flush();
+                out.finish();
                 code
             }
-            _ => 0, // PING and anything unknown: answer at once
+            _ => {
+                Output::new().finish(); // no output pending
+                0 // PING and anything unknown: answer at once
+            }
         };
         let took = hw::rdtsc().wrapping_sub(started);
         // SAFETY: as above; the VMM reads these after DONE rings.

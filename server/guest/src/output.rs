@@ -70,19 +70,31 @@ impl Output {
         }
     }
 
-    /// Hands the buffered bytes to the VMM.
-    pub fn flush(&mut self) {
-        if self.len == 0 {
-            return;
-        }
+    /// Records the buffered bytes as the pending flush in the mailbox.
+    fn publish(&self) {
         let mb = hw::mailbox();
         // SAFETY: mailbox fields are plain words in identity-mapped RAM.
         unsafe {
             core::ptr::write_volatile(core::ptr::addr_of_mut!((*mb).out_stream), self.stream);
             core::ptr::write_volatile(core::ptr::addr_of_mut!((*mb).out_len), self.len as u32);
         }
+    }
+
+    /// Hands the buffered bytes to the VMM.
+    pub fn flush(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.publish();
         hw::ring_store(abi::reg::OUTPUT, 0);
         self.len = 0;
+    }
+
+    /// Leaves the buffered bytes (possibly none) pending for the VMM to
+    /// take when the request is done: a command's last output costs no
+    /// exit of its own.
+    pub fn finish(self) {
+        self.publish();
     }
 
     /// A `fmt::Write` view on stdout.

@@ -165,6 +165,7 @@ fn flush_output(ctx: &VmContext) {
 }
 
 fn finish_request(ctx: &VmContext) {
+    flush_output(ctx); // a command's last output rides on DONE
     let Some(job) = ctx.coord.finish() else {
         return;
     };
