@@ -67,6 +67,34 @@ pub enum Request {
     Stats { id: u64 },
     /// Stop the guest and exit; answered by [`Event::Exited`].
     Shutdown { id: u64 },
+    /// Capture the VM into `dir` (which must exist and be empty); answered
+    /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs (unless already
+    /// paused), writes `dir/vmstate` and `dir/memory` (a sparse file the
+    /// size of guest RAM; holes are zero pages), and for
+    /// [`SnapshotMode::Diff`] also `dir/pages` (a bitmap, bit `i` of byte
+    /// `i / 8`, LSB first, set for every page the diff holds; a set bit over
+    /// a hole means a zero page). Then it starts a new dirty-tracking epoch
+    /// and resumes, unless it was paused before the request. The files are
+    /// written but not fsynced: the daemon fsyncs when it commits.
+    Snapshot {
+        id: u64,
+        mode: SnapshotMode,
+        dir: String,
+        /// With `Full`, also count the pages dirtied in the epoch.
+        measure_diff: bool,
+    },
+}
+
+/// How a snapshot captures guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Every non-zero page of guest RAM.
+    Full,
+    /// Only the pages written since the last snapshot (or, in a VM restored
+    /// from a snapshot, since the restore): KVM's dirty log plus the pages
+    /// the VMM itself wrote (the agent mailbox).
+    Diff,
 }
 
 impl Request {
@@ -79,7 +107,8 @@ impl Request {
             | Request::Pause { id }
             | Request::Resume { id }
             | Request::Stats { id }
-            | Request::Shutdown { id } => *id,
+            | Request::Shutdown { id }
+            | Request::Snapshot { id, .. } => *id,
         }
     }
 }
@@ -145,6 +174,20 @@ pub enum Event {
     Stats { id: u64, stats: VmmStats },
     /// Request `id` could not be carried out.
     Error { id: u64, message: String },
+    /// Answer to [`Request::Snapshot`]: the files are written.
+    Snapshotted {
+        id: u64,
+        /// How long the vCPUs were stopped, measured in the VMM from the
+        /// stop request until they ran again.
+        pause_us: u64,
+        /// Bytes of memory data written (holes not counted).
+        bytes_written: u64,
+        /// Pages in the diff (Diff), or dirtied in the epoch (Full with
+        /// `measure_diff`); 0 otherwise.
+        dirty_pages: u64,
+        /// Bytes of guest RAM (the size of `dir/memory`).
+        memory_bytes: u64,
+    },
     /// The VMM is exiting; always its last frame.
     Exited { reason: ExitReason },
 }

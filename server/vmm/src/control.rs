@@ -1,6 +1,7 @@
 //! The control thread: read requests from the daemon and act on them.
 
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use forkd_control::{read_request, Event, ExitReason, ProtocolError, Request, Vmm
 use forkd_guest_abi as abi;
 
 use crate::agent;
+use crate::capture;
 use crate::coordinator::{Cancelled, Job, JobKind};
 use crate::kick;
 use crate::vcpu::VmContext;
@@ -93,6 +95,29 @@ pub fn serve(
                 },
             }),
             Request::Shutdown { .. } => ctx.sink.exit(ExitReason::Shutdown, 0),
+            Request::Snapshot {
+                id,
+                mode,
+                dir,
+                measure_diff,
+            } => {
+                let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
+                let event =
+                    match capture::capture(&ctx, kick_all, mode, Path::new(&dir), measure_diff) {
+                        Ok(c) => Event::Snapshotted {
+                            id,
+                            pause_us: c.pause_us,
+                            bytes_written: c.bytes_written,
+                            dirty_pages: c.dirty_pages,
+                            memory_bytes: c.memory_bytes,
+                        },
+                        Err(e) => Event::Error {
+                            id,
+                            message: e.to_string(),
+                        },
+                    };
+                ctx.sink.send(&event);
+            }
         }
     }
 }

@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::state::VcpuState;
+
 /// What the agent is asked to do.
 #[derive(Clone, Debug)]
 pub enum JobKind {
@@ -51,6 +53,9 @@ struct State {
     next_seq: u32,
     kicks: Vec<bool>,
     paused_at: Option<Instant>,
+    /// Set while the control thread collects vCPU states.
+    save_requested: bool,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Shared state of one VM's threads.
@@ -72,6 +77,8 @@ impl Coordinator {
                 next_seq: 0,
                 kicks: vec![false; vcpus],
                 paused_at: None,
+                save_requested: false,
+                saved: (0..vcpus).map(|_| None).collect(),
             }),
             cv: Condvar::new(),
             vcpus,
@@ -176,15 +183,62 @@ impl Coordinator {
         self.lock().mode == Mode::Paused
     }
 
-    /// vCPU thread: parks until the VM runs again.
-    pub fn park(&self) {
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.lock().mode == Mode::Paused
+    }
+
+    /// vCPU thread `index`: parks until the VM runs again; while parked,
+    /// saves its state with `save` whenever the control thread asks.
+    pub fn park(&self, index: usize, mut save: impl FnMut() -> Result<VcpuState, String>) {
         let mut st = self.lock();
         st.parked += 1;
         self.cv.notify_all();
-        while st.mode == Mode::Paused {
+        loop {
+            if st.save_requested && st.saved[index].is_none() {
+                drop(st);
+                let state = save();
+                st = self.lock();
+                st.saved[index] = Some(state);
+                self.cv.notify_all();
+                continue;
+            }
+            if st.mode != Mode::Paused {
+                break;
+            }
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         st.parked -= 1;
+    }
+
+    /// Control thread, while paused: every vCPU's saved state, in index
+    /// order.
+    pub fn collect_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let started = Instant::now();
+        let mut st = self.lock();
+        if st.mode != Mode::Paused {
+            return Err("vCPU state can only be saved while paused".into());
+        }
+        st.save_requested = true;
+        st.saved.iter_mut().for_each(|s| *s = None);
+        self.cv.notify_all();
+        while st.saved.iter().any(Option::is_none) {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                st.save_requested = false;
+                return Err(format!("vCPUs did not save their state within {timeout:?}"));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.save_requested = false;
+        st.saved
+            .iter_mut()
+            .map(|s| s.take().expect("every state is present"))
+            .collect()
     }
 
     /// Stops every vCPU: asks them to park, calls `kick` to interrupt
@@ -287,7 +341,7 @@ mod tests {
                         c.wait_for_kick(i)
                     };
                     if !woke && c.pause_requested() {
-                        c.park();
+                        c.park(i, || Err("no state in this test".into()));
                         return;
                     }
                 }

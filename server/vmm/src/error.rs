@@ -29,6 +29,12 @@ pub enum VmmError {
     /// The guest image could not be loaded.
     #[error("loading the guest image: {0}")]
     Load(String),
+    /// A saved VM state cannot be restored.
+    #[error("restoring the VM: {0}")]
+    Restore(String),
+    /// Writing a snapshot failed.
+    #[error("writing the snapshot: {0}")]
+    Snapshot(String),
     /// The requested machine shape is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod capture;
 pub mod control;
 pub mod coordinator;
 pub mod cpu;
@@ -15,5 +16,7 @@ pub mod events;
 pub mod kick;
 pub mod loader;
 pub mod memory;
+pub mod snapshot;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,5 +1,6 @@
 //! `forkd-vmm`: runs one sandbox's microVM for the forkd daemon.
 
+use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
@@ -11,6 +12,8 @@ use clap::Parser;
 use forkd_control::ExitReason;
 use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
+use forkd_vmm::snapshot::DirtyLog;
+use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
 use forkd_vmm::vm::{Vm, VmConfig};
 use forkd_vmm::{control, kick, loader};
@@ -32,8 +35,15 @@ struct Args {
     #[arg(long, default_value = "-")]
     id: String,
     /// Guest ELF to run instead of the built-in reference guest.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "restore_dir")]
     guest: Option<std::path::PathBuf>,
+    /// Restore the VM saved in this snapshot directory (its `vmstate`)
+    /// instead of booting; needs --memory-fd.
+    #[arg(long, requires = "memory_fd")]
+    restore_dir: Option<std::path::PathBuf>,
+    /// Inherited memfd holding the snapshot's memory (mapped copy-on-write).
+    #[arg(long, requires = "restore_dir")]
+    memory_fd: Option<i32>,
 }
 
 fn main() {
@@ -55,27 +65,45 @@ fn main() {
     let sink = EventSink::new(writer);
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
 
-    let image = match &args.guest {
-        Some(path) => std::fs::read(path)
-            .unwrap_or_else(|e| fail(format!("reading guest image {}: {e}", path.display()))),
-        None => loader::REFERENCE_GUEST.to_vec(),
-    };
-    let config = VmConfig {
-        memory_mib: args.memory_mib,
-        vcpus: args.vcpus,
-    };
-    let vm = Vm::create(&config, &image).unwrap_or_else(|e| fail(e.to_string()));
+    let vm = match (&args.restore_dir, args.memory_fd) {
+        (Some(dir), Some(memory_fd)) => {
+            let path = dir.join("vmstate");
+            let bytes = std::fs::read(&path)
+                .unwrap_or_else(|e| fail(format!("reading {}: {e}", path.display())));
+            let state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
+            // SAFETY: the daemon passes this descriptor to us alone; we take
+            // ownership of it here, once.
+            let memory = unsafe { File::from_raw_fd(memory_fd) };
+            Vm::restore(&state, memory)
+        }
+        _ => {
+            let image = match &args.guest {
+                Some(path) => std::fs::read(path).unwrap_or_else(|e| {
+                    fail(format!("reading guest image {}: {e}", path.display()))
+                }),
+                None => loader::REFERENCE_GUEST.to_vec(),
+            };
+            let config = VmConfig {
+                memory_mib: args.memory_mib,
+                vcpus: args.vcpus,
+            };
+            Vm::create(&config, &image)
+        }
+    }
+    .unwrap_or_else(|e| fail(e.to_string()));
     if let Err(e) = kick::install() {
         fail(e.to_string());
     }
+    let msr_indices = state::msr_indices(&vm.kvm).unwrap_or_else(|e| fail(e.to_string()));
     let Vm {
         kvm: _kvm,
-        fd: _vm_fd,
+        fd: vm_fd,
         ram,
         vcpus,
         tsc_khz,
     } = vm;
     let vcpu_count = vcpus.len();
+    let ram_size = ram.size();
     let ctx = Arc::new(VmContext {
         ram,
         coord: Coordinator::new(vcpu_count),
@@ -84,6 +112,9 @@ fn main() {
         requests: AtomicU64::new(0),
         started,
         tsc_khz,
+        vm: vm_fd,
+        msr_indices,
+        dirty: DirtyLog::new(ram_size),
     });
     let mut threads = Vec::with_capacity(vcpu_count);
     for (index, fd) in vcpus.into_iter().enumerate() {

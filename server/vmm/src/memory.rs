@@ -1,8 +1,14 @@
 //! Guest RAM: always a memfd, so it is shmem (shareable, sealable and
 //! write-protectable with userfaultfd), mapped into the VMM and handed to KVM
 //! as one memory slot at guest physical address 0.
+//!
+//! A cold-booted VM owns its memfd and maps it shared. A VM restored from a
+//! snapshot maps the snapshot's sealed memfd (held by the daemon, shared by
+//! every child) private: pages it never writes stay shared with its
+//! siblings; a write gives it its own copy.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -12,9 +18,10 @@ use crate::error::{Result, VmmError};
 pub struct GuestRam {
     memory: GuestMemoryMmap,
     size: u64,
-    /// Kept so the memory can be passed on (e.g. to a snapshot writer).
-    #[allow(dead_code)]
+    /// The memfd behind the mapping: our own (shared) or a snapshot's
+    /// (private).
     file: File,
+    private: bool,
 }
 
 impl GuestRam {
@@ -28,21 +35,70 @@ impl GuestRam {
         let file = memfd.into_file();
         file.set_len(size)
             .map_err(|e| VmmError::Memory(format!("sizing memfd to {size} bytes: {e}")))?;
+        Self::map(file, size, false)
+    }
+
+    /// Maps a snapshot's memfd privately (copy-on-write).
+    pub fn from_snapshot(file: File, size: u64) -> Result<Self> {
+        let len = file
+            .metadata()
+            .map_err(|e| VmmError::Memory(format!("snapshot memory fd: {e}")))?
+            .len();
+        if len != size {
+            return Err(VmmError::Memory(format!(
+                "snapshot memory is {len} bytes, its vmstate says {size}"
+            )));
+        }
+        Self::map(file, size, true)
+    }
+
+    fn map(file: File, size: u64, private: bool) -> Result<Self> {
         let dup = file
             .try_clone()
             .map_err(|e| VmmError::Memory(format!("dup memfd: {e}")))?;
+        let sharing = if private {
+            libc::MAP_PRIVATE
+        } else {
+            libc::MAP_SHARED
+        };
         let region = MmapRegion::<()>::build(
             Some(FileOffset::new(dup, 0)),
             size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            sharing | libc::MAP_NORESERVE,
         )
         .map_err(|e| VmmError::Memory(format!("mmap of {size} bytes: {e}")))?;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmmError::Memory("guest region overflows".into()))?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| VmmError::Memory(format!("guest memory map: {e}")))?;
-        Ok(GuestRam { memory, size, file })
+        Ok(GuestRam {
+            memory,
+            size,
+            file,
+            private,
+        })
+    }
+
+    /// Whether RAM is a private (copy-on-write) view of a snapshot.
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Byte ranges of the backing memfd that hold data (everything else is
+    /// a hole, i.e. zero, and was never written through a shared mapping).
+    pub fn backing_data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        data_ranges(&self.file, self.size)
+    }
+
+    /// The guest's RAM as host memory, for bulk reads of pages known to be
+    /// populated (reading a hole of a shared memfd would allocate it).
+    pub fn host_slice(&self, offset: u64, len: usize) -> &[u8] {
+        assert!(offset + len as u64 <= self.size, "range outside guest RAM");
+        // SAFETY: the mapping covers `size` bytes and lives as long as
+        // `self`; the guest may write concurrently, which snapshot code
+        // avoids by reading only while the vCPUs are stopped.
+        unsafe { std::slice::from_raw_parts((self.host_address() + offset) as *const u8, len) }
     }
 
     /// The vm-memory view of RAM.
@@ -104,4 +160,24 @@ impl GuestRam {
     pub fn write_u32(&self, addr: u64, value: u32) -> Result<()> {
         self.write(addr, &value.to_le_bytes())
     }
+}
+
+/// The `[start, end)` ranges of `file` (of `size` bytes) that hold data, by
+/// SEEK_DATA/SEEK_HOLE.
+pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    use nix::unistd::{lseek, Whence};
+    let mut ranges = Vec::new();
+    let mut at: i64 = 0;
+    while (at as u64) < size {
+        let start = match lseek(file.as_fd(), at, Whence::SeekData) {
+            Ok(s) => s,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(VmmError::Memory(format!("SEEK_DATA: {e}"))),
+        };
+        let end = lseek(file.as_fd(), start, Whence::SeekHole)
+            .map_err(|e| VmmError::Memory(format!("SEEK_HOLE: {e}")))?;
+        ranges.push((start as u64, (end as u64).min(size)));
+        at = end;
+    }
+    Ok(ranges)
 }

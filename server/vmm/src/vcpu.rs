@@ -14,6 +14,8 @@ use crate::coordinator::{Coordinator, JobKind};
 use crate::events::EventSink;
 use crate::kick;
 use crate::memory::GuestRam;
+use crate::snapshot::DirtyLog;
+use crate::state;
 
 /// What every vCPU thread shares.
 pub struct VmContext {
@@ -31,6 +33,12 @@ pub struct VmContext {
     pub started: Instant,
     /// TSC frequency the guest uses.
     pub tsc_khz: u64,
+    /// The VM (for device state and the dirty log).
+    pub vm: kvm_ioctls::VmFd,
+    /// MSRs saved with each vCPU.
+    pub msr_indices: Vec<u32>,
+    /// Dirty-page tracking for DIFF snapshots.
+    pub dirty: DirtyLog,
 }
 
 /// What to do after an exit.
@@ -50,7 +58,9 @@ pub fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VmContext>) -> ! {
     loop {
         if ctx.coord.pause_requested() {
             complete_pending_io(&mut fd);
-            ctx.coord.park();
+            ctx.coord.park(index, || {
+                state::save_vcpu(&fd, &ctx.msr_indices).map_err(|e| e.to_string())
+            });
             continue;
         }
         let next = match fd.run() {

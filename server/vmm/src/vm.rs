@@ -1,11 +1,12 @@
 //! Creating the KVM VM: checks, memory slot, in-kernel irqchip, vCPUs, the
 //! loaded guest and its boot environment.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::error::{Result, VmmError};
 use crate::memory::GuestRam;
+use crate::state::{self, VmState};
 use crate::{boot, cpu, loader};
 
 /// Address KVM uses for the real-mode TSS on Intel hosts (unused by our
@@ -52,28 +53,9 @@ impl Vm {
                 config.memory_mib
             )));
         }
-        let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
-        check_kvm(&kvm)?;
-        let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
-        if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
-            // Only Intel VMX needs it; other backends may refuse it.
-            eprintln!("forkd-vmm: KVM_SET_TSS_ADDR not accepted ({e}); continuing");
-        }
-        fd.create_irq_chip()
-            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
-
+        let (kvm, fd) = create_vm()?;
         let ram = GuestRam::new(u64::from(config.memory_mib) << 20)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_address(),
-        };
-        // SAFETY: the region is a live mapping of `ram.size()` bytes owned by
-        // `ram`, which the returned Vm keeps for as long as the VM exists.
-        unsafe { fd.set_user_memory_region(region) }
-            .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        attach_memory(&fd, &ram)?;
 
         let entry = loader::load(&ram, image)?;
         let supported = kvm
@@ -101,6 +83,66 @@ impl Vm {
             tsc_khz,
         })
     }
+
+    /// Rebuilds a VM from a snapshot: `memory` is the snapshot's memory
+    /// (mapped copy-on-write), `state` its saved KVM state.
+    pub fn restore(state: &VmState, memory: std::fs::File) -> Result<Vm> {
+        if state.vcpus.len() as u64 > forkd_guest_abi::MAX_VCPUS {
+            return Err(VmmError::Restore(format!(
+                "vmstate has {} vCPUs; at most {} are supported",
+                state.vcpus.len(),
+                forkd_guest_abi::MAX_VCPUS
+            )));
+        }
+        let (kvm, fd) = create_vm()?;
+        let ram = GuestRam::from_snapshot(memory, state.memory_bytes)?;
+        attach_memory(&fd, &ram)?;
+        state::restore_vm(&fd, state)?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, saved) in state.vcpus.iter().enumerate() {
+            let vcpu = fd
+                .create_vcpu(index as u64)
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            state::restore_vcpu(&vcpu, saved)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            kvm,
+            fd,
+            ram,
+            vcpus,
+            tsc_khz: state.tsc_khz,
+        })
+    }
+}
+
+/// Opens KVM, checks it, and creates a VM with an in-kernel irqchip.
+fn create_vm() -> Result<(Kvm, VmFd)> {
+    let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
+    check_kvm(&kvm)?;
+    let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
+    if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
+        // Only Intel VMX needs it; other backends may refuse it.
+        eprintln!("forkd-vmm: KVM_SET_TSS_ADDR not accepted ({e}); continuing");
+    }
+    fd.create_irq_chip()
+        .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
+    Ok((kvm, fd))
+}
+
+/// Hands guest RAM to KVM as slot 0, with dirty logging for DIFF snapshots.
+fn attach_memory(fd: &VmFd, ram: &GuestRam) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_address(),
+    };
+    // SAFETY: the region is a live mapping of `ram.size()` bytes owned by
+    // `ram`, which the Vm keeps for as long as the VM exists.
+    unsafe { fd.set_user_memory_region(region) }
+        .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))
 }
 
 fn check_kvm(kvm: &Kvm) -> Result<()> {

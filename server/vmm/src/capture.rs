@@ -1,0 +1,109 @@
+//! Capturing a snapshot of the running VM: stop the vCPUs, save their state
+//! and the VM's device state, write memory (FULL or DIFF), start a new dirty
+//! epoch, and let the vCPUs run again.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use forkd_control::SnapshotMode;
+
+use crate::error::{Result, VmmError};
+use crate::snapshot;
+use crate::state::{self, VmState, VMSTATE_VERSION};
+use crate::vcpu::VmContext;
+
+/// How long stopping the vCPUs or collecting their state may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a capture wrote.
+#[derive(Debug)]
+pub struct Captured {
+    /// From the stop request until the vCPUs ran again (0 if the VM was
+    /// already paused by the daemon, which then owns the pause).
+    pub pause_us: u64,
+    /// Bytes of memory data written.
+    pub bytes_written: u64,
+    /// Pages of the diff, or dirtied in the epoch (FULL with measure).
+    pub dirty_pages: u64,
+    /// Bytes of guest RAM.
+    pub memory_bytes: u64,
+}
+
+/// Captures the VM into `dir` (`vmstate`, `memory`, and `pages` for DIFF).
+pub fn capture(
+    ctx: &VmContext,
+    kick_all: impl Fn(),
+    mode: SnapshotMode,
+    dir: &Path,
+    measure_diff: bool,
+) -> Result<Captured> {
+    let started = Instant::now();
+    let paused_here = !ctx.coord.is_paused();
+    if paused_here {
+        ctx.coord
+            .pause(kick_all, STOP_TIMEOUT)
+            .map_err(VmmError::Snapshot)?;
+    }
+    let written = write_while_stopped(ctx, mode, dir, measure_diff);
+    let pause_us = if paused_here {
+        // Cannot fail: we paused it above and hold the only control thread.
+        let _ = ctx.coord.resume();
+        started.elapsed().as_micros() as u64
+    } else {
+        0
+    };
+    let (bytes_written, dirty_pages) = written?;
+    Ok(Captured {
+        pause_us,
+        bytes_written,
+        dirty_pages,
+        memory_bytes: ctx.ram.size(),
+    })
+}
+
+fn write_while_stopped(
+    ctx: &VmContext,
+    mode: SnapshotMode,
+    dir: &Path,
+    measure_diff: bool,
+) -> Result<(u64, u64)> {
+    let vcpus = ctx
+        .coord
+        .collect_states(STOP_TIMEOUT)
+        .map_err(VmmError::Snapshot)?;
+    let (clock, irqchips) = state::save_vm(&ctx.vm)?;
+    let vmstate = VmState {
+        version: VMSTATE_VERSION,
+        memory_bytes: ctx.ram.size(),
+        tsc_khz: ctx.tsc_khz,
+        clock,
+        irqchips,
+        vcpus,
+    };
+    let vmstate_path = dir.join("vmstate");
+    std::fs::write(&vmstate_path, vmstate.to_bytes())
+        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", vmstate_path.display())))?;
+
+    let epoch = ctx.dirty.take_epoch(&ctx.vm)?;
+    let result = match mode {
+        SnapshotMode::Full => {
+            let since_start = ctx.dirty.since_start();
+            snapshot::write_full(&ctx.ram, &since_start, &dir.join("memory")).map(|bytes| {
+                let measured = if measure_diff {
+                    snapshot::count(&epoch)
+                } else {
+                    0
+                };
+                (bytes, measured)
+            })
+        }
+        SnapshotMode::Diff => {
+            snapshot::write_diff(&ctx.ram, &epoch, &dir.join("memory"), &dir.join("pages"))
+                .map(|bytes| (bytes, snapshot::count(&epoch)))
+        }
+    };
+    if result.is_err() {
+        ctx.dirty.return_epoch(&epoch);
+    }
+    result
+}

@@ -1,0 +1,249 @@
+//! Writing a stopped VM's memory into snapshot files: FULL (every non-zero
+//! page) and DIFF (the pages written in the current dirty-tracking epoch),
+//! both as sparse files the size of guest RAM.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use forkd_guest_abi as abi;
+use kvm_ioctls::VmFd;
+
+use crate::error::{Result, VmmError};
+use crate::memory::GuestRam;
+
+/// Page size of snapshots and dirty tracking.
+pub const PAGE: u64 = 4096;
+
+/// A page bitmap: bit `i % 64` of word `i / 64` is page `i`.
+pub type Bitmap = Vec<u64>;
+
+fn set(bitmap: &mut [u64], page: u64) {
+    bitmap[(page / 64) as usize] |= 1 << (page % 64);
+}
+
+/// Pages the VMM itself writes (the agent's request area): KVM's dirty log
+/// does not see writes made through the VMM's mapping.
+fn mark_vmm_written(bitmap: &mut [u64]) {
+    for page in abi::MAILBOX_ADDR / PAGE..(abi::REQUEST_ADDR + abi::REQUEST_MAX) / PAGE {
+        set(bitmap, page);
+    }
+}
+
+/// Dirty tracking across snapshot epochs. An epoch starts when the VM
+/// starts (boot or restore) and at every snapshot.
+pub struct DirtyLog {
+    pages: u64,
+    /// Pages dirtied since the VM started, over all epochs.
+    since_start: Mutex<Bitmap>,
+    /// Pages of epochs whose snapshot failed: they belong to the next one.
+    carry: Mutex<Bitmap>,
+}
+
+impl DirtyLog {
+    /// Tracking for `memory_bytes` of RAM.
+    pub fn new(memory_bytes: u64) -> Self {
+        let pages = memory_bytes / PAGE;
+        let words = pages.div_ceil(64) as usize;
+        DirtyLog {
+            pages,
+            since_start: Mutex::new(vec![0; words]),
+            carry: Mutex::new(vec![0; words]),
+        }
+    }
+
+    /// Ends the current epoch: KVM's dirty bitmap for it (KVM clears its
+    /// copy) plus the pages the VMM wrote.
+    pub fn take_epoch(&self, vm: &VmFd) -> Result<Bitmap> {
+        let mut bitmap = vm
+            .get_dirty_log(0, (self.pages * PAGE) as usize)
+            .map_err(VmmError::kvm("KVM_GET_DIRTY_LOG"))?;
+        bitmap.resize(self.pages.div_ceil(64) as usize, 0);
+        mark_vmm_written(&mut bitmap);
+        let mut carry = self.carry.lock().unwrap_or_else(|e| e.into_inner());
+        for (a, c) in bitmap.iter_mut().zip(carry.iter_mut()) {
+            *a |= std::mem::take(c);
+        }
+        drop(carry);
+        let mut all = self.since_start.lock().unwrap_or_else(|e| e.into_inner());
+        for (a, b) in all.iter_mut().zip(&bitmap) {
+            *a |= *b;
+        }
+        Ok(bitmap)
+    }
+
+    /// Gives back an epoch whose snapshot failed, so the next epoch still
+    /// holds its pages.
+    pub fn return_epoch(&self, bitmap: &[u64]) {
+        let mut carry = self.carry.lock().unwrap_or_else(|e| e.into_inner());
+        for (c, b) in carry.iter_mut().zip(bitmap) {
+            *c |= *b;
+        }
+    }
+
+    /// Pages dirtied since the VM started (call after `take_epoch`).
+    pub fn since_start(&self) -> Bitmap {
+        self.since_start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Number of set bits.
+pub fn count(bitmap: &[u64]) -> u64 {
+    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16).fold(0u128, |acc, c| {
+        acc | u128::from_ne_bytes(c.try_into().expect("16 bytes"))
+    }) == 0
+}
+
+fn create(path: &Path, size: u64) -> Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| VmmError::Snapshot(format!("creating {}: {e}", path.display())))?;
+    file.set_len(size)
+        .map_err(|e| VmmError::Snapshot(format!("sizing {}: {e}", path.display())))?;
+    Ok(file)
+}
+
+/// Writes every non-zero page among `candidates` at its own offset,
+/// coalescing neighbours into one write. Returns bytes written.
+fn write_pages(ram: &GuestRam, candidates: &[u64], file: &File, path: &Path) -> Result<u64> {
+    let mut written = 0u64;
+    let mut run: Option<(u64, u64)> = None; // (first page, page count)
+    let flush = |run: (u64, u64)| -> Result<u64> {
+        let (first, n) = run;
+        let bytes = ram.host_slice(first * PAGE, (n * PAGE) as usize);
+        file.write_all_at(bytes, first * PAGE)
+            .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", path.display())))?;
+        Ok(n * PAGE)
+    };
+    for (w, &word) in candidates.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            if page * PAGE >= ram.size() {
+                break;
+            }
+            if is_zero(ram.host_slice(page * PAGE, PAGE as usize)) {
+                continue;
+            }
+            run = match run {
+                Some((first, n)) if first + n == page && n < 256 => Some((first, n + 1)),
+                Some(done) => {
+                    written += flush(done)?;
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+    }
+    if let Some(done) = run {
+        written += flush(done)?;
+    }
+    Ok(written)
+}
+
+/// Pages that may hold data: the backing memfd's data ranges, plus (for a
+/// private view of a snapshot) every page the VM wrote since it started.
+fn populated(ram: &GuestRam, since_start: &[u64]) -> Result<Bitmap> {
+    let pages = ram.size() / PAGE;
+    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+    for (start, end) in ram.backing_data_ranges()? {
+        for page in start / PAGE..end.div_ceil(PAGE).min(pages) {
+            set(&mut bitmap, page);
+        }
+    }
+    if ram.is_private() {
+        for (a, b) in bitmap.iter_mut().zip(since_start) {
+            *a |= *b;
+        }
+    }
+    Ok(bitmap)
+}
+
+/// FULL: writes every non-zero page of RAM to `path`. Returns bytes written.
+pub fn write_full(ram: &GuestRam, since_start: &[u64], path: &Path) -> Result<u64> {
+    let file = create(path, ram.size())?;
+    write_pages(ram, &populated(ram, since_start)?, &file, path)
+}
+
+/// DIFF: writes the pages of `dirty` to `memory_path` (zero pages stay
+/// holes) and the page bitmap to `pages_path` (LSB-first bytes). Returns
+/// bytes written.
+pub fn write_diff(
+    ram: &GuestRam,
+    dirty: &[u64],
+    memory_path: &Path,
+    pages_path: &Path,
+) -> Result<u64> {
+    let file = create(memory_path, ram.size())?;
+    let written = write_pages(ram, dirty, &file, memory_path)?;
+    let bytes: Vec<u8> = dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let pages_bytes = (ram.size() / PAGE).div_ceil(8) as usize;
+    std::fs::write(pages_path, &bytes[..pages_bytes.min(bytes.len())])
+        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", pages_path.display())))?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_writes_only_non_zero_pages_sparsely() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.write(0x3000, b"hello").unwrap();
+        ram.write(0x10_0000, &[0u8; 4096]).unwrap(); // populated but zero
+        ram.write(0x20_0000, &[7u8; 8192]).unwrap();
+        let dir = std::env::temp_dir().join(format!("forkd-snap-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory");
+        let _ = std::fs::remove_file(&path);
+        let written = write_full(&ram, &[], &path).unwrap();
+        assert_eq!(written, 3 * PAGE);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, ram.size());
+        assert_eq!(&data[0x3000..0x3005], b"hello");
+        assert!(data[0x20_0000..0x20_2000].iter().all(|b| *b == 7));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn diff_writes_bitmap_with_zero_pages_as_holes() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.write(5 * PAGE, &[1u8; 4096]).unwrap();
+        let mut dirty = vec![0u64; (ram.size() / PAGE / 64) as usize];
+        set(&mut dirty, 5);
+        set(&mut dirty, 9); // dirty but zero now
+        let dir = std::env::temp_dir().join(format!("forkd-diff-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (m, p) = (dir.join("memory"), dir.join("pages"));
+        let _ = std::fs::remove_file(&m);
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(write_diff(&ram, &dirty, &m, &p).unwrap(), PAGE);
+        let bits = std::fs::read(&p).unwrap();
+        assert_eq!(bits.len() as u64, ram.size() / PAGE / 8);
+        assert_eq!(bits[0], 1 << 5);
+        assert_eq!(bits[1], 1 << 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vmm_written_pages_are_always_in_a_diff() {
+        let mut bitmap = vec![0u64; 4096];
+        mark_vmm_written(&mut bitmap);
+        assert_eq!(
+            count(&bitmap),
+            (abi::REQUEST_ADDR + abi::REQUEST_MAX - abi::MAILBOX_ADDR) / PAGE
+        );
+    }
+}
