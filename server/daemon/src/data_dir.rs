@@ -5,7 +5,7 @@
 //! <data-dir>/forkd.lock            flock held while the daemon runs
 //! <data-dir>/sandboxes/<id>/       one per live sandbox
 //! <data-dir>/sandboxes/<id>/vmm.log  the VMM's stdout and stderr
-//! <data-dir>/snapshots/            reserved for the snapshot store
+//! <data-dir>/snapshots/            the snapshot store (see forkd-store)
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -21,7 +21,7 @@ use crate::error::StartupError;
 pub const LOCK_FILE: &str = "forkd.lock";
 /// Subdirectory holding one directory per sandbox.
 pub const SANDBOXES: &str = "sandboxes";
-/// Subdirectory reserved for snapshots.
+/// Subdirectory holding the snapshot store.
 pub const SNAPSHOTS: &str = "snapshots";
 /// A sandbox's VMM log, inside its directory.
 pub const VMM_LOG: &str = "vmm.log";
@@ -92,6 +92,11 @@ impl DataDir {
     /// `<root>/sandboxes`.
     pub fn sandboxes(&self) -> PathBuf {
         self.root.join(SANDBOXES)
+    }
+
+    /// `<root>/snapshots`: the snapshot store.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join(SNAPSHOTS)
     }
 
     /// `<root>/sandboxes/<id>`.

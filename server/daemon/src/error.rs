@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use forkd_store::{ErrorKind, StoreError};
 use tonic::{Code, Status};
 
 /// An error answered to a gRPC caller. Every variant knows its status code
@@ -75,6 +76,32 @@ pub enum ApiError {
         /// What the VMM said.
         message: String,
     },
+    /// The snapshot store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A CreateSnapshot warm-up command exited non-zero.
+    #[error(
+        "warm-up command {argv:?} exited with code {exit_code}{stderr}; the sandbox was deleted \
+         and no snapshot was taken"
+    )]
+    WarmupExit {
+        /// The command.
+        argv: Vec<String>,
+        /// Its exit code.
+        exit_code: i32,
+        /// "; stderr: ..." with the end of its stderr, or empty.
+        stderr: String,
+    },
+    /// A CreateSnapshot warm-up command could not run to its end.
+    #[error("warm-up command {argv:?} failed: {message}; the sandbox was deleted and no snapshot was taken")]
+    WarmupFailed {
+        /// The command.
+        argv: Vec<String>,
+        /// The code of the failure (e.g. DEADLINE_EXCEEDED).
+        code: Code,
+        /// What went wrong.
+        message: String,
+    },
     /// The daemon failed in a way the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
@@ -92,9 +119,23 @@ impl ApiError {
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::ExecTimeout(_) | ApiError::CancelIgnored { .. } => Code::DeadlineExceeded,
             ApiError::SandboxStopped { .. } => Code::Aborted,
-            ApiError::NoneStarted { code, .. } => *code,
+            ApiError::NoneStarted { code, .. } | ApiError::WarmupFailed { code, .. } => *code,
+            ApiError::WarmupExit { .. } => Code::FailedPrecondition,
+            ApiError::Store(e) => store_code(e.kind()),
             ApiError::Vmm { .. } | ApiError::Internal(_) => Code::Internal,
         }
+    }
+}
+
+/// The status code of a class of store errors.
+pub fn store_code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Internal => Code::Internal,
     }
 }
 
@@ -196,6 +237,9 @@ pub enum StartupError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The snapshot store could not be opened or recovered.
+    #[error("{0}")]
+    Store(String),
     /// Another daemon holds the data directory's lock.
     #[error(
         "another forkd daemon is using data directory {0} (it holds the lock on {0}/forkd.lock); \
@@ -276,6 +320,72 @@ mod tests {
             assert_eq!(status.code(), code);
             assert_eq!(status.message(), msg);
         }
+    }
+
+    #[test]
+    fn store_errors_map_to_codes() {
+        use forkd_store::Status as S;
+        let cases: Vec<(StoreError, Code)> = vec![
+            (
+                StoreError::InvalidTag { tag: "-x".into() },
+                Code::InvalidArgument,
+            ),
+            (StoreError::NotFound { tag: "t".into() }, Code::NotFound),
+            (
+                StoreError::AlreadyExists {
+                    tag: "t".into(),
+                    status: S::Ready,
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                StoreError::HasDependents {
+                    tag: "t".into(),
+                    dependents: vec!["d".into()],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                StoreError::NotReady {
+                    tag: "t".into(),
+                    status: S::Failed,
+                    reason: Some("daemon stopped while writing".into()),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                StoreError::DataLoss {
+                    tag: "t".into(),
+                    file: "memory",
+                    detail: "chunk 3 does not match its SHA-256".into(),
+                },
+                Code::DataLoss,
+            ),
+            (
+                StoreError::BadFiles {
+                    tag: "t".into(),
+                    detail: "x".into(),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            let status = Status::from(ApiError::from(err));
+            assert_eq!(status.code(), code, "{text}");
+            assert_eq!(status.message(), text);
+        }
+        let s = Status::from(ApiError::WarmupExit {
+            argv: vec!["exit".into(), "3".into()],
+            exit_code: 3,
+            stderr: "; stderr: boom".into(),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(
+            s.message(),
+            "warm-up command [\"exit\", \"3\"] exited with code 3; stderr: boom; the sandbox was \
+             deleted and no snapshot was taken"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Starting and stopping sandboxes: cold boots (bounded in parallel),
-//! deletion, and stopping everything at daemon shutdown.
+//! Starting and stopping sandboxes: cold boots and forks from a snapshot
+//! (bounded in parallel), deletion, and stopping everything at daemon
+//! shutdown.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use crate::data_dir::{DataDir, VMM_LOG};
 use crate::error::{ApiError, BootError};
 use crate::ids::new_sandbox_id;
 use crate::registry::{Registry, Reservation, Sandbox, SandboxSpec};
-use crate::vmm_process::{RequestError, Vmm, VmmSpec};
+use crate::vmm_process::{RequestError, RestoreSpec, Vmm, VmmSpec};
 
 /// Most VMMs booting at the same time, across all calls.
 pub const BOOT_PARALLELISM: usize = 16;
@@ -24,7 +25,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Most bytes of a VMM's log quoted in a boot failure.
 const LOG_TAIL_BYTES: usize = 600;
 
-/// A validated cold-boot request.
+/// A validated spawn request: cold boots, or forks of a snapshot.
 #[derive(Debug, Clone)]
 pub struct BootPlan {
     /// How many sandboxes.
@@ -37,6 +38,19 @@ pub struct BootPlan {
     pub labels: HashMap<String, String>,
     /// Recorded as `live_fork`.
     pub live_fork: bool,
+    /// Fork from this snapshot instead of booting.
+    pub restore: Option<Restore>,
+}
+
+/// The snapshot children are forked from.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// Its tag (recorded on each child, and its base snapshot).
+    pub tag: String,
+    /// Its directory in the store.
+    pub dir: PathBuf,
+    /// Its sealed memory, shared by every child.
+    pub memory: Arc<forkd_store::SealedMemory>,
 }
 
 /// What a spawn call produced.
@@ -75,11 +89,15 @@ impl Manager {
         &self.registry
     }
 
-    /// Cold-boots `plan.n` sandboxes concurrently. Fails only before any
-    /// boot starts (over the cap, shutting down); per-sandbox failures are
-    /// in the outcome.
-    pub async fn spawn(self: &Arc<Self>, plan: BootPlan) -> Result<SpawnOutcome, ApiError> {
-        let start = Instant::now();
+    /// Starts `plan.n` sandboxes concurrently (cold boots or forks). Fails
+    /// only before any boot starts (over the cap, shutting down);
+    /// per-sandbox failures are in the outcome. `start` is when the call
+    /// arrived: `elapsed` and each `boot_ms` count from it.
+    pub async fn spawn(
+        self: &Arc<Self>,
+        plan: BootPlan,
+        start: Instant,
+    ) -> Result<SpawnOutcome, ApiError> {
         let create_time = SystemTime::now();
         let reservation = Arc::new(Mutex::new(self.registry.reserve(plan.n)?));
         let mut tasks = JoinSet::new();
@@ -143,6 +161,10 @@ impl Manager {
             memory_mib: plan.memory_mib,
             vcpus: plan.vcpus,
             dir: &dir,
+            restore: plan.restore.as_ref().map(|r| RestoreSpec {
+                dir: &r.dir,
+                memory: &r.memory.file,
+            }),
         };
         let vmm = match Vmm::spawn(&spec) {
             Ok(vmm) => vmm,
@@ -160,6 +182,7 @@ impl Manager {
             labels: plan.labels.clone(),
             create_time,
             live_fork: plan.live_fork,
+            snapshot_tag: plan.restore.as_ref().map(|r| r.tag.clone()),
         };
         let inserted = reserve().insert(index, spec, vmm.clone());
         let sandbox = match inserted {

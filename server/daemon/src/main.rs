@@ -2,12 +2,15 @@
 //! See DESIGN.md next to Cargo.toml for the module map.
 
 mod auth;
+mod branch;
 mod cli;
 mod config;
+mod create_snapshot;
 mod data_dir;
 mod drain;
 mod error;
 mod exec;
+mod fork;
 mod ids;
 mod lifecycle;
 mod logging;
@@ -16,6 +19,9 @@ mod rlimit;
 mod sandbox_service;
 mod server;
 mod snapshot_service;
+mod snapshot_view;
+mod snapshots;
+mod sync;
 mod validate;
 mod vmm_process;
 

@@ -2,13 +2,16 @@
 //! its VMM is started until it is deleted.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use forkd_api::v1 as pb;
+use forkd_store::RunningChild;
 use pb::SandboxState;
 
 use crate::error::ApiError;
+use crate::sync::lock;
 use crate::validate::labels_match;
 use crate::vmm_process::{Lifecycle, Vmm};
 
@@ -27,6 +30,8 @@ pub struct SandboxSpec {
     pub create_time: SystemTime,
     /// Whether the caller asked for a live-forkable sandbox.
     pub live_fork: bool,
+    /// The snapshot it was forked from; `None` for a cold boot.
+    pub snapshot_tag: Option<String>,
 }
 
 /// One sandbox.
@@ -43,6 +48,13 @@ pub struct Sandbox {
     /// Serializes Execs: the guest runs one command at a time, and tokio's
     /// mutex hands turns out in arrival order.
     pub exec_turn: tokio::sync::Mutex<()>,
+    /// Serializes branches of this sandbox.
+    pub branch_turn: tokio::sync::Mutex<()>,
+    /// The snapshot a DIFF branch is taken against: the one it was forked
+    /// from, then the latest snapshot taken of it.
+    base: Mutex<Option<String>>,
+    /// True while the VMM is writing a snapshot (the vCPUs are stopped).
+    snapshotting: AtomicBool,
 }
 
 impl Sandbox {
@@ -57,14 +69,35 @@ impl Sandbox {
         let _ = self.boot_ms.set(boot_ms);
     }
 
+    /// The base snapshot for DIFF branches, if any.
+    pub fn base(&self) -> Option<String> {
+        lock(&self.base).clone()
+    }
+
+    /// Sets (or clears) the base snapshot.
+    pub fn set_base(&self, tag: Option<String>) {
+        *lock(&self.base) = tag;
+    }
+
+    /// Marks the VMM as writing a snapshot (state PAUSED) or done.
+    pub fn set_snapshotting(&self, on: bool) {
+        self.snapshotting.store(on, Ordering::SeqCst);
+    }
+
     /// The current state.
     pub fn state(&self) -> SandboxState {
         match self.vmm.lifecycle() {
             Lifecycle::Stopped(stop) if stop.failed => SandboxState::Failed,
             Lifecycle::Stopped(_) => SandboxState::Exited,
-            _ if self.boot_ms.get().is_some() => SandboxState::Running,
-            _ => SandboxState::Starting,
+            _ if self.boot_ms.get().is_none() => SandboxState::Starting,
+            _ if self.snapshotting.load(Ordering::SeqCst) => SandboxState::Paused,
+            _ => SandboxState::Running,
         }
+    }
+
+    /// Whether the VMM is starting or running (not stopped).
+    pub fn is_alive(&self) -> bool {
+        !matches!(self.vmm.lifecycle(), Lifecycle::Stopped(_))
     }
 
     /// Whether an Exec may run now; otherwise FAILED_PRECONDITION saying
@@ -72,7 +105,8 @@ impl Sandbox {
     pub fn check_exec(&self) -> Result<(), ApiError> {
         let id = self.id();
         match (self.state(), self.vmm.stop()) {
-            (SandboxState::Running, _) => Ok(()),
+            // Paused by a branch: the command waits for its turn.
+            (SandboxState::Running | SandboxState::Paused, _) => Ok(()),
             (SandboxState::Starting, _) => Err(ApiError::FailedPrecondition(format!(
                 "sandbox {id} is still starting; retry once it is RUNNING"
             ))),
@@ -89,7 +123,7 @@ impl Sandbox {
         pb::Sandbox {
             id: self.spec.id.clone(),
             state: self.state() as i32,
-            snapshot_tag: String::new(),
+            snapshot_tag: self.spec.snapshot_tag.clone().unwrap_or_default(),
             memory_mib: self.spec.memory_mib,
             vcpus: self.spec.vcpus,
             labels: self.spec.labels.clone(),
@@ -127,8 +161,7 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // Plain map updates keep the data consistent across a panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Reserves room for `n` sandboxes (RESOURCE_EXHAUSTED if that would
@@ -180,6 +213,25 @@ impl Registry {
             .cloned()
             .collect();
         out.sort_by_key(|s| s.seq);
+        out
+    }
+
+    /// Sandboxes forked from a snapshot that are starting or running, with
+    /// their snapshot, sorted by id.
+    pub fn snapshot_children(&self) -> Vec<RunningChild> {
+        let mut out: Vec<RunningChild> = self
+            .lock()
+            .map
+            .values()
+            .filter(|s| s.is_alive())
+            .filter_map(|s| {
+                Some(RunningChild {
+                    sandbox_id: s.spec.id.clone(),
+                    tag: s.spec.snapshot_tag.clone()?,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
         out
     }
 
@@ -258,12 +310,16 @@ impl Reservation {
                 spec.id
             )));
         }
+        let base = spec.snapshot_tag.clone();
         let sandbox = Arc::new(Sandbox {
             spec,
             seq: (self.call, index),
             vmm,
             boot_ms: OnceLock::new(),
             exec_turn: tokio::sync::Mutex::new(()),
+            branch_turn: tokio::sync::Mutex::new(()),
+            base: Mutex::new(base),
+            snapshotting: AtomicBool::new(false),
         });
         inner.map.insert(sandbox.id().to_string(), sandbox.clone());
         Ok(sandbox)

@@ -8,44 +8,70 @@ use pb::sandbox_service_server::SandboxService;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
+use crate::branch::{self, resolve_mode, BranchPlan};
 use crate::error::{code_name, ApiError};
 use crate::exec::{self, ExecStream};
+use crate::fork;
 use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
+use crate::snapshot_view::describe;
+use crate::snapshots::Snapshots;
 use crate::validate;
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
     manager: Arc<Manager>,
+    snapshots: Arc<Snapshots>,
 }
 
 impl Sandboxes {
-    /// A service over `manager`.
-    pub fn new(manager: Arc<Manager>) -> Sandboxes {
-        Sandboxes { manager }
+    /// A service over `manager` and the snapshot store.
+    pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> Sandboxes {
+        Sandboxes { manager, snapshots }
+    }
+
+    /// Validates a SpawnSandboxes request into a plan; a fork also resolves
+    /// (and on first use loads) its snapshot.
+    async fn plan(&self, req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
+        let mut plan = boot_plan(req)?;
+        if !req.snapshot_tag.is_empty() {
+            let source = fork::prepare(
+                &self.snapshots,
+                &req.snapshot_tag,
+                req.memory_mib,
+                req.vcpus,
+            )
+            .await?;
+            plan.memory_mib = source.memory_mib;
+            plan.vcpus = source.vcpus;
+            plan.restore = Some(source.restore);
+        }
+        Ok(plan)
     }
 }
 
-/// Validates a SpawnSandboxes request into a cold-boot plan.
+/// Validates the store-independent part of a SpawnSandboxes request. For
+/// a cold boot this is the whole plan; for a fork, `memory_mib` and `vcpus`
+/// are checked against the snapshot later.
 pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
     let n = validate::spawn_count(req.n)?;
-    let memory_mib = validate::memory_mib(req.memory_mib)?;
-    let vcpus = validate::vcpus(req.vcpus)?;
     validate::labels(&req.labels)?;
-    if !req.snapshot_tag.is_empty() {
+    let (memory_mib, vcpus) = if req.snapshot_tag.is_empty() {
+        (
+            validate::memory_mib(req.memory_mib)?,
+            validate::vcpus(req.vcpus)?,
+        )
+    } else {
         validate::snapshot_tag(&req.snapshot_tag)?;
-        return Err(ApiError::Unimplemented(
-            "spawning from snapshots is not implemented yet; leave snapshot_tag empty for a \
-             cold boot"
-                .into(),
-        ));
-    }
+        (req.memory_mib, req.vcpus)
+    };
     Ok(BootPlan {
         n,
         memory_mib,
         vcpus,
         labels: req.labels.clone(),
         live_fork: req.live_fork == Some(true),
+        restore: None,
     })
 }
 
@@ -77,11 +103,13 @@ impl SandboxService for Sandboxes {
         &self,
         request: Request<pb::SpawnSandboxesRequest>,
     ) -> Result<Response<pb::SpawnSandboxesResponse>, Status> {
-        let plan = boot_plan(request.get_ref())?;
+        let requested = std::time::Instant::now();
+        let plan = self.plan(request.get_ref()).await?;
         tracing::info!(
             n = plan.n,
             memory_mib = plan.memory_mib,
             vcpus = plan.vcpus,
+            snapshot = plan.restore.as_ref().map(|r| r.tag.as_str()),
             "spawning sandboxes"
         );
         // The boots run in their own task: if the caller goes away, the
@@ -89,7 +117,7 @@ impl SandboxService for Sandboxes {
         let (tx, rx) = oneshot::channel();
         let manager = self.manager.clone();
         tokio::spawn(async move {
-            let outcome = manager.spawn(plan).await;
+            let outcome = manager.spawn(plan, requested).await;
             if let Err(Ok(abandoned)) = tx.send(outcome) {
                 for sandbox in &abandoned.started {
                     tracing::info!(sandbox = %sandbox.id(), "caller went away; deleting");
@@ -166,12 +194,36 @@ impl SandboxService for Sandboxes {
         &self,
         request: Request<pb::BranchSandboxRequest>,
     ) -> Result<Response<pb::BranchSandboxResponse>, Status> {
-        let id = validate::sandbox_id("sandbox_id", &request.get_ref().sandbox_id)?;
-        self.manager.registry().get(id)?;
-        Err(ApiError::Unimplemented(
-            "BranchSandbox is not implemented yet: snapshots come in a later release".into(),
-        )
-        .into())
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let mode = resolve_mode(req.mode, req.diff, req.wait)?;
+        let tag = (!req.tag.is_empty()).then_some(req.tag);
+        if let Some(tag) = &tag {
+            validate::snapshot_tag(tag)?;
+        }
+        let sandbox = self.manager.registry().get(id)?;
+        let plan = BranchPlan {
+            tag,
+            mode,
+            measure_diff: req.measure_diff,
+        };
+        // Its own task: the snapshot always ends READY or FAILED, even if
+        // the caller goes away.
+        let snapshots = self.snapshots.clone();
+        let outcome = tokio::spawn(async move { branch::branch(&snapshots, &sandbox, plan).await })
+            .await
+            .map_err(|e| ApiError::Internal(format!("branch task failed: {e}")))??;
+        let snapshot = describe(
+            self.snapshots.store(),
+            &outcome.manifest,
+            &self.manager.registry().snapshot_children(),
+        );
+        Ok(Response::new(pb::BranchSandboxResponse {
+            snapshot: Some(snapshot),
+            pause_ms: outcome.pause_us as f64 / 1000.0,
+            bytes_written: outcome.bytes_written,
+            dirty_pages: outcome.dirty_pages,
+        }))
     }
 }
 
@@ -215,12 +267,14 @@ mod tests {
             Code::InvalidArgument
         );
 
-        let tag = pb::SpawnSandboxesRequest {
+        // A fork's shape is checked against the snapshot, not here.
+        let fork = boot_plan(&pb::SpawnSandboxesRequest {
             snapshot_tag: "base".into(),
+            memory_mib: 1,
+            vcpus: 99,
             ..req(1)
-        };
-        let err = boot_plan(&tag).unwrap_err();
-        assert_eq!(err.code(), Code::Unimplemented);
-        assert!(err.to_string().contains("leave snapshot_tag empty"));
+        })
+        .unwrap();
+        assert_eq!((fork.memory_mib, fork.vcpus), (1, 99));
     }
 }

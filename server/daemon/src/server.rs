@@ -21,7 +21,8 @@ use crate::error::StartupError;
 use crate::lifecycle::Manager;
 use crate::registry::Registry;
 use crate::sandbox_service::Sandboxes;
-use crate::snapshot_service::Snapshots;
+use crate::snapshot_service::SnapshotApi;
+use crate::snapshots::Snapshots;
 
 /// SIGTERM and SIGINT.
 struct Signals {
@@ -50,6 +51,8 @@ impl Signals {
 /// shutdown.
 pub async fn run(config: Config) -> Result<(), StartupError> {
     let data_dir = Arc::new(DataDir::open(&config.data_dir)?);
+    let (snapshots, report) = Snapshots::open(&data_dir.snapshots())?;
+    log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes);
     let manager = Manager::new(registry, data_dir.clone(), config.vmm_path.clone());
     let mut signals = Signals::install()?;
@@ -81,8 +84,14 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SandboxServiceServer::new(Sandboxes::new(manager.clone())))
-        .add_service(SnapshotServiceServer::new(Snapshots));
+        .add_service(SandboxServiceServer::new(Sandboxes::new(
+            manager.clone(),
+            snapshots.clone(),
+        )))
+        .add_service(SnapshotServiceServer::new(SnapshotApi::new(
+            manager.clone(),
+            snapshots,
+        )));
 
     let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();
 
@@ -181,6 +190,24 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     match failure {
         Some(ServerEnd::Failed(e)) => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Logs what opening the snapshot store found.
+fn log_recovery(report: &forkd_store::RecoveryReport) {
+    tracing::info!(
+        ready = report.ready.len(),
+        failed = report.failed.len(),
+        "snapshot store opened"
+    );
+    for (tag, reason) in &report.marked_failed {
+        tracing::warn!(%tag, %reason, "snapshot marked FAILED at recovery");
+    }
+    for name in &report.removed {
+        tracing::info!(%name, "removed a leftover from an interrupted snapshot operation");
+    }
+    for name in &report.ignored {
+        tracing::warn!(%name, "not a snapshot of this format; left alone");
     }
 }
 

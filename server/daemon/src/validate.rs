@@ -110,23 +110,35 @@ pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String,
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Checks a snapshot tag.
+/// Checks a snapshot tag (the store's rule: a tag is also a directory
+/// name).
 pub fn snapshot_tag(tag: &str) -> Result<(), ApiError> {
-    let bytes = tag.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 64
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes[1..]
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "snapshot tag {tag:?} is invalid: tags are 1-64 characters of letters, digits, \
-             '.', '_' or '-', starting with a letter or digit"
-        )))
+    forkd_store::validate_tag(tag).map_err(ApiError::from)
+}
+
+/// The guest shape of children forked from `m`: `memory_mib` and `vcpus`
+/// must be 0 or the snapshot's own.
+pub fn fork_shape(
+    m: &forkd_store::Manifest,
+    memory_mib: u32,
+    vcpus: u32,
+) -> Result<(u32, u32), ApiError> {
+    let tag = &m.tag;
+    let g = m.guest;
+    if memory_mib != 0 && memory_mib != g.memory_mib {
+        return Err(invalid(format!(
+            "memory_mib must be 0 or {} (the guest RAM of snapshot {tag}) when forking, got \
+             {memory_mib}",
+            g.memory_mib
+        )));
     }
+    if vcpus != 0 && vcpus != g.vcpus {
+        return Err(invalid(format!(
+            "vcpus must be 0 or {} (the vCPUs of snapshot {tag}) when forking, got {vcpus}",
+            g.vcpus
+        )));
+    }
+    Ok((g.memory_mib, g.vcpus))
 }
 
 /// Checks a sandbox id field (`field` names it in the message).
@@ -240,6 +252,24 @@ mod tests {
         for bad in ["", "-x", ".x", "a b", &"a".repeat(65)] {
             assert!(snapshot_tag(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fork_shape_must_match_the_snapshot() {
+        let mut m: forkd_store::Manifest = serde_json::from_str(
+            r#"{"format_version":1,"tag":"base","mode":"full","status":"ready",
+                "memory_bytes":536870912,"disk_bytes":0,"data_bytes":0,"dirty_pages":0,
+                "chunk_size":4194304,"created_at":"2025-01-01T00:00:00.000000Z",
+                "source_sandbox":"sb-1","guest":{"memory_mib":512,"vcpus":2},"pause_us":0}"#,
+        )
+        .unwrap();
+        assert_eq!(fork_shape(&m, 0, 0).unwrap(), (512, 2));
+        assert_eq!(fork_shape(&m, 512, 2).unwrap(), (512, 2));
+        assert!(msg(fork_shape(&m, 256, 0).unwrap_err())
+            .contains("memory_mib must be 0 or 512 (the guest RAM of snapshot base)"));
+        assert!(msg(fork_shape(&m, 0, 1).unwrap_err()).contains("vcpus must be 0 or 2"));
+        m.guest.vcpus = 1;
+        assert_eq!(fork_shape(&m, 0, 1).unwrap(), (512, 1));
     }
 
     #[test]

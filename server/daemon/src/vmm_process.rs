@@ -2,7 +2,10 @@
 //!
 //! [`Vmm::spawn`] creates a socket pair, starts the child with one end as
 //! fd 3 (`--control-fd 3`) and its output in the sandbox's `vmm.log`, and
-//! starts three tasks:
+//! starts three tasks. A child restored from a snapshot also gets the
+//! snapshot's sealed memfd as fd 4 (`--memory-fd 4`) and the snapshot's
+//! directory (`--restore-dir`).
+//!
 //!
 //! - the *writer* sends encoded request frames in order;
 //! - the *reader* decodes the VMM's frames and routes them: events to the
@@ -13,7 +16,8 @@
 //!   so no zombie remains, and sets the pid to 0.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -21,7 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use forkd_control::{
-    decode_from_vmm, encode_json, parse_header, Event, ExitReason, FromVmm, Request, HEADER_LEN,
+    decode_from_vmm, encode_json, parse_header, Event, ExitReason, FromVmm, Request, SnapshotMode,
+    HEADER_LEN,
 };
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -30,9 +35,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::data_dir::VMM_LOG;
 use crate::error::BootError;
+use crate::sync::lock;
 
 /// The fd number the VMM finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
+/// The fd number a restored VMM finds the snapshot's memory on.
+pub const MEMORY_FD: i32 = 4;
 /// How long a VMM gets to exit by itself after its last frame or EOF
 /// before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
@@ -54,6 +62,30 @@ pub struct VmmSpec<'a> {
     pub vcpus: u32,
     /// The sandbox directory (already created); `vmm.log` goes there.
     pub dir: &'a Path,
+    /// Restore from a snapshot instead of booting.
+    pub restore: Option<RestoreSpec<'a>>,
+}
+
+/// The snapshot a VMM restores.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreSpec<'a> {
+    /// The snapshot's directory (the VMM reads `vmstate` there).
+    pub dir: &'a Path,
+    /// The snapshot's sealed memory; the child gets it as [`MEMORY_FD`].
+    pub memory: &'a File,
+}
+
+/// What the VMM reported for a snapshot it wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshotted {
+    /// How long the vCPUs were stopped.
+    pub pause_us: u64,
+    /// Bytes of memory data written.
+    pub bytes_written: u64,
+    /// Pages in the diff, or dirtied in the epoch.
+    pub dirty_pages: u64,
+    /// Bytes of guest RAM.
+    pub memory_bytes: u64,
 }
 
 /// Why a VMM stopped, as the sandbox reports it.
@@ -160,12 +192,6 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data
-    // (plain map updates), so poisoning is ignored.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Vmm {
     /// Starts the VMM process and its connection tasks. Must run inside
     /// the tokio runtime.
@@ -182,7 +208,7 @@ impl Vmm {
         let log_err = log.try_clone().map_err(launch_err)?;
         // Both ends are close-on-exec; only the child's copy of `theirs`
         // is made inheritable, after the fork.
-        let (ours, theirs) = socketpair(
+        let (ours, their_end) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
             None,
@@ -191,13 +217,22 @@ impl Vmm {
         .map_err(|e| launch_err(e.into()))?;
 
         let mut cmd = tokio::process::Command::new(spec.vmm_path);
-        cmd.arg("--control-fd")
-            .arg(CONTROL_FD.to_string())
-            .arg("--memory-mib")
-            .arg(spec.memory_mib.to_string())
-            .arg("--vcpus")
-            .arg(spec.vcpus.to_string())
-            .arg("--id")
+        cmd.arg("--control-fd").arg(CONTROL_FD.to_string());
+        match &spec.restore {
+            None => {
+                cmd.arg("--memory-mib")
+                    .arg(spec.memory_mib.to_string())
+                    .arg("--vcpus")
+                    .arg(spec.vcpus.to_string());
+            }
+            Some(restore) => {
+                cmd.arg("--restore-dir")
+                    .arg(restore.dir)
+                    .arg("--memory-fd")
+                    .arg(MEMORY_FD.to_string());
+            }
+        }
+        cmd.arg("--id")
             .arg(spec.id)
             .stdin(Stdio::null())
             .stdout(log)
@@ -207,17 +242,33 @@ impl Vmm {
             .process_group(0)
             // Backstop: a VMM whose handle is lost with the runtime dies.
             .kill_on_drop(true);
-        let theirs = above_stdio(theirs).map_err(launch_err)?;
+        let theirs = above_inherited(their_end.as_fd()).map_err(launch_err)?;
+        drop(their_end);
+        let memory = spec
+            .restore
+            .map(|r| above_inherited(r.memory.as_fd()))
+            .transpose()
+            .map_err(launch_err)?;
         let child_fd = theirs.as_raw_fd();
+        let memory_fd = memory.as_ref().map(|m| m.as_raw_fd());
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls async-signal-safe functions (dup2, fcntl) on an fd that is
-        // open in the child (it was inherited from the parent, where
-        // `theirs` stays open until after `spawn` returns).
+        // calls async-signal-safe functions (dup2, fcntl) on fds that are
+        // open in the child (inherited from the parent, where `theirs` and
+        // `memory` stay open until after `spawn` returns). Both are above
+        // fd 4, so neither dup2 overwrites the other's source.
         unsafe {
-            cmd.pre_exec(move || inherit_as_control_fd(child_fd));
+            cmd.pre_exec(move || {
+                inherit_as(child_fd, CONTROL_FD)?;
+                if let Some(fd) = memory_fd {
+                    inherit_as(fd, MEMORY_FD)?;
+                }
+                Ok(())
+            });
         }
-        let mut child = cmd.spawn().map_err(launch_err)?;
+        let spawned = cmd.spawn();
         drop(theirs);
+        drop(memory);
+        let mut child = spawned.map_err(launch_err)?;
         let pid = child.id().unwrap_or(0);
 
         let stream = std_to_tokio(ours).map_err(launch_err)?;
@@ -333,6 +384,41 @@ impl Vmm {
             Event::Pong { .. } => Ok(()),
             other => Err(RequestError::Refused(format!(
                 "unexpected answer to ping: {other:?}"
+            ))),
+        }
+    }
+
+    /// Asks the VMM to write a snapshot into `dir` and waits until it has.
+    pub async fn snapshot(
+        &self,
+        mode: SnapshotMode,
+        dir: &Path,
+        measure_diff: bool,
+    ) -> Result<Snapshotted, RequestError> {
+        let dir = dir.to_string_lossy().into_owned();
+        let event = self
+            .call(|id| Request::Snapshot {
+                id,
+                mode,
+                dir,
+                measure_diff,
+            })
+            .await?;
+        match event {
+            Event::Snapshotted {
+                pause_us,
+                bytes_written,
+                dirty_pages,
+                memory_bytes,
+                ..
+            } => Ok(Snapshotted {
+                pause_us,
+                bytes_written,
+                dirty_pages,
+                memory_bytes,
+            }),
+            other => Err(RequestError::Refused(format!(
+                "unexpected answer to snapshot: {other:?}"
             ))),
         }
     }
@@ -520,37 +606,31 @@ fn event_id(event: &Event) -> Option<u64> {
         | Event::Resumed { id, .. }
         | Event::Stats { id, .. }
         | Event::Error { id, .. }
-        | Event::ExecDone { id, .. } => Some(*id),
+        | Event::ExecDone { id, .. }
+        | Event::Snapshotted { id, .. } => Some(*id),
         Event::Ready { .. } | Event::Exited { .. } => None,
     }
 }
 
-/// Makes `fd` the child's fd [`CONTROL_FD`], inheritable across exec.
-/// Runs between fork and exec.
-fn inherit_as_control_fd(fd: i32) -> std::io::Result<()> {
-    if fd == CONTROL_FD {
-        // SAFETY: fcntl on an fd we own in this process; clears FD_CLOEXEC.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    } else {
-        // SAFETY: dup2 onto fd 3 in the child; the duplicate does not carry
-        // FD_CLOEXEC, and stdio (0-2) is already set up at this point.
-        if unsafe { libc::dup2(fd, CONTROL_FD) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+/// Makes `fd` the child's fd `target`, inheritable across exec. Runs
+/// between fork and exec.
+fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 in the child onto a descriptor number it does not use
+    // otherwise; the duplicate does not carry FD_CLOEXEC, and stdio (0-2)
+    // is already set up at this point. `fd` is never equal to `target`
+    // (see `above_inherited`).
+    if unsafe { libc::dup2(fd, target) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// Moves `fd` above 0-2 if it landed there (possible when the daemon was
-/// started with a standard stream closed): the child's stdio setup would
-/// overwrite it before `pre_exec` runs.
-fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
-    if fd.as_raw_fd() > 2 {
-        return Ok(fd);
-    }
-    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(CONTROL_FD))?;
+/// A close-on-exec duplicate of `fd` numbered above [`MEMORY_FD`]: the
+/// child's stdio setup and its `dup2`s onto 3 and 4 then cannot overwrite
+/// it before it is used (possible when the daemon was started with a
+/// standard stream closed, or when the fd happens to be 3 or 4).
+fn above_inherited(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(MEMORY_FD + 1))?;
     // SAFETY: `raw` is a new descriptor returned by F_DUPFD_CLOEXEC and is
     // owned by nothing else.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })

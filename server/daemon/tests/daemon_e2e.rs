@@ -8,11 +8,19 @@
 //!
 //! The fake's behaviour comes from `FORKD_FAKE_VMM` in its environment
 //! (inherited from the daemon): empty for a healthy guest, `boot_fail` for
-//! a VMM that fails before Ready.
+//! a VMM that fails before Ready, `slow_snapshot` for one that takes 3 s to
+//! write a snapshot, `snapshot_error` for one that refuses to.
+//!
+//! The fake guest's memory is a map of 4 KiB pages, each filled with one
+//! byte (`poke PAGE BYTE`, `peek PAGE`). Snapshots are written in the
+//! store's real format (sparse `memory`, `pages` bitmap for diffs), and a
+//! restored fake reads its memory from the sealed memfd on fd 4, so the
+//! tests see what the daemon's chain assembly produced.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -21,16 +29,97 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_api::v1 as pb;
-use forkd_control::{encode_json, encode_output, read_request, Event, ExitReason, Request};
+use forkd_control::{
+    encode_json, encode_output, read_request, Event, ExitReason, Request, SnapshotMode,
+};
 use pb::exec_response::Event as Ev;
 use pb::sandbox_service_client::SandboxServiceClient;
 use pb::snapshot_service_client::SnapshotServiceClient;
+use pb::{BranchMode, SnapshotStatus};
 use tonic::transport::Channel;
 use tonic::Code;
 
 // ---------------------------------------------------------------- fake VMM
 
 type Out = Arc<Mutex<UnixStream>>;
+const PAGE: u64 = 4096;
+
+/// The fake guest's RAM: page -> fill byte (absent = zero), and the pages
+/// written since the last snapshot (or boot/restore).
+#[derive(Default)]
+struct FakeMem {
+    size: u64,
+    pages: BTreeMap<u64, u8>,
+    dirty: BTreeSet<u64>,
+}
+type Mem = Arc<Mutex<FakeMem>>;
+
+/// Restores the fake's memory from the snapshot's sealed memfd on fd 4,
+/// checking it is sealed and matches `dir/vmstate`.
+fn restore_mem(dir: &str, fd: i32) -> FakeMem {
+    let state = std::fs::read_to_string(format!("{dir}/vmstate")).expect("vmstate");
+    let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let size = v["memory_bytes"].as_u64().unwrap();
+    // SAFETY: fd 4 is the memfd the daemon handed us.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // SAFETY: F_GET_SEALS on an fd we own.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    let want = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    assert_eq!(seals & want, want, "memory fd is not sealed");
+    assert_eq!(file.metadata().unwrap().len(), size);
+    let mut mem = FakeMem {
+        size,
+        ..Default::default()
+    };
+    let mut pos = 0i64;
+    loop {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let mut page = data as u64 / PAGE;
+        while page * PAGE < hole as u64 {
+            let mut b = [0u8];
+            file.read_exact_at(&mut b, page * PAGE).unwrap();
+            if b[0] != 0 {
+                mem.pages.insert(page, b[0]);
+            }
+            page += 1;
+        }
+        pos = hole;
+    }
+    mem
+}
+
+/// Writes a snapshot of the fake's memory into `dir` as the real VMM does.
+fn write_snapshot(mem: &mut FakeMem, mode: SnapshotMode, dir: &str) -> (u64, u64) {
+    let selected: Vec<u64> = match mode {
+        SnapshotMode::Full => mem.pages.keys().copied().collect(),
+        SnapshotMode::Diff => mem.dirty.iter().copied().collect(),
+    };
+    let file = std::fs::File::create(format!("{dir}/memory")).unwrap();
+    file.set_len(mem.size).unwrap();
+    let mut bitmap = vec![0u8; (mem.size / PAGE).div_ceil(8) as usize];
+    let mut written = 0;
+    for page in &selected {
+        if let Some(&b) = mem.pages.get(page) {
+            file.write_all_at(&[b; PAGE as usize], page * PAGE).unwrap();
+            written += PAGE;
+        }
+        bitmap[(page / 8) as usize] |= 1 << (page % 8);
+    }
+    if mode == SnapshotMode::Diff {
+        std::fs::write(format!("{dir}/pages"), &bitmap).unwrap();
+    }
+    let state = format!("{{\"fake\": true, \"memory_bytes\": {}}}", mem.size);
+    std::fs::write(format!("{dir}/vmstate"), state).unwrap();
+    let dirty = mem.dirty.len() as u64;
+    mem.dirty.clear();
+    (written, dirty)
+}
 /// The running exec's id and cancel flag.
 type Running = Arc<Mutex<Option<(u64, Arc<AtomicBool>)>>>;
 
@@ -45,9 +134,23 @@ fn fake_vmm(args: &[String]) -> ! {
     };
     let fd: i32 = arg("--control-fd").parse().unwrap();
     assert_eq!(fd, 3, "the daemon passes fd 3");
-    let _: u32 = arg("--memory-mib").parse().unwrap();
-    let _: u32 = arg("--vcpus").parse().unwrap();
     let id = arg("--id");
+    let mem: Mem = if args.iter().any(|a| a == "--restore-dir") {
+        assert_eq!(
+            arg("--memory-fd"),
+            "4",
+            "the daemon passes the memory as fd 4"
+        );
+        assert!(!args.iter().any(|a| a == "--memory-mib"));
+        Arc::new(Mutex::new(restore_mem(&arg("--restore-dir"), 4)))
+    } else {
+        let mib: u64 = arg("--memory-mib").parse().unwrap();
+        let _: u32 = arg("--vcpus").parse().unwrap();
+        Arc::new(Mutex::new(FakeMem {
+            size: mib << 20,
+            ..Default::default()
+        }))
+    };
     // SAFETY: fd 3 is the control socket the daemon handed us.
     let sock = unsafe { UnixStream::from_raw_fd(fd) };
     let out: Out = Arc::new(Mutex::new(sock.try_clone().unwrap()));
@@ -67,6 +170,7 @@ fn fake_vmm(args: &[String]) -> ! {
     }
     send(&out, &encode_json(&Event::Ready { boot_us: 1234 }));
     let running: Running = Arc::default();
+    let behaviour = std::env::var("FORKD_FAKE_VMM").unwrap_or_default();
     loop {
         let req = match read_request(&mut input) {
             Ok(r) => r,
@@ -78,7 +182,40 @@ fn fake_vmm(args: &[String]) -> ! {
                 let cancel = Arc::new(AtomicBool::new(false));
                 *running.lock().unwrap() = Some((id, cancel.clone()));
                 let out = out.clone();
-                std::thread::spawn(move || run_builtin(&out, id, &argv, &cancel));
+                let mem = mem.clone();
+                std::thread::spawn(move || run_builtin(&out, id, &argv, &cancel, &mem));
+            }
+            Request::Snapshot {
+                id,
+                mode,
+                dir,
+                measure_diff: _,
+            } => {
+                if behaviour == "snapshot_error" {
+                    send(
+                        &out,
+                        &encode_json(&Event::Error {
+                            id,
+                            message: "cannot write snapshot: disk full".into(),
+                        }),
+                    );
+                    continue;
+                }
+                if behaviour == "slow_snapshot" {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                let mut m = mem.lock().unwrap();
+                let (bytes_written, dirty_pages) = write_snapshot(&mut m, mode, &dir);
+                send(
+                    &out,
+                    &encode_json(&Event::Snapshotted {
+                        id,
+                        pause_us: 250,
+                        bytes_written,
+                        dirty_pages,
+                        memory_bytes: m.size,
+                    }),
+                );
             }
             Request::Cancel { id } => {
                 if let Some((rid, flag)) = &*running.lock().unwrap() {
@@ -107,10 +244,32 @@ fn fake_vmm(args: &[String]) -> ! {
     }
 }
 
-fn run_builtin(out: &Out, id: u64, argv: &[String], cancel: &AtomicBool) {
+fn run_builtin(out: &Out, id: u64, argv: &[String], cancel: &AtomicBool, mem: &Mem) {
     let start = Instant::now();
     let mut cancelled = false;
     let exit_code = match argv[0].as_str() {
+        "poke" => {
+            let page: u64 = argv[1].parse().unwrap();
+            let byte: u8 = argv[2].parse().unwrap();
+            let mut m = mem.lock().unwrap();
+            if byte == 0 {
+                m.pages.remove(&page);
+            } else {
+                m.pages.insert(page, byte);
+            }
+            m.dirty.insert(page);
+            0
+        }
+        "peek" => {
+            let page: u64 = argv[1].parse().unwrap();
+            let b = mem.lock().unwrap().pages.get(&page).copied().unwrap_or(0);
+            send(out, &encode_output(id, 1, format!("{b}\n").as_bytes()));
+            0
+        }
+        "fail" => {
+            send(out, &encode_output(id, 2, b"warm-up broke\n"));
+            3
+        }
         "echo" => {
             send(
                 out,
@@ -184,7 +343,7 @@ struct Daemon {
     port: u16,
     data: PathBuf,
     log: PathBuf,
-    _tmp: tempfile::TempDir,
+    tmp: Option<tempfile::TempDir>,
 }
 
 static PORTS: AtomicU64 = AtomicU64::new(0);
@@ -199,8 +358,11 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
-    fn command(extra: &[&str], env: &[(&str, &str)]) -> (Command, u16, tempfile::TempDir) {
-        let tmp = tempfile::tempdir().unwrap();
+    fn command(
+        extra: &[&str],
+        env: &[(&str, &str)],
+        tmp: tempfile::TempDir,
+    ) -> (Command, u16, tempfile::TempDir) {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
         cmd.arg("serve")
@@ -221,9 +383,25 @@ impl Daemon {
     }
 
     async fn start(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let (mut cmd, port, tmp) = Daemon::command(extra, env);
+        Daemon::start_in(tempfile::tempdir().unwrap(), extra, env).await
+    }
+
+    /// SIGKILLs the daemon and starts a new one on the same data directory.
+    async fn restart(mut self, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(5));
+        let tmp = self.tmp.take().unwrap();
+        Daemon::start_in(tmp, extra, env).await
+    }
+
+    async fn start_in(tmp: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let (mut cmd, port, tmp) = Daemon::command(extra, env, tmp);
         let log = tmp.path().join("forkd.log");
-        let f = std::fs::File::create(&log).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         cmd.stdout(f.try_clone().unwrap()).stderr(f);
         let child = cmd.spawn().unwrap();
         let mut d = Daemon {
@@ -231,7 +409,7 @@ impl Daemon {
             port,
             data: tmp.path().join("data"),
             log,
-            _tmp: tmp,
+            tmp: Some(tmp),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -627,7 +805,10 @@ async fn validation() {
         ..base()
     })
     .await;
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::NotFound, "snapshot base not found")
+    );
     let e = spawn_err(pb::SpawnSandboxesRequest { n: 3, ..base() }).await;
     assert_eq!(e.code(), Code::ResourceExhausted);
 
@@ -647,17 +828,481 @@ async fn validation() {
     let e = c
         .branch_sandbox(pb::BranchSandboxRequest {
             sandbox_id: sb.id.clone(),
+            mode: BranchMode::Live as i32,
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
     let mut snaps = SnapshotServiceClient::new(d.channel().await);
-    let e = snaps
+    assert!(snaps
         .list_snapshots(pb::ListSnapshotsRequest::default())
         .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .is_empty());
+}
+
+// ------------------------------------------------------------- snapshots
+
+async fn poke(c: &mut SandboxServiceClient<Channel>, id: &str, page: u64, byte: u8) {
+    let r = exec(c, id, &["poke", &page.to_string(), &byte.to_string()], 0).await;
+    assert_eq!(r.exit.expect("poke ran").exit_code, 0);
+}
+
+async fn peek(c: &mut SandboxServiceClient<Channel>, id: &str, page: u64) -> u8 {
+    let r = exec(c, id, &["peek", &page.to_string()], 0).await;
+    String::from_utf8(r.stdout).unwrap().trim().parse().unwrap()
+}
+
+async fn branch(
+    c: &mut SandboxServiceClient<Channel>,
+    id: &str,
+    tag: &str,
+    mode: BranchMode,
+) -> Result<pb::BranchSandboxResponse, tonic::Status> {
+    c.branch_sandbox(pb::BranchSandboxRequest {
+        sandbox_id: id.into(),
+        tag: tag.into(),
+        mode: mode as i32,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn fork(
+    c: &mut SandboxServiceClient<Channel>,
+    tag: &str,
+    n: u32,
+) -> Result<Vec<pb::Sandbox>, tonic::Status> {
+    c.spawn_sandboxes(pb::SpawnSandboxesRequest {
+        snapshot_tag: tag.into(),
+        n,
+        ..Default::default()
+    })
+    .await
+    .map(|r| {
+        let r = r.into_inner();
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        r.sandboxes
+    })
+}
+
+async fn get_snapshot(s: &mut SnapshotServiceClient<Channel>, tag: &str) -> pb::Snapshot {
+    s.get_snapshot(pb::GetSnapshotRequest { tag: tag.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+}
+
+async fn spawn_small(c: &mut SandboxServiceClient<Channel>) -> pb::Sandbox {
+    c.spawn_sandboxes(pb::SpawnSandboxesRequest {
+        n: 1,
+        memory_mib: 36,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .sandboxes
+    .remove(0)
+}
+
+async fn branch_fork_and_chains() {
+    let d = Daemon::start(&[], &[]).await;
+    let mut c = d.sandboxes().await;
+    let mut s = SnapshotServiceClient::new(d.channel().await);
+    let parent = spawn_small(&mut c).await;
+    let pid = parent.id.clone();
+
+    // DIFF needs a base; a cold-booted sandbox has none.
+    let e = branch(&mut c, &pid, "", BranchMode::Diff)
+        .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        format!("sandbox {pid} has no base snapshot: take a FULL branch first")
+    );
+    // Contradictions and bad tags.
+    let e = c
+        .branch_sandbox(pb::BranchSandboxRequest {
+            sandbox_id: pid.clone(),
+            mode: BranchMode::Full as i32,
+            diff: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .branch_sandbox(pb::BranchSandboxRequest {
+            sandbox_id: pid.clone(),
+            wait: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("LIVE only"));
+    let e = branch(&mut c, &pid, "../x", BranchMode::Full)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // FULL: the fork sees the parent's memory.
+    poke(&mut c, &pid, 3, 7).await;
+    let r = branch(&mut c, &pid, "base", BranchMode::Full)
+        .await
+        .unwrap();
+    let snap = r.snapshot.unwrap();
+    assert_eq!(snap.status, SnapshotStatus::Ready as i32);
+    assert_eq!(snap.mode, BranchMode::Full as i32);
+    assert_eq!((snap.memory_mib, snap.vcpus), (36, 2));
+    assert_eq!(snap.source_sandbox_id, pid);
+    assert_eq!(snap.chain, ["base"]);
+    assert_eq!((r.bytes_written, r.pause_ms), (4096, 0.25));
+    assert!(d.data.join("snapshots/base/manifest.json").is_file());
+    let e = branch(&mut c, &pid, "base", BranchMode::Full)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    let kids = fork(&mut c, "base", 3).await.unwrap();
+    for k in &kids {
+        assert_eq!(k.snapshot_tag, "base");
+        assert_eq!((k.memory_mib, k.vcpus), (36, 2));
+        assert_eq!(peek(&mut c, &k.id, 3).await, 7);
+    }
+    // A child's writes are its own.
+    poke(&mut c, &kids[0].id, 3, 9).await;
+    assert_eq!(peek(&mut c, &kids[1].id, 3).await, 7);
+    assert_eq!(peek(&mut c, &pid, 3).await, 7);
+    let base = get_snapshot(&mut s, "base").await;
+    let mut kid_ids: Vec<String> = kids.iter().map(|k| k.id.clone()).collect();
+    kid_ids.sort();
+    assert_eq!(base.children, kid_ids);
+    assert_eq!(base.memory_bytes, 4096);
+
+    // DIFF (legacy flag) against the parent's base, then a page zeroed.
+    poke(&mut c, &pid, 4, 5).await;
+    let r = c
+        .branch_sandbox(pb::BranchSandboxRequest {
+            sandbox_id: pid.clone(),
+            tag: "d1".into(),
+            diff: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let d1 = r.snapshot.unwrap();
+    assert_eq!(
+        (d1.mode, d1.parent_tag.as_str()),
+        (BranchMode::Diff as i32, "base")
+    );
+    assert_eq!(r.dirty_pages, 1);
+    poke(&mut c, &pid, 3, 0).await;
+    let r = branch(&mut c, &pid, "d2", BranchMode::Diff).await.unwrap();
+    assert_eq!(r.snapshot.unwrap().chain, ["d2", "d1", "base"]);
+    assert_eq!(r.bytes_written, 0, "the zeroed page is a hole");
+    // A child of d2 branches DIFF against d2: depth 3.
+    let k2 = fork(&mut c, "d2", 1).await.unwrap().remove(0);
+    assert_eq!(
+        (peek(&mut c, &k2.id, 3).await, peek(&mut c, &k2.id, 4).await),
+        (0, 5)
+    );
+    poke(&mut c, &k2.id, 6, 1).await;
+    let r = branch(&mut c, &k2.id, "d3", BranchMode::Diff)
+        .await
+        .unwrap();
+    assert_eq!(r.snapshot.unwrap().chain, ["d3", "d2", "d1", "base"]);
+    let k3 = fork(&mut c, "d3", 1).await.unwrap().remove(0);
+    for (page, want) in [(3, 0), (4, 5), (6, 1)] {
+        assert_eq!(peek(&mut c, &k3.id, page).await, want, "page {page}");
+    }
+    // The sandbox's base moved on: a DIFF of k2 is now against d3.
+    let r = branch(&mut c, &k2.id, "", BranchMode::Diff).await.unwrap();
+    let gen = r.snapshot.unwrap();
+    assert!(gen.tag.starts_with("snap-"), "{}", gen.tag);
+    assert_eq!(gen.parent_tag, "d3");
+    assert_eq!(r.dirty_pages, 0);
+
+    // Spawn checks.
+    let e = c
+        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+            snapshot_tag: "base".into(),
+            n: 1,
+            memory_mib: 256,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("memory_mib must be 0 or 36"),
+        "{}",
+        e.message()
+    );
+
+    // Get / List / Watch.
+    let base = get_snapshot(&mut s, "base").await;
+    assert_eq!(base.dependents, ["d1"]);
+    let all = s
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    let tags: Vec<&str> = all.iter().map(|m| m.tag.as_str()).collect();
+    assert_eq!(tags, ["base", "d1", "d2", "d3", gen.tag.as_str()]);
+    let failed = s
+        .list_snapshots(pb::ListSnapshotsRequest {
+            status: SnapshotStatus::Failed as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert!(failed.is_empty());
+    let mut w = s
+        .watch_snapshot(pb::WatchSnapshotRequest { tag: "d1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = w.message().await.unwrap().unwrap();
+    assert_eq!(
+        (m.status, m.bytes_copied),
+        (SnapshotStatus::Ready as i32, 4096)
+    );
+    assert!(
+        w.message().await.unwrap().is_none(),
+        "one message, then the end"
+    );
+    let e = s
+        .watch_snapshot(pb::WatchSnapshotRequest { tag: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Delete rules.
+    let del = |tag: &str, cascade: bool, force: bool| pb::DeleteSnapshotRequest {
+        tag: tag.into(),
+        cascade,
+        force,
+    };
+    let e = s
+        .delete_snapshot(del("base", false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("dependent diff snapshots (d1)"),
+        "{}",
+        e.message()
+    );
+    let e = s
+        .delete_snapshot(del("base", true, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("running children"), "{}", e.message());
+    let deleted = s
+        .delete_snapshot(del(&gen.tag, false, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted_tags;
+    assert_eq!(deleted, std::slice::from_ref(&gen.tag));
+    let deleted = s
+        .delete_snapshot(del("base", true, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted_tags;
+    assert_eq!(deleted, ["d3", "d2", "d1", "base"]);
+    assert!(!d.data.join("snapshots/base").exists());
+    let e = fork(&mut c, "base", 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Children keep running on their own memory.
+    assert_eq!(peek(&mut c, &kids[1].id, 3).await, 7);
+    // A DIFF against a deleted base is refused.
+    let e = branch(&mut c, &pid, "", BranchMode::Diff)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("does not exist"), "{}", e.message());
+}
+
+async fn create_snapshot_and_data_loss() {
+    let d = Daemon::start(&[], &[]).await;
+    let mut c = d.sandboxes().await;
+    let mut s = SnapshotServiceClient::new(d.channel().await);
+    let warm = |tag: &str, argv: &[&str], keep: bool| pb::CreateSnapshotRequest {
+        tag: tag.into(),
+        memory_mib: 36,
+        warmup: vec![pb::WarmupCommand {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            timeout_ms: 0,
+        }],
+        keep_running: keep,
+        ..Default::default()
+    };
+    let r = s
+        .create_snapshot(warm("warm", &["poke", "2", "8"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = r.snapshot.unwrap();
+    assert_eq!(
+        (snap.tag.as_str(), snap.status),
+        ("warm", SnapshotStatus::Ready as i32)
+    );
+    assert!(r.sandbox_id.is_empty());
+    let listed = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert!(listed.is_empty(), "the warm-up sandbox was deleted");
+    let kid = fork(&mut c, "warm", 1).await.unwrap().remove(0);
+    assert_eq!(peek(&mut c, &kid.id, 2).await, 8);
+
+    let r = s
+        .create_snapshot(warm("kept", &["poke", "2", "4"], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(peek(&mut c, &r.sandbox_id, 2).await, 4);
+
+    // A failing warm-up: FAILED_PRECONDITION, nothing left behind.
+    let e = s
+        .create_snapshot(warm("broken", &["fail"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "warm-up command [\"fail\"] exited with code 3; stderr: warm-up broke; the sandbox was \
+         deleted and no snapshot was taken"
+    );
+    let e = s
+        .get_snapshot(pb::GetSnapshotRequest {
+            tag: "broken".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(!d.data.join("snapshots/broken").exists());
+    let e = s
+        .create_snapshot(warm("warm", &["poke", "1", "1"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // One flipped byte: DATA_LOSS, and no child starts.
+    s.create_snapshot(warm("flip", &["poke", "2", "8"], false))
+        .await
+        .unwrap();
+    let mem = d.data.join("snapshots/flip/memory");
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.write_all_at(&[9], 2 * PAGE + 100).unwrap();
+    let before = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes
+        .len();
+    let e = fork(&mut c, "flip", 5).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(
+        e.message()
+            .contains("snapshot flip is corrupt: memory chunk 0"),
+        "{}",
+        e.message()
+    );
+    let after = c
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes
+        .len();
+    assert_eq!(before, after);
+}
+
+async fn restart_recovers_the_store() {
+    let d = Daemon::start(&[], &[("FORKD_FAKE_VMM", "slow_snapshot")]).await;
+    let mut c = d.sandboxes().await;
+    let sb = spawn_small(&mut c).await;
+    poke(&mut c, &sb.id, 1, 1).await;
+    branch(&mut c, &sb.id, "kept", BranchMode::Full)
+        .await
+        .unwrap();
+    // kill -9 in the middle of a FULL branch.
+    let (mut c1, id) = (c.clone(), sb.id.clone());
+    let pending = tokio::spawn(async move { branch(&mut c1, &id, "torn", BranchMode::Full).await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(d.data.join("snapshots/.torn.writing").is_dir());
+    let d = d.restart(&[], &[]).await;
+    assert!(pending.await.unwrap().is_err());
+    let log = d.log_text();
+    assert!(log.contains("marked FAILED at recovery"), "{log}");
+
+    let mut c = d.sandboxes().await;
+    let mut s = SnapshotServiceClient::new(d.channel().await);
+    let torn = get_snapshot(&mut s, "torn").await;
+    assert_eq!(torn.status, SnapshotStatus::Failed as i32);
+    assert_eq!(torn.failure_reason, "daemon stopped while writing");
+    assert!(!d.data.join("snapshots/torn/memory").exists());
+    let e = fork(&mut c, "torn", 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e
+        .message()
+        .contains("is FAILED (daemon stopped while writing)"));
+    let ready = s
+        .list_snapshots(pb::ListSnapshotsRequest {
+            status: SnapshotStatus::Ready as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].tag, "kept");
+    let kid = fork(&mut c, "kept", 2).await.unwrap().remove(0);
+    assert_eq!(peek(&mut c, &kid.id, 1).await, 1);
+}
+
+async fn failed_branch_keeps_the_sandbox() {
+    let d = Daemon::start(&[], &[("FORKD_FAKE_VMM", "snapshot_error")]).await;
+    let mut c = d.sandboxes().await;
+    let mut s = SnapshotServiceClient::new(d.channel().await);
+    let sb = spawn_small(&mut c).await;
+    let e = branch(&mut c, &sb.id, "x", BranchMode::Full)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(e.message().contains("disk full"), "{}", e.message());
+    let snap = get_snapshot(&mut s, "x").await;
+    assert_eq!(snap.status, SnapshotStatus::Failed as i32);
+    assert!(snap.failure_reason.contains("disk full"));
+    assert_eq!(
+        exec(&mut c, &sb.id, &["echo", "alive"], 0).await.stdout,
+        b"alive\n"
+    );
+    let e = s
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            tag: "x".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(e.unwrap().into_inner().deleted_tags, ["x"]);
 }
 
 async fn ignored_cancel_fails_the_sandbox() {
@@ -924,6 +1569,22 @@ fn main() {
             Box::new(|| Box::pin(lifecycle_and_exec())),
         ),
         ("validation", Box::new(|| Box::pin(validation()))),
+        (
+            "branch_fork_and_chains",
+            Box::new(|| Box::pin(branch_fork_and_chains())),
+        ),
+        (
+            "create_snapshot_and_data_loss",
+            Box::new(|| Box::pin(create_snapshot_and_data_loss())),
+        ),
+        (
+            "restart_recovers_the_store",
+            Box::new(|| Box::pin(restart_recovers_the_store())),
+        ),
+        (
+            "failed_branch_keeps_the_sandbox",
+            Box::new(|| Box::pin(failed_branch_keeps_the_sandbox())),
+        ),
         (
             "ignored_cancel_fails_the_sandbox",
             Box::new(|| Box::pin(ignored_cancel_fails_the_sandbox())),

@@ -1,0 +1,239 @@
+//! CreateSnapshot: boot a sandbox, run the warm-up commands in it, take a
+//! FULL snapshot, and delete the sandbox unless asked to keep it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use forkd_api::v1 as pb;
+use forkd_store::{Manifest, Mode, StoreError};
+use pb::exec_response::Event as ExecEvent;
+use tokio_stream::StreamExt;
+
+use crate::branch::{self, BranchPlan};
+use crate::error::ApiError;
+use crate::exec;
+use crate::lifecycle::{BootPlan, Manager};
+use crate::registry::Sandbox;
+use crate::snapshots::Snapshots;
+use crate::validate;
+
+/// Time limit of a warm-up command whose `timeout_ms` is 0.
+pub const DEFAULT_WARMUP_TIMEOUT_MS: u32 = 60_000;
+/// Most bytes of a failed warm-up's stderr quoted in the error.
+const STDERR_TAIL: usize = 400;
+
+/// A validated CreateSnapshot request.
+#[derive(Debug, Clone)]
+pub struct CreatePlan {
+    /// The tag; `None` means a generated one.
+    pub tag: Option<String>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// (argv, timeout_ms) of each warm-up command, in order.
+    pub warmup: Vec<(Vec<String>, u32)>,
+    /// Keep the sandbox after the snapshot.
+    pub keep_running: bool,
+}
+
+/// Validates a CreateSnapshot request.
+pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiError> {
+    let tag = (!req.tag.is_empty()).then(|| req.tag.clone());
+    if let Some(tag) = &tag {
+        validate::snapshot_tag(tag)?;
+    }
+    let warmup = req
+        .warmup
+        .iter()
+        .map(|w| {
+            validate::argv(&w.argv)?;
+            let timeout = match w.timeout_ms {
+                0 => DEFAULT_WARMUP_TIMEOUT_MS,
+                t => t,
+            };
+            Ok((w.argv.clone(), timeout))
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(CreatePlan {
+        tag,
+        memory_mib: validate::memory_mib(req.memory_mib)?,
+        vcpus: validate::vcpus(req.vcpus)?,
+        warmup,
+        keep_running: req.keep_running,
+    })
+}
+
+/// Runs CreateSnapshot. Returns the snapshot and, with `keep_running`, the
+/// sandbox id. On failure the sandbox is deleted; a failed warm-up leaves
+/// nothing in the store. Run it in its own task so it always cleans up.
+pub async fn create(
+    manager: &Arc<Manager>,
+    snapshots: &Snapshots,
+    plan: CreatePlan,
+) -> Result<(Manifest, Option<String>), ApiError> {
+    if let Some(tag) = &plan.tag {
+        // Fail before booting anything.
+        if let Ok(m) = snapshots.store().get(tag) {
+            return Err(StoreError::AlreadyExists {
+                tag: tag.clone(),
+                status: m.status,
+            }
+            .into());
+        }
+    }
+    let outcome = manager
+        .spawn(
+            BootPlan {
+                n: 1,
+                memory_mib: plan.memory_mib,
+                vcpus: plan.vcpus,
+                labels: HashMap::new(),
+                live_fork: false,
+                restore: None,
+            },
+            std::time::Instant::now(),
+        )
+        .await?;
+    let Some(sandbox) = outcome.started.into_iter().next() else {
+        let (_, first) = outcome
+            .failures
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::Internal("spawn returned nothing".into()))?;
+        return Err(ApiError::NoneStarted {
+            code: first.code(),
+            message: first.to_string(),
+        });
+    };
+    let id = sandbox.id().to_string();
+    tracing::info!(sandbox = %id, commands = plan.warmup.len(), "warming up for a snapshot");
+    let result = warm_and_branch(snapshots, &sandbox, &plan).await;
+    if result.is_err() || !plan.keep_running {
+        if let Err(e) = manager.delete(&id).await {
+            tracing::warn!(sandbox = %id, error = %e, "could not delete the warm-up sandbox");
+        }
+    }
+    let manifest = result?;
+    Ok((manifest, plan.keep_running.then_some(id)))
+}
+
+async fn warm_and_branch(
+    snapshots: &Snapshots,
+    sandbox: &Arc<Sandbox>,
+    plan: &CreatePlan,
+) -> Result<Manifest, ApiError> {
+    for (argv, timeout_ms) in &plan.warmup {
+        run_warmup(sandbox, argv, *timeout_ms).await?;
+    }
+    let outcome = branch::branch(
+        snapshots,
+        sandbox,
+        BranchPlan {
+            tag: plan.tag.clone(),
+            mode: Mode::Full,
+            measure_diff: false,
+        },
+    )
+    .await?;
+    Ok(outcome.manifest)
+}
+
+/// Runs one warm-up command to its end: OK only for exit code 0.
+async fn run_warmup(
+    sandbox: &Arc<Sandbox>,
+    argv: &[String],
+    timeout_ms: u32,
+) -> Result<(), ApiError> {
+    let mut stream = exec::start(sandbox.clone(), argv.to_vec(), timeout_ms);
+    let mut stderr: Vec<u8> = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item.map(|r| r.event) {
+            Ok(Some(ExecEvent::Stderr(bytes))) => {
+                stderr.extend_from_slice(&bytes);
+                let excess = stderr.len().saturating_sub(STDERR_TAIL);
+                stderr.drain(..excess);
+            }
+            Ok(Some(ExecEvent::Exit(exit))) if exit.exit_code == 0 => return Ok(()),
+            Ok(Some(ExecEvent::Exit(exit))) => {
+                return Err(ApiError::WarmupExit {
+                    argv: argv.to_vec(),
+                    exit_code: exit.exit_code,
+                    stderr: stderr_suffix(&stderr),
+                })
+            }
+            Ok(_) => {}
+            Err(status) => {
+                return Err(ApiError::WarmupFailed {
+                    argv: argv.to_vec(),
+                    code: status.code(),
+                    message: status.message().to_string(),
+                })
+            }
+        }
+    }
+    Err(ApiError::WarmupFailed {
+        argv: argv.to_vec(),
+        code: tonic::Code::Internal,
+        message: "the command ended without an exit status".into(),
+    })
+}
+
+/// "; stderr: <tail>" or empty.
+fn stderr_suffix(tail: &[u8]) -> String {
+    let text = String::from_utf8_lossy(tail);
+    let text = text.trim();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr: {}", text.replace('\n', " | "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn plans_validate_and_default() {
+        let req = pb::CreateSnapshotRequest {
+            tag: "base".into(),
+            warmup: vec![pb::WarmupCommand {
+                argv: vec!["fill".into(), "16".into(), "1".into()],
+                timeout_ms: 0,
+            }],
+            ..Default::default()
+        };
+        let plan = create_plan(&req).unwrap();
+        assert_eq!(plan.tag.as_deref(), Some("base"));
+        assert_eq!((plan.memory_mib, plan.vcpus), (256, 2));
+        assert_eq!(plan.warmup[0].1, DEFAULT_WARMUP_TIMEOUT_MS);
+        assert!(create_plan(&pb::CreateSnapshotRequest::default())
+            .unwrap()
+            .tag
+            .is_none());
+        for bad in [
+            pb::CreateSnapshotRequest {
+                tag: "../x".into(),
+                ..Default::default()
+            },
+            pb::CreateSnapshotRequest {
+                warmup: vec![pb::WarmupCommand::default()],
+                ..Default::default()
+            },
+            pb::CreateSnapshotRequest {
+                vcpus: 99,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(create_plan(&bad).unwrap_err().code(), Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn stderr_is_quoted_on_one_line() {
+        assert_eq!(stderr_suffix(b""), "");
+        assert_eq!(stderr_suffix(b"a\nb\n"), "; stderr: a | b");
+    }
+}

@@ -1,0 +1,57 @@
+//! Preparing a fork: everything SpawnSandboxes needs before it starts
+//! children from a snapshot.
+
+use forkd_store::{Status, StoreError};
+
+use crate::error::ApiError;
+use crate::lifecycle::Restore;
+use crate::snapshots::Snapshots;
+use crate::validate;
+
+/// What children of one snapshot start from.
+#[derive(Debug)]
+pub struct ForkSource {
+    /// Guest RAM in MiB (the snapshot's).
+    pub memory_mib: u32,
+    /// vCPUs (the snapshot's).
+    pub vcpus: u32,
+    /// The snapshot to restore.
+    pub restore: Restore,
+}
+
+/// Resolves `tag` into a fork source: NOT_FOUND if unknown,
+/// FAILED_PRECONDITION unless READY, INVALID_ARGUMENT if `memory_mib` or
+/// `vcpus` (0 = the snapshot's) differ from the snapshot, DATA_LOSS if its
+/// files do not match their digests. The memory is loaded and verified on
+/// the first fork of a tag and cached; the small vmstate file is
+/// re-verified on every call, since the VMMs read it from disk.
+pub async fn prepare(
+    snapshots: &Snapshots,
+    tag: &str,
+    memory_mib: u32,
+    vcpus: u32,
+) -> Result<ForkSource, ApiError> {
+    validate::snapshot_tag(tag)?;
+    let m = snapshots.store().get(tag)?;
+    if m.status != Status::Ready {
+        return Err(StoreError::NotReady {
+            tag: m.tag,
+            status: m.status,
+            reason: m.failure_reason,
+        }
+        .into());
+    }
+    let (memory_mib, vcpus) = validate::fork_shape(&m, memory_mib, vcpus)?;
+    let memory = snapshots.memory(tag).await?;
+    let t = tag.to_string();
+    snapshots.blocking(move |s| s.verify_vmstate(&t)).await?;
+    Ok(ForkSource {
+        memory_mib,
+        vcpus,
+        restore: Restore {
+            tag: tag.to_string(),
+            dir: snapshots.store().snapshot_dir(tag),
+            memory,
+        },
+    })
+}

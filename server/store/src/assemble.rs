@@ -1,0 +1,370 @@
+//! Loading a snapshot's memory: verify every file of its chain against the
+//! manifests' digests, assemble root + diffs into a memfd (kept sparse),
+//! and seal it so children can map it `MAP_PRIVATE` but nobody can change
+//! it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use memfd::{FileSeal, MemfdOptions};
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::digest::{chunk_digest, par_chunks, sha256_hex, Chunk, ZeroDigests};
+use crate::error::{Result, StoreError};
+use crate::manifest::{Manifest, Mode, Status, PAGE_SIZE};
+use crate::store::{Store, MANIFEST, MEMORY, PAGES, VMSTATE};
+
+/// A snapshot's memory in a sealed memfd: size, contents and seals can no
+/// longer change. Map it `MAP_PRIVATE` for copy-on-write.
+#[derive(Debug)]
+pub struct SealedMemory {
+    /// The memfd (close-on-exec; sealed shrink, grow, write and seal).
+    pub file: File,
+    /// Its size: the guest's RAM in bytes.
+    pub size: u64,
+}
+
+/// Largest run of pages written or punched by one system call.
+const MAX_RUN_PAGES: u64 = 256;
+
+impl Store {
+    /// Verifies and assembles the memory of the READY snapshot `tag`:
+    /// every chunk of every memory file in its chain, every diff's page
+    /// bitmap and `tag`'s vmstate must match their digests (else DATA_LOSS
+    /// naming the snapshot, file and chunk); then the root's data, and each
+    /// diff's pages from root to leaf, go into a fresh memfd, which is
+    /// sealed.
+    pub fn load_memory(&self, tag: &str) -> Result<SealedMemory> {
+        let chain = self.verified_chain(tag)?;
+        self.verify_vmstate(tag)?;
+        let leaf = &chain[0];
+        let memfd = MemfdOptions::default()
+            .close_on_exec(true)
+            .allow_sealing(true)
+            .create(format!("forkd-snapshot-{tag}"))
+            .map_err(|e| io_error("creating a memfd for", tag, memfd_io(e)))?;
+        let file = memfd.as_file();
+        file.set_len(leaf.memory_bytes)
+            .map_err(|e| io_error("sizing the memfd of", tag, e))?;
+        for (i, m) in chain.iter().rev().enumerate() {
+            apply(&self.snapshot_dir(&m.tag), m, i == 0, file)?;
+        }
+        memfd
+            .add_seals(&[
+                FileSeal::SealShrink,
+                FileSeal::SealGrow,
+                FileSeal::SealWrite,
+                FileSeal::SealSeal,
+            ])
+            .map_err(|e| io_error("sealing the memfd of", tag, memfd_io(e)))?;
+        Ok(SealedMemory {
+            file: memfd.into_file(),
+            size: leaf.memory_bytes,
+        })
+    }
+
+    /// Checks `tag`'s `vmstate` against its digest (cheap: the file is
+    /// small). The VMM reads this file when it restores.
+    pub fn verify_vmstate(&self, tag: &str) -> Result<()> {
+        let m = self.get(tag)?;
+        let path = self.snapshot_dir(tag).join(VMSTATE);
+        let bytes = std::fs::read(&path).map_err(StoreError::io("reading", &path))?;
+        if Some(sha256_hex(&bytes)) != m.vmstate_sha256 {
+            return Err(StoreError::DataLoss {
+                tag: tag.to_string(),
+                file: VMSTATE,
+                detail: "does not match its SHA-256".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The chain of `tag`, leaf first, each READY, each manifest as on
+    /// disk, each diff's parent the manifest it was taken against.
+    fn verified_chain(&self, tag: &str) -> Result<Vec<Manifest>> {
+        let mut chain: Vec<Manifest> = Vec::new();
+        let mut next = Some((tag.to_string(), None::<String>));
+        while let Some((t, expected_digest)) = next {
+            let child = chain.last().map(|m| m.tag.clone());
+            let entry = self.index().get(&t).cloned();
+            let Some(entry) = entry else {
+                return Err(match child {
+                    None => StoreError::NotFound { tag: t },
+                    Some(c) => StoreError::ParentUnusable {
+                        tag: c,
+                        parent: t,
+                        why: "does not exist".into(),
+                    },
+                });
+            };
+            let m = entry.manifest;
+            if m.status != Status::Ready {
+                return Err(match child {
+                    None => StoreError::NotReady {
+                        tag: t,
+                        status: m.status,
+                        reason: m.failure_reason,
+                    },
+                    Some(c) => StoreError::ParentUnusable {
+                        tag: c,
+                        parent: t,
+                        why: format!("is {}", m.status),
+                    },
+                });
+            }
+            let path = self.snapshot_dir(&t).join(MANIFEST);
+            let bytes = std::fs::read(&path).map_err(StoreError::io("reading", &path))?;
+            let digest = Some(sha256_hex(&bytes));
+            if digest != entry.digest {
+                return Err(StoreError::DataLoss {
+                    tag: t,
+                    file: MANIFEST,
+                    detail: "changed on disk since the daemon read it".into(),
+                });
+            }
+            if let (Some(want), Some(c)) = (expected_digest, &child) {
+                if digest.as_deref() != Some(want.as_str()) {
+                    return Err(StoreError::ParentUnusable {
+                        tag: c.clone(),
+                        parent: t,
+                        why: "is not the snapshot this diff was taken against".into(),
+                    });
+                }
+            }
+            if chain.len() > 4096 || chain.iter().any(|c| c.tag == t) {
+                return Err(StoreError::DataLoss {
+                    tag: t,
+                    file: MANIFEST,
+                    detail: "parents form a cycle".into(),
+                });
+            }
+            if let Some(first) = chain.first() {
+                if m.memory_bytes != first.memory_bytes {
+                    return Err(StoreError::ParentUnusable {
+                        tag: chain.last().expect("non-empty").tag.clone(),
+                        parent: t,
+                        why: "has a different guest RAM size".into(),
+                    });
+                }
+            }
+            next = match (m.mode, &m.parent) {
+                (Mode::Diff, Some(p)) => Some((p.clone(), m.parent_digest.clone())),
+                (Mode::Diff, None) => {
+                    return Err(StoreError::DataLoss {
+                        tag: t,
+                        file: MANIFEST,
+                        detail: "is a diff without a parent".into(),
+                    })
+                }
+                _ => None,
+            };
+            chain.push(m);
+        }
+        Ok(chain)
+    }
+}
+
+fn io_error(what: &'static str, tag: &str, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        op: what,
+        path: tag.into(),
+        source,
+    }
+}
+
+fn memfd_io(e: memfd::Error) -> std::io::Error {
+    match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
+    }
+}
+
+fn corrupt(m: &Manifest, file: &'static str, detail: String) -> StoreError {
+    StoreError::DataLoss {
+        tag: m.tag.clone(),
+        file,
+        detail,
+    }
+}
+
+/// Applies one snapshot of the chain to `target`: the root (`root` true)
+/// contributes every non-zero page; a diff contributes the pages its
+/// bitmap selects, zero ones as holes. Verifies every chunk on the way.
+fn apply(dir: &Path, m: &Manifest, root: bool, target: &File) -> Result<()> {
+    let bitmap = if root {
+        None
+    } else {
+        let path = dir.join(PAGES);
+        let bytes = std::fs::read(&path).map_err(StoreError::io("reading", &path))?;
+        if Some(sha256_hex(&bytes)) != m.pages_sha256 || bytes.len() as u64 != m.bitmap_bytes() {
+            return Err(corrupt(m, PAGES, "does not match its SHA-256".into()));
+        }
+        Some(bytes)
+    };
+    let path = dir.join(MEMORY);
+    let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+    let len = file
+        .metadata()
+        .map_err(StoreError::io("reading", &path))?
+        .len();
+    if len != m.memory_bytes {
+        return Err(corrupt(
+            m,
+            MEMORY,
+            format!("is {len} bytes, the manifest says {}", m.memory_bytes),
+        ));
+    }
+    let count = m.memory_bytes.div_ceil(m.chunk_size) as usize;
+    if count != m.memory_chunks.len() {
+        return Err(corrupt(
+            m,
+            MANIFEST,
+            format!(
+                "lists {} chunk digests for {count} chunks",
+                m.memory_chunks.len()
+            ),
+        ));
+    }
+    let bitmap = bitmap.as_deref();
+    par_chunks(
+        &file,
+        m.memory_bytes,
+        m.chunk_size,
+        || (ZeroDigests::default(), Runs::new(target, m.memory_bytes)),
+        |(zeros, out), chunk| apply_chunk(m, chunk, zeros, out, bitmap),
+        |e| StoreError::io("reading", &path)(e),
+    )?;
+    Ok(())
+}
+
+/// Verifies one chunk against its digest and applies its pages (all of a
+/// root's, the bitmap's selection of a diff's).
+fn apply_chunk(
+    m: &Manifest,
+    chunk: &Chunk<'_>,
+    zeros: &mut ZeroDigests,
+    out: &mut Runs<'_>,
+    bitmap: Option<&[u8]>,
+) -> Result<()> {
+    if chunk_digest(chunk, zeros) != m.memory_chunks[chunk.index] {
+        return Err(corrupt(
+            m,
+            MEMORY,
+            format!(
+                "chunk {} (bytes {}..{}) does not match its SHA-256",
+                chunk.index,
+                chunk.offset,
+                chunk.offset + chunk.len
+            ),
+        ));
+    }
+    let root = bitmap.is_none();
+    let first_page = chunk.offset / PAGE_SIZE;
+    let apply = |out: &mut Runs<'_>| -> std::io::Result<()> {
+        for i in 0..chunk.len.div_ceil(PAGE_SIZE) {
+            let page = first_page + i;
+            if let Some(bits) = bitmap {
+                if bits[(page / 8) as usize] & (1 << (page % 8)) == 0 {
+                    continue;
+                }
+            }
+            let start = (i * PAGE_SIZE) as usize;
+            let end = (chunk.len as usize).min(start + PAGE_SIZE as usize);
+            let bytes = chunk.data.map(|d| &d[start..end]).filter(|b| !is_zero(b));
+            match bytes {
+                Some(b) => out.write(page, b)?,
+                // The root starts from an empty memfd: zero is already there.
+                None if root => out.flush()?,
+                None => out.punch(page)?,
+            }
+        }
+        out.flush()
+    };
+    apply(out).map_err(|e| io_error("assembling memory of", &m.tag, e))
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Coalesces consecutive page writes (and consecutive hole punches) into
+/// one system call each.
+struct Runs<'a> {
+    target: &'a File,
+    size: u64,
+    /// First page of the pending write; its bytes are in `buf`.
+    write_first: Option<u64>,
+    buf: Vec<u8>,
+    /// Pending punch: first page and page count.
+    punch: Option<(u64, u64)>,
+}
+
+impl<'a> Runs<'a> {
+    fn new(target: &'a File, size: u64) -> Self {
+        Runs {
+            target,
+            size,
+            write_first: None,
+            buf: Vec::with_capacity((MAX_RUN_PAGES * PAGE_SIZE) as usize),
+            punch: None,
+        }
+    }
+
+    fn write(&mut self, page: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.flush_punch()?;
+        let pages = self.buf.len() as u64 / PAGE_SIZE;
+        let extends = self.write_first.is_some_and(|first| first + pages == page);
+        if !(extends && pages < MAX_RUN_PAGES) {
+            self.flush_write()?;
+            self.write_first = Some(page);
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn punch(&mut self, page: u64) -> std::io::Result<()> {
+        self.flush_write()?;
+        match &mut self.punch {
+            Some((first, n)) if *first + *n == page => *n += 1,
+            _ => {
+                self.flush_punch()?;
+                self.punch = Some((page, 1));
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_write()?;
+        self.flush_punch()
+    }
+
+    fn flush_write(&mut self) -> std::io::Result<()> {
+        if let Some(first) = self.write_first.take() {
+            // pwrite, not a shared mapping: F_SEAL_WRITE needs no writable
+            // shared mapping to exist.
+            self.target.write_all_at(&self.buf, first * PAGE_SIZE)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn flush_punch(&mut self) -> std::io::Result<()> {
+        if let Some((first, n)) = self.punch.take() {
+            let offset = first * PAGE_SIZE;
+            let len = (n * PAGE_SIZE).min(self.size - offset);
+            fallocate(
+                self.target,
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Typed store errors. Each carries the tag (and path or chunk) it is
+//! about, and says through [`StoreError::kind`] which class of failure it
+//! is, so a caller can map it to a status code in one place.
+
+use std::path::PathBuf;
+
+use crate::manifest::Status;
+
+/// The class of a [`StoreError`]; maps one-to-one onto gRPC status codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller passed something malformed (a bad tag).
+    InvalidArgument,
+    /// No snapshot has this tag.
+    NotFound,
+    /// The tag is taken.
+    AlreadyExists,
+    /// The snapshot exists but its state forbids the operation.
+    FailedPrecondition,
+    /// Stored data does not match its digests.
+    DataLoss,
+    /// The store or the files handed to it failed in a way the caller
+    /// cannot fix.
+    Internal,
+}
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A tag that does not match the allowed form.
+    #[error(
+        "snapshot tag {tag:?} is invalid: tags are 1-64 characters of letters, digits, '.', '_' \
+         or '-', starting with a letter or digit"
+    )]
+    InvalidTag {
+        /// The rejected tag.
+        tag: String,
+    },
+    /// No snapshot has this tag.
+    #[error("snapshot {tag} not found")]
+    NotFound {
+        /// The tag.
+        tag: String,
+    },
+    /// The tag is taken.
+    #[error("snapshot {tag} already exists ({status}); delete it with DeleteSnapshot or choose another tag")]
+    AlreadyExists {
+        /// The tag.
+        tag: String,
+        /// Status of the existing snapshot.
+        status: Status,
+    },
+    /// The snapshot cannot be used (spawned from, or be a parent) because it
+    /// is not READY.
+    #[error("snapshot {tag} is {status}{}; only READY snapshots can be used", reason_suffix(.reason))]
+    NotReady {
+        /// The tag.
+        tag: String,
+        /// Its status.
+        status: Status,
+        /// Why it failed, if it did.
+        reason: Option<String>,
+    },
+    /// A diff's parent is missing or unusable.
+    #[error("snapshot {tag} cannot be used: its parent {parent} {why}")]
+    ParentUnusable {
+        /// The diff.
+        tag: String,
+        /// The parent it names.
+        parent: String,
+        /// What is wrong with the parent.
+        why: String,
+    },
+    /// Deleting would orphan dependent diffs.
+    #[error(
+        "snapshot {tag} has dependent diff snapshots ({}); pass cascade to delete them too, or \
+         force to delete only this one and leave them FAILED",
+        .dependents.join(", ")
+    )]
+    HasDependents {
+        /// The tag.
+        tag: String,
+        /// Its direct dependents.
+        dependents: Vec<String>,
+    },
+    /// Deleting would remove the snapshot of running sandboxes.
+    #[error(
+        "snapshot {tag} has running children ({}); delete those sandboxes first, or pass force",
+        .children.join(", ")
+    )]
+    HasRunningChildren {
+        /// The tag.
+        tag: String,
+        /// Sandboxes forked from it (or from a snapshot being deleted with
+        /// it).
+        children: Vec<String>,
+    },
+    /// The snapshot (or one that depends on it) is still being written.
+    #[error("snapshot {tag} is still writing; retry once it is READY or FAILED")]
+    StillWriting {
+        /// The snapshot being written.
+        tag: String,
+    },
+    /// Stored data does not match the manifest's digests.
+    #[error("snapshot {tag} is corrupt: {file} {detail}; delete it and take it again")]
+    DataLoss {
+        /// The snapshot whose file is bad.
+        tag: String,
+        /// The file (`memory`, `vmstate`, `pages`, `manifest.json`).
+        file: &'static str,
+        /// What does not match, e.g. "chunk 3 (bytes 12582912..16777216) does
+        /// not match its SHA-256".
+        detail: String,
+    },
+    /// The files handed to [`crate::Store::commit`] are not a valid snapshot.
+    #[error("snapshot {tag} was not written correctly: {detail}")]
+    BadFiles {
+        /// The tag.
+        tag: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A file system operation failed.
+    #[error("snapshot store: {op} {}: {source}", .path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn reason_suffix(reason: &Option<String>) -> String {
+    match reason {
+        Some(r) if !r.is_empty() => format!(" ({r})"),
+        _ => String::new(),
+    }
+}
+
+impl StoreError {
+    /// The class of the error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::InvalidTag { .. } => ErrorKind::InvalidArgument,
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            StoreError::NotReady { .. }
+            | StoreError::ParentUnusable { .. }
+            | StoreError::HasDependents { .. }
+            | StoreError::HasRunningChildren { .. }
+            | StoreError::StillWriting { .. } => ErrorKind::FailedPrecondition,
+            StoreError::DataLoss { .. } => ErrorKind::DataLoss,
+            StoreError::BadFiles { .. } | StoreError::Io { .. } => ErrorKind::Internal,
+        }
+    }
+
+    /// An I/O error on `path` while doing `op`.
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { op, path, source }
+    }
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
