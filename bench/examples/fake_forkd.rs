@@ -3,20 +3,28 @@
 //!
 //! Each "sandbox" is a `sleep` process started through a symlink named
 //! `forkd-vmm`, so it has a real pid and memory figures; Exec implements
-//! `echo`, `emit BYTES` and `sleep MS` in the daemon itself. Its figures say
-//! nothing about forkd: never record them.
+//! `echo`, `emit BYTES`, `sleep MS`, `fill` and `checksum` (constant output)
+//! in the daemon itself. Snapshots are records only (no files): enough for
+//! CreateSnapshot, BranchSandbox FULL/DIFF, spawning from a tag and
+//! Get/List/DeleteSnapshot. Its figures say nothing about forkd: never
+//! record them.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_api::v1::sandbox_service_server::{SandboxService, SandboxServiceServer};
+use forkd_api::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
 use forkd_api::v1::{
-    exec_response, BranchSandboxRequest, BranchSandboxResponse, DeleteSandboxRequest,
-    DeleteSandboxResponse, ExecExit, ExecRequest, ExecResponse, GetSandboxRequest,
-    GetSandboxResponse, ListSandboxesRequest, ListSandboxesResponse, Sandbox, SandboxState,
-    SpawnSandboxesRequest, SpawnSandboxesResponse,
+    exec_response, BranchMode, BranchSandboxRequest, BranchSandboxResponse, CreateSnapshotRequest,
+    CreateSnapshotResponse, DeleteSandboxRequest, DeleteSandboxResponse, DeleteSnapshotRequest,
+    DeleteSnapshotResponse, ExecExit, ExecRequest, ExecResponse, GetSandboxRequest,
+    GetSandboxResponse, GetSnapshotRequest, GetSnapshotResponse, ListSandboxesRequest,
+    ListSandboxesResponse, ListSnapshotsRequest, ListSnapshotsResponse, Sandbox, SandboxState,
+    Snapshot, SnapshotStatus, SpawnSandboxesRequest, SpawnSandboxesResponse, WatchSnapshotRequest,
+    WatchSnapshotResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,9 +39,51 @@ struct Fake {
     vmm: PathBuf,
     next: Mutex<u64>,
     sandboxes: Mutex<Vec<Entry>>,
+    snapshots: Mutex<Vec<Snapshot>>,
+    /// Sandbox id -> the tag a DIFF of it would be against.
+    bases: Mutex<HashMap<String, String>>,
 }
 
 impl Fake {
+    fn snapshot(&self, tag: &str) -> Result<Snapshot, Status> {
+        self.snapshots
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.tag == tag)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no snapshot {tag}")))
+    }
+
+    /// Records a READY snapshot of a sandbox; `parent` makes it a diff.
+    fn record(&self, tag: &str, sandbox: &Sandbox, parent: Option<Snapshot>) -> Snapshot {
+        let mut chain = vec![tag.to_string()];
+        if let Some(p) = &parent {
+            chain.extend(p.chain.iter().cloned());
+        }
+        let snap = Snapshot {
+            tag: tag.to_string(),
+            status: SnapshotStatus::Ready as i32,
+            mode: if parent.is_some() {
+                BranchMode::Diff
+            } else {
+                BranchMode::Full
+            } as i32,
+            parent_tag: parent.map(|p| p.tag).unwrap_or_default(),
+            source_sandbox_id: sandbox.id.clone(),
+            memory_mib: sandbox.memory_mib,
+            vcpus: sandbox.vcpus,
+            chain,
+            ..Default::default()
+        };
+        self.snapshots.lock().unwrap().push(snap.clone());
+        self.bases
+            .lock()
+            .unwrap()
+            .insert(sandbox.id.clone(), tag.to_string());
+        snap
+    }
+
     fn kill_all(&self) {
         for mut e in self.sandboxes.lock().unwrap().drain(..) {
             let _ = e.child.kill();
@@ -53,6 +103,10 @@ impl SandboxService for Fake {
         if !(1..=1000).contains(&req.n) {
             return Err(Status::invalid_argument("n must be 1..1000"));
         }
+        let mut memory_mib = req.memory_mib;
+        if !req.snapshot_tag.is_empty() {
+            memory_mib = self.snapshot(&req.snapshot_tag)?.memory_mib;
+        }
         let mut out = Vec::new();
         for _ in 0..req.n {
             let child = Command::new(&self.vmm)
@@ -69,11 +123,8 @@ impl SandboxService for Fake {
             let sandbox = Sandbox {
                 id,
                 state: SandboxState::Running as i32,
-                memory_mib: if req.memory_mib == 0 {
-                    256
-                } else {
-                    req.memory_mib
-                },
+                memory_mib: if memory_mib == 0 { 256 } else { memory_mib },
+                snapshot_tag: req.snapshot_tag.clone(),
                 vcpus: if req.vcpus == 0 { 2 } else { req.vcpus },
                 labels: req.labels.clone(),
                 vmm_pid: child.id(),
@@ -81,6 +132,12 @@ impl SandboxService for Fake {
                 boot_ms: start.elapsed().as_secs_f64() * 1e3,
                 ..Default::default()
             };
+            if !req.snapshot_tag.is_empty() {
+                self.bases
+                    .lock()
+                    .unwrap()
+                    .insert(sandbox.id.clone(), req.snapshot_tag.clone());
+            }
             out.push(sandbox.clone());
             self.sandboxes
                 .lock()
@@ -180,6 +237,13 @@ impl SandboxService for Fake {
                     }
                 }
                 Some("sleep") => tokio::time::sleep(Duration::from_millis(arg(1))).await,
+                Some("fill") => {
+                    let line = format!("filled {} MiB with seed {}\n", arg(1), arg(2));
+                    let _ = tx.send(Ok(send(line.into_bytes()))).await;
+                }
+                Some("checksum") => {
+                    let _ = tx.send(Ok(send(b"0123456789abcdef\n".to_vec()))).await;
+                }
                 _ => {
                     let _ = tx
                         .send(Err(Status::invalid_argument("unknown builtin")))
@@ -200,9 +264,123 @@ impl SandboxService for Fake {
 
     async fn branch_sandbox(
         &self,
-        _req: Request<BranchSandboxRequest>,
+        req: Request<BranchSandboxRequest>,
     ) -> Result<Response<BranchSandboxResponse>, Status> {
-        Err(Status::unimplemented("the fake daemon has no snapshots"))
+        let req = req.into_inner();
+        let sandbox = self
+            .sandboxes
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.sandbox.id == req.sandbox_id)
+            .map(|e| e.sandbox.clone())
+            .ok_or_else(|| Status::not_found(req.sandbox_id.clone()))?;
+        let diff = req.mode == BranchMode::Diff as i32
+            || (req.mode == BranchMode::Unspecified as i32 && req.diff);
+        if req.mode == BranchMode::Live as i32 {
+            return Err(Status::unimplemented("LIVE"));
+        }
+        if self.snapshot(&req.tag).is_ok() {
+            return Err(Status::already_exists(req.tag));
+        }
+        let parent = if diff {
+            let base = self.bases.lock().unwrap().get(&sandbox.id).cloned();
+            let base = base.ok_or_else(|| Status::failed_precondition("no base snapshot"))?;
+            Some(self.snapshot(&base)?)
+        } else {
+            None
+        };
+        let pause = if diff { 2 } else { 10 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let snap = self.record(&req.tag, &sandbox, parent);
+        Ok(Response::new(BranchSandboxResponse {
+            snapshot: Some(snap),
+            pause_ms: pause as f64,
+            bytes_written: u64::from(sandbox.memory_mib) << 19,
+            dirty_pages: if diff { 4096 } else { 0 },
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl SnapshotService for Fake {
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        if self.snapshot(&req.tag).is_ok() {
+            return Err(Status::already_exists(req.tag));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sandbox = Sandbox {
+            id: "sb-fakewarm".to_string(),
+            memory_mib: if req.memory_mib == 0 {
+                256
+            } else {
+                req.memory_mib
+            },
+            vcpus: 2,
+            ..Default::default()
+        };
+        let snap = self.record(&req.tag, &sandbox, None);
+        Ok(Response::new(CreateSnapshotResponse {
+            snapshot: Some(snap),
+            sandbox_id: String::new(),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        Ok(Response::new(GetSnapshotResponse {
+            snapshot: Some(self.snapshot(&req.into_inner().tag)?),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Ok(Response::new(ListSnapshotsResponse {
+            snapshots: self.snapshots.lock().unwrap().clone(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        self.snapshot(&req.tag)?;
+        let mut list = self.snapshots.lock().unwrap();
+        let dependents: Vec<String> = list
+            .iter()
+            .filter(|s| s.chain.iter().skip(1).any(|t| *t == req.tag))
+            .map(|s| s.tag.clone())
+            .collect();
+        if !dependents.is_empty() && !req.cascade && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "dependents: {}",
+                dependents.join(", ")
+            )));
+        }
+        let mut deleted = dependents;
+        deleted.push(req.tag.clone());
+        list.retain(|s| !deleted.contains(&s.tag));
+        Ok(Response::new(DeleteSnapshotResponse {
+            deleted_tags: deleted,
+        }))
+    }
+
+    type WatchSnapshotStream = ReceiverStream<Result<WatchSnapshotResponse, Status>>;
+
+    async fn watch_snapshot(
+        &self,
+        _req: Request<WatchSnapshotRequest>,
+    ) -> Result<Response<Self::WatchSnapshotStream>, Status> {
+        Err(Status::unimplemented("the fake daemon does not watch"))
     }
 }
 
@@ -229,6 +407,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         vmm,
         next: Mutex::new(0),
         sandboxes: Mutex::new(Vec::new()),
+        snapshots: Mutex::new(Vec::new()),
+        bases: Mutex::new(HashMap::new()),
     });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<SandboxServiceServer<Fake>>().await;
@@ -237,6 +417,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(SandboxServiceServer::from_arc(fake.clone()))
+        .add_service(SnapshotServiceServer::from_arc(fake.clone()))
         .serve_with_shutdown(listen, async move {
             term.recv().await;
         })

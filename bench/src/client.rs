@@ -2,14 +2,18 @@
 //! helpers, and a list of anomalies worth reporting.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkd_api::v1::sandbox_service_client::SandboxServiceClient;
+use forkd_api::v1::snapshot_service_client::SnapshotServiceClient;
 use forkd_api::v1::{
-    exec_response, DeleteSandboxRequest, ExecRequest, ListSandboxesRequest, Sandbox,
-    SpawnSandboxesRequest, SpawnSandboxesResponse,
+    exec_response, BranchMode, BranchSandboxRequest, BranchSandboxResponse, CreateSnapshotRequest,
+    DeleteSandboxRequest, DeleteSnapshotRequest, ExecRequest, ListSandboxesRequest,
+    ListSnapshotsRequest, Sandbox, Snapshot, SpawnSandboxesRequest, SpawnSandboxesResponse,
+    WarmupCommand,
 };
 use tonic::transport::Channel;
 use tonic::Request;
@@ -46,6 +50,9 @@ pub struct Ctx {
     pub shape: GuestShape,
     /// Deadline of one SpawnSandboxes call.
     pub spawn_timeout: Duration,
+    /// A directory on the daemon's data filesystem the benchmarks may write
+    /// scratch files to.
+    pub scratch: PathBuf,
     observations: Mutex<Vec<String>>,
     vmm_pids: Mutex<Vec<u32>>,
 }
@@ -76,12 +83,14 @@ impl Ctx {
         daemon_pid: u32,
         shape: GuestShape,
         spawn_timeout: Duration,
+        scratch: PathBuf,
     ) -> Ctx {
         Ctx {
             channel,
             daemon_pid,
             shape,
             spawn_timeout,
+            scratch,
             observations: Mutex::new(Vec::new()),
             vmm_pids: Mutex::new(Vec::new()),
         }
@@ -114,25 +123,62 @@ impl Ctx {
         self.vmm_pids.lock().unwrap().clone()
     }
 
+    /// A snapshot service client on the shared connection.
+    pub fn snapshots(&self) -> SnapshotServiceClient<Channel> {
+        SnapshotServiceClient::new(self.channel.clone())
+    }
+
     /// SpawnSandboxes(n) labelled with `bench`, timed on the client.
     /// Partial failures are recorded as observations; an empty result is an
     /// error.
     pub async fn spawn(&self, bench: &str, n: u32) -> Result<(SpawnSandboxesResponse, Duration)> {
+        self.spawn_with(bench, n, "", self.shape).await
+    }
+
+    /// SpawnSandboxes(n) of children of snapshot `tag` (the snapshot fixes
+    /// the guest's shape).
+    pub async fn spawn_from(
+        &self,
+        bench: &str,
+        tag: &str,
+        n: u32,
+    ) -> Result<(SpawnSandboxesResponse, Duration)> {
+        let shape = GuestShape {
+            memory_mib: 0,
+            vcpus: 0,
+        };
+        self.spawn_with(bench, n, tag, shape).await
+    }
+
+    /// SpawnSandboxes: cold boots of `shape` when `tag` is empty, else
+    /// children of that snapshot.
+    pub async fn spawn_with(
+        &self,
+        bench: &str,
+        n: u32,
+        tag: &str,
+        shape: GuestShape,
+    ) -> Result<(SpawnSandboxesResponse, Duration)> {
         let mut req = Request::new(SpawnSandboxesRequest {
-            snapshot_tag: String::new(),
+            snapshot_tag: tag.to_string(),
             n,
             live_fork: None,
-            memory_mib: self.shape.memory_mib,
-            vcpus: self.shape.vcpus,
+            memory_mib: shape.memory_mib,
+            vcpus: shape.vcpus,
             labels: HashMap::from([(LABEL_KEY.to_string(), bench.to_string())]),
         });
         req.set_timeout(self.spawn_timeout);
         let start = Instant::now();
+        let what = if tag.is_empty() {
+            format!("SpawnSandboxes(n={n})")
+        } else {
+            format!("SpawnSandboxes(n={n}, snapshot_tag={tag})")
+        };
         let resp = self
             .client()
             .spawn_sandboxes(req)
             .await
-            .with_context(|| format!("SpawnSandboxes(n={n})"))?
+            .with_context(|| what.clone())?
             .into_inner();
         let wall = start.elapsed();
         if !resp.failures.is_empty() {
@@ -174,6 +220,129 @@ impl Ctx {
             }
         }
         Ok((resp, wall))
+    }
+
+    /// CreateSnapshot: boots a sandbox of `memory_mib`, runs `warmup`,
+    /// snapshots it and deletes the sandbox. Returns the snapshot and the
+    /// client-side wall time.
+    pub async fn create_snapshot(
+        &self,
+        tag: &str,
+        memory_mib: u32,
+        warmup: &[&[&str]],
+    ) -> Result<(Snapshot, Duration)> {
+        let mut req = Request::new(CreateSnapshotRequest {
+            tag: tag.to_string(),
+            memory_mib,
+            vcpus: 0,
+            warmup: warmup
+                .iter()
+                .map(|argv| WarmupCommand {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                    timeout_ms: 0,
+                })
+                .collect(),
+            keep_running: false,
+        });
+        req.set_timeout(Duration::from_secs(600));
+        let start = Instant::now();
+        let resp = self
+            .snapshots()
+            .create_snapshot(req)
+            .await
+            .with_context(|| format!("CreateSnapshot({tag})"))?
+            .into_inner();
+        let wall = start.elapsed();
+        let snap = resp
+            .snapshot
+            .with_context(|| format!("CreateSnapshot({tag}) returned no snapshot"))?;
+        Ok((snap, wall))
+    }
+
+    /// BranchSandbox of `sandbox_id` into `tag` with `mode`, timed on the
+    /// client.
+    pub async fn branch(
+        &self,
+        sandbox_id: &str,
+        tag: &str,
+        mode: BranchMode,
+    ) -> Result<(BranchSandboxResponse, Duration)> {
+        let mut req = Request::new(BranchSandboxRequest {
+            sandbox_id: sandbox_id.to_string(),
+            tag: tag.to_string(),
+            mode: mode as i32,
+            wait: None,
+            diff: false,
+            measure_diff: false,
+        });
+        req.set_timeout(Duration::from_secs(600));
+        let start = Instant::now();
+        let resp = self
+            .client()
+            .branch_sandbox(req)
+            .await
+            .with_context(|| format!("BranchSandbox({sandbox_id}, {tag}, {mode:?})"))?
+            .into_inner();
+        Ok((resp, start.elapsed()))
+    }
+
+    /// DeleteSnapshot(tag); returns the deleted tags.
+    pub async fn delete_snapshot(
+        &self,
+        tag: &str,
+        cascade: bool,
+        force: bool,
+    ) -> Result<Vec<String>> {
+        let mut req = Request::new(DeleteSnapshotRequest {
+            tag: tag.to_string(),
+            cascade,
+            force,
+        });
+        req.set_timeout(Duration::from_secs(120));
+        let resp = self
+            .snapshots()
+            .delete_snapshot(req)
+            .await
+            .with_context(|| format!("DeleteSnapshot({tag})"))?
+            .into_inner();
+        Ok(resp.deleted_tags)
+    }
+
+    /// Deletes (cascade, force) every snapshot whose tag starts with
+    /// `{bench}-`. A daemon without snapshot support has nothing to delete.
+    pub async fn cleanup_snapshots(&self, bench: &str) -> Result<()> {
+        let resp = match self
+            .snapshots()
+            .list_snapshots(ListSnapshotsRequest { status: 0 })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
+            Err(s) => return Err(s).context("ListSnapshots"),
+        };
+        let prefix = format!("{bench}-");
+        let mut left: Vec<Snapshot> = resp
+            .snapshots
+            .into_iter()
+            .filter(|s| s.tag.starts_with(&prefix))
+            .collect();
+        // Roots last, so that every delete finds its dependents gone (the
+        // cascade would take them anyway).
+        left.sort_by_key(|s| std::cmp::Reverse(s.chain.len()));
+        for snap in left {
+            match self.delete_snapshot(&snap.tag, true, true).await {
+                Ok(_) => {}
+                Err(e) => {
+                    let gone = e
+                        .downcast_ref::<tonic::Status>()
+                        .is_some_and(|s| s.code() == tonic::Code::NotFound);
+                    if !gone {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// DeleteSandbox(id), timed.
@@ -245,14 +414,20 @@ impl Ctx {
             .collect())
     }
 
-    /// Deletes whatever this benchmark left behind (after an error, say).
+    /// Deletes whatever this benchmark left behind (after an error, say):
+    /// its sandboxes, then its snapshots.
     pub async fn cleanup(&self, bench: &str) -> Result<()> {
+        self.cleanup_sandboxes(bench).await?;
+        self.cleanup_snapshots(bench).await
+    }
+
+    /// Deletes every sandbox carrying this benchmark's label.
+    pub async fn cleanup_sandboxes(&self, bench: &str) -> Result<()> {
         let left = self.list_labelled(bench).await?;
-        if left.is_empty() {
-            return Ok(());
+        if !left.is_empty() {
+            let ids: Vec<String> = left.into_iter().map(|s| s.id).collect();
+            self.delete_many(&ids).await?;
         }
-        let ids: Vec<String> = left.into_iter().map(|s| s.id).collect();
-        self.delete_many(&ids).await?;
         Ok(())
     }
 
@@ -264,64 +439,41 @@ impl Ctx {
         argv: &[&str],
         capture_stdout: bool,
     ) -> Result<ExecOutcome> {
-        let mut req = Request::new(ExecRequest {
-            sandbox_id: sandbox_id.to_string(),
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            timeout_ms: 0,
-        });
-        req.set_timeout(Duration::from_secs(60));
-        let mut stream = client
-            .exec(req)
-            .await
-            .with_context(|| format!("Exec {argv:?}"))?
-            .into_inner();
-        let mut out = ExecOutcome::default();
-        loop {
-            let msg = stream
-                .message()
-                .await
-                .with_context(|| format!("Exec {argv:?}: reading the stream"))?;
-            let Some(msg) = msg else {
-                bail!("Exec {argv:?}: stream ended without an exit message");
-            };
-            match msg.event {
-                Some(exec_response::Event::Stdout(data)) => {
-                    out.chunks += 1;
-                    out.max_chunk = out.max_chunk.max(data.len());
-                    out.stdout_bytes += data.len() as u64;
-                    if capture_stdout {
-                        out.stdout.extend_from_slice(&data);
-                    }
-                }
-                Some(exec_response::Event::Stderr(data)) => {
-                    out.chunks += 1;
-                    out.max_chunk = out.max_chunk.max(data.len());
-                    out.stderr.extend_from_slice(&data);
-                }
-                Some(exec_response::Event::Exit(exit)) => {
-                    out.exit_code = exit.exit_code;
-                    out.duration_us = exit.duration_us;
-                    break;
-                }
-                None => bail!("Exec {argv:?}: message without an event"),
-            }
+        exec_on(client, sandbox_id, argv, capture_stdout).await
+    }
+
+    /// Runs `argv` in every sandbox of `ids`, `concurrency` at a time, each
+    /// on its own client of the shared connection; fails on the first error
+    /// or non-zero exit. Returns the outcomes in the order of `ids`.
+    pub async fn exec_all(
+        &self,
+        ids: &[String],
+        argv: &[&str],
+        concurrency: usize,
+    ) -> Result<Vec<ExecOutcome>> {
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().enumerate() {
+            let sem = sem.clone();
+            let mut client = self.client();
+            let (id, argv) = (id.clone(), argv.clone());
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore closed");
+                let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+                let out = exec_on(&mut client, &id, &refs, true).await;
+                (i, out)
+            });
         }
-        // The exit must be the last message.
-        if let Some(extra) = stream
-            .message()
-            .await
-            .with_context(|| format!("Exec {argv:?}: after the exit message"))?
-        {
-            bail!("Exec {argv:?}: message after the exit: {extra:?}");
+        let mut outs: Vec<Option<ExecOutcome>> = vec![None; ids.len()];
+        while let Some(res) = set.join_next().await {
+            let (i, out) = res.context("exec task panicked")?;
+            outs[i] = Some(out.with_context(|| format!("in sandbox {}", ids[i]))?);
         }
-        if out.exit_code != 0 {
-            bail!(
-                "Exec {argv:?} exited {} (stderr: {:?})",
-                out.exit_code,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(out)
+        Ok(outs
+            .into_iter()
+            .map(|o| o.expect("every task reported"))
+            .collect())
     }
 
     /// Waits up to `grace` for each deleted VMM to disappear; records the
@@ -350,4 +502,71 @@ impl Ctx {
             ));
         }
     }
+}
+
+/// Runs `argv` in the sandbox and drains the stream; fails unless it exits 0.
+pub async fn exec_on(
+    client: &mut Client,
+    sandbox_id: &str,
+    argv: &[&str],
+    capture_stdout: bool,
+) -> Result<ExecOutcome> {
+    let mut req = Request::new(ExecRequest {
+        sandbox_id: sandbox_id.to_string(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        timeout_ms: 0,
+    });
+    req.set_timeout(Duration::from_secs(60));
+    let mut stream = client
+        .exec(req)
+        .await
+        .with_context(|| format!("Exec {argv:?}"))?
+        .into_inner();
+    let mut out = ExecOutcome::default();
+    loop {
+        let msg = stream
+            .message()
+            .await
+            .with_context(|| format!("Exec {argv:?}: reading the stream"))?;
+        let Some(msg) = msg else {
+            bail!("Exec {argv:?}: stream ended without an exit message");
+        };
+        match msg.event {
+            Some(exec_response::Event::Stdout(data)) => {
+                out.chunks += 1;
+                out.max_chunk = out.max_chunk.max(data.len());
+                out.stdout_bytes += data.len() as u64;
+                if capture_stdout {
+                    out.stdout.extend_from_slice(&data);
+                }
+            }
+            Some(exec_response::Event::Stderr(data)) => {
+                out.chunks += 1;
+                out.max_chunk = out.max_chunk.max(data.len());
+                out.stderr.extend_from_slice(&data);
+            }
+            Some(exec_response::Event::Exit(exit)) => {
+                out.exit_code = exit.exit_code;
+                out.duration_us = exit.duration_us;
+                break;
+            }
+            None => bail!("Exec {argv:?}: message without an event"),
+        }
+    }
+    // The exit must be the last message.
+    if let Some(extra) = stream
+        .message()
+        .await
+        .with_context(|| format!("Exec {argv:?}: after the exit message"))?
+    {
+        bail!("Exec {argv:?}: message after the exit: {extra:?}");
+    }
+    if out.exit_code != 0 {
+        bail!(
+            "Exec {argv:?} exited {} (stderr: {:?})",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
 }

@@ -35,15 +35,22 @@ enum Bench {
     IdleMemory,
     /// GetSandbox and grpc.health.v1 Check latency and req/s.
     Unary,
+    /// SpawnSandboxes of 1, 10, 100, 1000 children of a warm snapshot, and
+    /// their memory.
+    ForkSpawn,
+    /// FULL against DIFF branch pause at several dirty sizes.
+    BranchPause,
 }
 
 impl Bench {
-    const ALL: [Bench; 5] = [
+    const ALL: [Bench; 7] = [
         Bench::ColdSpawn,
         Bench::ExecEcho,
         Bench::AgentThroughput,
         Bench::IdleMemory,
         Bench::Unary,
+        Bench::ForkSpawn,
+        Bench::BranchPause,
     ];
 
     fn name(self) -> &'static str {
@@ -53,6 +60,8 @@ impl Bench {
             Bench::AgentThroughput => benches::agent_throughput::NAME,
             Bench::IdleMemory => benches::idle_memory::NAME,
             Bench::Unary => benches::unary::NAME,
+            Bench::ForkSpawn => benches::fork_spawn::NAME,
+            Bench::BranchPause => benches::branch_pause::NAME,
         }
     }
 
@@ -63,6 +72,8 @@ impl Bench {
             Bench::AgentThroughput => benches::agent_throughput::run(ctx, it).await,
             Bench::IdleMemory => benches::idle_memory::run(ctx, it).await,
             Bench::Unary => benches::unary::run(ctx, it).await,
+            Bench::ForkSpawn => benches::fork_spawn::run(ctx, it).await,
+            Bench::BranchPause => benches::branch_pause::run(ctx, it).await,
         }
     }
 }
@@ -121,6 +132,34 @@ struct Args {
     /// unary: seconds of the concurrent phase.
     #[arg(long)]
     unary_secs: Option<f64>,
+    /// fork-spawn: children per SpawnSandboxes call (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    fork_ns: Vec<u32>,
+    /// fork-spawn: repetitions for every n (default 20, 5, 3, 1 for n up to
+    /// 1, 10, 100 and above).
+    #[arg(long)]
+    fork_reps: Option<usize>,
+    /// fork-spawn: guest RAM of the snapshot, MiB.
+    #[arg(long)]
+    fork_memory_mib: Option<u32>,
+    /// fork-spawn: MiB the warm-up fills.
+    #[arg(long)]
+    fork_fill_mib: Option<u32>,
+    /// branch-pause: MiB rewritten before each branch (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    branch_sizes: Vec<u32>,
+    /// branch-pause: iterations per size.
+    #[arg(long)]
+    branch_iters: Option<usize>,
+    /// branch-pause: no scratch-file ballast before each branch.
+    #[arg(long)]
+    branch_no_ballast: bool,
+    /// branch-pause: guest RAM, MiB.
+    #[arg(long)]
+    branch_memory_mib: Option<u32>,
+    /// branch-pause: MiB filled before the first branch.
+    #[arg(long)]
+    branch_fill_mib: Option<u32>,
     /// Deadline of one SpawnSandboxes call, seconds.
     #[arg(long, default_value_t = 300)]
     spawn_timeout_secs: u64,
@@ -155,6 +194,33 @@ impl Args {
         }
         if let Some(n) = self.idle_n {
             it.idle_n = n.clamp(1, 1000);
+        }
+        if !self.fork_ns.is_empty() {
+            it.fork_ns = self.fork_ns.iter().map(|&n| n.clamp(1, 1000)).collect();
+        }
+        if let Some(r) = self.fork_reps {
+            it.fork_reps = Some(r.max(1));
+        }
+        if let Some(m) = self.fork_memory_mib {
+            it.fork_memory_mib = m;
+        }
+        if let Some(m) = self.fork_fill_mib {
+            it.fork_fill_mib = m;
+        }
+        if !self.branch_sizes.is_empty() {
+            it.branch_sizes = self.branch_sizes.clone();
+        }
+        if let Some(n) = self.branch_iters {
+            it.branch_iters = n.max(1);
+        }
+        if self.branch_no_ballast {
+            it.branch_ballast = false;
+        }
+        if let Some(m) = self.branch_memory_mib {
+            it.branch_memory_mib = m;
+        }
+        if let Some(m) = self.branch_fill_mib {
+            it.branch_fill_mib = m;
         }
         if let Some(s) = self.unary_secs {
             it.unary_duration = Duration::from_secs_f64(s.max(0.1));
@@ -262,6 +328,7 @@ async fn run(args: Args) -> Result<bool> {
             vcpus: args.vcpus,
         },
         Duration::from_secs(args.spawn_timeout_secs),
+        daemon.dir().to_path_buf(),
     );
 
     let mut tables = Vec::new();

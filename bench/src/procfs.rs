@@ -53,6 +53,21 @@ pub fn parse_smaps_rollup(text: &str) -> Result<MemUsage> {
     Ok(usage)
 }
 
+/// Every `Name: N kB` line of `/proc/meminfo`, KiB (lines without a unit,
+/// such as `HugePages_Total`, are skipped).
+pub fn meminfo() -> Result<std::collections::HashMap<String, u64>> {
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (key, rest) = l.split_once(':')?;
+            let mut parts = rest.split_whitespace();
+            let value = parts.next()?.parse().ok()?;
+            (parts.next() == Some("kB")).then(|| (key.to_string(), value))
+        })
+        .collect())
+}
+
 /// Whether a process with this pid exists and its command name starts with
 /// `comm_prefix` (guards against a recycled pid).
 pub fn process_alive(pid: u32, comm_prefix: &str) -> bool {
@@ -99,6 +114,14 @@ mod tests {
             }
         );
         assert!(parse_smaps_rollup("nothing: here\n").is_err());
+    }
+
+    #[test]
+    fn reads_meminfo() {
+        let all = meminfo().unwrap();
+        assert!(all["MemTotal"] >= all["MemAvailable"]);
+        assert!(all["MemAvailable"] > 0);
+        assert!(!all.contains_key("HugePages_Total"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from grpcurl_client import ExecResult, GrpcError, Grpcurl
+from grpcurl_client import ExecResult, GrpcError, Grpcurl, decode_exec
 
 VMM_NAME = "forkd-vmm"
 PR_SET_CHILD_SUBREAPER = 36
@@ -335,6 +335,19 @@ class Daemon:
             parts += text[-lines:]
         except FileNotFoundError:
             parts.append(f"--- {self.log_path}: missing ---")
+        snaps = self.data_dir / "snapshots"
+        if snaps.is_dir():
+            listing = []
+            for d in sorted(snaps.iterdir())[:20]:
+                if d.is_dir():
+                    files = ", ".join(
+                        f"{f.name}={f.stat().st_size}" for f in sorted(d.iterdir()) if f.is_file()
+                    )
+                    listing.append(f"  {d.name}/: {files}")
+                else:
+                    listing.append(f"  {d.name}")
+            parts.append(f"--- {snaps} ---")
+            parts += listing or ["  (empty)"]
         sb = self.data_dir / "sandboxes"
         if sb.is_dir():
             for log in sorted(sb.glob("*/vmm.log"))[:8]:
@@ -383,3 +396,104 @@ class Daemon:
 
     def exec(self, sandbox_id: str, argv: Sequence[str], timeout_ms: int = 0) -> ExecResult:
         return self.client.exec(sandbox_id, argv, timeout_ms)
+
+    def exec_ok(self, sandbox_id: str, argv: Sequence[str]) -> bytes:
+        """Runs a command that must exit 0; returns its stdout."""
+        r = self.exec(sandbox_id, argv)
+        assert r.exit_code == 0, f"{argv} in {sandbox_id} exited {r.exit_code}: {r.stdout!r} {r.stderr!r}"
+        return r.stdout
+
+    def exec_many(
+        self, sandbox_ids: Sequence[str], argv: Sequence[str], parallel: int = 4
+    ) -> dict[str, ExecResult]:
+        """Runs the same command in many sandboxes, `parallel` grpcurl calls
+        at a time; every call must end with an exit message."""
+        results: dict[str, ExecResult] = {}
+        todo = list(sandbox_ids)
+        while todo:
+            batch, todo = todo[:parallel], todo[parallel:]
+            calls = [
+                (sid, self.client.start("forkd.v1.SandboxService/Exec", {"sandboxId": sid, "argv": list(argv)}))
+                for sid in batch
+            ]
+            try:
+                for sid, call in calls:
+                    res = call.wait(timeout=120)
+                    if not res.ok:
+                        raise GrpcError(res)
+                    results[sid] = decode_exec(res.messages)
+            finally:
+                for _, call in calls:
+                    call.kill()
+        return results
+
+    # ---- snapshots ----------------------------------------------------------
+
+    def snapshot_dir(self, tag: str) -> Path:
+        return self.data_dir / "snapshots" / tag
+
+    def create_snapshot(
+        self,
+        tag: str = "",
+        *,
+        memory_mib: int = 0,
+        vcpus: int = 0,
+        warmup: Sequence[Sequence[str]] = (),
+        keep_running: bool = False,
+    ) -> dict:
+        """CreateSnapshot; returns the whole response (`snapshot`, and
+        `sandboxId` with keep_running)."""
+        req: dict[str, Any] = {"warmup": [{"argv": list(a)} for a in warmup]}
+        if tag:
+            req["tag"] = tag
+        if memory_mib:
+            req["memoryMib"] = memory_mib
+        if vcpus:
+            req["vcpus"] = vcpus
+        if keep_running:
+            req["keepRunning"] = True
+        resp = self.client.call("forkd.v1.SnapshotService/CreateSnapshot", req, timeout=600)
+        assert "snapshot" in resp, resp
+        if resp.get("sandboxId"):
+            self.get(resp["sandboxId"])  # remember its VMM
+        return resp
+
+    def branch(
+        self, sandbox_id: str, tag: str = "", mode: str | None = "BRANCH_MODE_FULL", **fields: Any
+    ) -> dict:
+        """BranchSandbox; `mode` is a BranchMode name (None leaves it unset).
+        Returns the whole response."""
+        req: dict[str, Any] = {"sandboxId": sandbox_id, **fields}
+        if tag:
+            req["tag"] = tag
+        if mode is not None:
+            req["mode"] = mode
+        resp = self.client.call("forkd.v1.SandboxService/BranchSandbox", req, timeout=600)
+        assert "snapshot" in resp, resp
+        return resp
+
+    def get_snapshot(self, tag: str) -> dict:
+        resp = self.client.call("forkd.v1.SnapshotService/GetSnapshot", {"tag": tag})
+        assert "snapshot" in resp, resp
+        return resp["snapshot"]
+
+    def list_snapshots(self, status: str | None = None) -> list[dict]:
+        req = {"status": status} if status else {}
+        return self.client.call("forkd.v1.SnapshotService/ListSnapshots", req).get("snapshots", [])
+
+    def delete_snapshot(self, tag: str, *, cascade: bool = False, force: bool = False) -> list[str]:
+        req: dict[str, Any] = {"tag": tag}
+        if cascade:
+            req["cascade"] = True
+        if force:
+            req["force"] = True
+        resp = self.client.call("forkd.v1.SnapshotService/DeleteSnapshot", req, timeout=120)
+        return resp.get("deletedTags", [])
+
+    def kill9(self) -> int | None:
+        """SIGKILLs the daemon (its VMMs are left to notice by themselves)
+        and waits for it; teardown then no longer expects exit code 0."""
+        self.vmm_children()
+        self.expect_clean_exit = False
+        self.signal(signal.SIGKILL)
+        return self.wait(30)

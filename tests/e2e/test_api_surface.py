@@ -1,9 +1,7 @@
-"""The API surface as a grpcurl user sees it: reflection, doc comments,
-health, and the snapshot RPCs that are not implemented yet."""
+"""The API surface as a grpcurl user sees it: reflection, doc comments and
+health. (The snapshot RPCs are exercised in test_snapshots.py.)"""
 
 from __future__ import annotations
-
-import pytest
 
 
 def test_list_shows_all_services(daemon):
@@ -55,35 +53,3 @@ def test_health_serving(daemon):
     # grpc.health.v1 through reflection and the raw call agree.
     res = daemon.anon.run(["grpc.health.v1.Health/Check"], {}, reflection=True)
     assert res.ok and res.messages == [{"status": "SERVING"}], res.describe()
-
-
-# Snapshots are not implemented yet: these pin today's contract and must be
-# replaced by real tests when the snapshot engine lands.
-@pytest.mark.parametrize(
-    "method,request_body",
-    [
-        pytest.param(f"forkd.v1.SnapshotService/{name}", body, id=name)
-        for name, body in [
-            ("ListSnapshots", {}),
-            ("GetSnapshot", {"tag": "base"}),
-            ("CreateSnapshot", {"tag": "base"}),
-            ("DeleteSnapshot", {"tag": "base"}),
-            ("WatchSnapshot", {"tag": "base"}),
-        ]
-    ],
-)
-def test_snapshot_rpcs_unimplemented(daemon, method, request_body):
-    res = daemon.client.expect_error("UNIMPLEMENTED", method, request_body)
-    assert res.messages == [], res.describe()
-
-
-def test_branch_sandbox_unimplemented(daemon):
-    [sb] = daemon.spawn(1)
-    daemon.client.expect_error(
-        "UNIMPLEMENTED",
-        "forkd.v1.SandboxService/BranchSandbox",
-        {"sandboxId": sb["id"], "mode": "BRANCH_MODE_FULL"},
-    )
-    # The sandbox is untouched by the refused branch.
-    assert daemon.get(sb["id"])["state"] == "SANDBOX_STATE_RUNNING"
-    assert daemon.exec(sb["id"], ["echo", "still", "here"]).stdout == b"still here\n"

@@ -2,8 +2,10 @@
 //! its iteration counts and returns tables.
 
 pub mod agent_throughput;
+pub mod branch_pause;
 pub mod cold_spawn;
 pub mod exec_echo;
+pub mod fork_spawn;
 pub mod idle_memory;
 pub mod unary;
 
@@ -39,6 +41,29 @@ pub struct Iters {
     pub unary_concurrency: usize,
     /// unary: duration of the concurrent phase.
     pub unary_duration: Duration,
+    /// fork-spawn: guest RAM of the snapshot, MiB.
+    pub fork_memory_mib: u32,
+    /// fork-spawn: MiB filled by the warm-up.
+    pub fork_fill_mib: u32,
+    /// fork-spawn: the numbers of children per SpawnSandboxes call.
+    pub fork_ns: Vec<u32>,
+    /// fork-spawn: repetitions for every n (None: 20, 5, 3, 1 for n up to
+    /// 1, 10, 100 and above).
+    pub fork_reps: Option<usize>,
+    /// fork-spawn: spawns of at least this many children get memory
+    /// figures.
+    pub fork_mem_min_n: u32,
+    /// branch-pause: guest RAM, MiB.
+    pub branch_memory_mib: u32,
+    /// branch-pause: MiB filled before the first branch.
+    pub branch_fill_mib: u32,
+    /// branch-pause: MiB rewritten before each branch.
+    pub branch_sizes: Vec<u32>,
+    /// branch-pause: iterations per size (each one FULL and one DIFF).
+    pub branch_iters: usize,
+    /// branch-pause: write and delete a scratch file before every branch
+    /// (see the module comment of `branch_pause`).
+    pub branch_ballast: bool,
 }
 
 impl Default for Iters {
@@ -56,6 +81,16 @@ impl Default for Iters {
             unary_iters: 2000,
             unary_concurrency: 64,
             unary_duration: Duration::from_secs(3),
+            fork_memory_mib: 1024,
+            fork_fill_mib: 512,
+            fork_ns: vec![1, 10, 100, 1000],
+            fork_reps: None,
+            fork_mem_min_n: 100,
+            branch_memory_mib: 1024,
+            branch_fill_mib: 512,
+            branch_sizes: vec![16, 128, 512],
+            branch_iters: 10,
+            branch_ballast: true,
         }
     }
 }
@@ -76,7 +111,27 @@ impl Iters {
             unary_iters: 100,
             unary_concurrency: 8,
             unary_duration: Duration::from_millis(500),
+            fork_memory_mib: 256,
+            fork_fill_mib: 64,
+            fork_ns: vec![1, 10],
+            fork_reps: Some(2),
+            fork_mem_min_n: 10,
+            branch_memory_mib: 256,
+            branch_fill_mib: 64,
+            branch_sizes: vec![16],
+            branch_iters: 2,
+            branch_ballast: true,
         }
+    }
+
+    /// fork-spawn: repetitions of a spawn of `n` children.
+    pub fn fork_reps(&self, n: u32) -> usize {
+        self.fork_reps.unwrap_or(match n {
+            0..=1 => 20,
+            2..=10 => 5,
+            11..=100 => 3,
+            _ => 1,
+        })
     }
 }
 
