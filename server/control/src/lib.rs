@@ -58,6 +58,8 @@ pub enum Request {
     /// Run a builtin; answered by [`Output`] frames, then [`Event::ExecDone`].
     Exec { id: u64, argv: Vec<String> },
     /// Ask the running Exec `id` to stop; it then ends with `cancelled`.
+    /// If `id` is a LIVE snapshot whose memory is still being copied, the
+    /// copy stops and ends with [`Event::CopyDone`] carrying an error.
     Cancel { id: u64 },
     /// Stop the vCPUs; answered by [`Event::Paused`].
     Pause { id: u64 },
@@ -76,6 +78,15 @@ pub enum Request {
     /// a hole means a zero page). Then it starts a new dirty-tracking epoch
     /// and resumes, unless it was paused before the request. The files are
     /// written but not fsynced: the daemon fsyncs when it commits.
+    ///
+    /// With [`SnapshotMode::Live`], `Snapshotted` comes as soon as the vCPUs
+    /// run again, with `dir/vmstate` written and `dir/memory` still being
+    /// filled in the background by a userfaultfd write-protect copy; then
+    /// [`Event::CopyProgress`] about every 100 ms and finally one
+    /// [`Event::CopyDone`] with the same id. `dir/memory` is complete (and
+    /// holds guest RAM exactly as it was at the pause) only after a
+    /// `CopyDone` without error. One live copy runs at a time: another
+    /// Snapshot request during it is answered with [`Event::Error`].
     Snapshot {
         id: u64,
         mode: SnapshotMode,
@@ -95,6 +106,10 @@ pub enum SnapshotMode {
     /// from a snapshot, since the restore): KVM's dirty log plus the pages
     /// the VMM itself wrote (the agent mailbox).
     Diff,
+    /// Like `Full`, but the vCPUs run while memory is copied: the pause
+    /// covers only the vCPU/device state and write-protecting the pages
+    /// written since protection was armed (see [`Request::Snapshot`]).
+    Live,
 }
 
 impl Request {
@@ -187,6 +202,34 @@ pub enum Event {
         dirty_pages: u64,
         /// Bytes of guest RAM (the size of `dir/memory`).
         memory_bytes: u64,
+    },
+    /// A LIVE snapshot's background copy is under way.
+    CopyProgress {
+        id: u64,
+        /// Bytes of RAM handled so far (copied, or found zero).
+        bytes_copied: u64,
+        /// Bytes of RAM that hold data and must be handled.
+        bytes_total: u64,
+        /// Guest (or VMM) writes that hit a page not yet copied and were
+        /// served by copying that page first.
+        faults_served: u64,
+    },
+    /// A LIVE snapshot's background copy ended: `dir/memory` is complete
+    /// when `error` is `None`.
+    CopyDone {
+        id: u64,
+        /// Bytes of memory data written to `dir/memory` (holes not counted).
+        bytes_written: u64,
+        /// Bytes of RAM handled (as in `CopyProgress`).
+        bytes_copied: u64,
+        /// Bytes of RAM that had to be handled.
+        bytes_total: u64,
+        /// Write faults served during the copy.
+        faults_served: u64,
+        /// How long the copy ran, from resume to the end.
+        copy_us: u64,
+        /// Why the copy failed (or `cancelled`); `None` on success.
+        error: Option<String>,
     },
     /// The VMM is exiting; always its last frame.
     Exited { reason: ExitReason },

@@ -607,7 +607,9 @@ fn event_id(event: &Event) -> Option<u64> {
         | Event::Stats { id, .. }
         | Event::Error { id, .. }
         | Event::ExecDone { id, .. }
-        | Event::Snapshotted { id, .. } => Some(*id),
+        | Event::Snapshotted { id, .. }
+        | Event::CopyProgress { id, .. }
+        | Event::CopyDone { id, .. } => Some(*id),
         Event::Ready { .. } | Event::Exited { .. } => None,
     }
 }

@@ -1,20 +1,15 @@
-//! Arming write-protection, the fault handler and the bulk copier.
+//! Arming, freezing and running a live copy; the state the threads share.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::pages::{PageStates, PAGE_SIZE};
-
-/// Pages the copier copies before lifting their protection in one call.
-const UNPROTECT_BATCH: usize = 512;
-/// Most pages the copier writes with one `pwrite`.
-const WRITE_RUN: usize = 64;
 
 /// Why a live copy failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,32 +44,52 @@ pub struct Progress {
     pub bytes_copied: u64,
     /// Bytes to handle in all.
     pub bytes_total: u64,
-    /// Write faults served by the handler.
+    /// Bytes actually written to the output (zero pages stay holes).
+    pub bytes_written: u64,
+    /// Write faults served by copying the page first.
     pub faults_served: u64,
+    /// Write faults let through before the instant was fixed.
+    pub faults_before_freeze: u64,
 }
 
-struct Shared {
-    uffd: Uffd,
+/// What the fault handler does with a write fault.
+pub(crate) enum Phase {
+    /// Before the instant: lift the page's protection, remember the page.
+    Armed(Vec<usize>),
+    /// After: copy the page first.
+    Copying,
+}
+
+pub(crate) struct Shared {
+    pub(crate) uffd: Uffd,
     base: usize,
-    states: PageStates,
-    out: File,
+    pub(crate) states: PageStates,
+    pub(crate) phase: Mutex<Phase>,
+    out: OnceLock<File>,
     copied: AtomicU64,
-    total: u64,
-    faults: AtomicU64,
-    cancel: AtomicBool,
+    written: AtomicU64,
+    total: AtomicU64,
+    pub(crate) faults: AtomicU64,
+    pub(crate) early_faults: AtomicU64,
+    pub(crate) cancel: AtomicBool,
     error: Mutex<Option<CopyError>>,
-    stop: OwnedFd,
+    pub(crate) stop: OwnedFd,
 }
 
 // SAFETY: `base` is the address of a mapping the caller of `arm` keeps alive
 // for the copy's lifetime (a contract of `arm`); everything else is Sync.
 unsafe impl Send for Shared {}
-// SAFETY: as above; shared state is atomics, a mutex, and fds.
+// SAFETY: as above; shared state is atomics, mutexes, and fds.
 unsafe impl Sync for Shared {}
 
 impl Shared {
     fn page_ptr(&self, page: usize) -> *mut libc::c_void {
         (self.base + page * PAGE_SIZE) as *mut libc::c_void
+    }
+
+    /// Page index of a faulting address.
+    pub(crate) fn page_of(&self, addr: usize) -> usize {
+        (addr - self.base) / PAGE_SIZE
     }
 
     fn page_bytes(&self, first: usize, count: usize) -> &[u8] {
@@ -84,33 +99,35 @@ impl Shared {
     }
 
     /// Writes claimed pages `first..first+count` and marks them done.
-    fn copy(&self, first: usize, count: usize) -> Result<(), CopyError> {
+    pub(crate) fn copy(&self, first: usize, count: usize) -> Result<(), CopyError> {
+        let out = self.out.get().expect("pages are copied only after freeze");
         let bytes = self.page_bytes(first, count);
+        let is_zero = |i: usize| {
+            bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                .iter()
+                .all(|b| *b == 0)
+        };
         let mut i = 0;
         while i < count {
-            // Skip zero pages: the output is sparse and reads them as zero.
-            let page = &bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            if page.iter().all(|b| *b == 0) {
+            // Zero pages stay holes: the output is sparse and reads them as 0.
+            if is_zero(i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < count
-                && bytes[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]
-                    .iter()
-                    .any(|b| *b != 0)
-            {
+            while j < count && !is_zero(j) {
                 j += 1;
             }
-            self.out
-                .write_all_at(
-                    &bytes[i * PAGE_SIZE..j * PAGE_SIZE],
-                    ((first + i) * PAGE_SIZE) as u64,
-                )
-                .map_err(|source| CopyError::Write {
-                    page: first + i,
-                    source,
-                })?;
+            out.write_all_at(
+                &bytes[i * PAGE_SIZE..j * PAGE_SIZE],
+                ((first + i) * PAGE_SIZE) as u64,
+            )
+            .map_err(|source| CopyError::Write {
+                page: first + i,
+                source,
+            })?;
+            self.written
+                .fetch_add(((j - i) * PAGE_SIZE) as u64, Ordering::Relaxed);
             i = j;
         }
         for p in first..first + count {
@@ -121,148 +138,50 @@ impl Shared {
         Ok(())
     }
 
-    fn unprotect(&self, first: usize, count: usize) -> Result<(), CopyError> {
+    pub(crate) fn protect(&self, first: usize, count: usize) -> Result<(), CopyError> {
+        self.uffd
+            .write_protect(self.page_ptr(first), count * PAGE_SIZE)
+            .map_err(|e| CopyError::Arm(format!("UFFDIO_WRITEPROTECT: {e}")))
+    }
+
+    pub(crate) fn unprotect(&self, first: usize, count: usize) -> Result<(), CopyError> {
         self.uffd
             .remove_write_protection(self.page_ptr(first), count * PAGE_SIZE, true)
             .map_err(|e| CopyError::Fault(format!("removing write-protection: {e}")))
     }
 
-    fn fail(&self, error: CopyError) {
+    pub(crate) fn fail(&self, error: CopyError) {
         let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
         slot.get_or_insert(error);
         self.cancel.store(true, Ordering::Release);
     }
+
+    pub(crate) fn progress(&self) -> Progress {
+        Progress {
+            bytes_copied: self.copied.load(Ordering::Relaxed),
+            bytes_total: self.total.load(Ordering::Relaxed),
+            bytes_written: self.written.load(Ordering::Relaxed),
+            faults_served: self.faults.load(Ordering::Relaxed),
+            faults_before_freeze: self.early_faults.load(Ordering::Relaxed),
+        }
+    }
 }
 
-/// A write-protected range, armed and not yet copied.
-pub struct LiveCopy {
+/// The fault-handler thread and the teardown every phase shares: drop
+/// protection over the whole range (waking any blocked writer), then stop
+/// the handler.
+struct Handler {
     shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// A copy in progress.
-pub struct RunningCopy {
-    shared: Arc<Shared>,
-    copier: Option<JoinHandle<()>>,
-    handler: Option<JoinHandle<()>>,
-}
-
-impl LiveCopy {
-    /// Registers `len` bytes at `base` for write-protect faults and protects
-    /// them. Pages with `needs_copy(i) == false` are already right in `out`
-    /// (holes) and are never copied. `out` must be at least `len` bytes.
-    ///
-    /// # Safety
-    /// `base..base+len` must be a page-aligned shmem or anonymous mapping
-    /// that stays mapped until the copy ends (`RunningCopy::wait` returns or
-    /// the `RunningCopy` is dropped), and nothing may write to it between
-    /// this call and `start` other than through write faults the handler
-    /// will serve.
-    pub unsafe fn arm(
-        base: *mut u8,
-        len: usize,
-        out: File,
-        needs_copy: impl Fn(usize) -> bool,
-    ) -> Result<LiveCopy, CopyError> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
-            .create()
-            .map_err(|e| CopyError::Unavailable(e.to_string()))?;
-        uffd.register_with_mode(base as *mut libc::c_void, len, RegisterMode::WRITE_PROTECT)
-            .map_err(|e| CopyError::Arm(format!("UFFDIO_REGISTER (write-protect): {e}")))?;
-        uffd.write_protect(base as *mut libc::c_void, len)
-            .map_err(|e| CopyError::Arm(format!("UFFDIO_WRITEPROTECT: {e}")))?;
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if stop < 0 {
-            return Err(CopyError::Arm(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let pages = len / PAGE_SIZE;
-        let states = PageStates::new(pages, needs_copy);
-        let total = (0..pages).filter(|&i| !states.is_done(i)).count() as u64 * PAGE_SIZE as u64;
-        Ok(LiveCopy {
-            shared: Arc::new(Shared {
-                uffd,
-                base: base as usize,
-                states,
-                out,
-                copied: AtomicU64::new(0),
-                total,
-                faults: AtomicU64::new(0),
-                cancel: AtomicBool::new(false),
-                error: Mutex::new(None),
-                // SAFETY: `stop` is a fresh eventfd we own.
-                stop: unsafe { OwnedFd::from_raw_fd(stop) },
-            }),
-        })
-    }
-
-    /// Starts the fault handler and the copier.
-    pub fn start(self) -> RunningCopy {
-        let shared = self.shared;
-        let handler = {
-            let s = shared.clone();
-            std::thread::Builder::new()
-                .name("uffd-faults".into())
-                .spawn(move || handle_faults(&s))
-                .expect("spawning the fault handler")
+impl Handler {
+    fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
         };
-        let copier = {
-            let s = shared.clone();
-            std::thread::Builder::new()
-                .name("uffd-copier".into())
-                .spawn(move || copy_all(&s))
-                .expect("spawning the copier")
-        };
-        RunningCopy {
-            shared,
-            copier: Some(copier),
-            handler: Some(handler),
-        }
-    }
-}
-
-impl RunningCopy {
-    /// Current counters.
-    pub fn progress(&self) -> Progress {
-        progress(&self.shared)
-    }
-
-    /// Asks the copy to stop early; `wait` then returns `Cancelled`.
-    pub fn cancel(&self) {
-        self.shared.cancel.store(true, Ordering::Release);
-    }
-
-    /// Waits for the copy to end; protection is lifted either way.
-    pub fn wait(mut self) -> Result<Progress, CopyError> {
-        self.finish();
-        let error = self
-            .shared
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match error {
-            Some(e) => Err(e),
-            None if self.shared.cancel.load(Ordering::Acquire) => Err(CopyError::Cancelled),
-            None => Ok(progress(&self.shared)),
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(copier) = self.copier.take() {
-            let _ = copier.join();
-        }
-        // Drop protection over the whole range (this also wakes any writer
-        // still blocked, e.g. after a failure), then stop the handler.
         let s = &self.shared;
-        let len = s.states.len() * PAGE_SIZE;
-        let _ = s.uffd.unregister(s.base as *mut libc::c_void, len);
+        let _ = s.uffd.unregister(s.page_ptr(0), s.states.len() * PAGE_SIZE);
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to our eventfd.
         unsafe {
@@ -272,9 +191,239 @@ impl RunningCopy {
                 8,
             )
         };
-        if let Some(handler) = self.handler.take() {
-            let _ = handler.join();
+        let _ = thread.join();
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A write-protected range whose instant is not fixed yet: writes are let
+/// through (and remembered) until [`LiveCopy::freeze`]. Dropping it lifts
+/// protection.
+pub struct LiveCopy {
+    handler: Handler,
+}
+
+/// A copy whose instant is fixed; the copier has not started yet (the
+/// fault handler already copies before writes). Dropping it cancels.
+pub struct Frozen {
+    handler: Handler,
+}
+
+/// A copy in progress. Dropping it cancels the copy and lifts protection.
+pub struct RunningCopy {
+    handler: Handler,
+    copier: Option<JoinHandle<()>>,
+}
+
+/// Cancels a running copy from another thread.
+#[derive(Clone)]
+pub struct Canceller(Arc<Shared>);
+
+impl Canceller {
+    /// Asks the copy to stop early; `wait` then returns `Cancelled`.
+    pub fn cancel(&self) {
+        self.0.cancel.store(true, Ordering::Release);
+    }
+}
+
+impl LiveCopy {
+    /// Registers `len` bytes at `base` for write-protect faults, protects
+    /// them, and starts the fault handler. Writers may run during and after
+    /// this call; their writes are let through until [`LiveCopy::freeze`].
+    ///
+    /// # Safety
+    /// `base..base+len` must be a page-aligned shmem or anonymous mapping
+    /// that stays mapped until the copy ends (the `LiveCopy`, `Frozen` or
+    /// `RunningCopy` is dropped, or `RunningCopy::wait` returns).
+    pub unsafe fn arm(base: *mut u8, len: usize) -> Result<LiveCopy, CopyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
+            .create()
+            .map_err(|e| CopyError::Unavailable(e.to_string()))?;
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if stop < 0 {
+            return Err(CopyError::Arm(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
         }
+        let shared = Arc::new(Shared {
+            uffd,
+            base: base as usize,
+            states: PageStates::new(len / PAGE_SIZE, |_| true),
+            phase: Mutex::new(Phase::Armed(Vec::new())),
+            out: OnceLock::new(),
+            copied: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            early_faults: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            error: Mutex::new(None),
+            // SAFETY: `stop` is a fresh eventfd we own.
+            stop: unsafe { OwnedFd::from_raw_fd(stop) },
+        });
+        shared
+            .uffd
+            .register_with_mode(base as *mut libc::c_void, len, RegisterMode::WRITE_PROTECT)
+            .map_err(|e| CopyError::Arm(format!("UFFDIO_REGISTER (write-protect): {e}")))?;
+        // The handler runs before protection goes on: writers that hit a
+        // protected page while the rest is being protected are let through.
+        let thread = {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name("uffd-faults".into())
+                .spawn(move || crate::handler::handle_faults(&s))
+                .map_err(|e| CopyError::Arm(format!("spawning the fault handler: {e}")))?
+        };
+        let handler = Handler {
+            shared: shared.clone(),
+            thread: Some(thread),
+        };
+        shared.protect(0, len / PAGE_SIZE)?;
+        Ok(LiveCopy { handler })
+    }
+
+    /// Fixes the instant. Call it with every writer stopped: from now on
+    /// the copy holds memory exactly as it is. `out` receives the pages (at
+    /// their own offsets; it must be at least the range's size and hold
+    /// zeros, e.g. a new sparse file). Pages with `needs_copy(i) == false`
+    /// are right in `out` already (holes) and are never copied.
+    /// `written_since_arm` lists pages written since `arm` that this copy
+    /// could not have seen fault (e.g. pages that had no page-table entry
+    /// yet, from KVM's dirty log); they are protected again, like every
+    /// page whose fault was let through.
+    pub fn freeze(
+        self,
+        out: File,
+        needs_copy: impl Fn(usize) -> bool,
+        written_since_arm: impl IntoIterator<Item = usize>,
+    ) -> Result<Frozen, CopyError> {
+        let s = self.handler.shared.clone();
+        let pages = s.states.len();
+        let mut total = 0u64;
+        for i in 0..pages {
+            if needs_copy(i) {
+                total += PAGE_SIZE as u64;
+            } else {
+                s.states.skip(i);
+            }
+        }
+        s.total.store(total, Ordering::Relaxed);
+        let _ = s.out.set(out);
+        let let_through = {
+            let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());
+            match std::mem::replace(&mut *phase, Phase::Copying) {
+                Phase::Armed(pages) => pages,
+                Phase::Copying => Vec::new(),
+            }
+        };
+        let mut again: Vec<usize> = let_through
+            .into_iter()
+            .chain(written_since_arm)
+            .filter(|&p| p < pages && !s.states.is_done(p))
+            .collect();
+        again.sort_unstable();
+        again.dedup();
+        let mut i = 0;
+        while i < again.len() {
+            let mut j = i + 1;
+            while j < again.len() && again[j] == again[j - 1] + 1 {
+                j += 1;
+            }
+            s.protect(again[i], j - i)?;
+            i = j;
+        }
+        Ok(Frozen {
+            handler: self.handler,
+        })
+    }
+
+    /// Counters so far (only the let-through faults move before freeze).
+    pub fn progress(&self) -> Progress {
+        self.handler.shared.progress()
+    }
+}
+
+impl Frozen {
+    /// Starts the bulk copier; `rate` limits it to that many bytes per
+    /// second of memory handled (0: no limit). Faults are served at once
+    /// whatever the limit.
+    pub fn start(self, rate: u64) -> RunningCopy {
+        let s = self.handler.shared.clone();
+        let copier = std::thread::Builder::new()
+            .name("uffd-copier".into())
+            .spawn(move || crate::copier::copy_all(&s, rate));
+        match copier {
+            Ok(copier) => RunningCopy {
+                handler: self.handler,
+                copier: Some(copier),
+            },
+            Err(e) => {
+                self.handler
+                    .shared
+                    .fail(CopyError::Fault(format!("spawning the copier: {e}")));
+                RunningCopy {
+                    handler: self.handler,
+                    copier: None,
+                }
+            }
+        }
+    }
+
+    /// Counters so far.
+    pub fn progress(&self) -> Progress {
+        self.handler.shared.progress()
+    }
+}
+
+impl RunningCopy {
+    /// Current counters.
+    pub fn progress(&self) -> Progress {
+        self.handler.shared.progress()
+    }
+
+    /// A handle that cancels this copy from elsewhere.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.handler.shared.clone())
+    }
+
+    /// Asks the copy to stop early; `wait` then returns `Cancelled`.
+    pub fn cancel(&self) {
+        self.handler.shared.cancel.store(true, Ordering::Release);
+    }
+
+    /// Whether the copier has ended (`wait` will not block long).
+    pub fn is_finished(&self) -> bool {
+        self.copier.as_ref().is_none_or(|c| c.is_finished())
+    }
+
+    /// Waits for the copy to end; protection is lifted either way.
+    pub fn wait(mut self) -> Result<Progress, CopyError> {
+        self.finish();
+        let s = &self.handler.shared;
+        let error = s.error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match error {
+            Some(e) => Err(e),
+            None if s.cancel.load(Ordering::Acquire) => Err(CopyError::Cancelled),
+            None => Ok(s.progress()),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
+        self.handler.stop();
     }
 }
 
@@ -282,107 +431,5 @@ impl Drop for RunningCopy {
     fn drop(&mut self) {
         self.cancel();
         self.finish();
-    }
-}
-
-fn progress(s: &Shared) -> Progress {
-    Progress {
-        bytes_copied: s.copied.load(Ordering::Relaxed),
-        bytes_total: s.total,
-        faults_served: s.faults.load(Ordering::Relaxed),
-    }
-}
-
-/// The copier: every pending page, in address order.
-fn copy_all(s: &Shared) {
-    let pages = s.states.len();
-    let mut batch_start = 0;
-    let mut page = 0;
-    while page < pages {
-        if s.cancel.load(Ordering::Acquire) {
-            return;
-        }
-        // Claim a run of consecutive pending pages.
-        let mut run = 0;
-        while page + run < pages && run < WRITE_RUN && s.states.claim(page + run) {
-            run += 1;
-        }
-        if run > 0 {
-            if let Err(e) = s.copy(page, run) {
-                s.fail(e);
-                return;
-            }
-            page += run;
-        } else {
-            // Done already, or claimed by the fault handler.
-            s.states.wait_done(page);
-            page += 1;
-        }
-        if page - batch_start >= UNPROTECT_BATCH || page == pages {
-            if let Err(e) = s.unprotect(batch_start, page - batch_start) {
-                s.fail(e);
-                return;
-            }
-            batch_start = page;
-        }
-    }
-}
-
-/// The fault handler: copy-before-write for every write fault.
-fn handle_faults(s: &Shared) {
-    let mut fds = [
-        libc::pollfd {
-            fd: s.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: s.stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            s.fail(CopyError::Fault(format!(
-                "poll: {}",
-                std::io::Error::last_os_error()
-            )));
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        loop {
-            match s.uffd.read_event() {
-                Ok(Some(Event::Pagefault { addr, .. })) => {
-                    let page = (addr as usize - s.base) / PAGE_SIZE;
-                    if s.states.claim(page) {
-                        if let Err(e) = s.copy(page, 1) {
-                            // Unblock the writer anyway; the copy is failed.
-                            s.fail(e);
-                            s.states.finish(page);
-                        }
-                    } else {
-                        s.states.wait_done(page);
-                    }
-                    s.faults.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = s.unprotect(page, 1) {
-                        s.fail(e);
-                    }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    s.fail(CopyError::Fault(format!("reading an event: {e}")));
-                    return;
-                }
-            }
-        }
     }
 }

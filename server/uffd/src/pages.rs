@@ -25,6 +25,11 @@ impl PageStates {
         }
     }
 
+    /// Marks a page that needs no copy done (before anyone claims it).
+    pub fn skip(&self, i: usize) {
+        self.states[i].store(DONE, Ordering::Release);
+    }
+
     /// Number of pages.
     pub fn len(&self) -> usize {
         self.states.len()

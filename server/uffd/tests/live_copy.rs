@@ -1,5 +1,5 @@
 //! The engine against a real shmem mapping with a writer running during
-//! the copy: the output must be memory exactly as it was when armed.
+//! the copy: the output must be memory exactly as it was when frozen.
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ fn stamp(page: usize, generation: u64) -> u64 {
 }
 
 #[test]
-fn copy_is_the_armed_instant_while_a_writer_runs() {
+fn copy_is_the_frozen_instant_while_a_writer_runs() {
     let len = PAGES * PAGE_SIZE;
     let memfd = memfd::MemfdOptions::default().create("uffd-test").unwrap();
     memfd.as_file().set_len(len as u64).unwrap();
@@ -58,21 +58,25 @@ fn copy_is_the_armed_instant_while_a_writer_runs() {
         .open(&out_path)
         .unwrap();
     out.set_len(len as u64).unwrap();
-    // SAFETY: the mapping outlives the copy; no writer runs until start.
-    let armed =
-        unsafe { LiveCopy::arm(map.ptr, map.len, out.try_clone().unwrap(), |p| p % 7 != 0) }
-            .unwrap();
 
     // A writer that rewrites pages (holes too) to generation 2 and beyond,
-    // from the top down, racing the copier that walks from the bottom up.
+    // from the top down, racing first the arming and then the copier that
+    // walks from the bottom up. It parks while `hold` is set.
     let stop = Arc::new(AtomicBool::new(false));
+    let hold = Arc::new(AtomicBool::new(false));
+    let parked = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (map, stop) = (map.clone(), stop.clone());
+        let (map, stop, hold, parked) = (map.clone(), stop.clone(), hold.clone(), parked.clone());
         std::thread::spawn(move || {
             let mut generation = 2;
             let mut writes = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for page in (0..PAGES).rev().step_by(3) {
+                    while hold.load(Ordering::Acquire) {
+                        parked.store(true, Ordering::Release);
+                        std::hint::spin_loop();
+                    }
+                    parked.store(false, Ordering::Release);
                     // SAFETY: inside the mapping; write faults are served.
                     unsafe {
                         std::ptr::write_volatile(
@@ -87,23 +91,47 @@ fn copy_is_the_armed_instant_while_a_writer_runs() {
             writes
         })
     };
-    let running = armed.start();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    // Arm while the writer runs; then stop it, note the instant, freeze.
+    // SAFETY: the mapping outlives the copy.
+    let armed = unsafe { LiveCopy::arm(map.ptr, map.len) }.unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    hold.store(true, Ordering::Release);
+    while !parked.load(Ordering::Acquire) {
+        std::hint::spin_loop();
+    }
+    let let_through = armed.progress().faults_before_freeze;
+    let mut instant = vec![0u64; PAGES];
+    for (page, word) in instant.iter_mut().enumerate() {
+        // SAFETY: inside the mapping; reads do not fault.
+        *word = unsafe { std::ptr::read_volatile(map.ptr.add(page * PAGE_SIZE) as *const u64) };
+    }
+    let frozen = armed
+        .freeze(
+            out.try_clone().unwrap(),
+            |p| instant[p] != 0,
+            std::iter::empty(),
+        )
+        .unwrap();
+    hold.store(false, Ordering::Release);
+    let running = frozen.start(0);
     let progress = running.wait().unwrap();
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().unwrap();
 
     assert!(writes > 0);
+    assert!(let_through > 0, "writes during arming are let through");
     assert!(
         progress.faults_served > 0,
         "the writer should have hit protected pages"
     );
     assert_eq!(progress.bytes_copied, progress.bytes_total);
     let mut word = [0u8; 8];
-    for page in 0..PAGES {
+    for (page, want) in instant.iter().enumerate() {
         out.read_exact_at(&mut word, (page * PAGE_SIZE) as u64)
             .unwrap();
-        let want = if page % 7 == 0 { 0 } else { stamp(page, 1) };
-        assert_eq!(u64::from_le_bytes(word), want, "page {page}");
+        assert_eq!(u64::from_le_bytes(word), *want, "page {page}");
     }
     // Protection is gone: writes after the copy do not block.
     // SAFETY: inside the mapping.
@@ -112,7 +140,7 @@ fn copy_is_the_armed_instant_while_a_writer_runs() {
     unsafe { libc::munmap(ptr, len) };
     std::fs::remove_file(out_path).unwrap();
     eprintln!(
-        "writes during copy: {writes}, faults served: {}",
+        "writes: {writes}, let through while arming: {let_through}, faults served: {}",
         progress.faults_served
     );
 }

@@ -13,7 +13,7 @@ use crate::state::{self, VmState, VMSTATE_VERSION};
 use crate::vcpu::VmContext;
 
 /// How long stopping the vCPUs or collecting their state may take.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a capture wrote.
 #[derive(Debug)]
@@ -61,12 +61,8 @@ pub fn capture(
     })
 }
 
-fn write_while_stopped(
-    ctx: &VmContext,
-    mode: SnapshotMode,
-    dir: &Path,
-    measure_diff: bool,
-) -> Result<(u64, u64)> {
+/// Saves the stopped vCPUs' and the VM's device state to `dir/vmstate`.
+pub fn write_vmstate(ctx: &VmContext, dir: &Path) -> Result<()> {
     let vcpus = ctx
         .coord
         .collect_states(STOP_TIMEOUT)
@@ -82,8 +78,16 @@ fn write_while_stopped(
     };
     let vmstate_path = dir.join("vmstate");
     std::fs::write(&vmstate_path, vmstate.to_bytes())
-        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", vmstate_path.display())))?;
+        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", vmstate_path.display())))
+}
 
+fn write_while_stopped(
+    ctx: &VmContext,
+    mode: SnapshotMode,
+    dir: &Path,
+    measure_diff: bool,
+) -> Result<(u64, u64)> {
+    write_vmstate(ctx, dir)?;
     let epoch = ctx.dirty.take_epoch(&ctx.vm)?;
     let result = match mode {
         SnapshotMode::Full => {
@@ -101,6 +105,9 @@ fn write_while_stopped(
             snapshot::write_diff(&ctx.ram, &epoch, &dir.join("memory"), &dir.join("pages"))
                 .map(|bytes| (bytes, snapshot::count(&epoch)))
         }
+        SnapshotMode::Live => Err(VmmError::Snapshot(
+            "LIVE snapshots are taken by live::start".into(),
+        )),
     };
     if result.is_err() {
         ctx.dirty.return_epoch(&epoch);

@@ -6,13 +6,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_control::{read_request, Event, ExitReason, ProtocolError, Request, VmmStats};
+use forkd_control::{
+    read_request, Event, ExitReason, ProtocolError, Request, SnapshotMode, VmmStats,
+};
 use forkd_guest_abi as abi;
 
 use crate::agent;
 use crate::capture;
 use crate::coordinator::{Cancelled, Job, JobKind};
 use crate::kick;
+use crate::live::{self, LiveSlot};
 use crate::vcpu::VmContext;
 
 /// How long a pause may take before it is reported as failed.
@@ -24,7 +27,9 @@ pub fn serve(
     ctx: Arc<VmContext>,
     vcpu_threads: Vec<libc::pthread_t>,
     vcpus: u32,
+    copy_rate: u64,
 ) -> ! {
+    let live = Arc::new(LiveSlot::default());
     loop {
         let request = match read_request(&mut stream) {
             Ok(r) => r,
@@ -58,6 +63,7 @@ pub fn serve(
                     message: format!("argv is longer than {} bytes", abi::REQUEST_MAX),
                 }),
             },
+            Request::Cancel { id } if live.cancel(id) => {}
             Request::Cancel { id } => match ctx.coord.cancel(id) {
                 Cancelled::Running => agent::request_cancel(&ctx.ram),
                 Cancelled::Dequeued(job) => ctx.sink.send(&Event::ExecDone {
@@ -95,6 +101,41 @@ pub fn serve(
                 },
             }),
             Request::Shutdown { .. } => ctx.sink.exit(ExitReason::Shutdown, 0),
+            Request::Snapshot { id, .. } if live.running().is_some() => {
+                ctx.sink.send(&Event::Error {
+                    id,
+                    message: format!(
+                        "the live copy of request {} is still running; snapshot again after \
+                         its copy_done",
+                        live.running().unwrap_or_default()
+                    ),
+                })
+            }
+            Request::Snapshot {
+                id,
+                mode: SnapshotMode::Live,
+                dir,
+                measure_diff,
+            } => {
+                let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
+                match live::start(&ctx, kick_all, Path::new(&dir), measure_diff, copy_rate) {
+                    Ok(started) => {
+                        let c = &started.captured;
+                        ctx.sink.send(&Event::Snapshotted {
+                            id,
+                            pause_us: c.pause_us,
+                            bytes_written: c.bytes_written,
+                            dirty_pages: c.dirty_pages,
+                            memory_bytes: c.memory_bytes,
+                        });
+                        started.monitor(ctx.clone(), live.clone(), id);
+                    }
+                    Err(e) => ctx.sink.send(&Event::Error {
+                        id,
+                        message: e.to_string(),
+                    }),
+                }
+            }
             Request::Snapshot {
                 id,
                 mode,

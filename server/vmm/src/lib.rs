@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod error;
 pub mod events;
 pub mod kick;
+pub mod live;
 pub mod loader;
 pub mod memory;
 pub mod snapshot;

@@ -16,7 +16,7 @@ use forkd_vmm::snapshot::DirtyLog;
 use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
 use forkd_vmm::vm::{Vm, VmConfig};
-use forkd_vmm::{control, kick, loader};
+use forkd_vmm::{control, kick, live, loader};
 
 /// Runs one KVM microVM, controlled by the forkd daemon over a socket.
 #[derive(Parser, Debug)]
@@ -44,6 +44,10 @@ struct Args {
     /// Inherited memfd holding the snapshot's memory (mapped copy-on-write).
     #[arg(long, requires = "restore_dir")]
     memory_fd: Option<i32>,
+    /// Limit the background copy of LIVE snapshots to this many MiB of
+    /// guest RAM per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    copy_rate_mibps: u64,
 }
 
 fn main() {
@@ -104,6 +108,15 @@ fn main() {
     } = vm;
     let vcpu_count = vcpus.len();
     let ram_size = ram.size();
+    let dirty = DirtyLog::new(ram_size);
+    if args.restore_dir.is_none() {
+        // A fresh memfd is mostly holes: finding its data is quick now and
+        // spares LIVE branches the walk (a restored VM's sealed memfd is
+        // walked on its first LIVE branch instead, not at every fork).
+        dirty
+            .populated(&ram)
+            .unwrap_or_else(|e| fail(e.to_string()));
+    }
     let ctx = Arc::new(VmContext {
         ram,
         coord: Coordinator::new(vcpu_count),
@@ -114,7 +127,7 @@ fn main() {
         tsc_khz,
         vm: vm_fd,
         msr_indices,
-        dirty: DirtyLog::new(ram_size),
+        dirty,
     });
     let mut threads = Vec::with_capacity(vcpu_count);
     for (index, fd) in vcpus.into_iter().enumerate() {
@@ -129,5 +142,6 @@ fn main() {
             });
         threads.push(handle.as_pthread_t());
     }
-    control::serve(stream, ctx, threads, vcpu_count as u32)
+    let copy_rate = live::rate_from_mibps(args.copy_rate_mibps);
+    control::serve(stream, ctx, threads, vcpu_count as u32, copy_rate)
 }

@@ -1,0 +1,215 @@
+//! LIVE snapshots: copy guest RAM while the guest keeps running.
+//!
+//! 1. Outside the pause: start a dirty-log window ([`DirtyLog::harvest`]),
+//!    create `dir/memory`, and arm userfaultfd write-protection over all of
+//!    RAM ([`LiveCopy::arm`], the slow part: it walks every page-table
+//!    entry). Writes in this window are let through by the fault handler.
+//! 2. The pause: stop the vCPUs, save their and the VM's state to
+//!    `dir/vmstate`, end the dirty epoch, and freeze the copy: every page
+//!    written since arming (let through, or in KVM's dirty log, or written
+//!    by the VMM) is protected again, so memory as it is now is the
+//!    snapshot. Resume.
+//! 3. In the background: the copier and the fault handler fill
+//!    `dir/memory`; a monitor thread reports progress and the end.
+//!
+//! The pause therefore costs the state dump plus re-protecting the pages
+//! written during arming, not a walk over all of RAM.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkd_control::Event;
+use forkd_uffd::{Canceller, Frozen, LiveCopy, RunningCopy};
+
+use crate::capture::{self, Captured, STOP_TIMEOUT};
+use crate::error::{Result, VmmError};
+use crate::snapshot::{self, Bitmap};
+use crate::vcpu::VmContext;
+
+/// How often a running copy reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The one live copy a VMM may run at a time.
+#[derive(Default)]
+pub struct LiveSlot {
+    active: Mutex<Option<(u64, Canceller)>>,
+}
+
+impl LiveSlot {
+    /// The request id of the copy running now, if any.
+    pub fn running(&self) -> Option<u64> {
+        self.lock().as_ref().map(|(id, _)| *id)
+    }
+
+    /// Cancels copy `id`; false if it is not the one running.
+    pub fn cancel(&self, id: u64) -> bool {
+        match &*self.lock() {
+            Some((running, canceller)) if *running == id => {
+                canceller.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, Canceller)>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A live snapshot whose vCPUs run again; its copy is under way.
+pub struct Started {
+    /// What the pause produced (`bytes_written` is 0: memory comes later).
+    pub captured: Captured,
+    copy: RunningCopy,
+    started: Instant,
+}
+
+/// Takes a LIVE snapshot of the VM into `dir` (see the module doc); returns
+/// once the vCPUs run again. `rate` limits the background copy (bytes of
+/// RAM per second, 0: none). Call [`Started::monitor`] next.
+pub fn start(
+    ctx: &VmContext,
+    kick_all: impl Fn(),
+    dir: &Path,
+    measure_diff: bool,
+    rate: u64,
+) -> Result<Started> {
+    let memory = snapshot::create(&dir.join("memory"), ctx.ram.size())?;
+    ctx.dirty.harvest(&ctx.vm)?;
+    // Pages that may hold data, known before the pause; pages that gain
+    // data before it are in the dirty log, added at freeze.
+    let populated = ctx.dirty.populated(&ctx.ram)?;
+    // SAFETY: guest RAM is one page-aligned shmem mapping of `size` bytes
+    // that lives as long as the VmContext, which outlives the copy (the
+    // monitor thread holds the context).
+    let armed =
+        unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
+            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+    let pause_started = Instant::now();
+    let paused_here = !ctx.coord.is_paused();
+    if paused_here {
+        ctx.coord
+            .pause(kick_all, STOP_TIMEOUT)
+            .map_err(VmmError::Snapshot)?;
+    }
+    let frozen = freeze(ctx, armed, memory, populated, dir, measure_diff);
+    let pause_us = if paused_here {
+        // Cannot fail: we paused it above and hold the only control thread.
+        let _ = ctx.coord.resume();
+        pause_started.elapsed().as_micros() as u64
+    } else {
+        0
+    };
+    let (frozen, dirty_pages) = frozen?;
+    Ok(Started {
+        captured: Captured {
+            pause_us,
+            bytes_written: 0,
+            dirty_pages,
+            memory_bytes: ctx.ram.size(),
+        },
+        copy: frozen.start(rate),
+        started: Instant::now(),
+    })
+}
+
+/// The part inside the pause: state, end of epoch, freeze.
+fn freeze(
+    ctx: &VmContext,
+    armed: LiveCopy,
+    memory: File,
+    mut populated: Bitmap,
+    dir: &Path,
+    measure_diff: bool,
+) -> Result<(Frozen, u64)> {
+    capture::write_vmstate(ctx, dir)?;
+    let (recent, epoch) = ctx.dirty.take_epoch_split(&ctx.vm)?;
+    for (p, w) in populated.iter_mut().zip(ctx.dirty.since_start()) {
+        *p |= w;
+    }
+    let frozen = armed
+        .freeze(
+            memory,
+            |page| snapshot::is_set(&populated, page as u64),
+            snapshot::pages(&recent).map(|p| p as usize),
+        )
+        .map_err(|e| VmmError::Snapshot(e.to_string()));
+    match frozen {
+        Ok(frozen) => Ok((
+            frozen,
+            if measure_diff {
+                snapshot::count(&epoch)
+            } else {
+                0
+            },
+        )),
+        Err(e) => {
+            ctx.dirty.return_epoch(&epoch);
+            Err(e)
+        }
+    }
+}
+
+impl Started {
+    /// Runs the copy to its end on a new thread, registered in `slot` as
+    /// request `id` (so it can be cancelled): [`Event::CopyProgress`] about
+    /// every 100 ms, then one [`Event::CopyDone`].
+    pub fn monitor(self, ctx: Arc<VmContext>, slot: Arc<LiveSlot>, id: u64) {
+        *slot.lock() = Some((id, self.copy.canceller()));
+        let (thread_ctx, thread_slot) = (ctx.clone(), slot.clone());
+        let spawned = std::thread::Builder::new()
+            .name("live-monitor".into())
+            .spawn(move || {
+                let (ctx, slot) = (thread_ctx, thread_slot);
+                let Started { copy, started, .. } = self;
+                let mut last = Instant::now();
+                while !copy.is_finished() {
+                    std::thread::sleep(Duration::from_millis(10));
+                    if last.elapsed() >= PROGRESS_EVERY && !copy.is_finished() {
+                        let p = copy.progress();
+                        ctx.sink.send(&Event::CopyProgress {
+                            id,
+                            bytes_copied: p.bytes_copied,
+                            bytes_total: p.bytes_total,
+                            faults_served: p.faults_served,
+                        });
+                        last = Instant::now();
+                    }
+                }
+                let last_progress = copy.progress();
+                let result = copy.wait();
+                *slot.lock() = None;
+                let p = result.as_ref().copied().unwrap_or(last_progress);
+                ctx.sink.send(&Event::CopyDone {
+                    id,
+                    bytes_written: p.bytes_written,
+                    bytes_copied: p.bytes_copied,
+                    bytes_total: p.bytes_total,
+                    faults_served: p.faults_served,
+                    copy_us: started.elapsed().as_micros() as u64,
+                    error: result.err().map(|e| e.to_string()),
+                });
+            });
+        if let Err(e) = spawned {
+            // The closure (and with it the copy) is dropped: cancelled.
+            *slot.lock() = None;
+            ctx.sink.send(&Event::CopyDone {
+                id,
+                bytes_written: 0,
+                bytes_copied: 0,
+                bytes_total: 0,
+                faults_served: 0,
+                copy_us: 0,
+                error: Some(format!("spawning the copy monitor: {e}")),
+            });
+        }
+    }
+}
+
+/// Bytes per second for a limit in MiB/s.
+pub fn rate_from_mibps(mibps: u64) -> u64 {
+    mibps.saturating_mul(1 << 20)
+}
