@@ -1,26 +1,30 @@
 //! BranchSandbox: capture a running sandbox into a new snapshot.
 //!
-//! `store.begin` → `Request::Snapshot` to the VMM → `store.commit`, and the
-//! sandbox's base snapshot becomes the new tag. Any failure fails the
-//! snapshot (a FAILED tombstone with the reason) and the sandbox keeps
-//! running.
+//! `store.begin` → `Request::Snapshot` to the VMM (under the sandbox's exec
+//! turn: between commands, vCPUs PAUSED) → for FULL and DIFF
+//! `store.commit`; for LIVE the vCPUs run again at once and the copy
+//! continues in a [`LiveCopy`] (see `live_copy.rs`). The sandbox's base
+//! snapshot becomes the new tag. Any failure fails the snapshot (a FAILED
+//! tombstone with the reason) and the sandbox keeps running.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use forkd_api::v1::BranchMode;
 use forkd_control::SnapshotMode;
-use forkd_store::{generate_tag, validate_tag, Manifest, Mode, SnapshotInfo, Written};
+use forkd_store::{generate_tag, validate_tag, Manifest, Mode, Pending, SnapshotInfo, Written};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, LiveFailure};
+use crate::live_copy::LiveCopy;
 use crate::registry::Sandbox;
-use crate::snapshots::Snapshots;
-use crate::vmm_process::RequestError;
+use crate::snapshots::{CancelSignal, Snapshots};
+use crate::vmm_process::{CopyProgress, LiveSnapshot, RequestError, Snapshotted};
 
 /// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
-/// to use: `mode` wins; UNSPECIFIED means DIFF with `diff`, else FULL.
-/// LIVE is refused for now.
-pub fn resolve_mode(mode: i32, diff: bool, wait: Option<bool>) -> Result<Mode, ApiError> {
+/// to use and whether to wait for READY: `mode` wins; UNSPECIFIED means
+/// DIFF with `diff`, else FULL. `wait` (default true) may be false only for
+/// LIVE.
+pub fn resolve_mode(mode: i32, diff: bool, wait: Option<bool>) -> Result<(Mode, bool), ApiError> {
     let mode = BranchMode::try_from(mode).map_err(|_| {
         ApiError::InvalidArgument(format!(
             "mode {mode} is not a BranchMode; use FULL, DIFF or LIVE"
@@ -42,12 +46,7 @@ pub fn resolve_mode(mode: i32, diff: bool, wait: Option<bool>) -> Result<Mode, A
             "wait=false applies to LIVE only; FULL and DIFF branches always wait".into(),
         ));
     }
-    if resolved == Mode::Live {
-        return Err(ApiError::Unimplemented(
-            "LIVE branching is not implemented yet (it comes next); use FULL or DIFF".into(),
-        ));
-    }
-    Ok(resolved)
+    Ok((resolved, wait.unwrap_or(true)))
 }
 
 /// A validated branch.
@@ -55,23 +54,41 @@ pub fn resolve_mode(mode: i32, diff: bool, wait: Option<bool>) -> Result<Mode, A
 pub struct BranchPlan {
     /// The tag; `None` means a generated one.
     pub tag: Option<String>,
-    /// FULL or DIFF.
+    /// FULL, DIFF or LIVE.
     pub mode: Mode,
-    /// Also count dirtied pages on a FULL branch.
+    /// Also count dirtied pages on a FULL or LIVE branch.
     pub measure_diff: bool,
 }
 
 /// What a branch produced.
 #[derive(Debug, Clone)]
 pub struct BranchOutcome {
-    /// The new snapshot (READY).
+    /// The new snapshot: READY, or WRITING for a LIVE branch whose copy
+    /// is still running.
     pub manifest: Manifest,
-    /// Bytes of memory the VMM wrote.
+    /// Bytes of memory the VMM wrote (so far).
     pub bytes_written: u64,
     /// Pages in the diff, or dirtied since the base.
     pub dirty_pages: u64,
-    /// How long the vCPUs were stopped.
+    /// How long the vCPUs were stopped, measured in the VMM.
     pub pause_us: u64,
+    /// LIVE: guest writes served by copying the page first.
+    pub faults_served: u64,
+}
+
+/// What [`start`] produced.
+#[derive(Debug)]
+pub enum Started {
+    /// FULL or DIFF: the snapshot is READY.
+    Done(BranchOutcome),
+    /// LIVE: the vCPUs run again; `outcome` holds the WRITING snapshot and
+    /// `copy` must be driven to its end ([`LiveCopy::finish`]).
+    Live {
+        /// The snapshot as the vCPUs resumed.
+        outcome: BranchOutcome,
+        /// The background copy.
+        copy: LiveCopy,
+    },
 }
 
 /// The tag to use: `requested` if valid, else a fresh generated one.
@@ -100,25 +117,83 @@ fn diff_parent(sandbox: &Sandbox) -> Result<String, ApiError> {
     })
 }
 
-/// Branches `sandbox`. One branch per sandbox at a time (later ones wait);
-/// the snapshot is taken between commands (a running Exec finishes
-/// first). Run it in its own task: it always ends with the snapshot READY
-/// or FAILED.
-pub async fn branch(
-    snapshots: &Snapshots,
+/// What the VMM answered to the Snapshot request.
+enum Answer {
+    /// FULL/DIFF: the files are written.
+    Written(Snapshotted),
+    /// LIVE: the vCPUs run again, memory is being copied.
+    Live(LiveSnapshot),
+}
+
+fn request_error(sandbox: &Sandbox, e: RequestError) -> ApiError {
+    match e {
+        RequestError::Stopped(stop) => ApiError::SandboxStopped {
+            id: sandbox.id().to_string(),
+            reason: stop.reason,
+        },
+        RequestError::Refused(message) => ApiError::Vmm {
+            id: sandbox.id().to_string(),
+            message,
+        },
+    }
+}
+
+/// Waits for the sandbox's exec turn (a running command finishes first),
+/// then asks the VMM for the snapshot; the sandbox is PAUSED meanwhile. A
+/// LIVE branch cancelled while it waits for the turn is never taken.
+async fn take(
+    sandbox: &Sandbox,
+    tag: &str,
+    plan: &BranchPlan,
+    dir: &std::path::Path,
+    cancel: &mut CancelSignal,
+) -> Result<Answer, ApiError> {
+    let _turn = tokio::select! {
+        turn = sandbox.exec_turn.lock() => turn,
+        why = cancel.cancelled() => {
+            return Err(ApiError::LiveFailed {
+                tag: tag.to_string(),
+                failure: LiveFailure::Cancelled(why),
+            })
+        }
+    };
+    sandbox.check_exec()?;
+    sandbox.set_snapshotting(true);
+    let vmm = &sandbox.vmm;
+    let r = match plan.mode {
+        Mode::Live => vmm
+            .live_snapshot(dir, plan.measure_diff)
+            .await
+            .map(Answer::Live),
+        Mode::Full => vmm
+            .snapshot(SnapshotMode::Full, dir, plan.measure_diff)
+            .await
+            .map(Answer::Written),
+        Mode::Diff => vmm
+            .snapshot(SnapshotMode::Diff, dir, plan.measure_diff)
+            .await
+            .map(Answer::Written),
+    };
+    sandbox.set_snapshotting(false);
+    r.map_err(|e| request_error(sandbox, e))
+}
+
+/// Branches `sandbox` as far as the VMM's answer: FULL and DIFF end READY
+/// (or fail); LIVE returns once the vCPUs run again, with the copy to
+/// drive. One branch per sandbox at a time: later ones wait for the branch
+/// turn, which a LIVE branch keeps until its copy ends. Run it (and the
+/// copy) in its own task: the snapshot always ends READY or FAILED.
+pub async fn start(
+    snapshots: &Arc<Snapshots>,
     sandbox: &Arc<Sandbox>,
     plan: BranchPlan,
-) -> Result<BranchOutcome, ApiError> {
-    let _branch = sandbox.branch_turn.lock().await;
+) -> Result<Started, ApiError> {
+    let branch_turn = sandbox.branch_turn.clone().lock_owned().await;
     sandbox.check_exec()?;
-    let tag = choose_tag(snapshots, plan.tag)?;
+    let tag = choose_tag(snapshots, plan.tag.clone())?;
     let parent = match plan.mode {
         Mode::Diff => Some(diff_parent(sandbox)?),
         Mode::Full | Mode::Live => None,
-    };
-    let vm_mode = match plan.mode {
-        Mode::Diff => SnapshotMode::Diff,
-        Mode::Full | Mode::Live => SnapshotMode::Full,
     };
     let info = SnapshotInfo {
         mode: plan.mode,
@@ -131,82 +206,131 @@ pub async fn branch(
     };
     let t = tag.clone();
     let pending = snapshots.blocking(move |s| s.begin(&t, info)).await?;
-    snapshots.writing(&tag);
+    // Read before registering, so no early return leaves watchers waiting.
+    let begun = snapshots.store().get(&tag)?;
+    let mut cancel = snapshots.writing(&tag, plan.mode == Mode::Live);
     tracing::info!(sandbox = %sandbox.id(), %tag, mode = ?plan.mode, "branching");
 
-    let written = async {
-        let _turn = sandbox.exec_turn.lock().await;
-        sandbox.check_exec()?;
-        sandbox.set_snapshotting(true);
-        let r = sandbox
-            .vmm
-            .snapshot(vm_mode, pending.dir(), plan.measure_diff)
-            .await;
-        sandbox.set_snapshotting(false);
-        r.map_err(|e| match e {
-            RequestError::Stopped(stop) => ApiError::SandboxStopped {
-                id: sandbox.id().to_string(),
-                reason: stop.reason,
-            },
-            RequestError::Refused(message) => ApiError::Vmm {
-                id: sandbox.id().to_string(),
-                message,
-            },
-        })
-    }
-    .await;
-    let vmm_wrote = written.is_ok();
-    let result = match written {
-        Ok(w) => {
-            let written = Written {
-                memory_bytes: w.memory_bytes,
-                data_bytes: w.bytes_written,
-                dirty_pages: w.dirty_pages,
-                pause_us: w.pause_us,
+    match take(sandbox, &tag, &plan, pending.dir(), &mut cancel).await {
+        Ok(Answer::Live(live)) => {
+            let s = live.snapshotted;
+            tracing::info!(
+                sandbox = %sandbox.id(), %tag, pause_us = s.pause_us,
+                "vCPUs resumed; copying memory in the background"
+            );
+            let outcome = BranchOutcome {
+                manifest: begun,
+                bytes_written: s.bytes_written,
+                dirty_pages: s.dirty_pages,
+                pause_us: s.pause_us,
+                faults_served: 0,
             };
-            // On error, commit itself leaves the snapshot FAILED.
-            snapshots
-                .blocking(move |s| s.commit(pending, written))
-                .await
-                .map(|manifest| BranchOutcome {
-                    manifest,
-                    bytes_written: w.bytes_written,
-                    dirty_pages: w.dirty_pages,
-                    pause_us: w.pause_us,
-                })
+            let copy = LiveCopy::new(
+                snapshots.clone(),
+                sandbox.clone(),
+                pending,
+                live,
+                cancel,
+                branch_turn,
+            );
+            Ok(Started::Live { outcome, copy })
         }
+        Ok(Answer::Written(w)) => commit(snapshots, sandbox, pending, w)
+            .await
+            .map(Started::Done),
         Err(err) => {
-            let reason = err.to_string();
-            if let Err(e) = snapshots.blocking(move |s| s.fail(pending, &reason)).await {
-                tracing::warn!(%tag, error = %e, "could not record the failed snapshot");
-            }
+            // The VMM did not take the snapshot (refused, stopped, or the
+            // branch was cancelled first): its dirty epoch, and so the
+            // sandbox's base, are unchanged.
+            let reason = match &err {
+                ApiError::LiveFailed { failure, .. } => failure.to_string(),
+                other => other.to_string(),
+            };
+            fail(snapshots, pending, &reason, None).await;
+            tracing::warn!(sandbox = %sandbox.id(), %tag, error = %err, "snapshot FAILED");
             Err(err)
         }
+    }
+}
+
+/// Branches `sandbox` and waits for READY (LIVE included).
+pub async fn branch(
+    snapshots: &Arc<Snapshots>,
+    sandbox: &Arc<Sandbox>,
+    plan: BranchPlan,
+) -> Result<BranchOutcome, ApiError> {
+    match start(snapshots, sandbox, plan).await? {
+        Started::Done(outcome) => Ok(outcome),
+        Started::Live { copy, .. } => copy.finish().await,
+    }
+}
+
+/// Fails `pending` with `reason` and tells watchers (with a LIVE copy's
+/// last figures, if any).
+pub async fn fail(
+    snapshots: &Snapshots,
+    pending: Pending,
+    reason: &str,
+    progress: Option<CopyProgress>,
+) {
+    let tag = pending.tag().to_string();
+    let reason = reason.to_string();
+    let failed = match snapshots.blocking(move |s| s.fail(pending, &reason)).await {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(%tag, error = %e, "could not record the failed snapshot");
+            snapshots.store().get(&tag).ok()
+        }
     };
-    let final_manifest = snapshots.store().get(&tag);
-    if let Ok(m) = &final_manifest {
-        snapshots.finished(m);
+    if let Some(m) = &failed {
+        snapshots.finished(m, progress);
+    }
+}
+
+/// Commits a FULL or DIFF snapshot the VMM wrote; the base moves to it. If
+/// the commit fails, the VMM's dirty-tracking epoch has ended anyway, so a
+/// later DIFF against the old base would miss this epoch's pages: the base
+/// is cleared and the sandbox needs a FULL branch first.
+async fn commit(
+    snapshots: &Snapshots,
+    sandbox: &Sandbox,
+    pending: Pending,
+    w: Snapshotted,
+) -> Result<BranchOutcome, ApiError> {
+    let tag = pending.tag().to_string();
+    let written = Written {
+        memory_bytes: w.memory_bytes,
+        data_bytes: w.bytes_written,
+        dirty_pages: w.dirty_pages,
+        pause_us: w.pause_us,
+    };
+    // On error, commit itself leaves the snapshot FAILED.
+    let result = snapshots
+        .blocking(move |s| s.commit(pending, written))
+        .await;
+    if let Ok(m) = snapshots.store().get(&tag) {
+        snapshots.finished(&m, None);
     }
     match result {
-        Ok(outcome) => {
+        Ok(manifest) => {
             sandbox.set_base(Some(tag.clone()));
             tracing::info!(
                 sandbox = %sandbox.id(), %tag,
-                pause_us = outcome.pause_us,
-                bytes_written = outcome.bytes_written,
-                dirty_pages = outcome.dirty_pages,
+                pause_us = w.pause_us,
+                bytes_written = w.bytes_written,
+                dirty_pages = w.dirty_pages,
                 "snapshot READY"
             );
-            Ok(outcome)
+            Ok(BranchOutcome {
+                manifest,
+                bytes_written: w.bytes_written,
+                dirty_pages: w.dirty_pages,
+                pause_us: w.pause_us,
+                faults_served: 0,
+            })
         }
         Err(e) => {
-            if vmm_wrote {
-                // The VMM ended its dirty-tracking epoch, but the snapshot
-                // did not commit: a later DIFF against the old base would
-                // miss this epoch's pages, so the sandbox needs a FULL
-                // branch first. (A VMM that refused keeps its epoch.)
-                sandbox.set_base(None);
-            }
+            sandbox.set_base(None);
             tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "snapshot FAILED");
             Err(e)
         }
@@ -218,8 +342,12 @@ mod tests {
     use super::*;
     use tonic::Code;
 
-    fn code(r: Result<Mode, ApiError>) -> Code {
+    fn code(r: Result<(Mode, bool), ApiError>) -> Code {
         r.unwrap_err().code()
+    }
+
+    fn mode(r: Result<(Mode, bool), ApiError>) -> Mode {
+        r.unwrap().0
     }
 
     #[test]
@@ -230,11 +358,11 @@ mod tests {
             BranchMode::Diff as i32,
             BranchMode::Live as i32,
         );
-        assert_eq!(resolve_mode(u, false, None).unwrap(), Mode::Full);
-        assert_eq!(resolve_mode(u, true, None).unwrap(), Mode::Diff);
-        assert_eq!(resolve_mode(f, false, None).unwrap(), Mode::Full);
-        assert_eq!(resolve_mode(d, false, None).unwrap(), Mode::Diff);
-        assert_eq!(resolve_mode(d, true, Some(true)).unwrap(), Mode::Diff);
+        assert_eq!(mode(resolve_mode(u, false, None)), Mode::Full);
+        assert_eq!(mode(resolve_mode(u, true, None)), Mode::Diff);
+        assert_eq!(mode(resolve_mode(f, false, None)), Mode::Full);
+        assert_eq!(mode(resolve_mode(d, false, None)), Mode::Diff);
+        assert_eq!(mode(resolve_mode(d, true, Some(true))), Mode::Diff);
         assert_eq!(code(resolve_mode(f, true, None)), Code::InvalidArgument);
         assert_eq!(code(resolve_mode(l, true, None)), Code::InvalidArgument);
         let err = resolve_mode(f, true, None).unwrap_err().to_string();
@@ -246,7 +374,7 @@ mod tests {
     }
 
     #[test]
-    fn wait_false_is_for_live_and_live_is_not_yet() {
+    fn wait_defaults_to_true_and_false_is_for_live_only() {
         let err = resolve_mode(BranchMode::Full as i32, false, Some(false)).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("wait=false applies to LIVE only"));
@@ -258,12 +386,19 @@ mod tests {
             )),
             Code::InvalidArgument
         );
-        let err = resolve_mode(BranchMode::Live as i32, false, Some(false)).unwrap_err();
-        assert_eq!(err.code(), Code::Unimplemented);
-        assert!(err.to_string().contains("comes next"));
+        let live = BranchMode::Live as i32;
+        assert_eq!(resolve_mode(live, false, None).unwrap(), (Mode::Live, true));
         assert_eq!(
-            code(resolve_mode(BranchMode::Live as i32, false, None)),
-            Code::Unimplemented
+            resolve_mode(live, false, Some(true)).unwrap(),
+            (Mode::Live, true)
+        );
+        assert_eq!(
+            resolve_mode(live, false, Some(false)).unwrap(),
+            (Mode::Live, false)
+        );
+        assert_eq!(
+            resolve_mode(BranchMode::Full as i32, false, Some(true)).unwrap(),
+            (Mode::Full, true)
         );
     }
 }

@@ -66,6 +66,13 @@ pub struct ServeArgs {
     /// stopping, so load balancers can move traffic away.
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     pub drain_grace: u64,
+
+    /// Bandwidth limit of each LIVE branch's background memory copy, in
+    /// MiB/s (passed to every VMM as --copy-rate-mibps); 0 means unlimited.
+    /// Limits the disk bandwidth background copies take, and lengthens the
+    /// window in which a LIVE snapshot is WRITING.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub live_copy_rate_mibps: u64,
 }
 
 /// How log lines are written.
@@ -96,6 +103,7 @@ mod tests {
         assert_eq!(a.max_sandboxes, 4096);
         assert_eq!(a.shutdown_timeout, 30);
         assert_eq!(a.drain_grace, 0);
+        assert_eq!(a.live_copy_rate_mibps, 0);
         assert_eq!(a.log_format, LogFormat::Text);
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
     }

@@ -34,6 +34,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Pause between NOT_SERVING and stopping the listeners.
     pub drain_grace: Duration,
+    /// Bandwidth limit of LIVE copies in MiB/s (0: none), for every VMM.
+    pub live_copy_rate_mibps: u64,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             max_sandboxes: args.max_sandboxes,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             drain_grace: Duration::from_secs(args.drain_grace),
+            live_copy_rate_mibps: args.live_copy_rate_mibps,
         })
     }
 }

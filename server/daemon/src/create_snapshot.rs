@@ -69,7 +69,7 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
 /// nothing in the store. Run it in its own task so it always cleans up.
 pub async fn create(
     manager: &Arc<Manager>,
-    snapshots: &Snapshots,
+    snapshots: &Arc<Snapshots>,
     plan: CreatePlan,
 ) -> Result<(Manifest, Option<String>), ApiError> {
     if let Some(tag) = &plan.tag {
@@ -119,7 +119,7 @@ pub async fn create(
 }
 
 async fn warm_and_branch(
-    snapshots: &Snapshots,
+    snapshots: &Arc<Snapshots>,
     sandbox: &Arc<Sandbox>,
     plan: &CreatePlan,
 ) -> Result<Manifest, ApiError> {

@@ -32,9 +32,27 @@ pub enum ApiError {
     /// The sandbox is not in a state that allows the operation.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The feature exists in the API but not in this release.
-    #[error("{0}")]
-    Unimplemented(String),
+    /// A fork from a snapshot that is still being written, without
+    /// `wait_for_snapshot`.
+    #[error(
+        "snapshot {tag} is still WRITING{}; set wait_for_snapshot=true to wait for it, or follow \
+         WatchSnapshot until it is READY",
+        percent_suffix(.copied_percent)
+    )]
+    SnapshotWriting {
+        /// The snapshot.
+        tag: String,
+        /// How much of a LIVE copy is done, once the VMM has reported.
+        copied_percent: Option<u64>,
+    },
+    /// A LIVE branch ended with its snapshot FAILED.
+    #[error("snapshot {tag} is FAILED: {failure}")]
+    LiveFailed {
+        /// The snapshot.
+        tag: String,
+        /// Why (also the snapshot's `failure_reason`).
+        failure: LiveFailure,
+    },
     /// The daemon is draining and takes no new work.
     #[error("forkd is shutting down; retry on another instance")]
     ShuttingDown,
@@ -115,7 +133,8 @@ impl ApiError {
             ApiError::SandboxNotFound(_) => Code::NotFound,
             ApiError::TooManySandboxes { .. } => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::SnapshotWriting { .. } => Code::FailedPrecondition,
+            ApiError::LiveFailed { failure, .. } => failure.code(),
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::ExecTimeout(_) | ApiError::CancelIgnored { .. } => Code::DeadlineExceeded,
             ApiError::SandboxStopped { .. } => Code::Aborted,
@@ -123,6 +142,64 @@ impl ApiError {
             ApiError::WarmupExit { .. } => Code::FailedPrecondition,
             ApiError::Store(e) => store_code(e.kind()),
             ApiError::Vmm { .. } | ApiError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+fn percent_suffix(percent: &Option<u64>) -> String {
+    match percent {
+        Some(p) => format!(" ({p}% copied)"),
+        None => String::new(),
+    }
+}
+
+/// Why a LIVE copy was cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelReason {
+    /// DeleteSnapshot named the snapshot.
+    Deleted,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CancelReason::Deleted => "snapshot deleted",
+            CancelReason::ShuttingDown => "forkd shut down",
+        })
+    }
+}
+
+/// Why a LIVE branch's snapshot ended FAILED. The `Display` text is the
+/// snapshot's `failure_reason`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiveFailure {
+    /// The source's VMM stopped (crash, kill, DeleteSandbox) mid-copy.
+    #[error("source sandbox {sandbox} stopped during the live copy: {reason}")]
+    SourceStopped {
+        /// The source sandbox.
+        sandbox: String,
+        /// Why its VMM stopped.
+        reason: String,
+    },
+    /// The copy was cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(CancelReason),
+    /// The VMM reported that the copy failed.
+    #[error("the VMM could not copy memory: {0}")]
+    Copy(String),
+}
+
+impl LiveFailure {
+    /// The status code a waiting caller gets.
+    pub fn code(&self) -> Code {
+        match self {
+            LiveFailure::SourceStopped { .. } | LiveFailure::Cancelled(CancelReason::Deleted) => {
+                Code::Aborted
+            }
+            LiveFailure::Cancelled(CancelReason::ShuttingDown) => Code::Unavailable,
+            LiveFailure::Copy(_) => Code::Internal,
         }
     }
 }
@@ -386,6 +463,60 @@ mod tests {
             "warm-up command [\"exit\", \"3\"] exited with code 3; stderr: boom; the sandbox was \
              deleted and no snapshot was taken"
         );
+    }
+
+    #[test]
+    fn live_failures_carry_their_code_and_reason() {
+        let cases = [
+            (
+                LiveFailure::SourceStopped {
+                    sandbox: "sb-1".into(),
+                    reason: "guest crashed: #UD".into(),
+                },
+                Code::Aborted,
+                "snapshot l is FAILED: source sandbox sb-1 stopped during the live copy: guest \
+                 crashed: #UD",
+            ),
+            (
+                LiveFailure::Cancelled(CancelReason::Deleted),
+                Code::Aborted,
+                "snapshot l is FAILED: cancelled: snapshot deleted",
+            ),
+            (
+                LiveFailure::Cancelled(CancelReason::ShuttingDown),
+                Code::Unavailable,
+                "snapshot l is FAILED: cancelled: forkd shut down",
+            ),
+            (
+                LiveFailure::Copy("disk full".into()),
+                Code::Internal,
+                "snapshot l is FAILED: the VMM could not copy memory: disk full",
+            ),
+        ];
+        for (failure, code, msg) in cases {
+            let status = Status::from(ApiError::LiveFailed {
+                tag: "l".into(),
+                failure,
+            });
+            assert_eq!((status.code(), status.message()), (code, msg));
+        }
+        let status = Status::from(ApiError::SnapshotWriting {
+            tag: "l".into(),
+            copied_percent: Some(42),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "snapshot l is still WRITING (42% copied); set wait_for_snapshot=true to wait for it, \
+             or follow WatchSnapshot until it is READY"
+        );
+        let status = Status::from(ApiError::SnapshotWriting {
+            tag: "f".into(),
+            copied_percent: None,
+        });
+        assert!(status
+            .message()
+            .starts_with("snapshot f is still WRITING; set"));
     }
 
     #[test]

@@ -22,17 +22,31 @@ pub struct ForkSource {
 /// Resolves `tag` into a fork source: NOT_FOUND if unknown,
 /// FAILED_PRECONDITION unless READY, INVALID_ARGUMENT if `memory_mib` or
 /// `vcpus` (0 = the snapshot's) differ from the snapshot, DATA_LOSS if its
-/// files do not match their digests. The memory is loaded and verified on
-/// the first fork of a tag and cached; the small vmstate file is
+/// files do not match their digests. A snapshot still WRITING is waited
+/// for with `wait_for_snapshot` (then READY forks, FAILED is
+/// FAILED_PRECONDITION with its reason), else FAILED_PRECONDITION saying
+/// how far its copy is and how to wait. The memory is loaded and verified
+/// on the first fork of a tag and cached; the small vmstate file is
 /// re-verified on every call, since the VMMs read it from disk.
 pub async fn prepare(
     snapshots: &Snapshots,
     tag: &str,
     memory_mib: u32,
     vcpus: u32,
+    wait_for_snapshot: bool,
 ) -> Result<ForkSource, ApiError> {
     validate::snapshot_tag(tag)?;
-    let m = snapshots.store().get(tag)?;
+    let mut m = snapshots.store().get(tag)?;
+    if m.status == Status::Writing {
+        if !wait_for_snapshot {
+            return Err(ApiError::SnapshotWriting {
+                tag: tag.to_string(),
+                copied_percent: snapshots.progress_of(tag).map(|p| p.percent()),
+            });
+        }
+        tracing::info!(tag, "waiting for the snapshot to be READY before forking");
+        m = snapshots.wait_finished(tag).await?;
+    }
     if m.status != Status::Ready {
         return Err(StoreError::NotReady {
             tag: m.tag,

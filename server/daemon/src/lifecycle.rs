@@ -70,16 +70,24 @@ pub struct Manager {
     registry: Arc<Registry>,
     data_dir: Arc<DataDir>,
     vmm_path: PathBuf,
+    copy_rate_mibps: u64,
     boot_permits: Semaphore,
 }
 
 impl Manager {
-    /// A manager starting `vmm_path` for each sandbox.
-    pub fn new(registry: Arc<Registry>, data_dir: Arc<DataDir>, vmm_path: PathBuf) -> Arc<Manager> {
+    /// A manager starting `vmm_path` for each sandbox, each with LIVE
+    /// copies limited to `copy_rate_mibps` (0: unlimited).
+    pub fn new(
+        registry: Arc<Registry>,
+        data_dir: Arc<DataDir>,
+        vmm_path: PathBuf,
+        copy_rate_mibps: u64,
+    ) -> Arc<Manager> {
         Arc::new(Manager {
             registry,
             data_dir,
             vmm_path,
+            copy_rate_mibps,
             boot_permits: Semaphore::new(BOOT_PARALLELISM),
         })
     }
@@ -165,6 +173,7 @@ impl Manager {
                 dir: &r.dir,
                 memory: &r.memory.file,
             }),
+            copy_rate_mibps: self.copy_rate_mibps,
         };
         let vmm = match Vmm::spawn(&spec) {
             Ok(vmm) => vmm,

@@ -13,6 +13,7 @@ mod exec;
 mod fork;
 mod ids;
 mod lifecycle;
+mod live_copy;
 mod logging;
 mod registry;
 mod rlimit;

@@ -48,8 +48,9 @@ pub struct Sandbox {
     /// Serializes Execs: the guest runs one command at a time, and tokio's
     /// mutex hands turns out in arrival order.
     pub exec_turn: tokio::sync::Mutex<()>,
-    /// Serializes branches of this sandbox.
-    pub branch_turn: tokio::sync::Mutex<()>,
+    /// Serializes branches of this sandbox. A LIVE branch holds it until
+    /// its background copy ends, so later branches queue behind the copy.
+    pub branch_turn: Arc<tokio::sync::Mutex<()>>,
     /// The snapshot a DIFF branch is taken against: the one it was forked
     /// from, then the latest snapshot taken of it.
     base: Mutex<Option<String>>,
@@ -317,7 +318,7 @@ impl Reservation {
             vmm,
             boot_ms: OnceLock::new(),
             exec_turn: tokio::sync::Mutex::new(()),
-            branch_turn: tokio::sync::Mutex::new(()),
+            branch_turn: Arc::new(tokio::sync::Mutex::new(())),
             base: Mutex::new(base),
             snapshotting: AtomicBool::new(false),
         });

@@ -8,7 +8,7 @@ use pb::sandbox_service_server::SandboxService;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::branch::{self, resolve_mode, BranchPlan};
+use crate::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
 use crate::error::{code_name, ApiError};
 use crate::exec::{self, ExecStream};
 use crate::fork;
@@ -40,6 +40,7 @@ impl Sandboxes {
                 &req.snapshot_tag,
                 req.memory_mib,
                 req.vcpus,
+                req.wait_for_snapshot,
             )
             .await?;
             plan.memory_mib = source.memory_mib;
@@ -196,7 +197,7 @@ impl SandboxService for Sandboxes {
     ) -> Result<Response<pb::BranchSandboxResponse>, Status> {
         let req = request.into_inner();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
-        let mode = resolve_mode(req.mode, req.diff, req.wait)?;
+        let (mode, wait) = resolve_mode(req.mode, req.diff, req.wait)?;
         let tag = (!req.tag.is_empty()).then_some(req.tag);
         if let Some(tag) = &tag {
             validate::snapshot_tag(tag)?;
@@ -208,11 +209,29 @@ impl SandboxService for Sandboxes {
             measure_diff: req.measure_diff,
         };
         // Its own task: the snapshot always ends READY or FAILED, even if
-        // the caller goes away.
+        // the caller goes away. With wait=false the reply leaves as soon as
+        // the vCPUs run again, and the copy goes on in that task.
         let snapshots = self.snapshots.clone();
-        let outcome = tokio::spawn(async move { branch::branch(&snapshots, &sandbox, plan).await })
-            .await
-            .map_err(|e| ApiError::Internal(format!("branch task failed: {e}")))??;
+        let (resumed_tx, resumed_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            match branch::start(&snapshots, &sandbox, plan).await? {
+                Started::Done(outcome) => Ok(outcome),
+                Started::Live { outcome, copy } => {
+                    if !wait {
+                        let _ = resumed_tx.send(outcome);
+                    }
+                    copy.finish().await
+                }
+            }
+        });
+        let joined = |r: Result<Result<BranchOutcome, ApiError>, tokio::task::JoinError>| {
+            r.map_err(|e| ApiError::Internal(format!("branch task failed: {e}")))?
+        };
+        let outcome = match resumed_rx.await {
+            Ok(resumed) => resumed,
+            // Waiting, or the branch failed before the vCPUs resumed.
+            Err(_) => joined(task.await)?,
+        };
         let snapshot = describe(
             self.snapshots.store(),
             &outcome.manifest,
@@ -223,6 +242,7 @@ impl SandboxService for Sandboxes {
             pause_ms: outcome.pause_us as f64 / 1000.0,
             bytes_written: outcome.bytes_written,
             dirty_pages: outcome.dirty_pages,
+            faults_served: outcome.faults_served,
         }))
     }
 }

@@ -17,12 +17,16 @@ use crate::auth::AuthLayer;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
-use crate::error::StartupError;
+use crate::error::{CancelReason, StartupError};
 use crate::lifecycle::Manager;
 use crate::registry::Registry;
 use crate::sandbox_service::Sandboxes;
 use crate::snapshot_service::SnapshotApi;
 use crate::snapshots::Snapshots;
+
+/// Bound on waiting at shutdown for cancelled LIVE copies to end (each
+/// ends within `live_copy::CANCEL_WAIT`, or its VMM is killed).
+const COPY_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// SIGTERM and SIGINT.
 struct Signals {
@@ -54,7 +58,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let (snapshots, report) = Snapshots::open(&data_dir.snapshots())?;
     log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes);
-    let manager = Manager::new(registry, data_dir.clone(), config.vmm_path.clone());
+    let manager = Manager::new(
+        registry,
+        data_dir.clone(),
+        config.vmm_path.clone(),
+        config.live_copy_rate_mibps,
+    );
     let mut signals = Signals::install()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -90,7 +99,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         )))
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(
             manager.clone(),
-            snapshots,
+            snapshots.clone(),
         )));
 
     let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();
@@ -131,6 +140,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         vmm = %config.vmm_path.display(),
         auth = config.token.is_some(),
         max_sandboxes = config.max_sandboxes,
+        live_copy_rate_mibps = config.live_copy_rate_mibps,
         "forkd serving"
     );
 
@@ -156,11 +166,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             name = signals.recv() => tracing::warn!(signal = name, "second signal; skipping the drain grace"),
         }
     }
-    // 3. Stop accepting; let in-flight calls finish, within the timeout.
+    // 3. Stop accepting; let in-flight calls and LIVE copies finish,
+    //    within the timeout.
     drain.stop_listeners();
     tracing::info!(
         in_flight = drain.in_flight(),
-        "listeners closed; waiting for in-flight calls"
+        "listeners closed; waiting for in-flight calls and snapshot copies"
     );
     let finish = async {
         while let Some(joined) = servers.join_next().await {
@@ -168,6 +179,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
                 tracing::warn!(error = %e, "server ended with an error");
             }
         }
+        snapshots.wait_idle().await;
     };
     tokio::select! {
         _ = tokio::time::timeout(config.shutdown_timeout, finish) => {}
@@ -181,7 +193,18 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         );
         servers.abort_all();
     }
-    // 4. Stop every VMM and remove their directories.
+    // 4. Cancel the LIVE copies still running (they end FAILED), then stop
+    //    every VMM and remove their directories.
+    let copies = snapshots.cancel_all(CancelReason::ShuttingDown);
+    if copies > 0 {
+        tracing::warn!(copies, "cancelling live snapshot copies still running");
+        if tokio::time::timeout(COPY_CANCEL_WAIT, snapshots.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("snapshots still being written; stopping the VMMs anyway");
+        }
+    }
     manager.shutdown_all().await;
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);

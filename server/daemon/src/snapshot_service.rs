@@ -4,21 +4,25 @@
 use std::sync::Arc;
 
 use forkd_api::v1 as pb;
-use forkd_store::Status;
+use forkd_store::{Manifest, Status};
 use pb::snapshot_service_server::SnapshotService;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
 use crate::create_snapshot::{self, create_plan};
-use crate::error::ApiError;
+use crate::error::{ApiError, CancelReason};
 use crate::lifecycle::Manager;
 use crate::snapshot_view::{describe, status_filter, watch_message};
-use crate::snapshots::Snapshots;
+use crate::snapshots::{Snapshots, WriteState};
 use crate::validate;
 
 /// How often WatchSnapshot polls a snapshot it cannot subscribe to.
 const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Bound on DeleteSnapshot waiting for a cancelled LIVE copy to end (the
+/// copy itself ends within `live_copy::CANCEL_WAIT` plus a kill); past it
+/// the store refuses the delete as still writing.
+const DELETE_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The SnapshotService implementation.
 #[derive(Debug, Clone)]
@@ -98,14 +102,34 @@ impl SnapshotService for SnapshotApi {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, GrpcStatus> {
         let req = request.into_inner();
         validate::snapshot_tag(&req.tag)?;
-        let running = self.manager.registry().snapshot_children();
+        // Its own task: once a LIVE copy is cancelled, the delete goes
+        // through even if the caller goes away.
+        let (manager, snapshots) = (self.manager.clone(), self.snapshots.clone());
         let tag = req.tag.clone();
-        let deleted = self
-            .snapshots
-            .blocking(move |s| s.delete(&tag, req.cascade, req.force, &running))
-            .await?;
-        self.snapshots.forget(&deleted);
-        tracing::info!(tag = %req.tag, ?deleted, "snapshots deleted");
+        let deleted = tokio::spawn(async move {
+            // A LIVE snapshot being written: cancel its copy and wait until
+            // the branch has recorded it FAILED; then delete it as usual.
+            if let Some(mut end) = snapshots.cancel(&tag, CancelReason::Deleted) {
+                tracing::info!(%tag, "cancelling the live copy of a snapshot being deleted");
+                let ended = end.wait_for(|s| matches!(s, WriteState::Finished { .. }));
+                if tokio::time::timeout(DELETE_CANCEL_WAIT, ended)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%tag, "live copy did not end after its cancel");
+                }
+            }
+            let running = manager.registry().snapshot_children();
+            let t = tag.clone();
+            let deleted = snapshots
+                .blocking(move |s| s.delete(&t, req.cascade, req.force, &running))
+                .await?;
+            snapshots.forget(&deleted);
+            tracing::info!(%tag, ?deleted, "snapshots deleted");
+            Ok::<_, ApiError>(deleted)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("delete task failed: {e}")))??;
         Ok(Response::new(pb::DeleteSnapshotResponse {
             deleted_tags: deleted,
         }))
@@ -121,33 +145,119 @@ impl SnapshotService for SnapshotApi {
         validate::snapshot_tag(&tag)?;
         // Subscribe before reading the status, so the end of a snapshot
         // being written cannot slip between the two.
-        let mut end = self.snapshots.watch_writing(&tag);
+        let follow = self.snapshots.watch_writing(&tag);
         let now = self.snapshots.store().get(&tag).map_err(ApiError::from)?;
         let (tx, rx) = mpsc::channel(4);
         let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
-            if tx.send(Ok(watch_message(&now))).await.is_err() || now.status != Status::Writing {
-                return;
-            }
-            let end = match end.as_mut() {
-                Some(end) => end
-                    .wait_for(Option::is_some)
-                    .await
-                    .ok()
-                    .and_then(|m| m.clone()),
-                // Begun but not yet registered as writing: poll.
-                None => loop {
-                    tokio::time::sleep(WATCH_POLL).await;
-                    match snapshots.store().get(&tag) {
-                        Ok(m) if m.status == Status::Writing => {}
-                        other => break other.ok(),
-                    }
-                },
+            let mut watch = Watch {
+                tx,
+                last: None,
+                writing: now,
             };
-            if let Some(m) = end {
-                let _ = tx.send(Ok(watch_message(&m))).await;
-            }
+            watch.run(&snapshots, follow).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One WatchSnapshot stream: the current status, then changes, then the
+/// end.
+struct Watch {
+    tx: mpsc::Sender<Result<pb::WatchSnapshotResponse, GrpcStatus>>,
+    /// The last message sent (only changes are sent).
+    last: Option<pb::WatchSnapshotResponse>,
+    /// The manifest as first read (WRITING while the snapshot is).
+    writing: Manifest,
+}
+
+impl Watch {
+    /// Sends `msg` unless it repeats the last one; false once the client
+    /// is gone.
+    async fn send(&mut self, msg: pb::WatchSnapshotResponse) -> bool {
+        if self.last.as_ref() == Some(&msg) {
+            return true;
+        }
+        self.last = Some(msg.clone());
+        self.tx.send(Ok(msg)).await.is_ok()
+    }
+
+    /// Sends the state of the write; true if the stream is to end (final
+    /// state sent, or the client is gone).
+    async fn send_state(&mut self, state: WriteState) -> bool {
+        match state {
+            WriteState::Writing(progress) => {
+                let msg = watch_message(&self.writing, progress.as_ref());
+                !self.send(msg).await
+            }
+            WriteState::Finished { manifest, progress } => {
+                self.send(watch_message(&manifest, progress.as_ref())).await;
+                true
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        snapshots: &Snapshots,
+        mut follow: Option<watch::Receiver<WriteState>>,
+    ) {
+        // The current status at once.
+        let first = match &mut follow {
+            Some(rx) => rx.borrow_and_update().clone(),
+            None if self.writing.status == Status::Writing => WriteState::Writing(None),
+            None => WriteState::Finished {
+                manifest: Box::new(self.writing.clone()),
+                progress: None,
+            },
+        };
+        if self.send_state(first).await {
+            return;
+        }
+        loop {
+            match &mut follow {
+                Some(rx) => {
+                    tokio::select! {
+                        changed = rx.changed() => match changed {
+                            Ok(()) => {
+                                let state = rx.borrow_and_update().clone();
+                                if self.send_state(state).await {
+                                    return;
+                                }
+                            }
+                            // Ended without a final state: read the store.
+                            Err(_) => follow = None,
+                        },
+                        _ = self.tx.closed() => return,
+                    }
+                }
+                None => {
+                    // Begun but not registered as writing yet (or gone):
+                    // the store says where it is.
+                    match snapshots.store().get(&self.writing.tag) {
+                        Ok(m) if m.status == Status::Writing => {}
+                        Ok(m) => {
+                            self.send(watch_message(&m, None)).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = self.tx.send(Err(ApiError::from(e).into())).await;
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(WATCH_POLL) => {}
+                        _ = self.tx.closed() => return,
+                    }
+                    follow = snapshots.watch_writing(&self.writing.tag);
+                    if let Some(rx) = &mut follow {
+                        let state = rx.borrow_and_update().clone();
+                        if self.send_state(state).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
 }

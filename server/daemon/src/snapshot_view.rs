@@ -5,6 +5,7 @@ use forkd_api::v1 as pb;
 use forkd_store::{Manifest, Mode, RunningChild, Status, Store};
 
 use crate::error::ApiError;
+use crate::vmm_process::CopyProgress;
 
 /// The API status of a store status.
 pub fn status_to_proto(s: Status) -> pb::SnapshotStatus {
@@ -79,15 +80,21 @@ pub fn describe(store: &Store, m: &Manifest, running: &[RunningChild]) -> pb::Sn
     to_proto(m, chain, store.dependents(&m.tag), children)
 }
 
-/// One WatchSnapshot message for `m`.
-pub fn watch_message(m: &Manifest) -> pb::WatchSnapshotResponse {
-    let done = m.status == Status::Ready;
+/// One WatchSnapshot message for `m`. `progress` is a LIVE copy's figures
+/// (so far, or final); without them a READY snapshot reports its data bytes
+/// as copied of total, and anything else zeros.
+pub fn watch_message(m: &Manifest, progress: Option<&CopyProgress>) -> pb::WatchSnapshotResponse {
+    let (bytes_copied, bytes_total, faults_served) = match (progress, m.status) {
+        (Some(p), _) => (p.bytes_copied, p.bytes_total, p.faults_served),
+        (None, Status::Ready) => (m.data_bytes, m.data_bytes, 0),
+        (None, _) => (0, 0, 0),
+    };
     pb::WatchSnapshotResponse {
         tag: m.tag.clone(),
         status: status_to_proto(m.status) as i32,
-        bytes_copied: if done { m.data_bytes } else { 0 },
-        bytes_total: if done { m.data_bytes } else { 0 },
-        faults_served: 0,
+        bytes_copied,
+        bytes_total,
+        faults_served,
         failure_reason: m.failure_reason.clone().unwrap_or_default(),
     }
 }
@@ -154,11 +161,24 @@ mod tests {
         assert_eq!(status_filter(3).unwrap(), Some(Status::Failed));
         assert!(status_filter(77).is_err());
         let mut m = manifest();
-        let w = watch_message(&m);
+        let w = watch_message(&m, None);
         assert_eq!((w.bytes_copied, w.bytes_total), (4096, 4096));
+        let p = CopyProgress {
+            bytes_copied: 1 << 20,
+            bytes_total: 4 << 20,
+            faults_served: 3,
+        };
+        m.status = Status::Writing;
+        let w = watch_message(&m, None);
+        assert_eq!((w.status, w.bytes_copied, w.bytes_total), (1, 0, 0));
+        let w = watch_message(&m, Some(&p));
+        assert_eq!(
+            (w.bytes_copied, w.bytes_total, w.faults_served),
+            (1 << 20, 4 << 20, 3)
+        );
         m.status = Status::Failed;
         m.failure_reason = Some("daemon stopped while writing".into());
-        let w = watch_message(&m);
+        let w = watch_message(&m, None);
         assert_eq!(w.status, pb::SnapshotStatus::Failed as i32);
         assert_eq!(w.failure_reason, "daemon stopped while writing");
     }

@@ -1,17 +1,22 @@
 //! The daemon's handle on the snapshot store: runs store calls on the
 //! blocking pool, caches each snapshot's sealed memory (loaded once per
-//! tag, shared by every child), and tells watchers when a snapshot being
-//! written ends.
+//! tag, shared by every child), and keeps the state of the snapshots being
+//! written: LIVE copy progress for watchers, the end for watchers and
+//! waiting forks, and the cancel signal of LIVE copies.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use forkd_store::{Manifest, RecoveryReport, SealedMemory, Store, StoreError};
+use forkd_store::{Manifest, RecoveryReport, SealedMemory, Status, Store, StoreError};
 use tokio::sync::{watch, OnceCell};
 
-use crate::error::{ApiError, StartupError};
+use crate::error::{ApiError, CancelReason, StartupError};
 use crate::sync::lock;
+use crate::vmm_process::CopyProgress;
+
+/// How often a waiter looks for a snapshot begun but not yet registered.
+const WRITING_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One tag's memory: loaded at most once at a time, then kept.
 type MemorySlot = Arc<OnceCell<Arc<SealedMemory>>>;
@@ -21,8 +26,10 @@ type MemorySlot = Arc<OnceCell<Arc<SealedMemory>>>;
 pub struct Snapshots {
     store: Store,
     memory: Mutex<HashMap<String, MemorySlot>>,
-    /// Snapshots being written: their final manifest is sent here.
-    writing: Mutex<HashMap<String, watch::Sender<Option<Manifest>>>>,
+    /// Snapshots being written.
+    writing: Mutex<HashMap<String, Writing>>,
+    /// How many snapshots are being written.
+    active: watch::Sender<usize>,
 }
 
 impl Snapshots {
@@ -33,6 +40,7 @@ impl Snapshots {
             store,
             memory: Mutex::default(),
             writing: Mutex::default(),
+            active: watch::Sender::new(0),
         });
         Ok((this, report))
     }
@@ -90,21 +98,258 @@ impl Snapshots {
         }
     }
 
-    /// Records that `tag` is being written, so watchers can wait for its
-    /// end.
-    pub fn writing(&self, tag: &str) {
-        lock(&self.writing).insert(tag.to_string(), watch::Sender::new(None));
+    /// Records that `tag` is being written (after `store.begin`), so
+    /// watchers can follow it. A `live` copy can be cancelled (see
+    /// [`Snapshots::cancel`]); its writer listens on the returned signal.
+    pub fn writing(&self, tag: &str, live: bool) -> CancelSignal {
+        let (cancel, signal) = if live {
+            let (tx, rx) = watch::channel(None);
+            (Some(tx), CancelSignal(Some(rx)))
+        } else {
+            (None, CancelSignal(None))
+        };
+        let entry = Writing {
+            state: watch::Sender::new(WriteState::Writing(None)),
+            cancel,
+        };
+        let mut writing = lock(&self.writing);
+        writing.insert(tag.to_string(), entry);
+        self.active.send_replace(writing.len());
+        signal
     }
 
-    /// Records that `tag` is READY or FAILED now.
-    pub fn finished(&self, manifest: &Manifest) {
-        if let Some(tx) = lock(&self.writing).remove(&manifest.tag) {
-            tx.send_replace(Some(manifest.clone()));
+    /// Records a LIVE copy's progress (watchers are woken only when it
+    /// changed).
+    pub fn progress(&self, tag: &str, progress: CopyProgress) {
+        if let Some(w) = lock(&self.writing).get(tag) {
+            w.state.send_if_modified(|s| {
+                let new = WriteState::Writing(Some(progress));
+                let changed = *s != new;
+                if changed {
+                    *s = new;
+                }
+                changed
+            });
         }
     }
 
-    /// A receiver that gets `tag`'s final manifest, if it is being written.
-    pub fn watch_writing(&self, tag: &str) -> Option<watch::Receiver<Option<Manifest>>> {
-        lock(&self.writing).get(tag).map(watch::Sender::subscribe)
+    /// The last progress reported for `tag`, if it is being copied.
+    pub fn progress_of(&self, tag: &str) -> Option<CopyProgress> {
+        let writing = lock(&self.writing);
+        let state = writing.get(tag)?.state.borrow();
+        match &*state {
+            WriteState::Writing(p) => *p,
+            WriteState::Finished { .. } => None,
+        }
+    }
+
+    /// Records that `manifest.tag` is READY or FAILED now, with a LIVE
+    /// copy's final figures.
+    pub fn finished(&self, manifest: &Manifest, progress: Option<CopyProgress>) {
+        let mut writing = lock(&self.writing);
+        if let Some(w) = writing.remove(&manifest.tag) {
+            w.state.send_replace(WriteState::Finished {
+                manifest: Box::new(manifest.clone()),
+                progress,
+            });
+        }
+        self.active.send_replace(writing.len());
+    }
+
+    /// A receiver of `tag`'s write state, if it is being written.
+    pub fn watch_writing(&self, tag: &str) -> Option<watch::Receiver<WriteState>> {
+        lock(&self.writing).get(tag).map(|w| w.state.subscribe())
+    }
+
+    /// Cancels the LIVE copy of `tag`; returns a receiver on which it ends
+    /// (FAILED), or `None` if `tag` is not a LIVE copy being written.
+    pub fn cancel(&self, tag: &str, why: CancelReason) -> Option<watch::Receiver<WriteState>> {
+        let writing = lock(&self.writing);
+        let w = writing.get(tag)?;
+        let cancel = w.cancel.as_ref()?;
+        cancel.send_if_modified(|c| {
+            let first = c.is_none();
+            if first {
+                *c = Some(why);
+            }
+            first
+        });
+        Some(w.state.subscribe())
+    }
+
+    /// Cancels every LIVE copy; returns how many there were.
+    pub fn cancel_all(&self, why: CancelReason) -> usize {
+        let writing = lock(&self.writing);
+        let mut n = 0;
+        for cancel in writing.values().filter_map(|w| w.cancel.as_ref()) {
+            cancel.send_if_modified(|c| {
+                let first = c.is_none();
+                if first {
+                    *c = Some(why);
+                }
+                first
+            });
+            n += 1;
+        }
+        n
+    }
+
+    /// Waits until no snapshot is being written.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.active.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Waits until `tag` is no longer WRITING and returns its manifest
+    /// then (NOT_FOUND if it was deleted meanwhile).
+    pub async fn wait_finished(&self, tag: &str) -> Result<Manifest, ApiError> {
+        loop {
+            if let Some(mut rx) = self.watch_writing(tag) {
+                if let Ok(state) = rx
+                    .wait_for(|s| matches!(s, WriteState::Finished { .. }))
+                    .await
+                {
+                    if let WriteState::Finished { manifest, .. } = &*state {
+                        return Ok(manifest.as_ref().clone());
+                    }
+                }
+            }
+            let m = self.store.get(tag)?;
+            if m.status != Status::Writing {
+                return Ok(m);
+            }
+            // Begun but not registered yet: look again shortly.
+            tokio::time::sleep(WRITING_POLL).await;
+        }
+    }
+}
+
+/// Where a snapshot being written is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteState {
+    /// Still WRITING; a LIVE copy's progress once the VMM has reported.
+    Writing(Option<CopyProgress>),
+    /// READY or FAILED now.
+    Finished {
+        /// The final manifest.
+        manifest: Box<Manifest>,
+        /// A LIVE copy's final figures.
+        progress: Option<CopyProgress>,
+    },
+}
+
+/// One snapshot being written.
+#[derive(Debug)]
+struct Writing {
+    state: watch::Sender<WriteState>,
+    /// LIVE copies only: set once to cancel the copy.
+    cancel: Option<watch::Sender<Option<CancelReason>>>,
+}
+
+/// The writer's side of a cancellation: resolves when the copy is to be
+/// cancelled; never for snapshots that cannot be cancelled.
+#[derive(Debug)]
+pub struct CancelSignal(Option<watch::Receiver<Option<CancelReason>>>);
+
+impl CancelSignal {
+    /// Waits for a cancellation and returns why.
+    pub async fn cancelled(&mut self) -> CancelReason {
+        if let Some(rx) = &mut self.0 {
+            if let Ok(why) = rx.wait_for(Option::is_some).await {
+                if let Some(why) = *why {
+                    return why;
+                }
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(bytes_copied: u64) -> CopyProgress {
+        CopyProgress {
+            bytes_copied,
+            bytes_total: 100,
+            faults_served: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn write_state_progress_cancel_and_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (snapshots, _) = Snapshots::open(tmp.path()).unwrap();
+        let info = forkd_store::SnapshotInfo {
+            mode: forkd_store::Mode::Live,
+            parent: None,
+            source_sandbox: "sb-1".into(),
+            guest: forkd_store::GuestConfig {
+                memory_mib: 36,
+                vcpus: 1,
+            },
+        };
+        let pending = snapshots.store().begin("l", info).unwrap();
+        let mut signal = snapshots.writing("l", true);
+        assert!(snapshots.cancel("nope", CancelReason::Deleted).is_none());
+        let mut rx = snapshots.watch_writing("l").unwrap();
+        assert_eq!(*rx.borrow_and_update(), WriteState::Writing(None));
+        snapshots.progress("l", progress(10));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(snapshots.progress_of("l"), Some(progress(10)));
+        rx.borrow_and_update();
+        snapshots.progress("l", progress(10));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "unchanged progress wakes nobody"
+        );
+
+        // A fork waiting for the end, and a cancel.
+        let waiter = {
+            let snapshots = snapshots.clone();
+            tokio::spawn(async move { snapshots.wait_finished("l").await })
+        };
+        let mut end = snapshots.cancel("l", CancelReason::Deleted).unwrap();
+        assert_eq!(snapshots.cancel_all(CancelReason::ShuttingDown), 1);
+        assert_eq!(
+            signal.cancelled().await,
+            CancelReason::Deleted,
+            "first wins"
+        );
+        let failed = snapshots
+            .store()
+            .fail(pending, "cancelled: snapshot deleted")
+            .unwrap();
+        snapshots.finished(&failed, Some(progress(20)));
+        let state = end
+            .wait_for(|s| matches!(s, WriteState::Finished { .. }))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(
+            state,
+            WriteState::Finished {
+                manifest: Box::new(failed.clone()),
+                progress: Some(progress(20))
+            }
+        );
+        assert_eq!(waiter.await.unwrap().unwrap(), failed);
+        assert!(snapshots.watch_writing("l").is_none());
+        assert_eq!(snapshots.progress_of("l"), None);
+        tokio::time::timeout(std::time::Duration::from_secs(1), snapshots.wait_idle())
+            .await
+            .unwrap();
+
+        // FULL/DIFF writes cannot be cancelled.
+        let _signal = snapshots.writing("f", false);
+        assert!(snapshots.cancel("f", CancelReason::Deleted).is_none());
+        assert_eq!(snapshots.cancel_all(CancelReason::ShuttingDown), 0);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), snapshots.wait_idle())
+                .await
+                .is_err(),
+            "f is still being written"
+        );
     }
 }

@@ -6,12 +6,12 @@
 //! snapshot's sealed memfd as fd 4 (`--memory-fd 4`) and the snapshot's
 //! directory (`--restore-dir`).
 //!
-//!
 //! - the *writer* sends encoded request frames in order;
 //! - the *reader* decodes the VMM's frames and routes them: events to the
-//!   request waiting for that id, output and `ExecDone` to the running
-//!   exec's channel; on `Exited` (or EOF) it records why the VMM stopped and
-//!   drops every waiter, so they learn the reason from [`Vmm::stop`];
+//!   request waiting for that id (one answer, or a stream of them for a
+//!   LIVE snapshot), output and `ExecDone` to the running exec's channel;
+//!   on `Exited` (or EOF) it records why the VMM stopped and drops every
+//!   waiter, so they learn the reason from [`Vmm::stop`];
 //! - the *reaper* waits for the child to exit (or kills it on request),
 //!   so no zombie remains, and sets the pid to 0.
 
@@ -64,6 +64,8 @@ pub struct VmmSpec<'a> {
     pub dir: &'a Path,
     /// Restore from a snapshot instead of booting.
     pub restore: Option<RestoreSpec<'a>>,
+    /// Bandwidth limit of LIVE snapshot copies in MiB/s; 0 means none.
+    pub copy_rate_mibps: u64,
 }
 
 /// The snapshot a VMM restores.
@@ -86,6 +88,112 @@ pub struct Snapshotted {
     pub dirty_pages: u64,
     /// Bytes of guest RAM.
     pub memory_bytes: u64,
+}
+
+/// How far a LIVE snapshot's background copy has come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// Bytes of RAM handled so far (copied, or found zero).
+    pub bytes_copied: u64,
+    /// Bytes of RAM that hold data and must be handled.
+    pub bytes_total: u64,
+    /// Guest writes served by copying a page before it changed.
+    pub faults_served: u64,
+}
+
+impl CopyProgress {
+    /// Whole percent copied (0 while the total is unknown).
+    pub fn percent(&self) -> u64 {
+        match self.bytes_total {
+            0 => 0,
+            total => (self.bytes_copied.min(total) * 100) / total,
+        }
+    }
+}
+
+/// What a LIVE snapshot's copy reports after `Snapshotted`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyEvent {
+    /// The copy is under way.
+    Progress(CopyProgress),
+    /// The copy ended; `dir/memory` is complete when `error` is `None`.
+    Done {
+        /// The final figures.
+        progress: CopyProgress,
+        /// Bytes of memory data written (holes not counted).
+        bytes_written: u64,
+        /// How long the copy ran.
+        copy_us: u64,
+        /// Why it failed (or `cancelled`).
+        error: Option<String>,
+    },
+}
+
+/// A LIVE snapshot whose vCPUs run again while memory is copied.
+#[derive(Debug)]
+pub struct LiveSnapshot {
+    /// The Snapshot request's id (the id a Cancel of the copy names).
+    pub request_id: u64,
+    /// What the VMM reported when the vCPUs resumed.
+    pub snapshotted: Snapshotted,
+    /// The copy's progress and end.
+    pub events: CopyEvents,
+}
+
+/// The events of one LIVE copy. Ends (`None`) without [`CopyEvent::Done`]
+/// if the VMM stops.
+#[derive(Debug)]
+pub struct CopyEvents(mpsc::UnboundedReceiver<Event>);
+
+impl CopyEvents {
+    /// The next event; `None` once the VMM has stopped (see [`Vmm::stop`]).
+    pub async fn next(&mut self) -> Option<CopyEvent> {
+        loop {
+            match self.0.recv().await? {
+                Event::CopyProgress {
+                    bytes_copied,
+                    bytes_total,
+                    faults_served,
+                    ..
+                } => {
+                    return Some(CopyEvent::Progress(CopyProgress {
+                        bytes_copied,
+                        bytes_total,
+                        faults_served,
+                    }))
+                }
+                Event::CopyDone {
+                    bytes_written,
+                    bytes_copied,
+                    bytes_total,
+                    faults_served,
+                    copy_us,
+                    error,
+                    ..
+                } => {
+                    return Some(CopyEvent::Done {
+                        progress: CopyProgress {
+                            bytes_copied,
+                            bytes_total,
+                            faults_served,
+                        },
+                        bytes_written,
+                        copy_us,
+                        error,
+                    })
+                }
+                Event::Error { message, .. } => {
+                    return Some(CopyEvent::Done {
+                        progress: CopyProgress::default(),
+                        bytes_written: 0,
+                        copy_us: 0,
+                        error: Some(message),
+                    })
+                }
+                other => tracing::debug!(?other, "unexpected event during a live copy"),
+            }
+        }
+    }
 }
 
 /// Why a VMM stopped, as the sandbox reports it.
@@ -166,8 +274,12 @@ pub enum RequestError {
 #[derive(Default)]
 struct Routes {
     closed: bool,
+    /// Requests answered by one event.
     pending: HashMap<u64, oneshot::Sender<Event>>,
     execs: HashMap<u64, mpsc::Sender<ExecEvent>>,
+    /// Requests answered by several events (LIVE snapshots), until
+    /// `CopyDone` or `Error`.
+    streams: HashMap<u64, mpsc::UnboundedSender<Event>>,
 }
 
 /// A running (or stopped) VMM and its control connection.
@@ -218,6 +330,11 @@ impl Vmm {
 
         let mut cmd = tokio::process::Command::new(spec.vmm_path);
         cmd.arg("--control-fd").arg(CONTROL_FD.to_string());
+        if spec.copy_rate_mibps > 0 {
+            // Only when set: 0 is the VMM's own default.
+            cmd.arg("--copy-rate-mibps")
+                .arg(spec.copy_rate_mibps.to_string());
+        }
         match &spec.restore {
             None => {
                 cmd.arg("--memory-mib")
@@ -423,6 +540,58 @@ impl Vmm {
         }
     }
 
+    /// Asks the VMM for a LIVE snapshot into `dir` and waits until the
+    /// vCPUs run again (`Snapshotted`); the copy's progress and end then
+    /// arrive on the returned [`CopyEvents`]. Cancel the copy with
+    /// [`Vmm::cancel`] and the returned `request_id`.
+    pub async fn live_snapshot(
+        &self,
+        dir: &Path,
+        measure_diff: bool,
+    ) -> Result<LiveSnapshot, RequestError> {
+        let id = self.next_id();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut routes = lock(&self.routes);
+            if routes.closed {
+                return Err(RequestError::Stopped(self.stop_or_unknown()));
+            }
+            routes.streams.insert(id, tx);
+        }
+        self.send(&Request::Snapshot {
+            id,
+            mode: SnapshotMode::Live,
+            dir: dir.to_string_lossy().into_owned(),
+            measure_diff,
+        });
+        match rx.recv().await {
+            Some(Event::Snapshotted {
+                pause_us,
+                bytes_written,
+                dirty_pages,
+                memory_bytes,
+                ..
+            }) => Ok(LiveSnapshot {
+                request_id: id,
+                snapshotted: Snapshotted {
+                    pause_us,
+                    bytes_written,
+                    dirty_pages,
+                    memory_bytes,
+                },
+                events: CopyEvents(rx),
+            }),
+            Some(Event::Error { message, .. }) => Err(RequestError::Refused(message)),
+            Some(other) => {
+                lock(&self.routes).streams.remove(&id);
+                Err(RequestError::Refused(format!(
+                    "unexpected answer to a live snapshot: {other:?}"
+                )))
+            }
+            None => Err(RequestError::Stopped(self.stop_or_unknown())),
+        }
+    }
+
     /// Starts a command; its output and end arrive on the returned channel.
     /// The channel closes without `Done` if the VMM stops.
     pub fn start_exec(&self, argv: Vec<String>) -> Result<(u64, mpsc::Receiver<ExecEvent>), Stop> {
@@ -439,9 +608,10 @@ impl Vmm {
         Ok((id, rx))
     }
 
-    /// Asks the running command `exec_id` to stop.
-    pub fn cancel(&self, exec_id: u64) {
-        self.send(&Request::Cancel { id: exec_id });
+    /// Asks the running command, or the LIVE copy, with request id `id` to
+    /// stop.
+    pub fn cancel(&self, id: u64) {
+        self.send(&Request::Cancel { id });
     }
 
     /// Marks the VMM FAILED with `reason` (unless it already stopped) and
@@ -561,6 +731,19 @@ impl Vmm {
             FromVmm::Event(Event::Exited { reason }) => return Some(Stop::from_exit(&reason)),
             FromVmm::Event(event) => {
                 let id = event_id(&event);
+                let stream = id.and_then(|id| {
+                    let mut routes = lock(&self.routes);
+                    let last = matches!(event, Event::CopyDone { .. } | Event::Error { .. });
+                    if last {
+                        routes.streams.remove(&id)
+                    } else {
+                        routes.streams.get(&id).cloned()
+                    }
+                });
+                if let Some(stream) = stream {
+                    let _ = stream.send(event);
+                    return None;
+                }
                 let (waiter, exec) = {
                     let mut routes = lock(&self.routes);
                     let waiter = id.and_then(|id| routes.pending.remove(&id));
@@ -595,6 +778,7 @@ impl Vmm {
             closed: true,
             pending: std::mem::take(&mut routes.pending),
             execs: std::mem::take(&mut routes.execs),
+            streams: std::mem::take(&mut routes.streams),
         }
     }
 }
@@ -739,5 +923,18 @@ mod tests {
         assert!(Stop::from_exit(&ExitReason::VmmError { detail: "x".into() }).failed);
         assert!(!Stop::from_exit(&ExitReason::GuestExit { status: 0 }).failed);
         assert!(!Stop::from_exit(&ExitReason::Shutdown).failed);
+    }
+
+    #[test]
+    fn copy_percent() {
+        let p = |bytes_copied, bytes_total| CopyProgress {
+            bytes_copied,
+            bytes_total,
+            faults_served: 0,
+        };
+        assert_eq!(p(0, 0).percent(), 0);
+        assert_eq!(p(1, 3).percent(), 33);
+        assert_eq!(p(3, 3).percent(), 100);
+        assert_eq!(p(9, 3).percent(), 100);
     }
 }

@@ -451,3 +451,50 @@ fn sealed_memory_cannot_change_but_maps_private() {
     }
     assert_eq!(page_of(&mem.file, 5), 2, "the memfd is unchanged");
 }
+
+#[test]
+fn live_snapshots_recover_failed_unless_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    // Committed after its copy ended: READY, a chain root like FULL.
+    let pending = store.begin("live", info(Mode::Live, None)).unwrap();
+    let written = write_files(pending.dir(), Mode::Live, &[(1, 1), (7, 7)]);
+    let m = store.commit(pending, written).unwrap();
+    assert_eq!(
+        (m.mode, m.status, m.parent),
+        (Mode::Live, Status::Ready, None)
+    );
+    snapshot(&store, "diff", Some("live"), &[(7, 9)]);
+    // The daemon dies mid-copy: vmstate written, memory partly filled.
+    let pending = store.begin("mid-copy", info(Mode::Live, None)).unwrap();
+    assert_eq!(store.get("mid-copy").unwrap().status, Status::Writing);
+    let size = guest().memory_bytes();
+    std::fs::write(pending.dir().join(VMSTATE), "vmstate").unwrap();
+    let mem = File::create(pending.dir().join(MEMORY)).unwrap();
+    mem.set_len(size).unwrap();
+    mem.write_all_at(&[1; PAGE as usize], PAGE).unwrap();
+    std::mem::forget(pending);
+    // ...or after the copy ended but before the commit: the files look
+    // complete, and it still must not come back READY.
+    let pending = store.begin("uncommitted", info(Mode::Live, None)).unwrap();
+    write_files(pending.dir(), Mode::Live, &[(1, 1)]);
+    std::mem::forget(pending);
+    drop(store);
+
+    let (store, report) = open(tmp.path());
+    assert_eq!(report.ready, ["diff", "live"]);
+    for tag in ["mid-copy", "uncommitted"] {
+        let m = store.get(tag).unwrap();
+        assert_eq!(
+            (m.status, m.mode, m.failure_reason.as_deref()),
+            (Status::Failed, Mode::Live, Some(STOPPED_WHILE_WRITING)),
+            "{tag}"
+        );
+        assert!(!tmp.path().join(tag).join(MEMORY).exists(), "{tag}");
+        let err = store.load_memory(tag).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{tag}");
+    }
+    let memory = store.load_memory("diff").unwrap();
+    assert_eq!(page_of(&memory.file, 1), 1);
+    assert_eq!(page_of(&memory.file, 7), 9);
+}

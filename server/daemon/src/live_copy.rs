@@ -1,0 +1,194 @@
+//! The background part of a LIVE branch: after the VMM resumed the vCPUs,
+//! follow its copy (progress into the snapshot's write state), honour a
+//! cancel (DeleteSnapshot, shutdown), and end the snapshot READY (commit)
+//! or FAILED. The branch turn is held until then, so later branches of the
+//! same sandbox queue behind the copy; the exec turn is free, so commands
+//! run during it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_store::{Pending, Written};
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+use crate::branch::{self, BranchOutcome};
+use crate::error::{ApiError, CancelReason, LiveFailure};
+use crate::registry::Sandbox;
+use crate::snapshots::{CancelSignal, Snapshots};
+use crate::vmm_process::{CopyEvent, CopyProgress, LiveSnapshot};
+
+/// Time the VMM gets to end a copy after Cancel before it is treated as
+/// broken: the sandbox is failed and its VMM killed (as for an Exec whose
+/// cancel is ignored).
+pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// Bound on waiting for a killed VMM to be reaped before the snapshot's
+/// files are removed.
+const REAP_WAIT: Duration = Duration::from_secs(10);
+
+/// A LIVE snapshot whose memory the VMM is copying.
+#[derive(Debug)]
+pub struct LiveCopy {
+    snapshots: Arc<Snapshots>,
+    sandbox: Arc<Sandbox>,
+    pending: Pending,
+    live: LiveSnapshot,
+    cancel: CancelSignal,
+    /// The sandbox's branch turn, held until the copy ends.
+    _branch_turn: OwnedMutexGuard<()>,
+}
+
+/// How a copy ended.
+struct CopyEnd {
+    /// `Ok(bytes_written)` when `dir/memory` is complete.
+    result: Result<u64, LiveFailure>,
+    /// The last figures the VMM reported.
+    progress: Option<CopyProgress>,
+}
+
+impl LiveCopy {
+    /// A copy to follow; `branch_turn` is released when it ends.
+    pub fn new(
+        snapshots: Arc<Snapshots>,
+        sandbox: Arc<Sandbox>,
+        pending: Pending,
+        live: LiveSnapshot,
+        cancel: CancelSignal,
+        branch_turn: OwnedMutexGuard<()>,
+    ) -> LiveCopy {
+        LiveCopy {
+            snapshots,
+            sandbox,
+            pending,
+            live,
+            cancel,
+            _branch_turn: branch_turn,
+        }
+    }
+
+    /// Follows the copy to its end and commits (READY; the sandbox's base
+    /// becomes this snapshot) or fails (FAILED with the reason; the base is
+    /// cleared, since the VMM's dirty epoch ended at the pause).
+    pub async fn finish(mut self) -> Result<BranchOutcome, ApiError> {
+        let tag = self.pending.tag().to_string();
+        let end = self.follow(&tag).await;
+        let snap = self.live.snapshotted;
+        let (snapshots, sandbox) = (&self.snapshots, &self.sandbox);
+        let result = match end.result {
+            Ok(bytes_written) => {
+                let written = Written {
+                    memory_bytes: snap.memory_bytes,
+                    data_bytes: bytes_written,
+                    dirty_pages: snap.dirty_pages,
+                    pause_us: snap.pause_us,
+                };
+                let pending = self.pending;
+                // On error, commit itself leaves the snapshot FAILED.
+                let committed = snapshots
+                    .blocking(move |s| s.commit(pending, written))
+                    .await;
+                if let Ok(m) = snapshots.store().get(&tag) {
+                    snapshots.finished(&m, end.progress);
+                }
+                committed.map(|manifest| BranchOutcome {
+                    manifest,
+                    bytes_written,
+                    dirty_pages: snap.dirty_pages,
+                    pause_us: snap.pause_us,
+                    faults_served: end.progress.map_or(0, |p| p.faults_served),
+                })
+            }
+            Err(failure) => {
+                branch::fail(snapshots, self.pending, &failure.to_string(), end.progress).await;
+                Err(ApiError::LiveFailed {
+                    tag: tag.clone(),
+                    failure,
+                })
+            }
+        };
+        match &result {
+            Ok(outcome) => {
+                sandbox.set_base(Some(tag.clone()));
+                tracing::info!(
+                    sandbox = %sandbox.id(), %tag,
+                    pause_us = outcome.pause_us,
+                    bytes_written = outcome.bytes_written,
+                    faults_served = outcome.faults_served,
+                    "live snapshot READY"
+                );
+            }
+            Err(e) => {
+                sandbox.set_base(None);
+                tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "live snapshot FAILED");
+            }
+        }
+        result
+    }
+
+    /// Relays progress until the copy ends, the VMM stops, or a cancel is
+    /// honoured (or ignored past [`CANCEL_WAIT`]).
+    async fn follow(&mut self, tag: &str) -> CopyEnd {
+        let vmm = self.sandbox.vmm.clone();
+        let mut progress = None;
+        let mut cancelled: Option<(CancelReason, Instant)> = None;
+        loop {
+            let deadline = cancelled.map(|(_, d)| d);
+            tokio::select! {
+                event = self.live.events.next() => match event {
+                    Some(CopyEvent::Progress(p)) => {
+                        progress = Some(p);
+                        self.snapshots.progress(tag, p);
+                    }
+                    Some(CopyEvent::Done { progress: p, bytes_written, copy_us, error }) => {
+                        progress = Some(p);
+                        tracing::debug!(%tag, copy_us, ?error, "live copy ended");
+                        // A copy that completed as the cancel crossed it is
+                        // still cancelled: its snapshot is being deleted.
+                        let result = match (cancelled, error) {
+                            (Some((why, _)), _) => Err(LiveFailure::Cancelled(why)),
+                            (None, Some(e)) => Err(LiveFailure::Copy(e)),
+                            (None, None) => Ok(bytes_written),
+                        };
+                        return CopyEnd { result, progress };
+                    }
+                    None => {
+                        let reason = vmm
+                            .stop()
+                            .map(|s| s.reason)
+                            .unwrap_or_else(|| "VMM control connection closed".into());
+                        let result = match cancelled {
+                            Some((why, _)) => Err(LiveFailure::Cancelled(why)),
+                            None => Err(LiveFailure::SourceStopped {
+                                sandbox: self.sandbox.id().to_string(),
+                                reason,
+                            }),
+                        };
+                        return CopyEnd { result, progress };
+                    }
+                },
+                why = self.cancel.cancelled(), if cancelled.is_none() => {
+                    tracing::info!(%tag, reason = %why, "cancelling the live copy");
+                    vmm.cancel(self.live.request_id);
+                    cancelled = Some((why, Instant::now() + CANCEL_WAIT));
+                }
+                _ = sleep_until(deadline) => {
+                    let why = cancelled.map(|(w, _)| w).unwrap_or(CancelReason::Deleted);
+                    tracing::warn!(%tag, "VMM ignored the cancel of a live copy; failing the sandbox");
+                    vmm.fail(&format!(
+                        "VMM did not stop the live copy of snapshot {tag} when cancelled"
+                    ));
+                    // No stray writes into the snapshot's files after this.
+                    let _ = tokio::time::timeout(REAP_WAIT, vmm.wait_reaped()).await;
+                    return CopyEnd { result: Err(LiveFailure::Cancelled(why)), progress };
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
