@@ -1531,6 +1531,10 @@ async fn auth() {
     assert!(c.list_sandboxes(req).await.is_ok());
 }
 
+async fn refuses_to_start_async() {
+    refuses_to_start()
+}
+
 fn refuses_to_start() {
     // Non-loopback without a token.
     let tmp = tempfile::tempdir().unwrap();
@@ -2197,67 +2201,36 @@ fn main() {
         &'static str,
         Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
     );
-    let tests: Vec<Test> = vec![
-        (
-            "lifecycle_and_exec",
-            Box::new(|| Box::pin(lifecycle_and_exec())),
-        ),
-        ("validation", Box::new(|| Box::pin(validation()))),
-        (
-            "branch_fork_and_chains",
-            Box::new(|| Box::pin(branch_fork_and_chains())),
-        ),
-        (
-            "create_snapshot_and_data_loss",
-            Box::new(|| Box::pin(create_snapshot_and_data_loss())),
-        ),
-        (
-            "restart_recovers_the_store",
-            Box::new(|| Box::pin(restart_recovers_the_store())),
-        ),
-        (
-            "failed_branch_keeps_the_sandbox",
-            Box::new(|| Box::pin(failed_branch_keeps_the_sandbox())),
-        ),
-        (
-            "ignored_cancel_fails_the_sandbox",
-            Box::new(|| Box::pin(ignored_cancel_fails_the_sandbox())),
-        ),
-        ("boot_failure", Box::new(|| Box::pin(boot_failure()))),
-        ("auth", Box::new(|| Box::pin(auth()))),
-        (
-            "refuses_to_start",
-            Box::new(|| Box::pin(async { refuses_to_start() })),
-        ),
-        ("data_dir_lock", Box::new(|| Box::pin(data_dir_lock()))),
-        (
-            "reflection_and_unix_socket",
-            Box::new(|| Box::pin(reflection_and_unix_socket())),
-        ),
-        (
-            "graceful_shutdown",
-            Box::new(|| Box::pin(graceful_shutdown())),
-        ),
-        (
-            "caller_timeout_during_shutdown_is_bounded",
-            Box::new(|| Box::pin(caller_timeout_during_shutdown_is_bounded())),
-        ),
-        (
-            "live_branch_flow",
-            Box::new(|| Box::pin(live_branch_flow())),
-        ),
-        (
-            "live_cancel_and_source_death",
-            Box::new(|| Box::pin(live_cancel_and_source_death())),
-        ),
-        (
-            "live_copy_failures",
-            Box::new(|| Box::pin(live_copy_failures())),
-        ),
-        (
-            "live_copy_across_restart_and_shutdown",
-            Box::new(|| Box::pin(live_copy_across_restart_and_shutdown())),
-        ),
+    /// `(name, test)` for each async test fn named.
+    macro_rules! tests {
+        ($($name:ident),* $(,)?) => {
+            vec![$((
+                stringify!($name).trim_end_matches("_async"),
+                Box::new(|| {
+                    Box::pin($name()) as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+                }) as Box<dyn Fn() -> _>,
+            )),*]
+        };
+    }
+    let tests: Vec<Test> = tests![
+        lifecycle_and_exec,
+        validation,
+        branch_fork_and_chains,
+        create_snapshot_and_data_loss,
+        restart_recovers_the_store,
+        failed_branch_keeps_the_sandbox,
+        ignored_cancel_fails_the_sandbox,
+        boot_failure,
+        auth,
+        refuses_to_start_async,
+        data_dir_lock,
+        reflection_and_unix_socket,
+        graceful_shutdown,
+        caller_timeout_during_shutdown_is_bounded,
+        live_branch_flow,
+        live_cancel_and_source_death,
+        live_copy_failures,
+        live_copy_across_restart_and_shutdown,
     ];
     let mut failed = 0;
     for (name, test) in &tests {

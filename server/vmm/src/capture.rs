@@ -37,21 +37,9 @@ pub fn capture(
     dir: &Path,
     measure_diff: bool,
 ) -> Result<Captured> {
-    let started = Instant::now();
-    let paused_here = !ctx.coord.is_paused();
-    if paused_here {
-        ctx.coord
-            .pause(kick_all, STOP_TIMEOUT)
-            .map_err(VmmError::Snapshot)?;
-    }
-    let written = write_while_stopped(ctx, mode, dir, measure_diff);
-    let pause_us = if paused_here {
-        // Cannot fail: we paused it above and hold the only control thread.
-        let _ = ctx.coord.resume();
-        started.elapsed().as_micros() as u64
-    } else {
-        0
-    };
+    let (written, pause_us) = while_stopped(ctx, kick_all, || {
+        write_while_stopped(ctx, mode, dir, measure_diff)
+    })?;
     let (bytes_written, dirty_pages) = written?;
     Ok(Captured {
         pause_us,
@@ -59,6 +47,33 @@ pub fn capture(
         dirty_pages,
         memory_bytes: ctx.ram.size(),
     })
+}
+
+/// Runs `f` with the vCPUs stopped, pausing and resuming them unless the
+/// daemon had paused the VM already. Returns `f`'s result and the pause in
+/// µs (from the stop request until the vCPUs run again; 0 if the daemon
+/// owns the pause).
+pub fn while_stopped<T>(
+    ctx: &VmContext,
+    kick_all: impl Fn(),
+    f: impl FnOnce() -> T,
+) -> Result<(T, u64)> {
+    let started = Instant::now();
+    let paused_here = !ctx.coord.is_paused();
+    if paused_here {
+        ctx.coord
+            .pause(kick_all, STOP_TIMEOUT)
+            .map_err(VmmError::Snapshot)?;
+    }
+    let result = f();
+    let pause_us = if paused_here {
+        // Cannot fail: we paused it above and hold the only control thread.
+        let _ = ctx.coord.resume();
+        started.elapsed().as_micros() as u64
+    } else {
+        0
+    };
+    Ok((result, pause_us))
 }
 
 /// Saves the stopped vCPUs' and the VM's device state to `dir/vmstate`.

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use forkd_control::Event;
 use forkd_uffd::{Canceller, Frozen, LiveCopy, RunningCopy};
 
-use crate::capture::{self, Captured, STOP_TIMEOUT};
+use crate::capture::{self, Captured};
 use crate::error::{Result, VmmError};
 use crate::snapshot::{self, Bitmap};
 use crate::vcpu::VmContext;
@@ -88,21 +88,9 @@ pub fn start(
     let armed =
         unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-    let pause_started = Instant::now();
-    let paused_here = !ctx.coord.is_paused();
-    if paused_here {
-        ctx.coord
-            .pause(kick_all, STOP_TIMEOUT)
-            .map_err(VmmError::Snapshot)?;
-    }
-    let frozen = freeze(ctx, armed, memory, populated, dir, measure_diff);
-    let pause_us = if paused_here {
-        // Cannot fail: we paused it above and hold the only control thread.
-        let _ = ctx.coord.resume();
-        pause_started.elapsed().as_micros() as u64
-    } else {
-        0
-    };
+    let (frozen, pause_us) = capture::while_stopped(ctx, kick_all, || {
+        freeze(ctx, armed, memory, populated, dir, measure_diff)
+    })?;
     let (frozen, dirty_pages) = frozen?;
     Ok(Started {
         captured: Captured {
