@@ -3,11 +3,12 @@
 //!
 //! Each "sandbox" is a `sleep` process started through a symlink named
 //! `forkd-vmm`, so it has a real pid and memory figures; Exec implements
-//! `echo`, `emit BYTES`, `sleep MS`, `fill` and `checksum` (constant output)
-//! in the daemon itself. Snapshots are records only (no files): enough for
-//! CreateSnapshot, BranchSandbox FULL/DIFF, spawning from a tag and
-//! Get/List/DeleteSnapshot. Its figures say nothing about forkd: never
-//! record them.
+//! `echo`, `emit BYTES`, `sleep MS`, `fill`, `checksum`, `dirty` and `stat`
+//! (constant or clock-driven output) in the daemon itself. Snapshots are
+//! records only (no files): enough for CreateSnapshot, BranchSandbox
+//! FULL/DIFF/LIVE (LIVE snapshots are READY at once), spawning from a tag
+//! and Get/List/Delete/WatchSnapshot. Its figures say nothing about forkd:
+//! never record them.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,6 +30,12 @@ use forkd_api::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+/// When the fake started (the clock of its `stat` writer).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
 
 struct Entry {
     sandbox: Sandbox,
@@ -244,6 +251,20 @@ impl SandboxService for Fake {
                 Some("checksum") => {
                     let _ = tx.send(Ok(send(b"0123456789abcdef\n".to_vec()))).await;
                 }
+                Some("dirty") => {
+                    let line = format!(
+                        "writer started: pages={} rate={}/s on vcpu 1\n",
+                        arg(1),
+                        arg(2)
+                    );
+                    let _ = tx.send(Ok(send(line.into_bytes()))).await;
+                }
+                Some("stat") => {
+                    // A writer that stamps one page per microsecond of uptime.
+                    let seq = epoch().elapsed().as_micros();
+                    let line = format!("vcpus=2\nwriter=running pages=4096 rate=0 seq={seq}\n");
+                    let _ = tx.send(Ok(send(line.into_bytes()))).await;
+                }
                 _ => {
                     let _ = tx
                         .send(Err(Status::invalid_argument("unknown builtin")))
@@ -277,9 +298,7 @@ impl SandboxService for Fake {
             .ok_or_else(|| Status::not_found(req.sandbox_id.clone()))?;
         let diff = req.mode == BranchMode::Diff as i32
             || (req.mode == BranchMode::Unspecified as i32 && req.diff);
-        if req.mode == BranchMode::Live as i32 {
-            return Err(Status::unimplemented("LIVE"));
-        }
+        let live = req.mode == BranchMode::Live as i32;
         if self.snapshot(&req.tag).is_ok() {
             return Err(Status::already_exists(req.tag));
         }
@@ -290,14 +309,37 @@ impl SandboxService for Fake {
         } else {
             None
         };
-        let pause = if diff { 2 } else { 10 };
+        let pause = if live {
+            1
+        } else if diff {
+            2
+        } else {
+            10
+        };
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        let snap = self.record(&req.tag, &sandbox, parent);
+        let mut snap = self.record(&req.tag, &sandbox, parent);
+        if live {
+            // Recorded READY at once; a wait=false reply still says WRITING.
+            snap.mode = BranchMode::Live as i32;
+            if let Some(s) = self
+                .snapshots
+                .lock()
+                .unwrap()
+                .iter_mut()
+                .find(|s| s.tag == req.tag)
+            {
+                s.mode = snap.mode;
+            }
+            if req.wait == Some(false) {
+                snap.status = SnapshotStatus::Writing as i32;
+            }
+        }
         Ok(Response::new(BranchSandboxResponse {
             snapshot: Some(snap),
             pause_ms: pause as f64,
             bytes_written: u64::from(sandbox.memory_mib) << 19,
             dirty_pages: if diff { 4096 } else { 0 },
+            faults_served: 0,
         }))
     }
 }
@@ -378,9 +420,19 @@ impl SnapshotService for Fake {
 
     async fn watch_snapshot(
         &self,
-        _req: Request<WatchSnapshotRequest>,
+        req: Request<WatchSnapshotRequest>,
     ) -> Result<Response<Self::WatchSnapshotStream>, Status> {
-        Err(Status::unimplemented("the fake daemon does not watch"))
+        // Every fake snapshot is READY: its status, and the end.
+        let snap = self.snapshot(&req.into_inner().tag)?;
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx
+            .send(Ok(WatchSnapshotResponse {
+                tag: snap.tag,
+                status: snap.status,
+                ..Default::default()
+            }))
+            .await;
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -11,9 +11,9 @@ use forkd_api::v1::sandbox_service_client::SandboxServiceClient;
 use forkd_api::v1::snapshot_service_client::SnapshotServiceClient;
 use forkd_api::v1::{
     exec_response, BranchMode, BranchSandboxRequest, BranchSandboxResponse, CreateSnapshotRequest,
-    DeleteSandboxRequest, DeleteSnapshotRequest, ExecRequest, ListSandboxesRequest,
-    ListSnapshotsRequest, Sandbox, Snapshot, SpawnSandboxesRequest, SpawnSandboxesResponse,
-    WarmupCommand,
+    DeleteSandboxRequest, DeleteSnapshotRequest, ExecRequest, GetSnapshotRequest,
+    ListSandboxesRequest, ListSnapshotsRequest, Sandbox, Snapshot, SpawnSandboxesRequest,
+    SpawnSandboxesResponse, WarmupCommand,
 };
 use tonic::transport::Channel;
 use tonic::Request;
@@ -166,6 +166,7 @@ impl Ctx {
             memory_mib: shape.memory_mib,
             vcpus: shape.vcpus,
             labels: HashMap::from([(LABEL_KEY.to_string(), bench.to_string())]),
+            wait_for_snapshot: false,
         });
         req.set_timeout(self.spawn_timeout);
         let start = Instant::now();
@@ -267,11 +268,23 @@ impl Ctx {
         tag: &str,
         mode: BranchMode,
     ) -> Result<(BranchSandboxResponse, Duration)> {
+        self.branch_wait(sandbox_id, tag, mode, None).await
+    }
+
+    /// BranchSandbox with an explicit `wait` (meaningful for LIVE only;
+    /// `None` leaves it unset, which means true), timed on the client.
+    pub async fn branch_wait(
+        &self,
+        sandbox_id: &str,
+        tag: &str,
+        mode: BranchMode,
+        wait: Option<bool>,
+    ) -> Result<(BranchSandboxResponse, Duration)> {
         let mut req = Request::new(BranchSandboxRequest {
             sandbox_id: sandbox_id.to_string(),
             tag: tag.to_string(),
             mode: mode as i32,
-            wait: None,
+            wait,
             diff: false,
             measure_diff: false,
         });
@@ -281,9 +294,26 @@ impl Ctx {
             .client()
             .branch_sandbox(req)
             .await
-            .with_context(|| format!("BranchSandbox({sandbox_id}, {tag}, {mode:?})"))?
+            .with_context(|| {
+                format!("BranchSandbox({sandbox_id}, {tag}, {mode:?}, wait={wait:?})")
+            })?
             .into_inner();
         Ok((resp, start.elapsed()))
+    }
+
+    /// GetSnapshot(tag).
+    pub async fn get_snapshot(&self, tag: &str) -> Result<Snapshot> {
+        let mut req = Request::new(GetSnapshotRequest {
+            tag: tag.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(60));
+        self.snapshots()
+            .get_snapshot(req)
+            .await
+            .with_context(|| format!("GetSnapshot({tag})"))?
+            .into_inner()
+            .snapshot
+            .with_context(|| format!("GetSnapshot({tag}) returned no snapshot"))
     }
 
     /// DeleteSnapshot(tag); returns the deleted tags.

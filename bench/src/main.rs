@@ -40,10 +40,13 @@ enum Bench {
     ForkSpawn,
     /// FULL against DIFF branch pause at several dirty sizes.
     BranchPause,
+    /// LIVE (wait=true/false) against DIFF and FULL on a writing 1.5 GiB
+    /// guest, the writer's slowdown, and the LIVE pause against RAM size.
+    BranchLive,
 }
 
 impl Bench {
-    const ALL: [Bench; 7] = [
+    const ALL: [Bench; 8] = [
         Bench::ColdSpawn,
         Bench::ExecEcho,
         Bench::AgentThroughput,
@@ -51,6 +54,7 @@ impl Bench {
         Bench::Unary,
         Bench::ForkSpawn,
         Bench::BranchPause,
+        Bench::BranchLive,
     ];
 
     fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Bench {
             Bench::Unary => benches::unary::NAME,
             Bench::ForkSpawn => benches::fork_spawn::NAME,
             Bench::BranchPause => benches::branch_pause::NAME,
+            Bench::BranchLive => benches::branch_live::NAME,
         }
     }
 
@@ -74,6 +79,7 @@ impl Bench {
             Bench::Unary => benches::unary::run(ctx, it).await,
             Bench::ForkSpawn => benches::fork_spawn::run(ctx, it).await,
             Bench::BranchPause => benches::branch_pause::run(ctx, it).await,
+            Bench::BranchLive => benches::branch_live::run(ctx, it).await,
         }
     }
 }
@@ -160,6 +166,30 @@ struct Args {
     /// branch-pause: MiB filled before the first branch.
     #[arg(long)]
     branch_fill_mib: Option<u32>,
+    /// branch-live: guest RAM of the compared source, MiB.
+    #[arg(long)]
+    live_memory_mib: Option<u32>,
+    /// branch-live: MiB filled (default: as much as `fill` allows).
+    #[arg(long)]
+    live_fill_mib: Option<u32>,
+    /// branch-live: iterations of the comparison.
+    #[arg(long)]
+    live_iters: Option<usize>,
+    /// branch-live: guest RAM sizes of the pause sweep, MiB (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    live_sizes: Vec<u32>,
+    /// branch-live: LIVE branches per size of the sweep.
+    #[arg(long)]
+    live_size_iters: Option<usize>,
+    /// branch-live: pages of the writer's ring (1-4096).
+    #[arg(long)]
+    live_writer_pages: Option<u32>,
+    /// branch-live: the writer's pages/s (0 = as fast as it can).
+    #[arg(long)]
+    live_writer_rate: Option<u64>,
+    /// branch-live: no scratch-file ballast before each branch.
+    #[arg(long)]
+    live_no_ballast: bool,
     /// Deadline of one SpawnSandboxes call, seconds.
     #[arg(long, default_value_t = 300)]
     spawn_timeout_secs: u64,
@@ -221,6 +251,30 @@ impl Args {
         }
         if let Some(m) = self.branch_fill_mib {
             it.branch_fill_mib = m;
+        }
+        if let Some(m) = self.live_memory_mib {
+            it.live_memory_mib = m;
+        }
+        if self.live_fill_mib.is_some() {
+            it.live_fill_mib = self.live_fill_mib;
+        }
+        if let Some(n) = self.live_iters {
+            it.live_iters = n.max(1);
+        }
+        if !self.live_sizes.is_empty() {
+            it.live_sizes = self.live_sizes.clone();
+        }
+        if let Some(n) = self.live_size_iters {
+            it.live_size_iters = n.max(1);
+        }
+        if let Some(p) = self.live_writer_pages {
+            it.live_writer_pages = p.clamp(1, 4096);
+        }
+        if let Some(r) = self.live_writer_rate {
+            it.live_writer_rate = r;
+        }
+        if self.live_no_ballast {
+            it.live_ballast = false;
         }
         if let Some(s) = self.unary_secs {
             it.unary_duration = Duration::from_secs_f64(s.max(0.1));

@@ -497,3 +497,64 @@ class Daemon:
         self.expect_clean_exit = False
         self.signal(signal.SIGKILL)
         return self.wait(30)
+
+    # ---- live branches (additions for test_live_branch.py) -------------------
+
+    def start_watch(self, tag: str):
+        """Starts WatchSnapshot(tag) in the background; the returned
+        `BackgroundCall.wait()` gives every message once the stream ended."""
+        return self.client.start("forkd.v1.SnapshotService/WatchSnapshot", {"tag": tag})
+
+    def snapshot_status(self, tag: str) -> str | None:
+        """The snapshot's status name, or None when GetSnapshot says
+        NOT_FOUND."""
+        res = self.client.run(["forkd.v1.SnapshotService/GetSnapshot"], {"tag": tag})
+        if res.code == "NOT_FOUND":
+            return None
+        if not res.ok:
+            raise GrpcError(res)
+        return res.messages[0]["snapshot"]["status"]
+
+    def wait_snapshot_status(
+        self,
+        tag: str,
+        statuses: Iterable[str],
+        timeout: float,
+        interval: float = 0.05,
+        missing_ok: bool = False,
+    ) -> dict:
+        """Polls GetSnapshot until the snapshot's status is one of
+        `statuses`; returns the snapshot. With `missing_ok`, NOT_FOUND
+        (not created yet) just means poll again. Fails after `timeout`
+        seconds, showing every status seen."""
+        want = set(statuses)
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.client.run(["forkd.v1.SnapshotService/GetSnapshot"], {"tag": tag})
+            if res.ok:
+                snap = res.messages[0]["snapshot"]
+                status = snap["status"]
+            elif res.code == "NOT_FOUND" and missing_ok:
+                snap, status = None, "NOT_FOUND"
+            else:
+                raise GrpcError(res)
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if snap is not None and status in want:
+                return snap
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"snapshot {tag} did not reach {sorted(want)} in {timeout}s "
+                    f"(statuses seen: {seen})\n{self.log_tail()}"
+                )
+            time.sleep(interval)
+
+    def kill_vmm(self, pid: int) -> None:
+        """SIGKILLs one of this daemon's forkd-vmm children (checked to be
+        a live VMM descending from the daemon, by pid and start time)."""
+        mine = {p.pid: p for p in self.vmm_children()}
+        assert pid in mine, f"pid {pid} is not a running forkd-vmm of daemon {self.pid}: {mine}"
+        info = proc_info(pid)
+        assert info is not None and info.starttime == mine[pid].starttime, (info, mine[pid])
+        os.kill(pid, signal.SIGKILL)

@@ -717,12 +717,40 @@ def test_branch_mode_conflicts_and_diff_without_base(daemon):
     assert (resp["snapshot"]["mode"], resp["snapshot"]["parentTag"]) == (DIFF, "base"), resp
 
 
-def test_live_branch_still_unimplemented(daemon):
-    """LIVE (write-protect) branches come with the next issue."""
+def test_live_branch_validation_and_a_plain_live_branch(daemon):
+    """wait=false is for LIVE only (FULL, DIFF and the default mode refuse
+    it); LIVE checks tag, sandbox and tag reuse like the other modes; a
+    LIVE branch of an idle sandbox gives a READY snapshot of its memory; and
+    wait_for_snapshot with a READY snapshot or an unknown tag behaves as a
+    plain fork."""
     d = daemon
-    [sb] = d.spawn(1)
-    res = d.client.expect_error("UNIMPLEMENTED", BRANCH, {"sandboxId": sb["id"], "mode": LIVE})
-    assert res.message, res.describe()
-    assert d.get(sb["id"])["state"] == "SANDBOX_STATE_RUNNING"
-    assert d.exec_ok(sb["id"], ["echo", "still", "here"]) == b"still here\n"
+    [sb] = d.spawn(1, memoryMib=128)
+    sid = sb["id"]
+    for req in ({"mode": FULL}, {"mode": DIFF}, {}, {"diff": True}):
+        res = d.client.expect_error("INVALID_ARGUMENT", BRANCH, {"sandboxId": sid, "wait": False, **req})
+        assert "wait" in res.message, res.describe()
+    d.client.expect_error("INVALID_ARGUMENT", BRANCH, {"sandboxId": sid, "tag": "a/b", "mode": LIVE})
+    d.client.expect_error("NOT_FOUND", BRANCH, {"sandboxId": "sb-0000000000", "mode": LIVE})
+    d.client.expect_error("NOT_FOUND", BRANCH, {"sandboxId": "sb-0000000000", "mode": LIVE, "wait": False})
     assert d.list_snapshots() == []
+    assert d.get(sid)["state"] == "SANDBOX_STATE_RUNNING"
+
+    fill(d, sid, 32, 3)
+    want = checksum(d, sid, 32)
+    resp = d.branch(sid, "plain-live", LIVE)
+    snap = resp["snapshot"]
+    assert (snap["tag"], snap["status"], snap["mode"], snap["chain"]) == (
+        "plain-live", READY, LIVE, ["plain-live"]), resp
+    assert snap.get("parentTag", "") == "" and snap["sourceSandboxId"] == sid, snap
+    assert resp["pauseMs"] > 0, resp
+    assert 32 * MIB <= u64(resp, "bytesWritten") < 128 * MIB, resp
+    assert_snapshot_files(d, "plain-live", 128, diff=False)
+    d.client.expect_error("ALREADY_EXISTS", BRANCH, {"sandboxId": sid, "tag": "plain-live", "mode": LIVE})
+    d.client.expect_error(
+        "ALREADY_EXISTS", BRANCH, {"sandboxId": sid, "tag": "plain-live", "mode": LIVE, "wait": False})
+    assert d.exec_ok(sid, ["echo", "still", "here"]) == b"still here\n"
+
+    [kid] = d.spawn(1, snapshotTag="plain-live", waitForSnapshot=True)
+    assert checksum(d, kid["id"], 32) == want
+    d.client.expect_error("NOT_FOUND", SPAWN, {"snapshotTag": "no-such-snap", "n": 1, "waitForSnapshot": True})
+    assert [s["tag"] for s in d.list_snapshots()] == ["plain-live"]

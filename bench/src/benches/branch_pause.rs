@@ -233,8 +233,8 @@ impl Run<'_> {
 
 /// Writes `mib` MiB of non-zero data to a scratch file in `dir` and deletes
 /// it, leaving that much recently freed page cache for the next writer.
-async fn ballast(dir: &Path, mib: u32) -> Result<()> {
-    let path = dir.join("branch-pause-ballast");
+pub async fn ballast(dir: &Path, mib: u32) -> Result<()> {
+    let path = dir.join("branch-ballast");
     tokio::task::spawn_blocking(move || -> Result<()> {
         let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i % 251) as u8 + 1).collect();
         let mut f =

@@ -2,6 +2,7 @@
 //! its iteration counts and returns tables.
 
 pub mod agent_throughput;
+pub mod branch_live;
 pub mod branch_pause;
 pub mod cold_spawn;
 pub mod exec_echo;
@@ -64,6 +65,22 @@ pub struct Iters {
     /// branch-pause: write and delete a scratch file before every branch
     /// (see the module comment of `branch_pause`).
     pub branch_ballast: bool,
+    /// branch-live: guest RAM of the compared source, MiB.
+    pub live_memory_mib: u32,
+    /// branch-live: MiB to fill (None: as much as `fill` allows).
+    pub live_fill_mib: Option<u32>,
+    /// branch-live: iterations of the comparison (one branch per mode each).
+    pub live_iters: usize,
+    /// branch-live: guest RAM sizes of the pause-against-RAM sweep, MiB.
+    pub live_sizes: Vec<u32>,
+    /// branch-live: LIVE branches per size of the sweep.
+    pub live_size_iters: usize,
+    /// branch-live: pages of the writer's ring.
+    pub live_writer_pages: u32,
+    /// branch-live: the writer's pages/s (0: as fast as it can).
+    pub live_writer_rate: u64,
+    /// branch-live: scratch-file ballast before every branch.
+    pub live_ballast: bool,
 }
 
 impl Default for Iters {
@@ -91,6 +108,14 @@ impl Default for Iters {
             branch_sizes: vec![16, 128, 512],
             branch_iters: 10,
             branch_ballast: true,
+            live_memory_mib: 1536,
+            live_fill_mib: None,
+            live_iters: 10,
+            live_sizes: vec![256, 1024, 4096],
+            live_size_iters: 10,
+            live_writer_pages: 4096,
+            live_writer_rate: 0,
+            live_ballast: true,
         }
     }
 }
@@ -121,6 +146,14 @@ impl Iters {
             branch_sizes: vec![16],
             branch_iters: 2,
             branch_ballast: true,
+            live_memory_mib: 256,
+            live_fill_mib: None,
+            live_iters: 2,
+            live_sizes: vec![128, 256],
+            live_size_iters: 2,
+            live_writer_pages: 4096,
+            live_writer_rate: 0,
+            live_ballast: true,
         }
     }
 
