@@ -381,6 +381,33 @@ def test_ten_consecutive_live_branches_all_verify(daemon):
     assert [p.pid for p in d.vmm_children()] == [src["vmmPid"]]
 
 
+def test_flat_out_writer_snapshot_holds_one_cut(daemon_factory):
+    """The writer at full speed (rate 0: tens of millions of stamps a
+    second on vCPU 1) while the copy is throttled to seconds: each LIVE
+    snapshot's memory file holds one consistent cut of the ring, between
+    the source's seq before the branch and right after the reply, the
+    writer ran on through the copy, and a child restored from it verifies.
+    (A child's own `verify` cannot judge the cut here: its writer rewrites
+    the ring at once, so the cut is read from the file.)"""
+    d = daemon_factory(extra_args=RATE_LIMITED)
+    src, _ = writing_source(d, memory_mib=256, fill_mib=64, rate=0)
+    sid = src["id"]
+    for i, wait in enumerate([True, False]):
+        tag = f"flat-{i}"
+        floor = seq(d, sid)
+        resp = d.branch(sid, tag, LIVE, wait=wait)
+        ceiling = seq(d, sid)
+        assert resp["snapshot"]["status"] == (READY if wait else WRITING), resp
+        assert ceiling > floor, (floor, ceiling)
+        if not wait:
+            assert d.wait_snapshot_status(tag, [READY, FAILED], 60)["status"] == READY
+        assert seq(d, sid) > ceiling, "the writer stopped"
+        ring_cut(d, tag, floor, ceiling)
+        [kid] = d.spawn(1, snapshotTag=tag)
+        verify_child(d, kid["id"], None)
+        d.delete(kid["id"])
+
+
 # ---- fault cases -------------------------------------------------------------------------
 
 

@@ -296,8 +296,9 @@ impl LiveCopy {
     /// Fixes the instant. Call it with every writer stopped: from now on
     /// the copy holds memory exactly as it is. `out` receives the pages (at
     /// their own offsets; it must be at least the range's size and hold
-    /// zeros, e.g. a new sparse file). Pages with `needs_copy(i) == false`
-    /// are right in `out` already (holes) and are never copied.
+    /// zeros, e.g. a new sparse file). `needs_copy` has one bit per page
+    /// (bit `i % 64` of word `i / 64`); pages whose bit is clear are right
+    /// in `out` already (holes) and are never copied.
     /// `written_since_arm` lists pages written since `arm` that this copy
     /// could not have seen fault (e.g. pages that had no page-table entry
     /// yet, from KVM's dirty log); they are protected again, like every
@@ -305,20 +306,30 @@ impl LiveCopy {
     pub fn freeze(
         self,
         out: File,
-        needs_copy: impl Fn(usize) -> bool,
+        needs_copy: &[u64],
         written_since_arm: impl IntoIterator<Item = usize>,
     ) -> Result<Frozen, CopyError> {
         let s = self.handler.shared.clone();
         let pages = s.states.len();
-        let mut total = 0u64;
-        for i in 0..pages {
-            if needs_copy(i) {
-                total += PAGE_SIZE as u64;
-            } else {
-                s.states.skip(i);
+        let mut needed = 0usize;
+        // Word by word: this runs inside the pause, over every page of RAM.
+        for (w, first) in (0..pages).step_by(64).enumerate() {
+            let bits = needs_copy.get(w).copied().unwrap_or(0);
+            let count = (pages - first).min(64);
+            if count == 64 && bits == u64::MAX {
+                needed += 64;
+                continue;
+            }
+            for b in 0..count {
+                if bits & (1 << b) != 0 {
+                    needed += 1;
+                } else {
+                    s.states.skip(first + b);
+                }
             }
         }
-        s.total.store(total, Ordering::Relaxed);
+        s.total
+            .store((needed * PAGE_SIZE) as u64, Ordering::Relaxed);
         let _ = s.out.set(out);
         let let_through = {
             let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());

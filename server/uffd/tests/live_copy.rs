@@ -107,12 +107,14 @@ fn copy_is_the_frozen_instant_while_a_writer_runs() {
         // SAFETY: inside the mapping; reads do not fault.
         *word = unsafe { std::ptr::read_volatile(map.ptr.add(page * PAGE_SIZE) as *const u64) };
     }
+    let mut needs_copy = vec![0u64; PAGES.div_ceil(64)];
+    for (page, word) in instant.iter().enumerate() {
+        if *word != 0 {
+            needs_copy[page / 64] |= 1 << (page % 64);
+        }
+    }
     let frozen = armed
-        .freeze(
-            out.try_clone().unwrap(),
-            |p| instant[p] != 0,
-            std::iter::empty(),
-        )
+        .freeze(out.try_clone().unwrap(), &needs_copy, std::iter::empty())
         .unwrap();
     hold.store(false, Ordering::Release);
     let running = frozen.start(0);

@@ -76,24 +76,33 @@ pub fn while_stopped<T>(
     Ok((result, pause_us))
 }
 
-/// Saves the stopped vCPUs' and the VM's device state to `dir/vmstate`.
-pub fn write_vmstate(ctx: &VmContext, dir: &Path) -> Result<()> {
+/// The stopped vCPUs' and the VM's device state.
+pub fn collect_vmstate(ctx: &VmContext) -> Result<VmState> {
     let vcpus = ctx
         .coord
         .collect_states(STOP_TIMEOUT)
         .map_err(VmmError::Snapshot)?;
     let (clock, irqchips) = state::save_vm(&ctx.vm)?;
-    let vmstate = VmState {
+    Ok(VmState {
         version: VMSTATE_VERSION,
         memory_bytes: ctx.ram.size(),
         tsc_khz: ctx.tsc_khz,
         clock,
         irqchips,
         vcpus,
-    };
-    let vmstate_path = dir.join("vmstate");
-    std::fs::write(&vmstate_path, vmstate.to_bytes())
-        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", vmstate_path.display())))
+    })
+}
+
+/// Writes `state` to `dir/vmstate`.
+pub fn save_vmstate(state: &VmState, dir: &Path) -> Result<()> {
+    let path = dir.join("vmstate");
+    std::fs::write(&path, state.to_bytes())
+        .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", path.display())))
+}
+
+/// Saves the stopped vCPUs' and the VM's device state to `dir/vmstate`.
+pub fn write_vmstate(ctx: &VmContext, dir: &Path) -> Result<()> {
+    save_vmstate(&collect_vmstate(ctx)?, dir)
 }
 
 fn write_while_stopped(

@@ -26,6 +26,7 @@ use forkd_uffd::{Canceller, Frozen, LiveCopy, RunningCopy};
 use crate::capture::{self, Captured};
 use crate::error::{Result, VmmError};
 use crate::snapshot::{self, Bitmap};
+use crate::state::VmState;
 use crate::vcpu::VmContext;
 
 /// How often a running copy reports progress.
@@ -88,10 +89,24 @@ pub fn start(
     let armed =
         unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
             .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-    let (frozen, pause_us) = capture::while_stopped(ctx, kick_all, || {
-        freeze(ctx, armed, memory, populated, dir, measure_diff)
-    })?;
-    let (frozen, dirty_pages) = frozen?;
+    let (frozen, pause_us) =
+        capture::while_stopped(ctx, kick_all, || freeze(ctx, armed, memory, populated))?;
+    let Freeze {
+        frozen,
+        vmstate,
+        epoch,
+    } = frozen?;
+    // Written after the resume: the state is in memory already.
+    if let Err(e) = capture::save_vmstate(&vmstate, dir) {
+        drop(frozen); // cancels the copy and lifts protection
+        ctx.dirty.return_epoch(&epoch);
+        return Err(e);
+    }
+    let dirty_pages = if measure_diff {
+        snapshot::count(&epoch)
+    } else {
+        0
+    };
     Ok(Started {
         captured: Captured {
             pause_us,
@@ -104,39 +119,34 @@ pub fn start(
     })
 }
 
+/// What the pause produced.
+struct Freeze {
+    frozen: Frozen,
+    vmstate: VmState,
+    /// The dirty epoch that ended at the pause (given back on failure).
+    epoch: Bitmap,
+}
+
 /// The part inside the pause: state, end of epoch, freeze.
-fn freeze(
-    ctx: &VmContext,
-    armed: LiveCopy,
-    memory: File,
-    mut populated: Bitmap,
-    dir: &Path,
-    measure_diff: bool,
-) -> Result<(Frozen, u64)> {
-    capture::write_vmstate(ctx, dir)?;
+fn freeze(ctx: &VmContext, armed: LiveCopy, memory: File, mut populated: Bitmap) -> Result<Freeze> {
+    let vmstate = capture::collect_vmstate(ctx)?;
     let (recent, epoch) = ctx.dirty.take_epoch_split(&ctx.vm)?;
     for (p, w) in populated.iter_mut().zip(ctx.dirty.since_start()) {
         *p |= w;
     }
-    let frozen = armed
-        .freeze(
-            memory,
-            |page| snapshot::is_set(&populated, page as u64),
-            snapshot::pages(&recent).map(|p| p as usize),
-        )
-        .map_err(|e| VmmError::Snapshot(e.to_string()));
-    match frozen {
-        Ok(frozen) => Ok((
+    match armed.freeze(
+        memory,
+        &populated,
+        snapshot::pages(&recent).map(|p| p as usize),
+    ) {
+        Ok(frozen) => Ok(Freeze {
             frozen,
-            if measure_diff {
-                snapshot::count(&epoch)
-            } else {
-                0
-            },
-        )),
+            vmstate,
+            epoch,
+        }),
         Err(e) => {
             ctx.dirty.return_epoch(&epoch);
-            Err(e)
+            Err(VmmError::Snapshot(e.to_string()))
         }
     }
 }
