@@ -4,7 +4,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
@@ -65,7 +65,7 @@ pub(crate) struct Shared {
     base: usize,
     pub(crate) states: PageStates,
     pub(crate) phase: Mutex<Phase>,
-    out: OnceLock<File>,
+    out: RwLock<Option<Arc<File>>>,
     copied: AtomicU64,
     written: AtomicU64,
     total: AtomicU64,
@@ -100,7 +100,12 @@ impl Shared {
 
     /// Writes claimed pages `first..first+count` and marks them done.
     pub(crate) fn copy(&self, first: usize, count: usize) -> Result<(), CopyError> {
-        let out = self.out.get().expect("pages are copied only after freeze");
+        let out = self
+            .out
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .expect("pages are copied only after freeze");
         let bytes = self.page_bytes(first, count);
         let is_zero = |i: usize| {
             bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
@@ -201,6 +206,21 @@ impl Drop for Handler {
     }
 }
 
+/// Protects `pages` (any order, repeats allowed), one call per run.
+fn protect_pages(s: &Shared, pages: &mut [usize]) -> Result<(), CopyError> {
+    pages.sort_unstable();
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] <= pages[j - 1] + 1 {
+            j += 1;
+        }
+        s.protect(pages[i], pages[j - 1] - pages[i] + 1)?;
+        i = j;
+    }
+    Ok(())
+}
+
 /// A write-protected range whose instant is not fixed yet: writes are let
 /// through (and remembered) until [`LiveCopy::freeze`]. Dropping it lifts
 /// protection.
@@ -261,7 +281,7 @@ impl LiveCopy {
             base: base as usize,
             states: PageStates::new(len / PAGE_SIZE, |_| true),
             phase: Mutex::new(Phase::Armed(Vec::new())),
-            out: OnceLock::new(),
+            out: RwLock::new(None),
             copied: AtomicU64::new(0),
             written: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -330,7 +350,9 @@ impl LiveCopy {
         }
         s.total
             .store((needed * PAGE_SIZE) as u64, Ordering::Relaxed);
-        let _ = s.out.set(out);
+        // A new copy (after `wait_and_rearm`, the old one's flags remain).
+        s.cancel.store(false, Ordering::Release);
+        *s.out.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(out));
         let let_through = {
             let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());
             match std::mem::replace(&mut *phase, Phase::Copying) {
@@ -343,17 +365,7 @@ impl LiveCopy {
             .chain(written_since_arm)
             .filter(|&p| p < pages && !s.states.is_done(p))
             .collect();
-        again.sort_unstable();
-        again.dedup();
-        let mut i = 0;
-        while i < again.len() {
-            let mut j = i + 1;
-            while j < again.len() && again[j] == again[j - 1] + 1 {
-                j += 1;
-            }
-            s.protect(again[i], j - i)?;
-            i = j;
-        }
+        protect_pages(&s, &mut again)?;
         Ok(Frozen {
             handler: self.handler,
         })
@@ -362,6 +374,34 @@ impl LiveCopy {
     /// Counters so far (only the let-through faults move before freeze).
     pub fn progress(&self) -> Progress {
         self.handler.shared.progress()
+    }
+
+    /// Pages let through since arming (or since the last
+    /// [`LiveCopy::protect_let_through`]).
+    pub fn let_through(&self) -> usize {
+        match &*self
+            .handler
+            .shared
+            .phase
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Phase::Armed(pages) => pages.len(),
+            Phase::Copying => 0,
+        }
+    }
+
+    /// Protects again, while writers run, the pages let through so far, so
+    /// that [`LiveCopy::freeze`] has only what is written after this to
+    /// protect inside the pause. Pages written during this call are let
+    /// through again (and remembered).
+    pub fn protect_let_through(&self) -> Result<(), CopyError> {
+        let s = &self.handler.shared;
+        let mut pages = match &mut *s.phase.lock().unwrap_or_else(|e| e.into_inner()) {
+            Phase::Armed(pages) => std::mem::take(pages),
+            Phase::Copying => return Ok(()),
+        };
+        protect_pages(s, &mut pages)
     }
 }
 
@@ -435,6 +475,56 @@ impl RunningCopy {
             let _ = copier.join();
         }
         self.handler.stop();
+    }
+
+    /// Waits for the copy to end and, if it succeeded, arms protection
+    /// again for the next copy instead of dropping it (the registration and
+    /// the handler stay): every page is protected while writers run, and
+    /// writes are let through until the next [`LiveCopy::freeze`]. Costs
+    /// the arming walk here, in the background, instead of in the next
+    /// copy's request; the writers pay one let-through fault per page they
+    /// write before then. On failure or cancel, protection is dropped and
+    /// `None` comes back with the error.
+    pub fn wait_and_rearm(mut self) -> (Result<Progress, CopyError>, Option<LiveCopy>) {
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
+        let s = self.handler.shared.clone();
+        let error = s.error.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let result = match error {
+            Some(e) => Err(e),
+            None if s.cancel.load(Ordering::Acquire) => Err(CopyError::Cancelled),
+            None => Ok(s.progress()),
+        };
+        if result.is_err() {
+            self.handler.stop();
+            return (result, None);
+        }
+        // The copy is complete: every page is done and unprotected. Reset
+        // for the next one, let writes through from now on, then protect.
+        {
+            let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..s.states.len() {
+                s.states.reset(i);
+            }
+            for counter in [&s.copied, &s.written, &s.total, &s.faults, &s.early_faults] {
+                counter.store(0, Ordering::Relaxed);
+            }
+            *s.out.write().unwrap_or_else(|e| e.into_inner()) = None;
+            *phase = Phase::Armed(Vec::new());
+        }
+        // Take the handler out of `self` (whose Drop would stop it).
+        let handler = Handler {
+            shared: s.clone(),
+            thread: self.handler.thread.take(),
+        };
+        match s.protect(0, s.states.len()) {
+            Ok(()) => (result, Some(LiveCopy { handler })),
+            Err(e) => {
+                drop(handler);
+                (Err(e), None)
+            }
+        }
     }
 }
 

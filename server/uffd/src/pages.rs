@@ -25,6 +25,11 @@ impl PageStates {
         }
     }
 
+    /// Makes page `i` pending again (between copies, nobody claiming).
+    pub fn reset(&self, i: usize) {
+        self.states[i].store(PENDING, Ordering::Release);
+    }
+
     /// Marks a page that needs no copy done (before anyone claims it).
     pub fn skip(&self, i: usize) {
         self.states[i].store(DONE, Ordering::Release);

@@ -118,7 +118,14 @@ pub fn serve(
                 measure_diff,
             } => {
                 let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
-                match live::start(&ctx, kick_all, Path::new(&dir), measure_diff, copy_rate) {
+                match live::start(
+                    &ctx,
+                    &live,
+                    kick_all,
+                    Path::new(&dir),
+                    measure_diff,
+                    copy_rate,
+                ) {
                     Ok(started) => {
                         let c = &started.captured;
                         ctx.sink.send(&Event::Snapshotted {
@@ -142,6 +149,7 @@ pub fn serve(
                 dir,
                 measure_diff,
             } => {
+                live.disarm();
                 let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
                 let event =
                     match capture::capture(&ctx, kick_all, mode, Path::new(&dir), measure_diff) {

@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use forkd_control::Event;
@@ -32,22 +32,52 @@ use crate::vcpu::VmContext;
 /// How often a running copy reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
-/// The one live copy a VMM may run at a time.
-#[derive(Default)]
+/// Let-through pages above which a LIVE branch that finds protection
+/// armed protects them again before pausing (so the pause re-protects only
+/// what is written after that): 64 MiB.
+const PROTECT_BEFORE_PAUSE: usize = 16 * 1024;
+
+/// Where the VMM's live-copy machinery is.
+enum SlotState {
+    /// No protection armed, no copy.
+    Idle,
+    /// Copy `id` is running.
+    Copying(u64, Canceller),
+    /// A copy ended well and protection is being armed again.
+    Rearming,
+    /// Protection is armed, ready for the next LIVE branch.
+    Armed(LiveCopy),
+}
+
+/// The one live copy a VMM may run at a time, and the protection kept armed
+/// between copies.
 pub struct LiveSlot {
-    active: Mutex<Option<(u64, Canceller)>>,
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+impl Default for LiveSlot {
+    fn default() -> Self {
+        LiveSlot {
+            state: Mutex::new(SlotState::Idle),
+            changed: Condvar::new(),
+        }
+    }
 }
 
 impl LiveSlot {
     /// The request id of the copy running now, if any.
     pub fn running(&self) -> Option<u64> {
-        self.lock().as_ref().map(|(id, _)| *id)
+        match &*self.lock() {
+            SlotState::Copying(id, _) => Some(*id),
+            _ => None,
+        }
     }
 
     /// Cancels copy `id`; false if it is not the one running.
     pub fn cancel(&self, id: u64) -> bool {
         match &*self.lock() {
-            Some((running, canceller)) if *running == id => {
+            SlotState::Copying(running, canceller) if *running == id => {
                 canceller.cancel();
                 true
             }
@@ -55,8 +85,35 @@ impl LiveSlot {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, Canceller)>> {
-        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    /// Drops protection kept armed between copies. FULL and DIFF captures
+    /// do this first: they end a dirty epoch, which would take from the
+    /// next LIVE branch the record of pages written since arming.
+    pub fn disarm(&self) {
+        drop(self.take_armed());
+    }
+
+    /// Waits out a re-arm, then takes the armed protection, if any.
+    fn take_armed(&self) -> Option<LiveCopy> {
+        let mut state = self.lock();
+        while matches!(*state, SlotState::Rearming) {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        match std::mem::replace(&mut *state, SlotState::Idle) {
+            SlotState::Armed(copy) => Some(copy),
+            other => {
+                *state = other;
+                None
+            }
+        }
+    }
+
+    fn set(&self, new: SlotState) {
+        *self.lock() = new;
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -73,22 +130,37 @@ pub struct Started {
 /// RAM per second, 0: none). Call [`Started::monitor`] next.
 pub fn start(
     ctx: &VmContext,
+    slot: &LiveSlot,
     kick_all: impl Fn(),
     dir: &Path,
     measure_diff: bool,
     rate: u64,
 ) -> Result<Started> {
     let memory = snapshot::create(&dir.join("memory"), ctx.ram.size())?;
-    ctx.dirty.harvest(&ctx.vm)?;
+    let armed = match slot.take_armed() {
+        // Armed when the previous copy ended (the dirty-log window started
+        // then too): only what was let through since needs protecting.
+        Some(armed) => {
+            if armed.let_through() > PROTECT_BEFORE_PAUSE {
+                armed
+                    .protect_let_through()
+                    .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+            }
+            armed
+        }
+        None => {
+            ctx.dirty.harvest(&ctx.vm)?;
+            // SAFETY: guest RAM is one page-aligned shmem mapping of `size`
+            // bytes that lives as long as the VmContext, which outlives the
+            // copy (the monitor thread and the slot hold the context or
+            // are held by it).
+            unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
+                .map_err(|e| VmmError::Snapshot(e.to_string()))?
+        }
+    };
     // Pages that may hold data, known before the pause; pages that gain
     // data before it are in the dirty log, added at freeze.
     let populated = ctx.dirty.populated(&ctx.ram)?;
-    // SAFETY: guest RAM is one page-aligned shmem mapping of `size` bytes
-    // that lives as long as the VmContext, which outlives the copy (the
-    // monitor thread holds the context).
-    let armed =
-        unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
-            .map_err(|e| VmmError::Snapshot(e.to_string()))?;
     let (frozen, pause_us) =
         capture::while_stopped(ctx, kick_all, || freeze(ctx, armed, memory, populated))?;
     let Freeze {
@@ -156,7 +228,7 @@ impl Started {
     /// request `id` (so it can be cancelled): [`Event::CopyProgress`] about
     /// every 100 ms, then one [`Event::CopyDone`].
     pub fn monitor(self, ctx: Arc<VmContext>, slot: Arc<LiveSlot>, id: u64) {
-        *slot.lock() = Some((id, self.copy.canceller()));
+        slot.set(SlotState::Copying(id, self.copy.canceller()));
         let (thread_ctx, thread_slot) = (ctx.clone(), slot.clone());
         let spawned = std::thread::Builder::new()
             .name("live-monitor".into())
@@ -178,8 +250,16 @@ impl Started {
                     }
                 }
                 let last_progress = copy.progress();
-                let result = copy.wait();
-                *slot.lock() = None;
+                // Arm again for the next LIVE branch (in the background, so
+                // its request does not pay the walk); a branch that comes
+                // meanwhile waits for it. The dirty-log window of the next
+                // branch starts here, before protection goes on.
+                slot.set(SlotState::Rearming);
+                let (result, armed) = match ctx.dirty.harvest(&ctx.vm) {
+                    Ok(()) => copy.wait_and_rearm(),
+                    Err(_) => (copy.wait(), None),
+                };
+                slot.set(armed.map_or(SlotState::Idle, SlotState::Armed));
                 let p = result.as_ref().copied().unwrap_or(last_progress);
                 ctx.sink.send(&Event::CopyDone {
                     id,
@@ -193,7 +273,7 @@ impl Started {
             });
         if let Err(e) = spawned {
             // The closure (and with it the copy) is dropped: cancelled.
-            *slot.lock() = None;
+            slot.set(SlotState::Idle);
             ctx.sink.send(&Event::CopyDone {
                 id,
                 bytes_written: 0,
