@@ -408,6 +408,34 @@ def test_flat_out_writer_snapshot_holds_one_cut(daemon_factory):
         d.delete(kid["id"])
 
 
+def test_live_between_full_and_diff_branches(daemon):
+    """LIVE, FULL and DIFF branches of one writing source, mixed (the VMM
+    keeps write-protection armed after a LIVE copy, across the FULL and
+    DIFF captures that follow): every snapshot gives a child with that
+    branch's memory and a consistent writer, and DIFFs chain onto LIVE
+    and FULL bases alike."""
+    d = daemon
+    src, _ = writing_source(d, memory_mib=256, fill_mib=64, rate=2500)
+    sid = src["id"]
+    plan = [(LIVE, True), (FULL, True), (DIFF, True), (LIVE, True), (DIFF, True), (LIVE, False), (LIVE, True)]
+    for i, (mode, wait) in enumerate(plan):
+        fill(d, sid, 4, 200 + i)
+        want = checksum(d, sid, 64)
+        floor = seq(d, sid)
+        tag = f"mix-{i}"
+        resp = d.branch(sid, tag, mode, wait=wait) if mode == LIVE else d.branch(sid, tag, mode)
+        ceiling = seq(d, sid)
+        [kid] = d.spawn(1, snapshotTag=tag, waitForSnapshot=True)
+        assert d.get_snapshot(tag)["status"] == READY, resp
+        verify_child(d, kid["id"], floor)
+        if mode != DIFF:
+            ring_cut(d, tag, floor, ceiling)
+        assert checksum(d, kid["id"], 64) == want, f"child of {tag} ({mode}) lacks that branch's memory"
+        d.delete(kid["id"])
+    assert d.get_snapshot("mix-4")["chain"] == ["mix-4", "mix-3"]
+    assert d.get_snapshot("mix-2")["chain"] == ["mix-2", "mix-1"]
+
+
 # ---- fault cases -------------------------------------------------------------------------
 
 

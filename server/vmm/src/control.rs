@@ -149,7 +149,6 @@ pub fn serve(
                 dir,
                 measure_diff,
             } => {
-                live.disarm();
                 let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
                 let event =
                     match capture::capture(&ctx, kick_all, mode, Path::new(&dir), measure_diff) {

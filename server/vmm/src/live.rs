@@ -1,19 +1,23 @@
 //! LIVE snapshots: copy guest RAM while the guest keeps running.
 //!
-//! 1. Outside the pause: start a dirty-log window ([`DirtyLog::harvest`]),
-//!    create `dir/memory`, and arm userfaultfd write-protection over all of
-//!    RAM ([`LiveCopy::arm`], the slow part: it walks every page-table
-//!    entry). Writes in this window are let through by the fault handler.
-//! 2. The pause: stop the vCPUs, save their and the VM's state to
-//!    `dir/vmstate`, end the dirty epoch, and freeze the copy: every page
-//!    written since arming (let through, or in KVM's dirty log, or written
-//!    by the VMM) is protected again, so memory as it is now is the
-//!    snapshot. Resume.
+//! 1. Outside the pause, arm: open a dirty-log window
+//!    ([`DirtyLog::start_window`]) and write-protect all of RAM with
+//!    userfaultfd ([`LiveCopy::arm`], the slow part: it walks every
+//!    page-table entry). Writes from then on are let through by the fault
+//!    handler, which remembers the pages. After a copy that ended well the
+//!    monitor thread arms again at once, in the background, so the next
+//!    LIVE branch finds protection armed and skips this step (if more than
+//!    64 MiB were let through meanwhile, it protects those again first).
+//! 2. The pause: stop the vCPUs, collect their and the VM's state, end the
+//!    dirty epoch, and freeze the copy: every page written since arming
+//!    (let through, in KVM's dirty log, or written by the VMM) is protected
+//!    again, so memory as it is now is the snapshot. Resume; then write
+//!    `dir/vmstate`.
 //! 3. In the background: the copier and the fault handler fill
 //!    `dir/memory`; a monitor thread reports progress and the end.
 //!
 //! The pause therefore costs the state dump plus re-protecting the pages
-//! written during arming, not a walk over all of RAM.
+//! written since arming, not a walk over all of RAM.
 
 use std::fs::File;
 use std::path::Path;
@@ -85,13 +89,6 @@ impl LiveSlot {
         }
     }
 
-    /// Drops protection kept armed between copies. FULL and DIFF captures
-    /// do this first: they end a dirty epoch, which would take from the
-    /// next LIVE branch the record of pages written since arming.
-    pub fn disarm(&self) {
-        drop(self.take_armed());
-    }
-
     /// Waits out a re-arm, then takes the armed protection, if any.
     fn take_armed(&self) -> Option<LiveCopy> {
         let mut state = self.lock();
@@ -149,7 +146,7 @@ pub fn start(
             armed
         }
         None => {
-            ctx.dirty.harvest(&ctx.vm)?;
+            ctx.dirty.start_window(&ctx.vm)?;
             // SAFETY: guest RAM is one page-aligned shmem mapping of `size`
             // bytes that lives as long as the VmContext, which outlives the
             // copy (the monitor thread and the slot hold the context or
@@ -202,7 +199,7 @@ struct Freeze {
 /// The part inside the pause: state, end of epoch, freeze.
 fn freeze(ctx: &VmContext, armed: LiveCopy, memory: File, mut populated: Bitmap) -> Result<Freeze> {
     let vmstate = capture::collect_vmstate(ctx)?;
-    let (recent, epoch) = ctx.dirty.take_epoch_split(&ctx.vm)?;
+    let (recent, epoch) = ctx.dirty.take_epoch_window(&ctx.vm)?;
     for (p, w) in populated.iter_mut().zip(ctx.dirty.since_start()) {
         *p |= w;
     }
@@ -255,7 +252,7 @@ impl Started {
                 // meanwhile waits for it. The dirty-log window of the next
                 // branch starts here, before protection goes on.
                 slot.set(SlotState::Rearming);
-                let (result, armed) = match ctx.dirty.harvest(&ctx.vm) {
+                let (result, armed) = match ctx.dirty.start_window(&ctx.vm) {
                     Ok(()) => copy.wait_and_rearm(),
                     Err(_) => (copy.wait(), None),
                 };

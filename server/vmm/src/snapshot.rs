@@ -42,6 +42,9 @@ pub struct DirtyLog {
     /// Pages of the backing memfd that held data when first asked (see
     /// [`DirtyLog::populated`]).
     backing: OnceLock<Bitmap>,
+    /// Pages written since [`DirtyLog::start_window`], across epochs,
+    /// while a window is open.
+    window: Mutex<Option<Bitmap>>,
 }
 
 impl DirtyLog {
@@ -54,6 +57,7 @@ impl DirtyLog {
             since_start: Mutex::new(vec![0; words]),
             carry: Mutex::new(vec![0; words]),
             backing: OnceLock::new(),
+            window: Mutex::new(None),
         }
     }
 
@@ -72,20 +76,43 @@ impl DirtyLog {
         self.take_epoch_split(vm).map(|(_, epoch)| epoch)
     }
 
-    /// Moves KVM's dirty bits into this epoch's carry without ending the
-    /// epoch, so that the next read returns only pages written from now on.
-    pub fn harvest(&self, vm: &VmFd) -> Result<()> {
+    /// Opens a window: from now on, until [`DirtyLog::take_epoch_window`],
+    /// the pages written are collected (across epochs that end meanwhile).
+    /// KVM's bits so far go to this epoch's carry, not to the window.
+    pub fn start_window(&self, vm: &VmFd) -> Result<()> {
+        // Held across the read, so an epoch ended concurrently adds its
+        // pages to the window (a superset) rather than missing it.
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        *window = Some(vec![0; self.pages.div_ceil(64) as usize]);
         let bitmap = self.read_kvm(vm)?;
         self.return_epoch(&bitmap);
         Ok(())
     }
 
-    /// Ends the current epoch like [`DirtyLog::take_epoch`], and also
-    /// returns the pages written since the last [`DirtyLog::harvest`] (plus
-    /// the pages the VMM writes): `(recent, epoch)`.
-    pub fn take_epoch_split(&self, vm: &VmFd) -> Result<(Bitmap, Bitmap)> {
+    /// Ends the current epoch like [`DirtyLog::take_epoch`] and closes the
+    /// window: `(pages written since start_window, plus the pages the VMM
+    /// writes; epoch)`. Without an open window the first part holds the
+    /// pages since the last read of KVM's log.
+    pub fn take_epoch_window(&self, vm: &VmFd) -> Result<(Bitmap, Bitmap)> {
+        let (mut recent, epoch) = self.take_epoch_split(vm)?;
+        if let Some(window) = self.window.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            for (r, w) in recent.iter_mut().zip(window) {
+                *r |= w;
+            }
+        }
+        Ok((recent, epoch))
+    }
+
+    /// Ends the current epoch: `(KVM's bits since its last read plus the
+    /// pages the VMM writes, epoch)`. An open window collects the first.
+    fn take_epoch_split(&self, vm: &VmFd) -> Result<(Bitmap, Bitmap)> {
         let mut recent = self.read_kvm(vm)?;
         mark_vmm_written(&mut recent);
+        if let Some(window) = &mut *self.window.lock().unwrap_or_else(|e| e.into_inner()) {
+            for (w, r) in window.iter_mut().zip(&recent) {
+                *w |= *r;
+            }
+        }
         let mut bitmap = recent.clone();
         let mut carry = self.carry.lock().unwrap_or_else(|e| e.into_inner());
         for (a, c) in bitmap.iter_mut().zip(carry.iter_mut()) {
