@@ -396,11 +396,22 @@ impl LiveCopy {
     /// protect inside the pause. Pages written during this call are let
     /// through again (and remembered).
     pub fn protect_let_through(&self) -> Result<(), CopyError> {
+        self.protect_let_through_and(std::iter::empty())
+    }
+
+    /// Like [`LiveCopy::protect_let_through`], and also protects `also`
+    /// (e.g. pages a dirty log saw written since arming).
+    pub fn protect_let_through_and(
+        &self,
+        also: impl IntoIterator<Item = usize>,
+    ) -> Result<(), CopyError> {
         let s = &self.handler.shared;
         let mut pages = match &mut *s.phase.lock().unwrap_or_else(|e| e.into_inner()) {
             Phase::Armed(pages) => std::mem::take(pages),
             Phase::Copying => return Ok(()),
         };
+        let total = s.states.len();
+        pages.extend(also.into_iter().filter(|&p| p < total));
         protect_pages(s, &mut pages)
     }
 }

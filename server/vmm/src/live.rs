@@ -6,8 +6,8 @@
 //!    page-table entry). Writes from then on are let through by the fault
 //!    handler, which remembers the pages. After a copy that ended well the
 //!    monitor thread arms again at once, in the background, so the next
-//!    LIVE branch finds protection armed and skips this step (if more than
-//!    64 MiB were let through meanwhile, it protects those again first).
+//!    LIVE branch finds protection armed and skips this step; it only
+//!    protects again, still outside the pause, the pages written since.
 //! 2. The pause: stop the vCPUs, collect their and the VM's state, end the
 //!    dirty epoch, and freeze the copy: every page written since arming
 //!    (let through, in KVM's dirty log, or written by the VMM) is protected
@@ -35,11 +35,6 @@ use crate::vcpu::VmContext;
 
 /// How often a running copy reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
-
-/// Let-through pages above which a LIVE branch that finds protection
-/// armed protects them again before pausing (so the pause re-protects only
-/// what is written after that): 64 MiB.
-const PROTECT_BEFORE_PAUSE: usize = 16 * 1024;
 
 /// Where the VMM's live-copy machinery is.
 enum SlotState {
@@ -137,12 +132,15 @@ pub fn start(
     let armed = match slot.take_armed() {
         // Armed when the previous copy ended (the dirty-log window started
         // then too): only what was let through since needs protecting.
+        // Everything written since is protected again first, while the
+        // guest runs (a new window starts), so the pause re-protects only
+        // what is written from here on: for a guest with a hot working set
+        // that is a handful of pages instead of the whole set.
         Some(armed) => {
-            if armed.let_through() > PROTECT_BEFORE_PAUSE {
-                armed
-                    .protect_let_through()
-                    .map_err(|e| VmmError::Snapshot(e.to_string()))?;
-            }
+            let written = ctx.dirty.restart_window(&ctx.vm)?;
+            armed
+                .protect_let_through_and(snapshot::pages(&written).map(|p| p as usize))
+                .map_err(|e| VmmError::Snapshot(e.to_string()))?;
             armed
         }
         None => {

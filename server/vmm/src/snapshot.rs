@@ -89,6 +89,23 @@ impl DirtyLog {
         Ok(())
     }
 
+    /// Closes the open window and opens a new one at once, without ending
+    /// the epoch: returns the pages written in the closed window (plus the
+    /// pages the VMM writes).
+    pub fn restart_window(&self, vm: &VmFd) -> Result<Bitmap> {
+        let words = self.pages.div_ceil(64) as usize;
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut raw = self.read_kvm(vm)?;
+        mark_vmm_written(&mut raw);
+        self.return_epoch(&raw);
+        let mut closed = window.replace(vec![0; words]).unwrap_or_default();
+        closed.resize(words, 0);
+        for (c, r) in closed.iter_mut().zip(&raw) {
+            *c |= *r;
+        }
+        Ok(closed)
+    }
+
     /// Ends the current epoch like [`DirtyLog::take_epoch`] and closes the
     /// window: `(pages written since start_window, plus the pages the VMM
     /// writes; epoch)`. Without an open window the first part holds the
