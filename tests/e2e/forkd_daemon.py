@@ -21,6 +21,16 @@ from typing import Any, Iterable, Mapping, Sequence
 from grpcurl_client import ExecResult, GrpcError, Grpcurl, decode_exec
 
 VMM_NAME = "forkd-vmm"
+
+MIB = 1 << 20
+PAGE = 4096
+# Method paths shared by the tests.
+SPAWN = "forkd.v1.SandboxService/SpawnSandboxes"
+BRANCH = "forkd.v1.SandboxService/BranchSandbox"
+CREATE = "forkd.v1.SnapshotService/CreateSnapshot"
+GET_SNAP = "forkd.v1.SnapshotService/GetSnapshot"
+DELETE_SNAP = "forkd.v1.SnapshotService/DeleteSnapshot"
+WATCH_SNAP = "forkd.v1.SnapshotService/WatchSnapshot"
 PR_SET_CHILD_SUBREAPER = 36
 
 

@@ -44,6 +44,12 @@ import time
 import pytest
 
 from forkd_daemon import (
+    BRANCH,
+    GET_SNAP,
+    MIB,
+    PAGE,
+    SPAWN,
+    WATCH_SNAP,
     Daemon,
     kill_leftovers,
     orphaned_vmms,
@@ -52,12 +58,6 @@ from forkd_daemon import (
     wait_until,
 )
 
-MIB = 1 << 20
-PAGE = 4096
-SPAWN = "forkd.v1.SandboxService/SpawnSandboxes"
-BRANCH = "forkd.v1.SandboxService/BranchSandbox"
-GET_SNAP = "forkd.v1.SnapshotService/GetSnapshot"
-WATCH_SNAP = "forkd.v1.SnapshotService/WatchSnapshot"
 WRITING = "SNAPSHOT_STATUS_WRITING"
 READY = "SNAPSHOT_STATUS_READY"
 FAILED = "SNAPSHOT_STATUS_FAILED"

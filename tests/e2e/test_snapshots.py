@@ -22,6 +22,14 @@ from pathlib import Path
 import pytest
 
 from forkd_daemon import (
+    BRANCH,
+    CREATE,
+    DELETE_SNAP,
+    GET_SNAP,
+    MIB,
+    PAGE,
+    SPAWN,
+    WATCH_SNAP,
     Daemon,
     kill_leftovers,
     orphaned_vmms,
@@ -30,14 +38,6 @@ from forkd_daemon import (
     wait_until,
 )
 
-MIB = 1 << 20
-PAGE = 4096
-SPAWN = "forkd.v1.SandboxService/SpawnSandboxes"
-BRANCH = "forkd.v1.SandboxService/BranchSandbox"
-CREATE = "forkd.v1.SnapshotService/CreateSnapshot"
-GET_SNAP = "forkd.v1.SnapshotService/GetSnapshot"
-DELETE_SNAP = "forkd.v1.SnapshotService/DeleteSnapshot"
-WATCH_SNAP = "forkd.v1.SnapshotService/WatchSnapshot"
 READY = "SNAPSHOT_STATUS_READY"
 FAILED = "SNAPSHOT_STATUS_FAILED"
 FULL = "BRANCH_MODE_FULL"

@@ -1020,10 +1020,21 @@ async fn branch(
     tag: &str,
     mode: BranchMode,
 ) -> Result<pb::BranchSandboxResponse, tonic::Status> {
+    branch_waiting(c, id, tag, mode, None).await
+}
+
+async fn branch_waiting(
+    c: &mut SandboxServiceClient<Channel>,
+    id: &str,
+    tag: &str,
+    mode: BranchMode,
+    wait: Option<bool>,
+) -> Result<pb::BranchSandboxResponse, tonic::Status> {
     c.branch_sandbox(pb::BranchSandboxRequest {
         sandbox_id: id.into(),
         tag: tag.into(),
         mode: mode as i32,
+        wait,
         ..Default::default()
     })
     .await
@@ -1726,15 +1737,7 @@ async fn live(
     tag: &str,
     wait: Option<bool>,
 ) -> Result<pb::BranchSandboxResponse, tonic::Status> {
-    c.branch_sandbox(pb::BranchSandboxRequest {
-        sandbox_id: id.into(),
-        tag: tag.into(),
-        mode: BranchMode::Live as i32,
-        wait,
-        ..Default::default()
-    })
-    .await
-    .map(|r| r.into_inner())
+    branch_waiting(c, id, tag, BranchMode::Live, wait).await
 }
 
 /// Every WatchSnapshot message until the stream ends (bounded at 20 s).
