@@ -115,6 +115,39 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest begun now, with nothing written yet (no sizes, digests or
+    /// pause).
+    pub fn begun(
+        tag: &str,
+        parent: Option<String>,
+        mode: Mode,
+        status: Status,
+        source_sandbox: String,
+        guest: GuestConfig,
+    ) -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            tag: tag.to_string(),
+            parent,
+            parent_digest: None,
+            mode,
+            status,
+            failure_reason: None,
+            memory_bytes: guest.memory_bytes(),
+            disk_bytes: 0,
+            data_bytes: 0,
+            dirty_pages: 0,
+            chunk_size: CHUNK_SIZE,
+            memory_chunks: Vec::new(),
+            vmstate_sha256: None,
+            pages_sha256: None,
+            created_at: format_time(SystemTime::now()),
+            source_sandbox,
+            guest,
+            pause_us: 0,
+        }
+    }
+
     /// `created_at` as a time, if it parses.
     pub fn created(&self) -> Option<SystemTime> {
         humantime::parse_rfc3339(&self.created_at).ok()

@@ -3,14 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::SystemTime;
 
 use crate::digest::sha256_hex;
 use crate::error::{Result, StoreError};
 use crate::fsio::sync_dir;
-use crate::manifest::{
-    format_time, GuestConfig, Manifest, Mode, Status, CHUNK_SIZE, FORMAT_VERSION,
-};
+use crate::manifest::{GuestConfig, Manifest, Mode, Status, FORMAT_VERSION};
 use crate::store::{mark_failed, write_tombstone, Entry, MANIFEST, MEMORY, PAGES, VMSTATE};
 use crate::tag::validate_tag;
 
@@ -123,30 +120,18 @@ fn read_manifest(dir: &Path) -> std::result::Result<(Manifest, Vec<u8>), String>
 
 /// A manifest for a snapshot whose own is missing or unreadable.
 fn placeholder(tag: &str) -> Manifest {
-    Manifest {
-        format_version: FORMAT_VERSION,
-        tag: tag.to_string(),
-        parent: None,
-        parent_digest: None,
-        mode: Mode::Full,
-        status: Status::Failed,
-        failure_reason: None,
-        memory_bytes: 0,
-        disk_bytes: 0,
-        data_bytes: 0,
-        dirty_pages: 0,
-        chunk_size: CHUNK_SIZE,
-        memory_chunks: Vec::new(),
-        vmstate_sha256: None,
-        pages_sha256: None,
-        created_at: format_time(SystemTime::now()),
-        source_sandbox: String::new(),
-        guest: GuestConfig {
-            memory_mib: 0,
-            vcpus: 0,
-        },
-        pause_us: 0,
-    }
+    let unknown = GuestConfig {
+        memory_mib: 0,
+        vcpus: 0,
+    };
+    Manifest::begun(
+        tag,
+        None,
+        Mode::Full,
+        Status::Failed,
+        String::new(),
+        unknown,
+    )
 }
 
 /// Recovers `<root>/<tag>`: `None` if it must be ignored (a newer format).

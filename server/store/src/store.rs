@@ -5,14 +5,11 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use crate::digest::{memory_chunks, sha256_hex};
 use crate::error::{Result, StoreError};
 use crate::fsio::{remove_all_but, sync_dir, sync_file, write_atomic};
-use crate::manifest::{
-    format_time, GuestConfig, Manifest, Mode, Status, CHUNK_SIZE, FORMAT_VERSION,
-};
+use crate::manifest::{GuestConfig, Manifest, Mode, Status};
 use crate::recovery::{recover, RecoveryReport};
 use crate::tag::validate_tag;
 
@@ -172,27 +169,14 @@ impl Store {
             })?),
             Mode::Full | Mode::Live => None,
         };
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            tag: tag.to_string(),
-            parent: parent.clone(),
-            parent_digest: None,
-            mode: info.mode,
-            status: Status::Writing,
-            failure_reason: None,
-            memory_bytes: info.guest.memory_bytes(),
-            disk_bytes: 0,
-            data_bytes: 0,
-            dirty_pages: 0,
-            chunk_size: CHUNK_SIZE,
-            memory_chunks: Vec::new(),
-            vmstate_sha256: None,
-            pages_sha256: None,
-            created_at: format_time(SystemTime::now()),
-            source_sandbox: info.source_sandbox,
-            guest: info.guest,
-            pause_us: 0,
-        };
+        let manifest = Manifest::begun(
+            tag,
+            parent.clone(),
+            info.mode,
+            Status::Writing,
+            info.source_sandbox,
+            info.guest,
+        );
         {
             let mut index = self.index();
             if let Some(e) = index.get(tag) {
