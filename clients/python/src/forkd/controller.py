@@ -1,0 +1,236 @@
+"""The blocking client: one gRPC channel to a forkd daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from contextlib import closing
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from forkd import wire
+from forkd.errors import from_rpc_error
+from forkd.results import ExecCollector, ExecEvent, ExecResult
+from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
+from forkd.wire import BranchMode, SnapshotStatusName
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: a bearer token when one is set."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class Controller:
+    """A connection to one forkd daemon.
+
+    ``target`` is ``host:port`` or ``unix:/path/to/socket``; ``token`` is the
+    daemon's bearer token, if it has one. ``timeout`` (seconds) is a deadline
+    for each unary call; streams (``exec_stream``, ``watch_snapshot``) take
+    their own. Every failed call raises a :class:`forkd.ForkdError` subclass
+    that carries the gRPC status code. Use it as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        token: str | None = None,
+        *,
+        timeout: float | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+        self._owns_channel = channel is None
+        self._metadata = auth_metadata(token)
+        self._timeout = timeout
+        self._sandboxes = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
+        self._snapshots = snapshot_pb2_grpc.SnapshotServiceStub(self._channel)
+
+    # ---- plumbing -----------------------------------------------------------
+
+    def _unary(self, method: str, fn: grpc.UnaryUnaryMultiCallable[Req, Resp], req: Req) -> Resp:
+        try:
+            return fn(req, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, method) from None
+
+    def _stream(
+        self,
+        method: str,
+        fn: grpc.UnaryStreamMultiCallable[Req, Resp],
+        req: Req,
+        timeout: float | None,
+    ) -> Generator[Resp, None, None]:
+        call = fn(req, timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, method) from None
+        finally:
+            # Stopping early (break, garbage collection) cancels the stream.
+            call.cancel()
+
+    def close(self) -> None:
+        """Closes the channel (when the controller created it)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- sandboxes ----------------------------------------------------------
+
+    def spawn_sandboxes(
+        self,
+        tag: str | None = None,
+        n: int = 1,
+        *,
+        live_fork: bool = False,
+        memory_mib: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        vcpus: int | None = None,
+        wait_for_snapshot: bool = False,
+    ) -> sandbox_pb2.SpawnSandboxesResponse:
+        """Starts ``n`` sandboxes: cold boots when ``tag`` is None, else
+        children forked copy-on-write from snapshot ``tag``.
+
+        ``memory_mib`` and ``vcpus`` apply to cold boots (None: the daemon's
+        256 MiB and 2 vCPUs). ``labels`` go on every new sandbox.
+        ``live_fork`` only records intent (every sandbox can be live
+        branched) and is sent only when True. ``wait_for_snapshot`` forks
+        from a snapshot that is still WRITING once it is READY instead of
+        failing with FAILED_PRECONDITION.
+
+        Returns the response: ``.sandboxes`` that started and ``.failures``
+        for those that did not (the call fails only when none started).
+        """
+        req = wire.spawn_request(
+            tag,
+            n,
+            live_fork=live_fork,
+            memory_mib=memory_mib,
+            labels=labels,
+            vcpus=vcpus,
+            wait_for_snapshot=wait_for_snapshot,
+        )
+        return self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req)
+
+    def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
+        """One sandbox by id (NotFoundError when there is none)."""
+        req = sandbox_pb2.GetSandboxRequest(id=sandbox_id)
+        return self._unary("GetSandbox", self._sandboxes.GetSandbox, req).sandbox
+
+    def list_sandboxes(self, labels: Mapping[str, str] | None = None) -> list[sandbox_pb2.Sandbox]:
+        """The sandboxes, oldest first; only those carrying every label in ``labels``."""
+        req = sandbox_pb2.ListSandboxesRequest(label_selector=dict(labels or {}))
+        return list(self._unary("ListSandboxes", self._sandboxes.ListSandboxes, req).sandboxes)
+
+    def delete_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
+        """Stops the sandbox's VM and removes it; returns it as it was."""
+        req = sandbox_pb2.DeleteSandboxRequest(id=sandbox_id)
+        return self._unary("DeleteSandbox", self._sandboxes.DeleteSandbox, req).sandbox
+
+    def exec(self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
+        """Runs ``argv`` in the sandbox and returns its output and exit code.
+
+        ``timeout`` (seconds) stops the command inside the guest and raises
+        DeadlineExceededError; the sandbox stays usable. A non-zero exit code
+        is returned, not raised.
+        """
+        collector = ExecCollector()
+        for ev in self.exec_stream(sandbox_id, argv, timeout):
+            collector.add(ev)
+        return collector.result("Exec")
+
+    def exec_stream(self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None) -> Iterator[ExecEvent]:
+        """Runs ``argv`` and yields its stdout/stderr chunks as they come,
+        then one ``exit`` event. Leaving the loop early cancels the call."""
+        req = wire.exec_request(sandbox_id, argv, timeout)
+        with closing(self._stream("Exec", self._sandboxes.Exec, req, None)) as stream:
+            for msg in stream:
+                yield ExecEvent.from_message(msg)
+
+    def branch_sandbox(
+        self,
+        sandbox_id: str,
+        tag: str | None = None,
+        diff: bool = False,
+        measure_diff: bool = False,
+        mode: BranchMode | None = None,
+        wait: bool = True,
+    ) -> sandbox_pb2.BranchSandboxResponse:
+        """Captures a running sandbox as a new snapshot.
+
+        ``mode``: ``"full"`` (pause, write all RAM), ``"diff"`` (write only
+        pages dirtied since the sandbox's base snapshot) or ``"live"`` (pause
+        only to save vCPU state, copy memory while the guest runs). None
+        means full, or diff when the legacy ``diff`` flag is True; ``mode``
+        wins when both are given. ``tag`` None lets the daemon name it.
+        ``measure_diff`` also reports the dirtied page count.
+        ``wait=False`` applies to live only: return as soon as the guest runs
+        again, with the snapshot still WRITING; follow it with
+        :meth:`watch_snapshot`.
+        """
+        req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
+        return self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req)
+
+    # ---- snapshots ----------------------------------------------------------
+
+    def create_snapshot(
+        self,
+        tag: str | None = None,
+        *,
+        memory_mib: int | None = None,
+        vcpus: int | None = None,
+        warmup: Sequence[Sequence[str]] = (),
+        keep_running: bool = False,
+    ) -> snapshot_pb2.CreateSnapshotResponse:
+        """Boots a sandbox, runs each ``warmup`` argv in it, and snapshots it.
+
+        ``keep_running`` keeps the warmed sandbox (its id is in the response).
+        """
+        req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running)
+        return self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req)
+
+    def get_snapshot(self, tag: str) -> snapshot_pb2.Snapshot:
+        """One snapshot by tag (NotFoundError when there is none)."""
+        req = snapshot_pb2.GetSnapshotRequest(tag=tag)
+        return self._unary("GetSnapshot", self._snapshots.GetSnapshot, req).snapshot
+
+    def list_snapshots(self, status: SnapshotStatusName | None = None) -> list[snapshot_pb2.Snapshot]:
+        """Every snapshot, oldest first; or only those with ``status``."""
+        req = wire.list_snapshots_request(status)
+        return list(self._unary("ListSnapshots", self._snapshots.ListSnapshots, req).snapshots)
+
+    def delete_snapshot(self, tag: str, *, cascade: bool = False, force: bool = False) -> list[str]:
+        """Deletes a snapshot; returns the tags removed, this one last.
+
+        Refused (FailedPreconditionError) when diff snapshots depend on it or
+        children run from it, unless ``cascade`` (delete the dependents too)
+        or ``force`` (orphan them). A WRITING live snapshot's copy is
+        cancelled first.
+        """
+        req = snapshot_pb2.DeleteSnapshotRequest(tag=tag, cascade=cascade, force=force)
+        return list(self._unary("DeleteSnapshot", self._snapshots.DeleteSnapshot, req).deleted_tags)
+
+    def watch_snapshot(self, tag: str, *, timeout: float | None = None) -> Iterator[snapshot_pb2.WatchSnapshotResponse]:
+        """Yields the snapshot's status now, then copy progress while it is
+        WRITING, then READY or FAILED, and ends. ``timeout`` (seconds) bounds
+        the whole stream (DeadlineExceededError)."""
+        req = snapshot_pb2.WatchSnapshotRequest(tag=tag)
+        yield from self._stream("WatchSnapshot", self._snapshots.WatchSnapshot, req, timeout)

@@ -1,0 +1,1 @@
+"""Code generated from proto/forkd/v1 by clients/generate. Do not edit."""

@@ -1,0 +1,200 @@
+"""The wire compatibility rules, checked on the bytes the client sends.
+
+A stand-in gRPC server on loopback records each request's raw bytes, and
+the test decodes their field tags: what is on the wire, not what the
+message object says. (tests/e2e/test_client_python.py checks the same
+rules against the real daemon.)
+
+- mode=live sends field 3 (mode) = 3;
+- wait=False puts field 4 on the wire (value 0); wait=True leaves it off;
+- mode wins over the legacy diff flag: only field 3 is sent;
+- the legacy diff flag alone sends field 5;
+- live_fork=True sends SpawnSandboxesRequest field 3; False leaves it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+import forkd
+from forkd import wire
+from forkd.v1 import sandbox_pb2, snapshot_pb2
+
+
+def fields(data: bytes) -> dict[int, int | bytes]:
+    """Decodes a message's top-level fields: number -> varint or bytes."""
+    out: dict[int, int | bytes] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = data[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            out[number] = varint()
+        elif wire_type == 2:
+            n = varint()
+            out[number] = data[i : i + n]
+            i += n
+        else:
+            raise AssertionError(f"unexpected wire type {wire_type} for field {number}")
+    return out
+
+
+class Capture:
+    """A gRPC server that records raw request bytes and answers with empty
+    (default) responses."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bytes]] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handlers = {}
+        for name in ("SpawnSandboxes", "BranchSandbox"):
+            handlers[name] = grpc.unary_unary_rpc_method_handler(self._handler(name))
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def _handler(self, name: str):  # type: ignore[no-untyped-def]
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.requests.append((name, request))
+            return b""
+
+        return handle
+
+    def last(self, name: str) -> dict[int, int | bytes]:
+        got = [raw for method, raw in self.requests if method == name]
+        assert got, f"no {name} request was sent"
+        return fields(got[-1])
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[Capture, forkd.Controller]]:
+    cap = Capture()
+    cap.server.start()
+    ctl = forkd.Controller(f"127.0.0.1:{cap.port}", timeout=10)
+    try:
+        yield cap, ctl
+    finally:
+        ctl.close()
+        cap.server.stop(None)
+
+
+MODE, WAIT, DIFF, MEASURE = 3, 4, 5, 6
+LIVE_FORK = 3
+
+
+def test_mode_live_is_field_3(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.branch_sandbox("sb-1", mode="live")
+    f = cap.last("BranchSandbox")
+    assert f[1] == b"sb-1"
+    assert f[MODE] == snapshot_pb2.BRANCH_MODE_LIVE == 3
+
+
+def test_wait_false_is_present_wait_true_is_omitted(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.branch_sandbox("sb-1", mode="live", wait=False)
+    f = cap.last("BranchSandbox")
+    assert WAIT in f and f[WAIT] == 0
+
+    ctl.branch_sandbox("sb-1", mode="live", wait=True)
+    assert WAIT not in cap.last("BranchSandbox")
+    ctl.branch_sandbox("sb-1", mode="live")
+    assert WAIT not in cap.last("BranchSandbox")
+
+
+def test_mode_wins_over_legacy_diff(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.branch_sandbox("sb-1", "t", True, False, "live")  # positional: tag, diff, measure_diff, mode
+    f = cap.last("BranchSandbox")
+    assert f[MODE] == 3 and DIFF not in f
+    assert f[2] == b"t"
+
+    ctl.branch_sandbox("sb-1", diff=True, mode="full")
+    f = cap.last("BranchSandbox")
+    assert f[MODE] == snapshot_pb2.BRANCH_MODE_FULL and DIFF not in f
+
+
+def test_legacy_diff_alone_is_sent(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.branch_sandbox("sb-1", diff=True, measure_diff=True)
+    f = cap.last("BranchSandbox")
+    assert f[DIFF] == 1 and f[MEASURE] == 1 and MODE not in f
+
+    ctl.branch_sandbox("sb-1")
+    assert cap.last("BranchSandbox") == {1: b"sb-1"}, "defaults put nothing else on the wire"
+
+
+def test_live_fork_only_when_true(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.spawn_sandboxes("snap", 3, live_fork=True)
+    f = cap.last("SpawnSandboxes")
+    assert f[LIVE_FORK] == 1 and f[1] == b"snap" and f[2] == 3
+
+    ctl.spawn_sandboxes(live_fork=False)
+    f = cap.last("SpawnSandboxes")
+    assert LIVE_FORK not in f and f == {2: 1}
+
+
+def test_token_travels_as_bearer_metadata() -> None:
+    seen: list[tuple[tuple[str, str | bytes], ...]] = []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        seen.append(tuple(context.invocation_metadata()))  # type: ignore[arg-type]
+        return b""
+
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "forkd.v1.SandboxService", {"ListSandboxes": grpc.unary_unary_rpc_method_handler(handle)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with forkd.Controller(f"127.0.0.1:{port}", "s3cret", timeout=10) as ctl:
+            ctl.list_sandboxes()
+    finally:
+        server.stop(None)
+    assert ("authorization", "Bearer s3cret") in seen[0]
+
+
+def test_builders_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mode must be one of 'full', 'diff', 'live'"):
+        wire.branch_request("sb-1", None, False, False, "fast", True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sequence of strings"):
+        wire.exec_request("sb-1", "echo hi", None)
+    with pytest.raises(ValueError, match="timeout"):
+        wire.exec_request("sb-1", ["sleep", "1"], 0)
+    assert wire.exec_request("sb-1", ["sleep", "1"], 1.5).timeout_ms == 1500
+    with pytest.raises(ValueError, match="status must be one of"):
+        wire.list_snapshots_request("done")  # type: ignore[arg-type]
+
+
+def test_exec_event_from_each_oneof_case() -> None:
+    out = forkd.ExecEvent.from_message(sandbox_pb2.ExecResponse(stdout=b"a"))
+    err = forkd.ExecEvent.from_message(sandbox_pb2.ExecResponse(stderr=b"b"))
+    ex = forkd.ExecEvent.from_message(
+        sandbox_pb2.ExecResponse(exit=sandbox_pb2.ExecExit(exit_code=3, duration_us=9))
+    )
+    assert (out.kind, out.data) == ("stdout", b"a")
+    assert (err.kind, err.data) == ("stderr", b"b")
+    assert (ex.kind, ex.exit_code, ex.duration_us) == ("exit", 3, 9)
