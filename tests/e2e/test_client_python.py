@@ -207,6 +207,19 @@ def test_error_mapping(ctl: forkd.Controller) -> None:
         ctl.branch_sandbox(sb.id, mode="fast")  # type: ignore[arg-type]
 
 
+def test_diff_after_its_base_was_deleted(ctl: forkd.Controller) -> None:
+    sb = spawn_one(ctl)
+    ctl.branch_sandbox(sb.id, "base-gone", mode="full")
+    assert ctl.delete_snapshot("base-gone") == ["base-gone"]
+    with pytest.raises(forkd.FailedPreconditionError) as e:
+        ctl.branch_sandbox(sb.id, "diff-of-gone", mode="diff")
+    assert "base snapshot base-gone was deleted" in e.value.message
+    assert [s.tag for s in ctl.list_snapshots()] == []
+    # A new FULL branch is a new base.
+    ctl.branch_sandbox(sb.id, "new-base", mode="full")
+    assert ctl.branch_sandbox(sb.id, "diff-ok", mode="diff").snapshot.parent_tag == "new-base"
+
+
 def test_unreachable_daemon_is_unavailable() -> None:
     with forkd.Controller("127.0.0.1:1", timeout=5) as c:
         with pytest.raises(forkd.UnavailableError):

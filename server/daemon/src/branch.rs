@@ -107,14 +107,23 @@ fn choose_tag(snapshots: &Snapshots, requested: Option<String>) -> Result<String
     }
 }
 
-/// The snapshot a DIFF of `sandbox` is taken against.
-fn diff_parent(sandbox: &Sandbox) -> Result<String, ApiError> {
-    sandbox.base().ok_or_else(|| {
+/// The snapshot a DIFF of `sandbox` is taken against: its base, which must
+/// still be in the store (it may have been deleted since).
+fn diff_parent(snapshots: &Snapshots, sandbox: &Sandbox) -> Result<String, ApiError> {
+    let base = sandbox.base().ok_or_else(|| {
         ApiError::FailedPrecondition(format!(
             "sandbox {} has no base snapshot: take a FULL branch first",
             sandbox.id()
         ))
-    })
+    })?;
+    if snapshots.store().get(&base).is_err() {
+        return Err(ApiError::FailedPrecondition(format!(
+            "sandbox {}'s base snapshot {base} was deleted, so there is nothing to take a DIFF \
+             against: take a FULL or LIVE branch first",
+            sandbox.id()
+        )));
+    }
+    Ok(base)
 }
 
 /// What the VMM answered to the Snapshot request.
@@ -192,7 +201,7 @@ pub async fn start(
     sandbox.check_exec()?;
     let tag = choose_tag(snapshots, plan.tag.clone())?;
     let parent = match plan.mode {
-        Mode::Diff => Some(diff_parent(sandbox)?),
+        Mode::Diff => Some(diff_parent(snapshots, sandbox)?),
         Mode::Full | Mode::Live => None,
     };
     let info = SnapshotInfo {

@@ -1303,7 +1303,7 @@ async fn branch_fork_and_chains() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("does not exist"), "{}", e.message());
+    assert!(e.message().contains("was deleted"), "{}", e.message());
 }
 
 async fn create_snapshot_and_data_loss() {
