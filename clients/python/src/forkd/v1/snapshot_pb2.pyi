@@ -449,7 +449,10 @@ class WatchSnapshotResponse(_message.Message):
     bytes_copied: _builtins.int
     """Bytes of memory copied so far."""
     bytes_total: _builtins.int
-    """Bytes of memory to copy in all."""
+    """Bytes of memory to copy in all. 0 while the copy has not reported yet
+    (the first update of a just-started LIVE copy); the copier reports
+    about every 100 ms.
+    """
     faults_served: _builtins.int
     """Guest write faults served so far (LIVE branches)."""
     failure_reason: _builtins.str

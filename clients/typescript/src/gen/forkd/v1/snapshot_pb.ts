@@ -422,7 +422,9 @@ export type WatchSnapshotResponse = Message<"forkd.v1.WatchSnapshotResponse"> & 
   bytesCopied: bigint;
 
   /**
-   * Bytes of memory to copy in all.
+   * Bytes of memory to copy in all. 0 while the copy has not reported yet
+   * (the first update of a just-started LIVE copy); the copier reports
+   * about every 100 ms.
    *
    * @generated from field: uint64 bytes_total = 4;
    */

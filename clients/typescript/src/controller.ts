@@ -1,0 +1,297 @@
+import {
+  type CallOptions,
+  type Client,
+  Code,
+  ConnectError,
+  type Interceptor,
+  type Transport,
+  createClient,
+} from "@connectrpc/connect";
+import type { Http2SessionManager } from "@connectrpc/connect-node";
+import { ForkdError, toForkdError } from "./errors.js";
+import { type ExecEvent, type ExecResult, collectExec, toExecEvent } from "./exec.js";
+import {
+  type BranchSandboxResponse,
+  type ExecRequest,
+  type Sandbox,
+  SandboxService,
+  type SpawnSandboxesResponse,
+} from "./gen/forkd/v1/sandbox_pb.js";
+import {
+  type CreateSnapshotResponse,
+  type Snapshot,
+  SnapshotService,
+  type WatchSnapshotResponse,
+} from "./gen/forkd/v1/snapshot_pb.js";
+import {
+  type BranchOptions,
+  type CreateSnapshotOptions,
+  type DeleteSnapshotOptions,
+  type ExecOptions,
+  type ListSandboxesOptions,
+  type ListSnapshotsOptions,
+  type SpawnOptions,
+  branchSandboxRequest,
+  createSnapshotRequest,
+  deleteSnapshotRequest,
+  execRequest,
+  listSandboxesRequest,
+  listSnapshotsRequest,
+  spawnSandboxesRequest,
+} from "./requests.js";
+import { DEFAULT_TARGET, bearerAuth, createOwnedTransport, targetToBaseUrl } from "./transport.js";
+
+/** Options of the {@link Controller} constructor. */
+export interface ControllerOptions {
+  /**
+   * The daemon: `"host:port"` (plain HTTP/2, as `forkd serve` listens) or a
+   * full `http://` / `https://` URL. Default `"127.0.0.1:50051"`.
+   */
+  target?: string | undefined;
+  /** Bearer token, sent as `authorization: Bearer <token>` on every call. */
+  token?: string | undefined;
+  /**
+   * A ready-made Connect transport to use instead of connecting to `target`.
+   * Excludes `target`, `token` and `interceptors`: configure those on the
+   * transport (see {@link bearerAuth}).
+   */
+  transport?: Transport | undefined;
+  /** Extra Connect interceptors; they run inside the one that adds the token. */
+  interceptors?: readonly Interceptor[] | undefined;
+  /** Deadline of every call, streams included, in milliseconds. Default none. */
+  timeoutMs?: number | undefined;
+}
+
+/**
+ * A client of one forkd daemon: sandboxes, snapshots and commands.
+ *
+ * Every method rejects with a {@link ForkdError} carrying the gRPC status
+ * (streams throw it from the iterator). Arguments that cannot be encoded (a
+ * wrong type, a mode outside `BranchMode`) reject with a TypeError or
+ * RangeError before anything is sent (the streaming methods throw them when
+ * called).
+ *
+ * Call {@link Controller.close} (or use `await using`) when done to release
+ * the HTTP/2 connection. An idle connection does not keep Node running.
+ */
+export class Controller implements AsyncDisposable {
+  readonly #sandboxes: Client<typeof SandboxService>;
+  readonly #snapshots: Client<typeof SnapshotService>;
+  readonly #session: Http2SessionManager | undefined;
+  readonly #callOptions: CallOptions;
+  #closed = false;
+
+  constructor(options: ControllerOptions = {}) {
+    const { target, token, transport, interceptors = [], timeoutMs } = options;
+    if (token !== undefined && (typeof token !== "string" || token === "")) {
+      throw new TypeError("token must be a non-empty string");
+    }
+    if (timeoutMs !== undefined && !(Number.isFinite(timeoutMs) && timeoutMs > 0)) {
+      throw new RangeError(`timeoutMs must be a positive number; got ${String(timeoutMs)}`);
+    }
+    let t: Transport;
+    if (transport !== undefined) {
+      if (target !== undefined || token !== undefined || interceptors.length > 0) {
+        throw new TypeError(
+          "transport excludes target, token and interceptors; configure them on the transport",
+        );
+      }
+      t = transport;
+    } else {
+      const auth = token === undefined ? [] : [bearerAuth(token)];
+      const owned = createOwnedTransport(targetToBaseUrl(target ?? DEFAULT_TARGET), [
+        ...auth,
+        ...interceptors,
+      ]);
+      t = owned.transport;
+      this.#session = owned.session;
+    }
+    this.#sandboxes = createClient(SandboxService, t);
+    this.#snapshots = createClient(SnapshotService, t);
+    this.#callOptions = timeoutMs === undefined ? {} : { timeoutMs };
+  }
+
+  /**
+   * Starts `n` sandboxes: cold boots when `tag` is empty or absent, else
+   * children forked from snapshot `tag`. Resolves with the whole response:
+   * the started sandboxes, per-sandbox failures and the elapsed time (the
+   * call fails only when none started).
+   */
+  async spawnSandboxes(opts: SpawnOptions = {}): Promise<SpawnSandboxesResponse> {
+    const req = spawnSandboxesRequest(opts);
+    return this.#unary(() => this.#sandboxes.spawnSandboxes(req, this.#callOptions));
+  }
+
+  /** Returns one sandbox by id. */
+  async getSandbox(id: string): Promise<Sandbox> {
+    const res = await this.#unary(() => this.#sandboxes.getSandbox({ id }, this.#callOptions));
+    return required(res.sandbox, "sandbox");
+  }
+
+  /** Lists the sandboxes, oldest first, optionally only those matching `labels`. */
+  async listSandboxes(opts: ListSandboxesOptions = {}): Promise<Sandbox[]> {
+    const req = listSandboxesRequest(opts);
+    const res = await this.#unary(() => this.#sandboxes.listSandboxes(req, this.#callOptions));
+    return res.sandboxes;
+  }
+
+  /** Stops and removes a sandbox; resolves with it as it was just before. */
+  async deleteSandbox(id: string): Promise<Sandbox> {
+    const res = await this.#unary(() => this.#sandboxes.deleteSandbox({ id }, this.#callOptions));
+    return required(res.sandbox, "sandbox");
+  }
+
+  /**
+   * Runs a command in a sandbox and collects its output. A non-zero exit
+   * code is a result, not an error; `timeoutMs` overrunning is
+   * DEADLINE_EXCEEDED.
+   */
+  async exec(
+    sandboxId: string,
+    argv: readonly string[],
+    opts: ExecOptions = {},
+  ): Promise<ExecResult> {
+    const events = this.#execEvents(execRequest(sandboxId, argv, opts));
+    return this.#unary(() => collectExec(events));
+  }
+
+  /**
+   * Runs a command in a sandbox and streams its output as it is produced:
+   * `stdout`/`stderr` chunks, then one `exit` event. Breaking out of the
+   * loop cancels the call.
+   */
+  execStream(
+    sandboxId: string,
+    argv: readonly string[],
+    opts: ExecOptions = {},
+  ): AsyncIterable<ExecEvent> {
+    return this.#execEvents(execRequest(sandboxId, argv, opts));
+  }
+
+  /**
+   * Captures a running sandbox as a new snapshot. `mode` wins over the
+   * legacy `diff` flag (only `mode` is sent); `wait: false` (LIVE only)
+   * resolves while the snapshot is still WRITING, see
+   * {@link Controller.watchSnapshot}.
+   */
+  async branchSandbox(
+    sandboxId: string,
+    opts: BranchOptions = {},
+  ): Promise<BranchSandboxResponse> {
+    const req = branchSandboxRequest(sandboxId, opts);
+    return this.#unary(() => this.#sandboxes.branchSandbox(req, this.#callOptions));
+  }
+
+  /** Boots a sandbox, runs the warm-up commands in it, and snapshots it. */
+  async createSnapshot(opts: CreateSnapshotOptions = {}): Promise<CreateSnapshotResponse> {
+    const req = createSnapshotRequest(opts);
+    return this.#unary(() => this.#snapshots.createSnapshot(req, this.#callOptions));
+  }
+
+  /** Returns one snapshot by tag. */
+  async getSnapshot(tag: string): Promise<Snapshot> {
+    const res = await this.#unary(() => this.#snapshots.getSnapshot({ tag }, this.#callOptions));
+    return required(res.snapshot, "snapshot");
+  }
+
+  /** Lists the snapshots, oldest first, optionally only those with `status`. */
+  async listSnapshots(opts: ListSnapshotsOptions = {}): Promise<Snapshot[]> {
+    const req = listSnapshotsRequest(opts);
+    const res = await this.#unary(() => this.#snapshots.listSnapshots(req, this.#callOptions));
+    return res.snapshots;
+  }
+
+  /**
+   * Deletes a snapshot; resolves with the removed tags, this one last. The
+   * server refuses (FAILED_PRECONDITION) to orphan dependents or running
+   * children unless `cascade` or `force`.
+   */
+  async deleteSnapshot(tag: string, opts: DeleteSnapshotOptions = {}): Promise<string[]> {
+    const req = deleteSnapshotRequest(tag, opts);
+    const res = await this.#unary(() => this.#snapshots.deleteSnapshot(req, this.#callOptions));
+    return res.deletedTags;
+  }
+
+  /**
+   * Follows a snapshot's status: the current one at once, progress while it
+   * is WRITING, then READY or FAILED, after which the iteration ends.
+   * Breaking out of the loop cancels the call.
+   */
+  watchSnapshot(tag: string): AsyncIterable<WatchSnapshotResponse> {
+    if (typeof tag !== "string") {
+      throw new TypeError(`tag must be a string; got ${typeof tag}`);
+    }
+    return this.#stream((options) => this.#snapshots.watchSnapshot({ tag }, options));
+  }
+
+  /**
+   * Closes the HTTP/2 connection this controller opened, cancelling calls
+   * in flight. Later calls reject with CANCELLED. A transport passed in
+   * the options is left alone.
+   */
+  close(): void {
+    this.#closed = true;
+    this.#session?.abort();
+  }
+
+  /** {@link Controller.close}, for `await using`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
+  async #unary<T>(call: () => Promise<T>): Promise<T> {
+    this.#checkOpen();
+    try {
+      return await call();
+    } catch (err) {
+      throw toForkdError(err);
+    }
+  }
+
+  /**
+   * Runs a server stream. Connect's response iterable has no `return()`, so
+   * a consumer leaving the loop early would leave the HTTP/2 stream open
+   * (and the daemon blocked on flow control); the abort in `finally`
+   * cancels the call instead.
+   */
+  async *#stream<T>(
+    open: (options: CallOptions) => AsyncIterable<T>,
+  ): AsyncGenerator<T, void, undefined> {
+    this.#checkOpen();
+    const abort = new AbortController();
+    let done = false;
+    try {
+      yield* open({ ...this.#callOptions, signal: abort.signal });
+      done = true;
+    } catch (err) {
+      done = true;
+      throw toForkdError(err);
+    } finally {
+      if (!done) {
+        abort.abort();
+      }
+    }
+  }
+
+  async *#execEvents(req: ExecRequest): AsyncGenerator<ExecEvent, void, undefined> {
+    for await (const msg of this.#stream((options) => this.#sandboxes.exec(req, options))) {
+      const ev = toExecEvent(msg);
+      if (ev !== undefined) {
+        yield ev;
+      }
+    }
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) {
+      throw new ForkdError(new ConnectError("controller is closed", Code.Canceled));
+    }
+  }
+}
+
+function required<T>(value: T | undefined, field: string): T {
+  if (value === undefined) {
+    throw new ForkdError(new ConnectError(`response has no ${field}`, Code.Internal));
+  }
+  return value;
+}

@@ -1,0 +1,273 @@
+/**
+ * Request builders: the one place that maps the Controller's options onto
+ * request messages, and so the one place the compatibility rules live.
+ *
+ * - `mode` wins over the legacy `diff` flag: when `mode` is given only `mode`
+ *   is sent; `diff: true` alone is sent as the legacy `diff` field.
+ * - `wait` is on the wire only when it is `false` (proto3 `optional`: absent
+ *   means true).
+ * - `live_fork` is on the wire only when `liveFork` is `true`.
+ *
+ * Everything here is pure: no I/O, no transport.
+ */
+import { create } from "@bufbuild/protobuf";
+import {
+  type BranchMode,
+  type SnapshotStatusName,
+  toProtoBranchMode,
+  toProtoSnapshotStatus,
+} from "./enums.js";
+import {
+  type BranchSandboxRequest,
+  BranchSandboxRequestSchema,
+  type ExecRequest,
+  ExecRequestSchema,
+  type ListSandboxesRequest,
+  ListSandboxesRequestSchema,
+  type SpawnSandboxesRequest,
+  SpawnSandboxesRequestSchema,
+} from "./gen/forkd/v1/sandbox_pb.js";
+import {
+  type CreateSnapshotRequest,
+  CreateSnapshotRequestSchema,
+  type DeleteSnapshotRequest,
+  DeleteSnapshotRequestSchema,
+  type ListSnapshotsRequest,
+  ListSnapshotsRequestSchema,
+  SnapshotStatus,
+} from "./gen/forkd/v1/snapshot_pb.js";
+
+/** Options of {@link Controller.spawnSandboxes}. */
+export interface SpawnOptions {
+  /** Snapshot to fork the children from; empty or absent means a cold boot. */
+  tag?: string | undefined;
+  /** How many sandboxes to start (the server accepts 1 to 1000). Default 1. */
+  n?: number | undefined;
+  /** Record the sandboxes as live-forkable (every sandbox is). Default false. */
+  liveFork?: boolean | undefined;
+  /** Guest RAM in MiB for a cold boot (36 to 65536); absent means 256. */
+  memoryMib?: number | undefined;
+  /** vCPUs for a cold boot (1 to 8); absent means 2. */
+  vcpus?: number | undefined;
+  /** Labels attached to every new sandbox. */
+  labels?: Readonly<Record<string, string>> | undefined;
+  /** Wait for a WRITING snapshot to become READY instead of failing. */
+  waitForSnapshot?: boolean | undefined;
+}
+
+/** Options of {@link Controller.branchSandbox}. */
+export interface BranchOptions {
+  /** Tag of the new snapshot; absent means a server-generated one. */
+  tag?: string | undefined;
+  /** Legacy spelling of `mode: "diff"`; ignored when `mode` is given. */
+  diff?: boolean | undefined;
+  /** Also count the pages dirtied since the base snapshot. Default false. */
+  measureDiff?: boolean | undefined;
+  /** How to capture memory; absent lets the server pick (FULL, or DIFF for `diff`). */
+  mode?: BranchMode | undefined;
+  /**
+   * LIVE only: `false` returns as soon as the guest runs again, with the
+   * snapshot still WRITING. Default true.
+   */
+  wait?: boolean | undefined;
+}
+
+/** Options of {@link Controller.exec} and {@link Controller.execStream}. */
+export interface ExecOptions {
+  /**
+   * Stop the command after this many milliseconds; the call then fails with
+   * DEADLINE_EXCEEDED and the sandbox stays usable. Absent means no limit.
+   */
+  timeoutMs?: number | undefined;
+}
+
+/** One warm-up command of {@link CreateSnapshotOptions}. */
+export interface WarmupCommand {
+  /** The command and its arguments, as for exec. */
+  argv: readonly string[];
+  /** Limit in milliseconds; absent means the server's default (60000). */
+  timeoutMs?: number | undefined;
+}
+
+/** Options of {@link Controller.createSnapshot}. */
+export interface CreateSnapshotOptions {
+  /** Tag for the snapshot; absent means a server-generated one. */
+  tag?: string | undefined;
+  /** Guest RAM in MiB; absent means 256. */
+  memoryMib?: number | undefined;
+  /** vCPUs; absent means 2. */
+  vcpus?: number | undefined;
+  /** Commands run in order before the snapshot; an argv alone is allowed. */
+  warmup?: ReadonlyArray<WarmupCommand | readonly string[]> | undefined;
+  /** Keep the warmed sandbox running after the snapshot. Default false. */
+  keepRunning?: boolean | undefined;
+}
+
+/** Options of {@link Controller.listSandboxes}. */
+export interface ListSandboxesOptions {
+  /** Only sandboxes carrying every one of these labels with the same value. */
+  labels?: Readonly<Record<string, string>> | undefined;
+}
+
+/** Options of {@link Controller.listSnapshots}. */
+export interface ListSnapshotsOptions {
+  /** Only snapshots with this status (a name or the enum); absent means all. */
+  status?: SnapshotStatusName | SnapshotStatus | undefined;
+}
+
+/** Options of {@link Controller.deleteSnapshot}. */
+export interface DeleteSnapshotOptions {
+  /** Also delete every snapshot that depends on this one. Default false. */
+  cascade?: boolean | undefined;
+  /** Delete even when dependents or running children would be orphaned. */
+  force?: boolean | undefined;
+}
+
+/** Builds the SpawnSandboxes request; `live_fork` is set only when true. */
+export function spawnSandboxesRequest(opts: SpawnOptions = {}): SpawnSandboxesRequest {
+  const { tag = "", n = 1, liveFork = false, waitForSnapshot = false } = opts;
+  const req = create(SpawnSandboxesRequestSchema, {
+    snapshotTag: checkString("tag", tag),
+    n: checkUint32("n", n),
+    memoryMib: checkUint32("memoryMib", opts.memoryMib ?? 0),
+    vcpus: checkUint32("vcpus", opts.vcpus ?? 0),
+    labels: checkLabels("labels", opts.labels),
+    waitForSnapshot: checkBool("waitForSnapshot", waitForSnapshot),
+  });
+  if (checkBool("liveFork", liveFork)) {
+    req.liveFork = true;
+  }
+  return req;
+}
+
+/**
+ * Builds the BranchSandbox request: only `mode` when it is given, else the
+ * legacy `diff` when true; `wait` only when false.
+ */
+export function branchSandboxRequest(
+  sandboxId: string,
+  opts: BranchOptions = {},
+): BranchSandboxRequest {
+  const { tag = "", diff = false, measureDiff = false, mode, wait = true } = opts;
+  checkBool("diff", diff);
+  const req = create(BranchSandboxRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    tag: checkString("tag", tag),
+    measureDiff: checkBool("measureDiff", measureDiff),
+  });
+  if (mode !== undefined) {
+    req.mode = toProtoBranchMode(mode);
+  } else if (diff) {
+    req.diff = true;
+  }
+  if (!checkBool("wait", wait)) {
+    req.wait = false;
+  }
+  return req;
+}
+
+/** Builds the Exec request. */
+export function execRequest(
+  sandboxId: string,
+  argv: readonly string[],
+  opts: ExecOptions = {},
+): ExecRequest {
+  return create(ExecRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    argv: checkArgv("argv", argv),
+    timeoutMs: checkUint32("timeoutMs", opts.timeoutMs ?? 0),
+  });
+}
+
+/** Builds the ListSandboxes request. */
+export function listSandboxesRequest(opts: ListSandboxesOptions = {}): ListSandboxesRequest {
+  return create(ListSandboxesRequestSchema, { labelSelector: checkLabels("labels", opts.labels) });
+}
+
+/** Builds the ListSnapshots request. */
+export function listSnapshotsRequest(opts: ListSnapshotsOptions = {}): ListSnapshotsRequest {
+  const { status } = opts;
+  return create(ListSnapshotsRequestSchema, {
+    status: status === undefined ? SnapshotStatus.UNSPECIFIED : toProtoSnapshotStatus(status),
+  });
+}
+
+/** Builds the CreateSnapshot request. */
+export function createSnapshotRequest(opts: CreateSnapshotOptions = {}): CreateSnapshotRequest {
+  const warmup = (opts.warmup ?? []).map((cmd, i) => {
+    const { argv, timeoutMs = 0 } = isArgv(cmd) ? { argv: cmd } : cmd;
+    return {
+      argv: checkArgv(`warmup[${i}].argv`, argv),
+      timeoutMs: checkUint32(`warmup[${i}].timeoutMs`, timeoutMs),
+    };
+  });
+  return create(CreateSnapshotRequestSchema, {
+    tag: checkString("tag", opts.tag ?? ""),
+    memoryMib: checkUint32("memoryMib", opts.memoryMib ?? 0),
+    vcpus: checkUint32("vcpus", opts.vcpus ?? 0),
+    warmup,
+    keepRunning: checkBool("keepRunning", opts.keepRunning ?? false),
+  });
+}
+
+/** Builds the DeleteSnapshot request. */
+export function deleteSnapshotRequest(
+  tag: string,
+  opts: DeleteSnapshotOptions = {},
+): DeleteSnapshotRequest {
+  return create(DeleteSnapshotRequestSchema, {
+    tag: checkString("tag", tag),
+    cascade: checkBool("cascade", opts.cascade ?? false),
+    force: checkBool("force", opts.force ?? false),
+  });
+}
+
+// Runtime checks for callers without type checking. They reject only what
+// cannot be encoded or would be silently misread (a "false" string is
+// truthy); range rules such as n <= 1000 are the server's to enforce.
+
+function checkString(name: string, value: unknown): string {
+  if (typeof value !== "string") {
+    throw new TypeError(`${name} must be a string; got ${typeof value}`);
+  }
+  return value;
+}
+
+function checkBool(name: string, value: unknown): boolean {
+  if (typeof value !== "boolean") {
+    throw new TypeError(`${name} must be a boolean; got ${typeof value}`);
+  }
+  return value;
+}
+
+function checkUint32(name: string, value: unknown): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > 0xffff_ffff) {
+    throw new RangeError(`${name} must be an integer from 0 to 4294967295; got ${String(value)}`);
+  }
+  return value;
+}
+
+function isArgv(value: unknown): value is readonly string[] {
+  return Array.isArray(value);
+}
+
+function checkArgv(name: string, value: unknown): string[] {
+  if (!isArgv(value)) {
+    throw new TypeError(`${name} must be an array of strings`);
+  }
+  return value.map((arg, i) => checkString(`${name}[${i}]`, arg));
+}
+
+function checkLabels(name: string, value: unknown): Record<string, string> {
+  if (value === undefined) {
+    return {};
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new TypeError(`${name} must be an object of string values`);
+  }
+  const labels: Record<string, string> = {};
+  for (const [key, v] of Object.entries(value)) {
+    labels[key] = checkString(`${name}.${key}`, v);
+  }
+  return labels;
+}
