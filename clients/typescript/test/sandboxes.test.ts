@@ -1,7 +1,8 @@
 /** Sandboxes and exec against a real daemon, and how errors map. */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Code, type Controller, type ExecEvent, ForkdError, SandboxState } from "../src/index.js";
+import { Code, type Controller, type ExecEvent, SandboxState } from "../src/index.js";
+import { rejectsWith } from "./helpers/assert.js";
 import { type Daemon, startDaemon } from "./helpers/daemon.js";
 
 const MIB = 64;
@@ -13,17 +14,6 @@ before(async () => {
   forkd = daemon.client;
 });
 after(() => daemon?.stop());
-
-/** Asserts that `promise` rejects with a ForkdError of `codeName`; returns it. */
-async function rejectsWith(promise: Promise<unknown>, codeName: string): Promise<ForkdError> {
-  const err = await promise.then(
-    () => assert.fail(`expected ${codeName}, got a result`),
-    (e: unknown) => e,
-  );
-  assert.ok(err instanceof ForkdError, `expected a ForkdError, got ${String(err)}`);
-  assert.equal(err.codeName, codeName, err.message);
-  return err;
-}
 
 describe("spawn", () => {
   test("a cold boot starts one running sandbox", async () => {

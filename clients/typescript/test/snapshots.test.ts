@@ -8,12 +8,12 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import {
   type Controller,
-  ForkdError,
   ProtoBranchMode,
   SnapshotStatus,
   type WatchSnapshotResponse,
   toBranchMode,
 } from "../src/index.js";
+import { rejectsWith } from "./helpers/assert.js";
 import { type Daemon, startDaemon } from "./helpers/daemon.js";
 
 const MIB = 64;
@@ -47,16 +47,6 @@ async function checksum(id: string): Promise<string> {
   const res = await forkd.exec(id, ["checksum", String(FILL_MIB)]);
   assert.equal(res.exitCode, 0, res.stderrText);
   return res.stdoutText.trim();
-}
-
-async function rejectsWith(promise: Promise<unknown>, codeName: string): Promise<ForkdError> {
-  const err = await promise.then(
-    () => assert.fail(`expected ${codeName}, got a result`),
-    (e: unknown) => e,
-  );
-  assert.ok(err instanceof ForkdError, `expected a ForkdError, got ${String(err)}`);
-  assert.equal(err.codeName, codeName, err.message);
-  return err;
 }
 
 async function watchAll(tag: string): Promise<WatchSnapshotResponse[]> {
