@@ -8,6 +8,7 @@ asyncio controller.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 import forkd
-from forkd.v1 import sandbox_pb2, snapshot_pb2
+from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2
 
 MEM = 64  # MiB per sandbox: small and quick on two cores
 
@@ -218,6 +219,30 @@ def test_diff_after_its_base_was_deleted(ctl: forkd.Controller) -> None:
     # A new FULL branch is a new base.
     ctl.branch_sandbox(sb.id, "new-base", mode="full")
     assert ctl.branch_sandbox(sb.id, "diff-ok", mode="diff").snapshot.parent_tag == "new-base"
+
+
+def test_delete_while_exec_output_is_unread(daemon) -> None:
+    """A client that stops reading an Exec stream blocks that VMM's output;
+    DeleteSandbox then kills the VMM, and the stream ends ABORTED saying
+    the daemon stopped it (not a protocol error)."""
+    with forkd.Controller(daemon.listen, timeout=60) as ctl:
+        sb = spawn_one(ctl)
+        stub = sandbox_pb2_grpc.SandboxServiceStub(grpc.insecure_channel(daemon.listen))
+        call = stub.Exec(sandbox_pb2.ExecRequest(sandbox_id=sb.id, argv=["emit", str(256 << 20)]))
+        first = next(call)
+        assert first.WhichOneof("event") == "stdout"
+        time.sleep(1.0)  # the VMM fills every buffer and blocks
+
+        gone = ctl.delete_sandbox(sb.id)
+        assert gone.id == sb.id
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.ABORTED
+        assert "stopped by the daemon" in e.value.details(), e.value.details()
+        with pytest.raises(forkd.NotFoundError):
+            ctl.get_sandbox(sb.id)
+    assert "bad control frame" not in daemon.log_path.read_text()
 
 
 def test_unreachable_daemon_is_unavailable() -> None:

@@ -641,6 +641,11 @@ impl Vmm {
         }
     }
 
+    /// Whether [`Vmm::kill`] was called.
+    fn kill_requested(&self) -> bool {
+        lock(&self.kill).is_none()
+    }
+
     /// Whether the VMM process has been reaped.
     pub fn is_reaped(&self) -> bool {
         self.reaped.borrow().is_some()
@@ -672,6 +677,15 @@ impl Vmm {
             .is_err()
         {
             tracing::warn!(sandbox = %self.id, "VMM did not exit after Shutdown; killing it");
+            // Typically a VMM blocked writing output that an Exec client
+            // does not read. The daemon asked for the stop: not a failure.
+            self.set_stop(Stop {
+                reason: format!(
+                    "stopped by the daemon (killed: no exit within {} ms of the shutdown request)",
+                    grace.as_millis()
+                ),
+                failed: false,
+            });
             self.kill();
             if tokio::time::timeout(KILL_WAIT, self.wait_reaped())
                 .await
@@ -849,6 +863,13 @@ async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
                 }
             }
             Ok(None) => break None,
+            // A VMM the daemon killed can die in the middle of a frame: that
+            // is the kill's doing, not a protocol error, and its stop reason
+            // is recorded already.
+            Err(e) if vmm.kill_requested() => {
+                tracing::debug!(sandbox = %vmm.id, error = %e, "control stream cut by the kill");
+                break Some(vmm.stop_or_unknown());
+            }
             Err(e) => {
                 tracing::warn!(sandbox = %vmm.id, error = %e, "bad control frame; killing the VMM");
                 vmm.kill();
