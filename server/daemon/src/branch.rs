@@ -223,6 +223,7 @@ pub async fn start(
     match take(sandbox, &tag, &plan, pending.dir(), &mut cancel).await {
         Ok(Answer::Live(live)) => {
             let s = live.snapshotted;
+            snapshots.metrics().paused(Mode::Live, s.pause_us);
             tracing::info!(
                 sandbox = %sandbox.id(), %tag, pause_us = s.pause_us,
                 "vCPUs resumed; copying memory in the background"
@@ -244,9 +245,12 @@ pub async fn start(
             );
             Ok(Started::Live { outcome, copy })
         }
-        Ok(Answer::Written(w)) => commit(snapshots, sandbox, pending, w)
-            .await
-            .map(Started::Done),
+        Ok(Answer::Written(w)) => {
+            snapshots.metrics().paused(plan.mode, w.pause_us);
+            commit(snapshots, sandbox, plan.mode, pending, w)
+                .await
+                .map(Started::Done)
+        }
         Err(err) => {
             // The VMM did not take the snapshot (refused, stopped, or the
             // branch was cancelled first): its dirty epoch, and so the
@@ -256,6 +260,7 @@ pub async fn start(
                 other => other.to_string(),
             };
             fail(snapshots, pending, &reason, None).await;
+            snapshots.metrics().failed(plan.mode);
             tracing::warn!(sandbox = %sandbox.id(), %tag, error = %err, "snapshot FAILED");
             Err(err)
         }
@@ -303,6 +308,7 @@ pub async fn fail(
 async fn commit(
     snapshots: &Snapshots,
     sandbox: &Sandbox,
+    mode: Mode,
     pending: Pending,
     w: Snapshotted,
 ) -> Result<BranchOutcome, ApiError> {
@@ -323,6 +329,7 @@ async fn commit(
     match result {
         Ok(manifest) => {
             sandbox.set_base(Some(tag.clone()));
+            snapshots.metrics().ready(mode, w.bytes_written);
             tracing::info!(
                 sandbox = %sandbox.id(), %tag,
                 pause_us = w.pause_us,
@@ -340,6 +347,7 @@ async fn commit(
         }
         Err(e) => {
             sandbox.set_base(None);
+            snapshots.metrics().failed(mode);
             tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "snapshot FAILED");
             Err(e)
         }

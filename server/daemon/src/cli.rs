@@ -19,6 +19,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: serve forkd.v1 over gRPC until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Check that this host can run forkd (KVM and its hypervisor, memfd,
+    /// userfaultfd write-protect, dirty logging, forkd-vmm, the data
+    /// directory) and that a daemon is healthy; exit 1 if a check failed.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// Options of `forkd serve`.
@@ -73,6 +77,12 @@ pub struct ServeArgs {
     /// window in which a LIVE snapshot is WRITING.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub live_copy_rate_mibps: u64,
+
+    /// Also serve Prometheus metrics over plain HTTP at http://ADDR/metrics
+    /// (off by default). No token is checked there: bind it to a loopback or
+    /// pod-internal address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How log lines are written.
@@ -97,7 +107,9 @@ mod tests {
     #[test]
     fn defaults() {
         let cli = Cli::try_parse_from(["forkd", "serve"]).unwrap();
-        let Command::Serve(a) = cli.command;
+        let Command::Serve(a) = cli.command else {
+            panic!("not parsed as serve");
+        };
         assert_eq!(a.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(a.data_dir, PathBuf::from("/var/lib/forkd"));
         assert_eq!(a.max_sandboxes, 4096);
@@ -106,5 +118,22 @@ mod tests {
         assert_eq!(a.live_copy_rate_mibps, 0);
         assert_eq!(a.log_format, LogFormat::Text);
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
+    }
+
+    #[test]
+    fn metrics_listen_is_off_unless_given() {
+        let serve = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["forkd", "serve"], args].concat()).unwrap();
+            let Command::Serve(a) = cli.command else {
+                panic!("not parsed as serve");
+            };
+            a.metrics_listen
+        };
+        assert_eq!(serve(&[]), None);
+        assert_eq!(
+            serve(&["--metrics-listen", "127.0.0.1:9464"]),
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert!(Cli::try_parse_from(["forkd", "serve", "--metrics-listen", "nope"]).is_err());
     }
 }

@@ -36,6 +36,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Bandwidth limit of LIVE copies in MiB/s (0: none), for every VMM.
     pub live_copy_rate_mibps: u64,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             drain_grace: Duration::from_secs(args.drain_grace),
             live_copy_rate_mibps: args.live_copy_rate_mibps,
+            metrics_listen: args.metrics_listen,
         })
     }
 }

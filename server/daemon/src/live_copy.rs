@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_store::{Pending, Written};
+use forkd_store::{Mode, Pending, Written};
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
@@ -109,6 +109,7 @@ impl LiveCopy {
         match &result {
             Ok(outcome) => {
                 sandbox.set_base(Some(tag.clone()));
+                snapshots.metrics().ready(Mode::Live, outcome.bytes_written);
                 tracing::info!(
                     sandbox = %sandbox.id(), %tag,
                     pause_us = outcome.pause_us,
@@ -119,6 +120,7 @@ impl LiveCopy {
             }
             Err(e) => {
                 sandbox.set_base(None);
+                snapshots.metrics().failed(Mode::Live);
                 tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "live snapshot FAILED");
             }
         }
@@ -136,10 +138,12 @@ impl LiveCopy {
             tokio::select! {
                 event = self.live.events.next() => match event {
                     Some(CopyEvent::Progress(p)) => {
+                        self.snapshots.metrics().copy_progress(progress.as_ref(), &p);
                         progress = Some(p);
                         self.snapshots.progress(tag, p);
                     }
                     Some(CopyEvent::Done { progress: p, bytes_written, copy_us, error }) => {
+                        self.snapshots.metrics().copy_progress(progress.as_ref(), &p);
                         progress = Some(p);
                         tracing::debug!(%tag, copy_us, ?error, "live copy ended");
                         // A copy that completed as the cancel crossed it is

@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod create_snapshot;
 mod data_dir;
+mod doctor;
 mod drain;
 mod error;
 mod exec;
@@ -15,6 +16,7 @@ mod ids;
 mod lifecycle;
 mod live_copy;
 mod logging;
+mod metrics;
 mod registry;
 mod rlimit;
 mod sandbox_service;
@@ -35,7 +37,10 @@ use crate::config::{Config, TOKEN_ENV};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Doctor(args) => return doctor::run(&args),
+    };
     logging::init(args.log_format);
     match rlimit::raise_nofile() {
         Ok(limit) => tracing::debug!(limit, "RLIMIT_NOFILE raised"),

@@ -19,6 +19,7 @@ use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{CancelReason, StartupError};
 use crate::lifecycle::Manager;
+use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
 use crate::registry::Registry;
 use crate::sandbox_service::Sandboxes;
 use crate::snapshot_service::SnapshotApi;
@@ -27,6 +28,15 @@ use crate::snapshots::Snapshots;
 /// Bound on waiting at shutdown for cancelled LIVE copies to end (each
 /// ends within `live_copy::CANCEL_WAIT`, or its VMM is killed).
 const COPY_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Encoded descriptor sets of every service served: reflection describes
+/// them, and the metrics take their method names from them.
+const DESCRIPTOR_SETS: [&[u8]; 4] = [
+    forkd_api::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
 
 /// SIGTERM and SIGINT.
 struct Signals {
@@ -55,7 +65,9 @@ impl Signals {
 /// shutdown.
 pub async fn run(config: Config) -> Result<(), StartupError> {
     let data_dir = Arc::new(DataDir::open(&config.data_dir)?);
-    let (snapshots, report) = Snapshots::open(&data_dir.snapshots())?;
+    let mut metrics = Metrics::new(&DESCRIPTOR_SETS)
+        .map_err(|e| StartupError::Config(format!("metrics: {e}")))?;
+    let (snapshots, report) = Snapshots::open(&data_dir.snapshots(), metrics.branch.clone())?;
     log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes);
     let manager = Manager::new(
@@ -64,6 +76,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         config.vmm_path.clone(),
         config.live_copy_rate_mibps,
     );
+    metrics.observe_state(manager.registry().clone(), snapshots.clone());
     let mut signals = Signals::install()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -73,14 +86,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     // Both reflection versions describe every service, both reflection
     // services included, so `list` shows the same through either.
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .include_reflection_service(false)
-            .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(
-                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-            )
+        DESCRIPTOR_SETS.iter().fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
     };
     let reflection_err =
         |e: tonic_reflection::server::Error| StartupError::Config(format!("reflection: {e}"));
@@ -88,6 +97,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let router = Server::builder()
+        .layer(MetricsLayer::new(metrics.rpc.clone()))
         .layer(DrainLayer::new(drain.clone()))
         .layer(AuthLayer::new(config.token.clone()))
         .add_service(health_service)
@@ -133,9 +143,24 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         None => None,
     };
 
+    // Plain HTTP on its own listener; up until the very end, so the drain
+    // can be watched.
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::start(addr, metrics.into_registry())
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
     tracing::info!(
         listen = %tcp_addr,
         listen_unix = ?unix_path,
+        metrics_listen = ?metrics_server.as_ref().map(MetricsServer::local_addr),
         data_dir = %data_dir.root().display(),
         vmm = %config.vmm_path.display(),
         auth = config.token.is_some(),
@@ -208,6 +233,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     manager.shutdown_all().await;
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(server) = metrics_server {
+        server.stop().await;
     }
     tracing::info!("forkd stopped");
     match failure {

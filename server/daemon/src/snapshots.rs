@@ -12,6 +12,7 @@ use forkd_store::{Manifest, RecoveryReport, SealedMemory, Status, Store, StoreEr
 use tokio::sync::{watch, OnceCell};
 
 use crate::error::{ApiError, CancelReason, StartupError};
+use crate::metrics::BranchMetrics;
 use crate::sync::lock;
 use crate::vmm_process::CopyProgress;
 
@@ -30,17 +31,24 @@ pub struct Snapshots {
     writing: Mutex<HashMap<String, Writing>>,
     /// How many snapshots are being written.
     active: watch::Sender<usize>,
+    /// Instruments of the branches that write snapshots.
+    metrics: BranchMetrics,
 }
 
 impl Snapshots {
-    /// Opens and recovers the store at `dir`.
-    pub fn open(dir: &Path) -> Result<(Arc<Snapshots>, RecoveryReport), StartupError> {
+    /// Opens and recovers the store at `dir`; branches record into
+    /// `metrics`.
+    pub fn open(
+        dir: &Path,
+        metrics: BranchMetrics,
+    ) -> Result<(Arc<Snapshots>, RecoveryReport), StartupError> {
         let (store, report) = Store::open(dir).map_err(|e| StartupError::Store(e.to_string()))?;
         let this = Arc::new(Snapshots {
             store,
             memory: Mutex::default(),
             writing: Mutex::default(),
             active: watch::Sender::new(0),
+            metrics,
         });
         Ok((this, report))
     }
@@ -49,6 +57,11 @@ impl Snapshots {
     /// `dependents` touch no disk).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The branch instruments (pauses, outcomes, LIVE copy progress).
+    pub fn metrics(&self) -> &BranchMetrics {
+        &self.metrics
     }
 
     /// Runs `f` on the blocking pool (store calls do file I/O).
@@ -280,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn write_state_progress_cancel_and_end() {
         let tmp = tempfile::tempdir().unwrap();
-        let (snapshots, _) = Snapshots::open(tmp.path()).unwrap();
+        let (snapshots, _) = Snapshots::open(tmp.path(), BranchMetrics::new()).unwrap();
         let info = forkd_store::SnapshotInfo {
             mode: forkd_store::Mode::Live,
             parent: None,

@@ -1,0 +1,121 @@
+//! Prometheus metrics: the instruments (gRPC calls, branches, LIVE
+//! copies), the gauges read at scrape time (sandboxes, snapshots), and the
+//! `--metrics-listen` HTTP endpoint that serves them. Every metric name has
+//! the `forkd_` prefix; DESIGN.md lists them.
+//!
+//! There is no global registry: [`Metrics`] owns one, the instruments are
+//! handed to the code that records (the gRPC layer, `Snapshots`), and the
+//! registry itself goes to the endpoint. The instruments record whether or
+//! not an endpoint serves them (an atomic add or a short lock per event).
+
+mod branch;
+mod exposition;
+mod http;
+mod rpc;
+mod state;
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+pub use self::branch::BranchMetrics;
+pub use self::http::MetricsServer;
+pub use self::rpc::{KnownMethods, MetricsLayer, RpcMetrics};
+use self::state::StateCollector;
+use crate::registry::Registry as Sandboxes;
+use crate::snapshots::Snapshots;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "forkd";
+
+/// Why the metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A descriptor set (the source of the `method` label values) does not
+    /// decode.
+    #[error("cannot read the gRPC method names from a descriptor set: {0}")]
+    Descriptors(#[from] prost::DecodeError),
+}
+
+/// The registry and the instruments recorded into it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// gRPC calls, for [`MetricsLayer`].
+    pub rpc: RpcMetrics,
+    /// Branches and LIVE copies, for `Snapshots`.
+    pub branch: BranchMetrics,
+}
+
+impl Metrics {
+    /// Every instrument, registered; the `method` label values are the
+    /// methods of the services in `descriptor_sets`.
+    pub fn new(descriptor_sets: &[&[u8]]) -> Result<Metrics, MetricsError> {
+        let mut registry = Registry::with_prefix(PREFIX);
+        registry.register(
+            "build",
+            "The forkd version (always 1)",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let methods = KnownMethods::from_descriptor_sets(descriptor_sets)?;
+        let rpc = RpcMetrics::register(&mut registry, methods);
+        let branch = BranchMetrics::new();
+        branch.register(&mut registry);
+        Ok(Metrics {
+            registry,
+            rpc,
+            branch,
+        })
+    }
+
+    /// Adds the scrape-time gauges of `sandboxes` and `snapshots`.
+    pub fn observe_state(&mut self, sandboxes: Arc<Sandboxes>, snapshots: Arc<Snapshots>) {
+        self.registry
+            .register_collector(Box::new(StateCollector::new(sandboxes, snapshots)));
+    }
+
+    /// The registry, for the endpoint.
+    pub fn into_registry(self) -> Registry {
+        self.registry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let metrics = Metrics::new(&[forkd_api::FILE_DESCRIPTOR_SET]).unwrap();
+        let text = exposition::Format::Prometheus
+            .encode(&metrics.into_registry())
+            .unwrap();
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "forkd_build_info gauge",
+                "forkd_branch_pause_seconds histogram",
+                "forkd_branches_total counter",
+                "forkd_branch_written_bytes_total counter",
+                "forkd_live_copy_bytes_total counter",
+                "forkd_live_copy_faults_served_total counter",
+            ],
+            "{text}"
+        );
+        let version = format!(
+            "forkd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.lines().any(|l| l == version), "{text}");
+        // Every mode has its series before anything happened.
+        for mode in ["full", "diff", "live"] {
+            let count = format!("forkd_branch_pause_seconds_count{{mode=\"{mode}\"}} 0");
+            assert!(text.lines().any(|l| l == count), "{count} in\n{text}");
+        }
+    }
+}
