@@ -114,6 +114,7 @@ def test_sigterm_drain_moves_traffic_before_the_daemon_stops(daemon_factory, sid
 
     ctl = forkd.Controller(envoy.listen, timeout=60)
     sb = ctl.spawn_sandboxes(memory_mib=MEM).sandboxes[0]
+    assert len(d.vmm_children()) == 1
 
     # An Exec in flight through Envoy when the daemon is told to stop.
     result: dict[str, object] = {}
@@ -165,3 +166,6 @@ def test_sigterm_drain_moves_traffic_before_the_daemon_stops(daemon_factory, sid
     ctl.close()
 
     assert d.wait(timeout=30) == 0, d.log_tail()
+    # The drain's last step stops every sandbox: none is left to re-adopt.
+    assert d.leftover_vmms() == []
+    assert "sandbox stopped" in d.log_path.read_text()
