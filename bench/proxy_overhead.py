@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,24 +32,8 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 import forkd  # noqa: E402
 from envoy_proxy import Envoy  # noqa: E402
-from forkd_daemon import Daemon, free_port, wait_until  # noqa: E402
-from test_nginx import nginx_config  # noqa: E402
-
-
-def start_nginx(workdir: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    (workdir / "tmp").mkdir(parents=True)
-    port = free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(nginx_config(port, upstream_port))
-    proc = subprocess.Popen(
-        [binary, "-p", str(workdir), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    return proc, f"127.0.0.1:{port}"
+from forkd_daemon import Daemon  # noqa: E402
+from nginx_proxy import Nginx  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -67,13 +50,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="forkd-proxy-bench-"))
     daemon = Daemon(args.forkd, work / "daemon").start().wait_ready()
     envoy: Envoy | None = None
-    nginx: subprocess.Popen[bytes] | None = None
+    nginx: Nginx | None = None
     try:
         envoy = Envoy(work / "envoy", daemon.port).start().wait_healthy()
-        nginx, nginx_target = start_nginx(work / "nginx", daemon.port)
-        targets = {"direct": daemon.listen, "envoy": envoy.listen, "nginx": nginx_target}
+        nginx = Nginx(work / "nginx", daemon.port).start().wait_ready()
+        targets = {"direct": daemon.listen, "envoy": envoy.listen, "nginx": nginx.listen}
         ctls = {name: forkd.Controller(t, timeout=30) for name, t in targets.items()}
-        assert wait_until(lambda: _answers(ctls["nginx"]), 15), "nginx did not come up"
         sb = ctls["direct"].spawn_sandboxes(memory_mib=64).sandboxes[0]
 
         ops: dict[str, Callable[[forkd.Controller], object]] = {
@@ -106,18 +88,9 @@ def main() -> None:
         if envoy is not None:
             envoy.stop()
         if nginx is not None:
-            nginx.terminate()
-            nginx.wait(timeout=10)
+            nginx.stop()
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _answers(c: forkd.Controller) -> bool:
-    try:
-        c.list_sandboxes()
-        return True
-    except forkd.ForkdError:
-        return False
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ and the pod's termination budget covers the daemon's drain."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ import yaml
 
 from envoy_proxy import ENVOY_YAML, find_envoy
 from grpcurl_client import REPO_ROOT
+from nginx_proxy import NGINX_CONF, find_nginx
 
 K8S = REPO_ROOT / "server" / "deploy" / "k8s" / "forkd.yaml"
-NGINX_CONF = REPO_ROOT / "server" / "deploy" / "nginx" / "nginx.conf"
 
 
 def manifests() -> dict[str, dict[str, Any]]:
@@ -106,9 +105,10 @@ def test_envoy_accepts_its_config() -> None:
 
 
 def test_nginx_accepts_its_config(tmp_path: Path) -> None:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.fail("nginx is not installed (tests/run installs it: apt-get install nginx)", pytrace=False)
+    try:
+        binary = find_nginx()
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
     (tmp_path / "tmp").mkdir()
     res = subprocess.run(
         [binary, "-t", "-p", str(tmp_path), "-c", str(NGINX_CONF)], capture_output=True, text=True, timeout=60

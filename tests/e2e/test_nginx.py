@@ -4,8 +4,6 @@ streams) and the Python client through nginx's grpc_pass."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,54 +11,26 @@ from pathlib import Path
 import pytest
 
 import forkd
-from forkd_daemon import Daemon, free_port, wait_until
-from grpcurl_client import REPO_ROOT, Grpcurl
+from forkd_daemon import Daemon
+from grpcurl_client import Grpcurl
+from nginx_proxy import Nginx, find_nginx
 
-NGINX_CONF = REPO_ROOT / "server" / "deploy" / "nginx" / "nginx.conf"
 READY = forkd.SnapshotStatus.Value("SNAPSHOT_STATUS_READY")
-
-
-def nginx_config(listen_port: int, upstream_port: int) -> str:
-    """The checked-in config with its two ports rewritten."""
-    text = NGINX_CONF.read_text()
-    for old, new in [
-        ("listen 8080 http2;", f"listen 127.0.0.1:{listen_port} http2;"),
-        ("server 127.0.0.1:50051;", f"server 127.0.0.1:{upstream_port};"),
-    ]:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    return text
 
 
 @pytest.fixture
 def nginx(daemon_factory, tmp_path: Path) -> Iterator[tuple[Daemon, str]]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        pytest.fail("nginx is not installed (tests/run installs it: apt-get install nginx)", pytrace=False)
-    d = daemon_factory(extra_args=["--live-copy-rate-mibps", "16"])
-    prefix = tmp_path / "nginx"
-    (prefix / "tmp").mkdir(parents=True)
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(port, d.port))
-    log = open(prefix / "nginx.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "-p", str(prefix), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    via = Grpcurl(f"127.0.0.1:{port}")
     try:
-        assert wait_until(lambda: proc.poll() is None and via.run(["list"], reflection=True).ok, 15), (
-            prefix / "nginx.log"
-        ).read_text()
-        yield d, via.target
+        find_nginx()
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
+    d = daemon_factory(extra_args=["--live-copy-rate-mibps", "16"])
+    proxy = Nginx(tmp_path / "nginx", d.port).start()
+    try:
+        proxy.wait_ready()
+        yield d, proxy.listen
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proxy.stop()
 
 
 def test_grpc_through_nginx(nginx: tuple[Daemon, str]) -> None:
