@@ -9,7 +9,6 @@ name across the machine, since other sessions may run their own forkd.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import signal
 import socket
@@ -19,8 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from grpcurl_client import ExecResult, GrpcError, Grpcurl, decode_exec
-
-VMM_NAME = "forkd-vmm"
+from machine import LOCAL, Machine, ProcInfo
 
 MIB = 1 << 20
 PAGE = 4096
@@ -34,78 +32,36 @@ WATCH_SNAP = "forkd.v1.SnapshotService/WatchSnapshot"
 PR_SET_CHILD_SUBREAPER = 36
 
 
-# ---- /proc helpers ---------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    comm: str
-    state: str
-    ppid: int
-    starttime: int
+# ---- /proc helpers (this machine; `Daemon.machine` for the daemon's own) ----
 
 
 def proc_info(pid: int) -> ProcInfo | None:
     """Parse /proc/<pid>/stat; None when the process does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm is in parentheses and may hold spaces or parentheses itself.
-    lpar, rpar = raw.index("("), raw.rindex(")")
-    comm = raw[lpar + 1 : rpar]
-    rest = raw[rpar + 2 :].split()
-    # rest[0] is field 3 (state); starttime is field 22.
-    return ProcInfo(pid, comm, rest[0], int(rest[1]), int(rest[19]))
+    return LOCAL.proc_info(pid)
 
 
 def all_procs() -> list[ProcInfo]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            info = proc_info(int(name))
-            if info is not None:
-                out.append(info)
-    return out
+    return LOCAL.procs()
 
 
 def descendants(pid: int) -> list[ProcInfo]:
     """Every live descendant of `pid` (children, grandchildren, ...)."""
-    procs = all_procs()
-    by_parent: dict[int, list[ProcInfo]] = {}
-    for p in procs:
-        by_parent.setdefault(p.ppid, []).append(p)
-    out: list[ProcInfo] = []
-    todo = [pid]
-    while todo:
-        for child in by_parent.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child.pid)
-    return out
+    return LOCAL.descendants(pid)
 
 
 def is_vmm(info: ProcInfo) -> bool:
-    if info.comm.startswith(VMM_NAME):
-        return True
-    try:
-        exe = os.readlink(f"/proc/{info.pid}/exe")
-    except OSError:
-        return False
-    return os.path.basename(exe).startswith(VMM_NAME)
+    return LOCAL.is_vmm(info)
 
 
 def still_running(info: ProcInfo) -> bool:
     """Whether that very process (same pid and start time) is still there
     and not a zombie."""
-    now = proc_info(info.pid)
-    return now is not None and now.starttime == info.starttime and now.state not in ("Z", "X")
+    return LOCAL.still_running(info)
 
 
 def still_exists(info: ProcInfo) -> bool:
     """Like `still_running`, but a zombie (exited, not yet reaped) counts."""
-    now = proc_info(info.pid)
-    return now is not None and now.starttime == info.starttime
+    return LOCAL.still_exists(info)
 
 
 def become_subreaper() -> None:
@@ -120,34 +76,19 @@ def become_subreaper() -> None:
 def orphaned_vmms() -> list[ProcInfo]:
     """forkd-vmm processes re-parented to this (subreaper) process: VMMs
     whose daemon, one we started, is gone."""
-    me = os.getpid()
-    return [p for p in all_procs() if p.ppid == me and is_vmm(p)]
+    return LOCAL.orphaned_vmms()
 
 
 def reap_orphans() -> None:
     """Collect the exit status of orphaned VMMs that ended, so they do not
-    stay zombies of this process. Only forkd-vmm pids are waited for, never
-    the subprocesses Python itself manages."""
-    for p in orphaned_vmms():
-        try:
-            os.waitpid(p.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    stay zombies of this process."""
+    LOCAL.reap_orphans()
 
 
 def kill_leftovers(procs: Iterable[ProcInfo]) -> None:
     """SIGKILL VMMs that outlived their daemon (all descend from a daemon
     this suite started; checked by pid and start time)."""
-    for p in procs:
-        if still_running(p):
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(still_running(p) for p in procs):
-        time.sleep(0.05)
-    reap_orphans()
+    LOCAL.kill_leftovers(list(procs))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -174,7 +115,10 @@ class DaemonError(AssertionError):
 
 
 class Daemon:
-    """One `forkd serve` process started by the suite."""
+    """One `forkd serve` process started by the suite, on this machine or
+    (`machine`) inside the SVM test host. `workdir`, `data_dir` and
+    `log_path` are paths on that machine; `client_port` is the loopback
+    port here that reaches `port` there (the same port locally)."""
 
     def __init__(
         self,
@@ -189,12 +133,16 @@ class Daemon:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         data_dir: Path | None = None,
+        machine: Machine = LOCAL,
+        client_port: int | None = None,
     ):
+        self.machine = machine
         self.binary = binary
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self.client_port = client_port if client_port is not None else self.port
         self.listen = f"{host}:{self.port}"
         self.data_dir = data_dir or (workdir / "data")
         self.listen_unix = listen_unix
@@ -202,20 +150,25 @@ class Daemon:
         self.token_via = token_via
         self.extra_args = list(extra_args)
         self.log_path = workdir / "forkd.log"
-        self.proc: subprocess.Popen | None = None
+        # subprocess.Popen here, machine.RemoteProcess in the SVM test host.
+        self.proc: Any = None
         self.returncode: int | None = None
         # Teardown fails the test unless SIGTERM ends the daemon with 0.
         self.expect_clean_exit = True
         # Every VMM process seen for this daemon, by pid (with start time).
         self.vmms: dict[int, ProcInfo] = {}
-        base_env = {k: v for k, v in os.environ.items() if k != "FORKD_TOKEN"}
+        # Another machine gets only what the suite sets, not this one's
+        # environment.
+        base_env = {k: v for k, v in os.environ.items() if k != "FORKD_TOKEN"} if machine is LOCAL else {}
         base_env.setdefault("RUST_BACKTRACE", "1")
         base_env.setdefault("NO_COLOR", "1")  # plain log lines in reports
         if env:
             base_env.update(env)
         self.env = base_env
         # Clients: always through loopback, even for a 0.0.0.0 listener.
-        self.client = Grpcurl(f"127.0.0.1:{self.port}", token=token)
+        self.client = Grpcurl(f"127.0.0.1:{self.client_port}", token=token)
+        if machine.slowness > 1:
+            self.client = self.client.with_options(timeout=self.client.timeout * machine.slowness)
         self.anon = self.client.with_options(token=None)
 
     # ---- lifecycle --------------------------------------------------------
@@ -243,22 +196,12 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
-            )
-        finally:
-            log.close()
+        self.proc = self.machine.spawn(self.argv(), self.log_path, self.env, self.workdir)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> "Daemon":
         """Wait until grpc.health.v1 answers SERVING."""
+        timeout *= self.machine.slowness
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -283,7 +226,8 @@ class Daemon:
         """Live forkd-vmm descendants of the daemon; remembers them."""
         if not self.running():
             return []
-        found = [p for p in descendants(self.pid) if is_vmm(p) and p.state not in ("Z", "X")]
+        m = self.machine
+        found = [p for p in m.descendants(self.pid) if m.is_vmm(p) and p.state not in ("Z", "X")]
         for p in found:
             self.vmms.setdefault(p.pid, p)
         return found
@@ -316,7 +260,7 @@ class Daemon:
                 self.proc.wait()
         self.returncode = rc
         leftovers = self.leftover_vmms()
-        kill_leftovers(leftovers)
+        self.machine.kill_leftovers(leftovers)
         return rc, leftovers
 
     def leftover_vmms(self, grace: float = 2.0) -> list[ProcInfo]:
@@ -324,15 +268,17 @@ class Daemon:
         gets `grace` seconds to finish dying after its daemon's exit."""
         assert not self.running()
 
+        m = self.machine
+
         def current() -> list[ProcInfo]:
-            seen = {p.pid: p for p in self.vmms.values() if still_running(p)}
-            for p in orphaned_vmms():
+            seen = {p.pid: p for p in self.vmms.values() if m.still_running(p)}
+            for p in m.orphaned_vmms():
                 if p.state not in ("Z", "X"):
                     seen.setdefault(p.pid, p)
             return list(seen.values())
 
-        wait_until(lambda: not current(), grace)
-        reap_orphans()
+        wait_until(lambda: not current(), grace * m.slowness)
+        m.reap_orphans()
         return current()
 
     # ---- logs ---------------------------------------------------------------
@@ -373,8 +319,8 @@ class Daemon:
         for sb in sandboxes:
             pid = int(sb.get("vmmPid", 0))
             if pid and pid not in self.vmms:
-                info = proc_info(pid)
-                if info is not None and is_vmm(info):
+                info = self.machine.proc_info(pid)
+                if info is not None and self.machine.is_vmm(info):
                     self.vmms[pid] = info
 
     def spawn(self, n: int = 1, labels: Mapping[str, str] | None = None, **fields: Any) -> list[dict]:
@@ -565,6 +511,6 @@ class Daemon:
         a live VMM descending from the daemon, by pid and start time)."""
         mine = {p.pid: p for p in self.vmm_children()}
         assert pid in mine, f"pid {pid} is not a running forkd-vmm of daemon {self.pid}: {mine}"
-        info = proc_info(pid)
+        info = self.machine.proc_info(pid)
         assert info is not None and info.starttime == mine[pid].starttime, (info, mine[pid])
-        os.kill(pid, signal.SIGKILL)
+        self.machine.kill(pid, signal.SIGKILL)

@@ -8,7 +8,6 @@ on this machine, not with a fixed answer.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from forkd_daemon import free_port, wait_until
+from machine import LOCAL, Machine
 
 CHECKS = [
     "kvm",
@@ -36,18 +36,14 @@ BACKEND_MODULES = {"kvm_intel": "vmx", "kvm_amd": "svm", "kvm_pvm": "pvm"}
 TITLES = {"vmx": "Intel VMX", "svm": "AMD SVM", "pvm": "KVM-PVM"}
 
 
-def doctor(forkd_bin: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(forkd_bin), "doctor", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+def doctor(forkd_bin: Path, *args: str, machine: Machine = LOCAL) -> subprocess.CompletedProcess[str]:
+    """`forkd doctor ARGS` on `machine` (this one, or the SVM test host)."""
+    res = machine.run([str(forkd_bin), "doctor", *args], timeout=60 * machine.slowness)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode(), res.stderr.decode())
 
 
-def doctor_json(forkd_bin: Path, *args: str) -> tuple[int, dict]:
-    res = doctor(forkd_bin, "--json", *args)
+def doctor_json(forkd_bin: Path, *args: str, machine: Machine = LOCAL) -> tuple[int, dict]:
+    res = doctor(forkd_bin, "--json", *args, machine=machine)
     try:
         doc = json.loads(res.stdout)
     except json.JSONDecodeError as e:
@@ -60,17 +56,19 @@ def by_name(doc: dict) -> dict[str, dict]:
     return {c["name"]: c for c in doc["checks"]}
 
 
-def expected_backend() -> str | None:
-    """What /proc/modules, /sys/module and /proc/cpuinfo say backs /dev/kvm."""
+def expected_backend(machine: Machine = LOCAL) -> str | None:
+    """What /proc/modules, /sys/module and /proc/cpuinfo of `machine` say
+    backs /dev/kvm."""
     names: set[str] = set()
     known = False
     try:
-        names |= {line.split()[0] for line in Path("/proc/modules").read_text().splitlines() if line}
+        text = machine.path("/proc/modules").read_text()
+        names |= {line.split()[0] for line in text.splitlines() if line}
         known = True
     except OSError:
         pass
     try:
-        names |= set(os.listdir("/sys/module"))
+        names |= {p.name for p in machine.path("/sys/module").iterdir()}
         known = True
     except OSError:
         pass
@@ -80,7 +78,7 @@ def expected_backend() -> str | None:
     if loaded or known:
         return None
     flags: set[str] = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in machine.path("/proc/cpuinfo").read_text().splitlines():
         if line.split(":")[0].strip() == "flags":
             flags = set(line.split(":", 1)[1].split())
             break
@@ -113,8 +111,14 @@ def check_schema(doc: dict) -> None:
     assert doc["exit_code"] == (1 if counts["fail"] else 0)
 
 
+@pytest.mark.svm
 def test_json_against_running_daemon(daemon, forkd_bin):
-    rc, doc = doctor_json(forkd_bin, "--target", daemon.listen, "--data-dir", str(daemon.data_dir))
+    """Every check ok against a running daemon, on the machine the daemon
+    runs on (here, or inside the SVM test host), and the hypervisor named
+    is the one that machine's /proc and /sys show."""
+    m = daemon.machine
+    target = f"127.0.0.1:{daemon.port}"
+    rc, doc = doctor_json(forkd_bin, "--target", target, "--data-dir", str(daemon.data_dir), machine=m)
     check_schema(doc)
     checks = by_name(doc)
     assert rc == 0, json.dumps(doc, indent=2)
@@ -129,13 +133,20 @@ def test_json_against_running_daemon(daemon, forkd_bin):
     assert kvm["details"]["max_vcpus"] >= 1
 
     hv = checks["hypervisor"]
-    want = expected_backend()
+    want = expected_backend(m)
     assert want is not None, "this machine's /proc and /sys name no single KVM backend"
     assert hv["details"]["backend"] == want, hv
     assert hv["finding"].startswith(TITLES[want]), hv["finding"]
     assert hv["details"]["guest_cpl0_native"] == (want != "pvm")
-    module = next(m for m, b in BACKEND_MODULES.items() if b == want)
+    module = next(mod for mod, b in BACKEND_MODULES.items() if b == want)
     assert module in hv["details"]["modules"]
+    # EPT/NPT as the vendor module's parameter says (none for PVM).
+    param = {"vmx": "ept", "svm": "npt"}.get(want)
+    tdp = None
+    if param:
+        raw = m.path(f"/sys/module/{module}/parameters/{param}").read_text().strip()
+        tdp = raw in ("Y", "1")
+    assert hv["details"]["two_dimensional_paging"] == tdp, hv
 
     assert checks["userfaultfd_wp"]["details"]["faults_caught"] == 1
     assert checks["dirty_log"]["details"]["pages"] == 16
@@ -150,7 +161,7 @@ def test_json_against_running_daemon(daemon, forkd_bin):
 
     d = checks["daemon"]
     assert d["details"]["serving_status"] == "SERVING"
-    assert d["details"]["target"] == daemon.listen
+    assert d["details"]["target"] == target
     assert d["details"]["target_explicit"] is True
     # Doctor must not disturb the daemon.
     assert daemon.client.health() == "SERVING"

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import time
 
-from forkd_daemon import is_vmm, proc_info
+import pytest
+
 from grpcurl_client import decode_exec
 
 SANDBOX_ID = re.compile(r"^sb-[0-9a-z]{10}$")
 DIGEST = re.compile(rb"^[0-9a-f]{16}\n$")
 
 
+@pytest.mark.svm
 def test_spawn_three_and_echo(daemon):
     sandboxes = daemon.spawn(3)
     ids = [sb["id"] for sb in sandboxes]
@@ -26,8 +28,8 @@ def test_spawn_three_and_echo(daemon):
         assert sb.get("snapshotTag", "") == "", sb
         assert sb.get("createTime"), sb
         pid = sb["vmmPid"]
-        info = proc_info(pid)
-        assert info is not None and is_vmm(info), f"vmmPid {pid} is not a forkd-vmm: {info}"
+        info = daemon.machine.proc_info(pid)
+        assert info is not None and daemon.machine.is_vmm(info), f"vmmPid {pid} is not a forkd-vmm: {info}"
         assert pid in vmm_children, f"vmmPid {pid} is not a child of the daemon {daemon.pid}"
     assert len({sb["vmmPid"] for sb in sandboxes}) == 3, "one VMM process per sandbox"
 
@@ -41,6 +43,7 @@ def test_spawn_three_and_echo(daemon):
     assert sorted(s["id"] for s in listed) == sorted(ids)
 
 
+@pytest.mark.svm
 def test_echo_joins_arguments(daemon):
     [sb] = daemon.spawn(1)
     r = daemon.exec(sb["id"], ["echo", "a", "b c", "d"])
@@ -49,6 +52,7 @@ def test_echo_joins_arguments(daemon):
     assert (r.stdout, r.exit_code) == (b"\n", 0)
 
 
+@pytest.mark.svm
 def test_exit_code(daemon):
     [sb] = daemon.spawn(1)
     r = daemon.exec(sb["id"], ["exit", "3"])
@@ -60,6 +64,7 @@ def test_exit_code(daemon):
     assert (r.stdout, r.exit_code) == (b"after\n", 0)
 
 
+@pytest.mark.svm
 def test_emit_streams_exact_bytes(daemon):
     [sb] = daemon.spawn(1)
     # Larger than the guest's 1 MiB output buffer: several flushes.
@@ -70,6 +75,7 @@ def test_emit_streams_exact_bytes(daemon):
     assert r.stderr == b""
 
 
+@pytest.mark.svm
 def test_fill_checksum_deterministic(daemon):
     a, b, c = daemon.spawn(3)
     for sb, seed in ((a, "7"), (b, "7"), (c, "8")):
@@ -87,6 +93,7 @@ def test_fill_checksum_deterministic(daemon):
     assert daemon.exec(a["id"], ["checksum"]).stdout == digests[a["id"]]
 
 
+@pytest.mark.svm
 def test_exec_timeout_then_usable(daemon):
     [sb] = daemon.spawn(1)
     t0 = time.monotonic()
@@ -106,6 +113,7 @@ def test_exec_timeout_then_usable(daemon):
     assert daemon.get(sb["id"])["state"] == "SANDBOX_STATE_RUNNING"
 
 
+@pytest.mark.svm
 def test_crash_marks_failed_and_daemon_survives(daemon):
     victim, bystander = daemon.spawn(2)
     res = daemon.client.expect_error(

@@ -8,6 +8,10 @@
 //! The CPU flags `vmx`/`svm` say what the hardware offers, and `hypervisor`
 //! that this kernel itself runs in a VM (then VMX/SVM mean nested
 //! virtualization, and PVM is the usual way to get KVM at all).
+//! On VMX and SVM the vendor module's `ept`/`npt` parameter says whether
+//! KVM uses two-dimensional paging (EPT/NPT); without it KVM falls back to
+//! shadow page tables, which work but make every guest page-table change
+//! and every dirty-log pass much slower.
 //! [`detect`] is pure, so it is tested on sample inputs.
 
 use std::collections::BTreeSet;
@@ -32,6 +36,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The vendor module's parameter that enables two-dimensional paging,
+    /// and the feature's name; None for PVM (it always shadows).
+    pub fn tdp_param(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Backend::Vmx => Some(("ept", "EPT")),
+            Backend::Svm => Some(("npt", "nested paging (NPT)")),
+            Backend::Pvm => None,
+        }
+    }
+
     /// The vendor module that provides it.
     pub fn module(self) -> &'static str {
         match self {
@@ -99,6 +113,18 @@ pub struct Detection {
     pub cpu_svm: bool,
     /// The CPU flag `hypervisor`: this kernel runs inside a VM.
     pub in_vm: bool,
+    /// Whether the vendor module has two-dimensional paging on (its `ept`
+    /// or `npt` parameter), when that could be read.
+    pub tdp: Option<bool>,
+}
+
+/// Reads a module's boolean parameter text: `Y`/`1` on, `N`/`0` off.
+pub fn parse_bool_param(text: &str) -> Option<bool> {
+    match text.trim() {
+        "Y" | "y" | "1" => Some(true),
+        "N" | "n" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 /// How sure [`Detection::backend`] is.
@@ -176,6 +202,7 @@ pub fn detect<'a>(
         cpu_vmx: flags.contains("vmx"),
         cpu_svm: flags.contains("svm"),
         in_vm: flags.contains("hypervisor"),
+        tdp: None,
     }
 }
 
@@ -199,7 +226,19 @@ pub fn detect_host() -> Detection {
                 .filter_map(|e| e.file_name().into_string().ok()),
         );
     }
-    detect(&cpuinfo, names.iter().map(String::as_str), known)
+    let mut d = detect(&cpuinfo, names.iter().map(String::as_str), known);
+    if let Some((backend, _)) = d.backend() {
+        if let Some((param, _)) = backend.tdp_param() {
+            let path = Path::new("/sys/module")
+                .join(backend.module())
+                .join("parameters")
+                .join(param);
+            d.tdp = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| parse_bool_param(&t));
+        }
+    }
+    d
 }
 
 /// The check: names the backend and what it allows. Ok when exactly one
@@ -224,12 +263,33 @@ pub fn check(d: &Detection) -> Check {
                 Evidence::Module => format!("{} present{where_}", b.module()),
                 Evidence::CpuFlags => format!("CPU flag {} (no module list readable)", b.id()),
             };
-            let mut c = Check::ok(NAME, format!("{} ({grounds}), {}", b.title(), b.allows()));
+            let paging = match (b.tdp_param(), d.tdp) {
+                (Some((_, feature)), Some(true)) => format!("; {feature} on"),
+                (Some((_, feature)), Some(false)) => format!("; {feature} OFF: shadow paging"),
+                _ => String::new(),
+            };
+            let mut c = Check::ok(
+                NAME,
+                format!("{} ({grounds}{paging}), {}", b.title(), b.allows()),
+            );
             if evidence == Evidence::CpuFlags {
                 c = Check::warn(
                     NAME,
                     c.finding,
                     "mount /sys (or /proc) so the KVM vendor module can be confirmed",
+                );
+            } else if let (Some((param, feature)), Some(false)) = (b.tdp_param(), d.tdp) {
+                c = Check::warn(
+                    NAME,
+                    c.finding,
+                    format!(
+                        "{} runs without {feature}: guests work, but page-table changes and \
+                         dirty-log passes are much slower; reload it with it on \
+                         (`modprobe -r {m} && modprobe {m} {param}=1`), and on a nested host \
+                         enable it for this VM on the outer host",
+                        b.module(),
+                        m = b.module()
+                    ),
                 );
             }
             c.with("backend", b.id())
@@ -243,6 +303,7 @@ pub fn check(d: &Detection) -> Check {
                 )
                 .with("guest_cpl0_native", b.native_cpl0())
                 .with("stock_linux_guests", b.native_cpl0())
+                .with("two_dimensional_paging", json!(d.tdp))
         }
         None if d.loaded.len() > 1 => {
             let names: Vec<&str> = d.loaded.iter().map(|b| b.module()).collect();
@@ -323,9 +384,52 @@ mod tests {
 
     #[test]
     fn nested_svm() {
-        let d = detect(SVM_NESTED_CPUINFO, ["kvm", "kvm_amd"], true);
+        let mut d = detect(SVM_NESTED_CPUINFO, ["kvm", "kvm_amd"], true);
         assert_eq!(d.backend(), Some((Backend::Svm, Evidence::Module)));
         assert!(check(&d).finding.contains("itself a VM"));
+        assert_eq!(
+            check(&d).details["two_dimensional_paging"],
+            serde_json::Value::Null
+        );
+        d.tdp = Some(true);
+        let c = check(&d);
+        assert_eq!(c.status, super::super::report::Status::Ok);
+        assert!(
+            c.finding.starts_with(
+                "AMD SVM (kvm_amd present; this host is itself a VM; nested paging (NPT) on)"
+            ),
+            "{}",
+            c.finding
+        );
+        assert_eq!(c.details["two_dimensional_paging"], true);
+    }
+
+    #[test]
+    fn shadow_paging_is_a_warning() {
+        let mut d = detect(VMX_CPUINFO, ["kvm", "kvm_intel"], true);
+        d.tdp = Some(false);
+        let c = check(&d);
+        assert_eq!(c.status, super::super::report::Status::Warn);
+        assert!(
+            c.finding.contains("EPT OFF: shadow paging"),
+            "{}",
+            c.finding
+        );
+        assert!(
+            c.hint.as_deref().unwrap_or("").contains("kvm_intel ept=1"),
+            "{:?}",
+            c.hint
+        );
+        assert_eq!(c.details["two_dimensional_paging"], false);
+    }
+
+    #[test]
+    fn bool_params() {
+        assert_eq!(parse_bool_param("Y\n"), Some(true));
+        assert_eq!(parse_bool_param("1\n"), Some(true));
+        assert_eq!(parse_bool_param("N"), Some(false));
+        assert_eq!(parse_bool_param("0"), Some(false));
+        assert_eq!(parse_bool_param("maybe"), None);
     }
 
     #[test]
