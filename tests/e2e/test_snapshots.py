@@ -348,6 +348,9 @@ def test_diff_chain_of_depth_three(daemon):
     # slower machine it writes slower too, so the rate is scaled down.
     d.exec_ok(sid, ["dirty", "64", str(round(5000 / d.machine.slowness))])
     sums = {"c0": checksum(d, sid, 64)}
+    # Each level's writer seq is read before its branch: a child resumes at
+    # the snapshot's seq or later, whatever the guest's clock did meanwhile.
+    seq_at = {"c0": int(stat(d, sid)["seq"])}
     r0 = d.branch(sid, "c0", FULL)
     assert r0["snapshot"]["mode"] == FULL
     # Each level overwrites a shorter prefix, so a child of c3 needs pages of
@@ -358,7 +361,6 @@ def test_diff_chain_of_depth_three(daemon):
         ("c3", 2, 13, {"mode": DIFF, "diff": True}),  # both, agreeing
     ]
     parent = "c0"
-    seq_at = {"c0": int(stat(d, sid)["seq"])}
     for tag, mib, seed, how in levels:
         fill(d, sid, mib, seed)
         sums[tag] = checksum(d, sid, 64)
@@ -390,6 +392,7 @@ def test_diff_chain_of_depth_three(daemon):
         kid_id = kid["id"]
         assert checksum(d, kid_id, 64) == sums[tag], tag
         st = stat(d, kid_id)
+        print(f"child of {tag}: writer seq {st['seq']}, source's before the branch {seq_at[tag]}")
         assert st["writer"] == "running" and int(st["seq"]) >= seq_at[tag], (tag, st, seq_at)
         r = d.exec(kid_id, ["verify"])
         assert r.exit_code == 0 and re.fullmatch(rb"verify ok: seq=\d+ pages=64 consistent\n", r.stdout), (tag, r)
