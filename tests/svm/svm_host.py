@@ -66,6 +66,7 @@ AGENT_GUEST_PORT = 7000
 # Guest ports forwarded for daemons (each daemon started inside takes one).
 DAEMON_GUEST_PORTS = [50051, 50052, 50053, 50054]
 GUEST_IP = "10.0.2.15"
+KEEP_RUNS = 30
 PR_SET_PDEATHSIG = 1
 
 
@@ -118,15 +119,39 @@ def is_static(binary: Path) -> bool:
     return head.startswith(b"\x7fELF") and b"ld-linux" not in head
 
 
+def apt_update() -> None:
+    """Refreshes apt's package lists (as root); a no-op for other users,
+    whose lists are whatever root left."""
+    if os.geteuid() == 0:
+        log("refreshing apt's package lists (apt-get update)")
+        run(["apt-get", "update", "-q"])
+
+
 def kernel_package() -> str:
     """The concrete package behind `linux-image-amd64` (its name carries an
     ABI number that changes with Debian updates)."""
-    out = run(["apt-cache", "depends", "linux-image-amd64"])
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends: linux-image-") and line != "Depends: linux-image-amd64":
-            return line.split(":", 1)[1].strip()
-    raise BuildError(f"apt-cache depends linux-image-amd64 names no kernel package (run apt-get update?):\n{out}")
+    for attempt in range(2):
+        try:
+            out = run(["apt-cache", "depends", "linux-image-amd64"])
+        except BuildError:
+            out = ""
+        for line in out.splitlines():
+            line = line.strip()
+            if line.startswith("Depends: linux-image-") and line != "Depends: linux-image-amd64":
+                return line.split(":", 1)[1].strip()
+        if attempt == 0:
+            apt_update()
+    raise BuildError(f"apt-cache depends linux-image-amd64 names no kernel package (apt-get update as root?):\n{out}")
+
+
+def download(pkg: str, dest: Path) -> None:
+    """`apt-get download PKG` into `dest`; refreshes the lists once if the
+    package is no longer where they say."""
+    try:
+        run(["apt-get", "download", pkg], cwd=dest)
+    except BuildError:
+        apt_update()
+        run(["apt-get", "download", pkg], cwd=dest)
 
 
 def inputs_digest() -> str:
@@ -151,6 +176,7 @@ def build_image() -> Image:
     release = pkg.removeprefix("linux-image-")
     dest = cache_root() / f"{release}-{inputs_digest()}"
     if (dest / "initrd.img").is_file() and (dest / "vmlinuz").is_file():
+        os.utime(dest)  # used: see the pruning below
         return Image(dest / "vmlinuz", dest / "initrd.img", release)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -160,7 +186,7 @@ def build_image() -> Image:
         debs = cache_root() / "debs"
         debs.mkdir(exist_ok=True)
         if not list(debs.glob(f"{pkg}_*.deb")):
-            run(["apt-get", "download", pkg], cwd=debs)
+            download(pkg, debs)
         [deb] = list(debs.glob(f"{pkg}_*.deb"))
         kroot = work / "kernel"
         run(["dpkg", "-x", str(deb), str(kroot)])
@@ -203,6 +229,11 @@ def build_image() -> Image:
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)
+    # Images of other kernels or inputs, unused for a day (another checkout
+    # may be booting one right now).
+    for old in dest.parent.glob(f"*-{'?' * 16}"):
+        if old != dest and old.is_dir() and time.time() - old.stat().st_mtime > 86400:
+            shutil.rmtree(old, ignore_errors=True)
     log(f"image ready in {time.monotonic() - t0:.1f}s: {dest}")
     return Image(dest / "vmlinuz", dest / "initrd.img", release)
 
@@ -359,6 +390,9 @@ class SvmHost:
         image = build_image()
         runs = cache_root() / "runs"
         runs.mkdir(parents=True, exist_ok=True)
+        # Keep the run dirs (console logs) of the last KEEP_RUNS boots.
+        for old in sorted(runs.iterdir())[:-KEEP_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)
         self.run_dir = Path(tempfile.mkdtemp(dir=runs, prefix=time.strftime("%Y%m%d-%H%M%S-")))
         self.run_dir.chmod(0o700)
         tf = self.run_dir / "token"
