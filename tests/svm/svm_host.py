@@ -196,7 +196,7 @@ def build_image() -> Image:
         for d in ("bin", "etc", "proc", "sys", "dev", "host", "modules"):
             (rootfs / d).mkdir(parents=True)
         shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-        for applet in ("sh", "mount", "insmod", "ip", "chroot", "cat", "echo"):
+        for applet in ("sh", "mount", "insmod", "ip", "chroot", "cat", "echo", "mkdir", "tr", "poweroff"):
             (rootfs / "bin" / applet).symlink_to("busybox")
         (rootfs / "init").symlink_to("bin/busybox")
         order: list[str] = []
@@ -354,6 +354,22 @@ class SvmHost:
 
     # ---- lifecycle --------------------------------------------------------
 
+    def kept_paths(self) -> list[str]:
+        """Paths of this machine the emulated one needs under its own tmpfs
+        /tmp: the checkout (binaries, the agent), the Python running the
+        agent (its venv), the cache (the token) and FORKD_BIN's directory."""
+        paths = []
+        wanted = [REPO_ROOT, Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent.parent, cache_root()]
+        if os.environ.get("FORKD_BIN"):
+            wanted.append(Path(os.environ["FORKD_BIN"]).resolve().parent)
+        for p in wanted:
+            s = str(p)
+            if s.startswith("/tmp/") and s not in paths:
+                if any(c in s for c in " ,\t\n"):
+                    raise BuildError(f"{s}: a path under /tmp with a space or comma cannot be shared")
+                paths.append(s)
+        return paths
+
     def argv(self, image: Image) -> list[str]:
         assert self.run_dir is not None
         fwd = [f"hostfwd=tcp:127.0.0.1:{self.agent_port}-{GUEST_IP}:{AGENT_GUEST_PORT}"]
@@ -368,6 +384,7 @@ class SvmHost:
                 f"svm.token={self.run_dir / 'token'}",
                 f"svm.port={AGENT_GUEST_PORT}",
             ]
+            + ([f"svm.keep={','.join(self.kept_paths())}"] if self.kept_paths() else [])
         )
         return [
             "qemu-system-x86_64",

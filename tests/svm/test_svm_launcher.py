@@ -43,6 +43,8 @@ class Launcher:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # Killed with pytest, taking its QEMU with it.
+            preexec_fn=svm_host._die_with_parent,
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
