@@ -252,7 +252,10 @@ fn log_recovery(report: &forkd_store::RecoveryReport) {
         "snapshot store opened"
     );
     for (tag, reason) in &report.marked_failed {
-        tracing::warn!(%tag, %reason, "snapshot marked FAILED at recovery");
+        tracing::warn!(%tag, %reason, "snapshot marked FAILED at recovery (its files are kept)");
+    }
+    for (tag, why) in &report.broken_chains {
+        tracing::warn!(%tag, chain = %why, "snapshot READY but its chain is broken; it cannot be spawned from");
     }
     for name in &report.removed {
         tracing::info!(%name, "removed a leftover from an interrupted snapshot operation");
