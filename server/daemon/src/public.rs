@@ -98,6 +98,9 @@ pub fn describe_fs(dir: &Path) -> String {
         .and_then(|info| crate::doctor::disk::mount_of(&info, dir))
         .map(|m| m.fs_type)
         .unwrap_or_else(|| "file system".into());
+    // The statvfs counts are `fsblkcnt_t`/`c_ulong`: u64 here, not on
+    // every target.
+    #[allow(clippy::unnecessary_cast)]
     match nix::sys::statvfs::statvfs(dir) {
         Ok(s) => {
             let frsize = s.fragment_size() as u64;
