@@ -16,6 +16,7 @@ real microVMs through grpcurl and the Python client:
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import time
@@ -84,6 +85,39 @@ def test_disk_full_is_resource_exhausted(small_tmpfs, daemon_factory):
     assert [s["id"] for s in d.list()] == [sb["id"]], "the warm-up sandbox was not deleted"
     assert d.delete_snapshot("big") == ["big"]
     d.delete(sb["id"])
+
+
+def test_sandbox_dir_on_a_full_file_system_is_resource_exhausted(short_tmp, daemon_factory):
+    # A tmpfs with few inodes; the test takes the ones left after the
+    # daemon started, so the next sandbox directory cannot be made.
+    mnt = short_tmp / "inodes"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "forkd-e2e", str(mnt)], check=True)
+    try:
+        d = daemon_factory(data_dir=mnt / "data")
+        fillers = []
+        try:
+            for i in range(1000):
+                f = mnt / f"filler-{i}"
+                f.touch()
+                fillers.append(f)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        else:
+            pytest.fail("the tmpfs never ran out of inodes")
+        res = d.client.expect_error("RESOURCE_EXHAUSTED", SPAWN, {"n": 1, "memoryMib": MEM})
+        assert "No space left on device" in res.message, res.describe()
+        assert "the file system holding forkd's data directory is full (tmpfs" in res.message, res.describe()
+        assert str(mnt) not in res.message, res.describe()
+        assert d.list() == []
+        for f in fillers:
+            f.unlink()
+        [sb] = d.spawn(1, memoryMib=MEM)
+        d.delete(sb["id"])
+        assert d.stop() == (0, []), d.log_tail()
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---- long fields ------------------------------------------------------------------
