@@ -253,3 +253,40 @@ def test_bind_failure_creates_no_data_dir(forkd_bin, tmp_path):
         assert r.returncode != 0, r
         assert f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
         assert not (tmp_path / "never").exists(), "the data directory was created"
+
+
+# ---- a force delete racing a spawn ---------------------------------------------------------
+
+
+def test_force_delete_racing_a_spawn_is_never_internal_nor_leaks_paths(daemon):
+    """DeleteSnapshot(force) while SpawnSandboxes forks 24 children from the
+    snapshot. Where the delete lands differs from run to run (before the
+    load, during it, between the boots); every outcome must be a clean code
+    without the server's data directory in any message."""
+    d = daemon
+    data_dir = str(d.data_dir)
+    seen = set()
+    for round_ in range(4):
+        tag = f"race-{round_}"
+        d.create_snapshot(tag, memory_mib=MEM, warmup=[["fill", "8", "1"]])
+        spawn = d.client.start(SPAWN, {"snapshotTag": tag, "n": 24})
+        time.sleep(0.05 * round_)
+        d.delete_snapshot(tag, force=True)
+        res = spawn.wait(300)
+        messages = [res.message]
+        if res.ok:
+            [resp] = res.messages
+            d.record_sandboxes(resp.get("sandboxes", []))
+            for f in resp.get("failures", []):
+                assert f["code"] in ("ABORTED", "NOT_FOUND"), resp
+                messages.append(f["message"])
+                seen.add(f["code"])
+            for sb in resp.get("sandboxes", []):
+                d.delete(sb["id"])
+            seen.add("OK")
+        else:
+            assert res.code in ("NOT_FOUND", "ABORTED"), res.describe()
+            seen.add(res.code)
+        for m in messages:
+            assert data_dir not in m and "INTERNAL" not in m, m
+    print("outcomes seen:", sorted(seen))
