@@ -654,6 +654,71 @@ mod tests {
     }
 
     #[test]
+    fn full_file_systems_are_resource_exhausted() {
+        let enospc = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let dir = std::env::temp_dir();
+        let vmm = ApiError::Vmm {
+            id: "sb-1".into(),
+            message: format!("writing the snapshot: writing memory: {}", enospc()),
+        }
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(vmm.code(), Code::ResourceExhausted);
+        assert!(vmm
+            .to_string()
+            .starts_with("no space left on the file system holding forkd's snapshot store ("));
+        let store = ApiError::from(StoreError::Io {
+            op: "fsyncing",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EDQUOT),
+        })
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(store.code(), Code::ResourceExhausted);
+        // Other errors are left alone.
+        let other = ApiError::Vmm {
+            id: "sb-1".into(),
+            message: "Input/output error (os error 5)".into(),
+        }
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(other.code(), Code::Internal);
+        let boot = BootError::SandboxDir {
+            path: "/x/sandboxes/sb-1".into(),
+            source: enospc(),
+        };
+        assert_eq!(boot.code(), Code::ResourceExhausted);
+        assert!(
+            boot.to_string().contains("data directory is full"),
+            "{boot}"
+        );
+        assert_eq!(
+            LiveFailure::Copy(format!("writing memory: {}", enospc())).code(),
+            Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn long_messages_are_capped() {
+        let status = Status::from(ApiError::InvalidArgument("x".repeat(1 << 20)));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() <= crate::public::MAX_MESSAGE_BYTES);
+        let status = Status::from(ApiError::SandboxDeleted("sb-1".into()));
+        assert_eq!(status.code(), Code::Aborted);
+        assert!(status.message().contains("was deleted"));
+        let argv = vec!["echo".to_string(), "y".repeat(50_000)];
+        let s = Status::from(ApiError::WarmupExit {
+            argv,
+            exit_code: 1,
+            stderr: String::new(),
+            cleanup: WARMUP_SANDBOX_DELETED.into(),
+        });
+        assert!(
+            s.message()
+                .starts_with("warm-up command [\"echo\", ...] (2 arguments, 50004 bytes) exited"),
+            "{}",
+            s.message()
+        );
+    }
+
+    #[test]
     fn code_names_are_canonical() {
         assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
         assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
