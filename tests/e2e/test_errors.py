@@ -83,6 +83,19 @@ def test_disk_full_is_resource_exhausted(small_tmpfs, daemon_factory):
     assert "no space left on the file system holding forkd's snapshot store" in res.message, res.describe()
     assert d.get_snapshot("warm")["status"] == FAILED
     assert [s["id"] for s in d.list()] == [sb["id"]], "the warm-up sandbox was not deleted"
+
+    # A LIVE branch: the background copy runs into the full disk.
+    res = d.client.expect_error(
+        "RESOURCE_EXHAUSTED", BRANCH, {"sandboxId": sb["id"], "tag": "live", "mode": "BRANCH_MODE_LIVE"}, timeout=300
+    )
+    assert "snapshot live is FAILED: the VMM could not copy memory" in res.message, res.describe()
+    assert "no space left on the file system holding forkd's snapshot store (tmpfs of 48.0 MiB" in res.message, (
+        res.describe()
+    )
+    assert str(small_tmpfs) not in res.message, res.describe()
+    assert d.get_snapshot("live")["status"] == FAILED
+    assert d.exec_ok(sb["id"], ["echo", "still", "alive"]) == b"still alive\n"
+    assert d.delete_snapshot("live") == ["live"]
     assert d.delete_snapshot("big") == ["big"]
     d.delete(sb["id"])
 
