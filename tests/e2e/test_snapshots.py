@@ -412,7 +412,8 @@ def test_diff_chain_of_depth_three(daemon):
 @pytest.mark.svm
 def test_flipped_byte_in_memory_file_is_data_loss(daemon_factory):
     """One flipped byte inside the data of a snapshot's `memory` file: the
-    next spawn from it fails with DATA_LOSS and starts nothing, while an
+    next spawn from it fails with DATA_LOSS and starts nothing (and the
+    snapshot is FAILED from then on), while an
     intact snapshot beside it still spawns. The byte is flipped while the
     daemon is stopped, so the restarted daemon has to load the file."""
     d = daemon_factory()
@@ -440,8 +441,11 @@ def test_flipped_byte_in_memory_file_is_data_loss(daemon_factory):
     assert d2.vmm_children() == []
     [kid] = d2.spawn(1, snapshotTag="intact")
     assert checksum(d2, kid["id"]) == want
-    # Still refused on a second try (nothing was cached as good).
-    d2.client.expect_error("DATA_LOSS", SPAWN, {"snapshotTag": "corrupt", "n": 1})
+    # Still refused on a second try: the first load marked it FAILED (with
+    # the mismatch as reason; its files are kept), nothing was cached.
+    res = d2.client.expect_error("FAILED_PRECONDITION", SPAWN, {"snapshotTag": "corrupt", "n": 1})
+    assert "does not match its SHA-256" in res.message, res.describe()
+    assert d2.get_snapshot("corrupt")["status"] == FAILED
     assert [s["id"] for s in d2.list()] == [kid["id"]]
 
 

@@ -9,11 +9,17 @@ export const DEFAULT_TARGET = "127.0.0.1:50051";
  * becomes `"http://host:port"` (h2c, as the daemon serves); a full `http://`
  * or `https://` URL is kept as is.
  *
- * @throws TypeError for an empty target or another URL scheme.
+ * @throws TypeError for an empty target, a `unix:` target (not supported),
+ * or another URL scheme.
  */
 export function targetToBaseUrl(target: string): string {
   if (typeof target !== "string" || target.trim() === "") {
     throw new TypeError("target must be a non-empty string such as \"127.0.0.1:50051\"");
+  }
+  if (/^unix(-abstract)?:/i.test(target)) {
+    throw new TypeError(
+      `target ${JSON.stringify(target)}: Unix sockets are not supported; use the daemon's TCP listener (--listen)`,
+    );
   }
   const url = /^[a-z][a-z0-9+.-]*:\/\//i.test(target) ? target : `http://${target}`;
   let parsed: URL;

@@ -224,6 +224,8 @@ describe("targetToBaseUrl", () => {
   test("other schemes and empty targets are TypeErrors", () => {
     assert.throws(() => targetToBaseUrl(""), TypeError);
     assert.throws(() => targetToBaseUrl("unix:///run/forkd.sock"), TypeError);
+    // Without "//" this would otherwise parse as host "unix".
+    assert.throws(() => targetToBaseUrl("unix:/run/forkd.sock"), /Unix sockets are not supported/);
   });
 });
 

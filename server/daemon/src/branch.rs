@@ -12,12 +12,14 @@ use std::time::SystemTime;
 
 use forkd_api::v1::BranchMode;
 use forkd_control::SnapshotMode;
-use forkd_store::{generate_tag, validate_tag, Manifest, Mode, Pending, SnapshotInfo, Written};
+use forkd_store::{
+    generate_tag, validate_tag, Manifest, Mode, Pending, SnapshotInfo, StoreError, Written,
+};
 
 use crate::error::{ApiError, LiveFailure};
 use crate::live_copy::LiveCopy;
 use crate::registry::Sandbox;
-use crate::snapshots::{CancelSignal, Snapshots};
+use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
 use crate::vmm_process::{CopyProgress, LiveSnapshot, RequestError, Snapshotted};
 
 /// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
@@ -197,6 +199,18 @@ pub async fn start(
     sandbox: &Arc<Sandbox>,
     plan: BranchPlan,
 ) -> Result<Started, ApiError> {
+    // A taken tag is refused at once, not after waiting for the branch
+    // turn (a LIVE copy can hold it for minutes); `begin` checks again.
+    if let Some(tag) = &plan.tag {
+        validate_tag(tag)?;
+        if let Ok(m) = snapshots.store().get(tag) {
+            return Err(StoreError::AlreadyExists {
+                tag: tag.clone(),
+                status: m.status,
+            }
+            .into());
+        }
+    }
     let branch_turn = sandbox.branch_turn.clone().lock_owned().await;
     sandbox.check_exec()?;
     let tag = choose_tag(snapshots, plan.tag.clone())?;
@@ -252,6 +266,7 @@ pub async fn start(
                 .map(Started::Done)
         }
         Err(err) => {
+            let err = err.or_no_space(SNAPSHOT_STORE, snapshots.store().root());
             // The VMM did not take the snapshot (refused, stopped, or the
             // branch was cancelled first): its dirty epoch, and so the
             // sandbox's base, are unchanged.

@@ -10,7 +10,7 @@ use pb::exec_response::Event as ExecEvent;
 use tokio_stream::StreamExt;
 
 use crate::branch::{self, BranchPlan};
-use crate::error::ApiError;
+use crate::error::{ApiError, WARMUP_SANDBOX_DELETED};
 use crate::exec;
 use crate::lifecycle::{BootPlan, Manager};
 use crate::registry::Sandbox;
@@ -108,10 +108,17 @@ pub async fn create(
     };
     let id = sandbox.id().to_string();
     tracing::info!(sandbox = %id, commands = plan.warmup.len(), "warming up for a snapshot");
-    let result = warm_and_branch(snapshots, &sandbox, &plan).await;
+    let mut result = warm_and_branch(snapshots, &sandbox, &plan).await;
     if result.is_err() || !plan.keep_running {
         if let Err(e) = manager.delete(&id).await {
             tracing::warn!(sandbox = %id, error = %e, "could not delete the warm-up sandbox");
+            // Say what really became of it.
+            if let Err(
+                ApiError::WarmupExit { cleanup, .. } | ApiError::WarmupFailed { cleanup, .. },
+            ) = &mut result
+            {
+                *cleanup = format!("sandbox {id} could not be deleted ({e})");
+            }
         }
     }
     let manifest = result?;
@@ -160,6 +167,7 @@ async fn run_warmup(
                     argv: argv.to_vec(),
                     exit_code: exit.exit_code,
                     stderr: stderr_suffix(&stderr),
+                    cleanup: WARMUP_SANDBOX_DELETED.into(),
                 })
             }
             Ok(_) => {}
@@ -167,7 +175,8 @@ async fn run_warmup(
                 return Err(ApiError::WarmupFailed {
                     argv: argv.to_vec(),
                     code: status.code(),
-                    message: status.message().to_string(),
+                    message: warmup_failure(&status, timeout_ms),
+                    cleanup: WARMUP_SANDBOX_DELETED.into(),
                 })
             }
         }
@@ -176,7 +185,23 @@ async fn run_warmup(
         argv: argv.to_vec(),
         code: tonic::Code::Internal,
         message: "the command ended without an exit status".into(),
+        cleanup: WARMUP_SANDBOX_DELETED.into(),
     })
+}
+
+/// What happened to a warm-up command that ended with `status`, in the
+/// warm-up's terms: an Exec timeout says the sandbox stays usable, but a
+/// failed warm-up's sandbox is deleted, so that is not repeated.
+fn warmup_failure(status: &tonic::Status, timeout_ms: u32) -> String {
+    match status.code() {
+        tonic::Code::DeadlineExceeded if status.message().contains("did not stop") => format!(
+            "it did not finish within timeout_ms={timeout_ms} and the guest ignored the cancel"
+        ),
+        tonic::Code::DeadlineExceeded => {
+            format!("it did not finish within timeout_ms={timeout_ms} and was stopped")
+        }
+        _ => status.message().to_string(),
+    }
 }
 
 /// "; stderr: <tail>" or empty.

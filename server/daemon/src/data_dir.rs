@@ -42,9 +42,34 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> S
 }
 
 impl DataDir {
+    /// Checks, creating nothing, that `root` can be the data directory:
+    /// it and its nearest existing ancestor must be directories.
+    pub fn check(root: &Path) -> Result<(), StartupError> {
+        let not_a_dir = |path: &Path| StartupError::NotADirectory {
+            data_dir: root.to_path_buf(),
+            path: path.to_path_buf(),
+        };
+        let mut path = root;
+        loop {
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_dir() => return Ok(()),
+                Ok(_) => return Err(not_a_dir(path)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // ENOTDIR: a component further up is a file.
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
+                Err(e) => return Err(io_err(path, "cannot inspect it")(e)),
+            }
+            match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => path = parent,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Creates the layout under `root`, takes the lock, and removes
     /// sandbox directories left by an earlier daemon.
     pub fn open(root: &Path) -> Result<DataDir, StartupError> {
+        Self::check(root)?;
         std::fs::create_dir_all(root).map_err(io_err(root, "cannot create it"))?;
         let root = root
             .canonicalize()

@@ -70,6 +70,9 @@ pub enum ApiError {
         /// The Exec's timeout.
         timeout_ms: u32,
     },
+    /// The sandbox was deleted while a call was queued for it.
+    #[error("sandbox {0} was deleted (DeleteSandbox) while this call waited for its turn; spawn a new one")]
+    SandboxDeleted(String),
     /// The sandbox stopped while a request was running in it.
     #[error("sandbox {id} stopped: {reason}")]
     SandboxStopped {
@@ -99,8 +102,9 @@ pub enum ApiError {
     Store(#[from] StoreError),
     /// A CreateSnapshot warm-up command exited non-zero.
     #[error(
-        "warm-up command {argv:?} exited with code {exit_code}{stderr}; the sandbox was deleted \
-         and no snapshot was taken"
+        "warm-up command {} exited with code {exit_code}{stderr}; {cleanup} and no snapshot was \
+         taken",
+        argv_text(.argv)
     )]
     WarmupExit {
         /// The command.
@@ -109,16 +113,38 @@ pub enum ApiError {
         exit_code: i32,
         /// "; stderr: ..." with the end of its stderr, or empty.
         stderr: String,
+        /// What became of the warm-up sandbox ("the sandbox was deleted").
+        cleanup: String,
     },
     /// A CreateSnapshot warm-up command could not run to its end.
-    #[error("warm-up command {argv:?} failed: {message}; the sandbox was deleted and no snapshot was taken")]
+    #[error(
+        "warm-up command {} failed: {message}; {cleanup} and no snapshot was taken",
+        argv_text(.argv)
+    )]
     WarmupFailed {
         /// The command.
         argv: Vec<String>,
         /// The code of the failure (e.g. DEADLINE_EXCEEDED).
         code: Code,
-        /// What went wrong.
+        /// What went wrong, e.g. "it did not finish within timeout_ms=100
+        /// and was stopped".
         message: String,
+        /// What became of the warm-up sandbox ("the sandbox was deleted").
+        cleanup: String,
+    },
+    /// A file system under the data directory is full (ENOSPC or EDQUOT).
+    #[error(
+        "no space left on the file system holding forkd's {area} ({fs}); free space there (e.g. \
+         delete snapshots you no longer need) and retry: {what}"
+    )]
+    NoSpace {
+        /// The failure as it was reported (what could not be written).
+        what: String,
+        /// Which part of the data directory: "snapshot store",
+        /// "sandbox directories".
+        area: &'static str,
+        /// The file system, e.g. "tmpfs of 64.0 MiB, 0 B free".
+        fs: String,
     },
     /// The daemon failed in a way the caller cannot fix.
     #[error("internal error: {0}")]
@@ -131,13 +157,13 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::SandboxNotFound(_) => Code::NotFound,
-            ApiError::TooManySandboxes { .. } => Code::ResourceExhausted,
+            ApiError::TooManySandboxes { .. } | ApiError::NoSpace { .. } => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::SnapshotWriting { .. } => Code::FailedPrecondition,
             ApiError::LiveFailed { failure, .. } => failure.code(),
             ApiError::ShuttingDown => Code::Unavailable,
             ApiError::ExecTimeout(_) | ApiError::CancelIgnored { .. } => Code::DeadlineExceeded,
-            ApiError::SandboxStopped { .. } => Code::Aborted,
+            ApiError::SandboxStopped { .. } | ApiError::SandboxDeleted(_) => Code::Aborted,
             ApiError::NoneStarted { code, .. } | ApiError::WarmupFailed { code, .. } => *code,
             ApiError::WarmupExit { .. } => Code::FailedPrecondition,
             ApiError::Store(e) => store_code(e.kind()),
@@ -199,6 +225,7 @@ impl LiveFailure {
                 Code::Aborted
             }
             LiveFailure::Cancelled(CancelReason::ShuttingDown) => Code::Unavailable,
+            LiveFailure::Copy(e) if crate::public::text_is_no_space(e) => Code::ResourceExhausted,
             LiveFailure::Copy(_) => Code::Internal,
         }
     }
@@ -217,8 +244,39 @@ pub fn store_code(kind: ErrorKind) -> Code {
 }
 
 impl From<ApiError> for Status {
+    /// The status a client gets: the error's code, and its text without
+    /// server paths and capped in length (see [`crate::public`]). Internal
+    /// errors are logged here in full (paths included).
     fn from(err: ApiError) -> Status {
-        Status::new(err.code(), err.to_string())
+        let code = err.code();
+        let text = err.to_string();
+        if matches!(
+            code,
+            Code::Internal | Code::DataLoss | Code::ResourceExhausted
+        ) {
+            tracing::warn!(code = code_name(code), error = %text, "call failed");
+        }
+        Status::new(code, crate::public::status_message(&text))
+    }
+}
+
+impl ApiError {
+    /// `self`, turned into [`ApiError::NoSpace`] if it is a VMM or store
+    /// error caused by a full file system (`area`, at `dir`).
+    pub fn or_no_space(self, area: &'static str, dir: &std::path::Path) -> ApiError {
+        let full = match &self {
+            ApiError::Vmm { message, .. } => crate::public::text_is_no_space(message),
+            ApiError::Store(StoreError::Io { source, .. }) => crate::public::is_no_space(source),
+            _ => false,
+        };
+        if !full {
+            return self;
+        }
+        ApiError::NoSpace {
+            what: self.to_string(),
+            area,
+            fs: crate::public::describe_fs(dir),
+        }
     }
 }
 
@@ -226,15 +284,16 @@ impl From<ApiError> for Status {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The sandbox directory could not be created.
-    #[error("cannot create sandbox directory {path}: {source}")]
+    #[error("cannot create sandbox directory {}: {source}{}", .path.display(), no_space_note(.source))]
     SandboxDir {
         /// The directory.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The VMM process could not be started.
-    #[error("cannot start VMM {path}: {source}")]
+    /// The VMM process could not be started (its path is logged, not
+    /// sent: the message names the binary only).
+    #[error("cannot start VMM {}: {source}", file_name(.path))]
     Launch {
         /// The VMM binary.
         path: PathBuf,
@@ -260,6 +319,13 @@ pub enum BootError {
     /// The daemon began shutting down during the boot.
     #[error("forkd is shutting down; retry on another instance")]
     ShuttingDown,
+    /// The snapshot being forked was deleted (DeleteSnapshot with force)
+    /// while the sandbox was starting from it.
+    #[error("snapshot {tag} was deleted while this sandbox was starting from it")]
+    SnapshotDeleted {
+        /// The snapshot.
+        tag: String,
+    },
 }
 
 impl BootError {
@@ -268,11 +334,54 @@ impl BootError {
         match self {
             BootError::Timeout { .. } => Code::DeadlineExceeded,
             BootError::ShuttingDown => Code::Unavailable,
+            BootError::SnapshotDeleted { .. } => Code::Aborted,
+            BootError::SandboxDir { source, .. } if crate::public::is_no_space(source) => {
+                Code::ResourceExhausted
+            }
             BootError::SandboxDir { .. } | BootError::Launch { .. } | BootError::Exited { .. } => {
                 Code::Internal
             }
         }
     }
+}
+
+/// An argv for a message: in full when short, else its first argument and
+/// its size.
+fn argv_text(argv: &[String]) -> String {
+    let text = format!("{argv:?}");
+    if text.len() <= crate::public::MAX_QUOTED_BYTES {
+        return text;
+    }
+    let first = argv
+        .first()
+        .map(|a| crate::public::quoted(a))
+        .unwrap_or_default();
+    let bytes: usize = argv.iter().map(String::len).sum();
+    format!("[{first}, ...] ({} arguments, {bytes} bytes)", argv.len())
+}
+
+/// What a CreateSnapshot failure says became of its sandbox, by default.
+pub const WARMUP_SANDBOX_DELETED: &str = "the sandbox was deleted";
+
+/// "; the file system holding forkd's data directory is full (...)" for
+/// ENOSPC/EDQUOT, else empty.
+fn no_space_note(e: &std::io::Error) -> String {
+    if !crate::public::is_no_space(e) {
+        return String::new();
+    }
+    let fs = crate::public::data_dir()
+        .map(|d| format!(" ({})", crate::public::describe_fs(&d)))
+        .unwrap_or_default();
+    format!(
+        "; the file system holding forkd's data directory is full{fs}: free space there and retry"
+    )
+}
+
+/// The last component of `path` (a binary's name), for messages.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "(unnamed)".into())
 }
 
 /// Canonical upper-case name of a status code, as in `SpawnFailure.code`.
@@ -313,6 +422,19 @@ pub enum StartupError {
         what: &'static str,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The data directory, or a directory above it, is a file.
+    #[error(
+        "data directory {}: {} is not a directory; pass a directory (or a path to create) as \
+         --data-dir",
+        .data_dir.display(),
+        .path.display()
+    )]
+    NotADirectory {
+        /// The `--data-dir` given.
+        data_dir: PathBuf,
+        /// The path that is not a directory (it or an ancestor).
+        path: PathBuf,
     },
     /// The snapshot store could not be opened or recovered.
     #[error("{0}")]
@@ -456,6 +578,7 @@ mod tests {
             argv: vec!["exit".into(), "3".into()],
             exit_code: 3,
             stderr: "; stderr: boom".into(),
+            cleanup: WARMUP_SANDBOX_DELETED.into(),
         });
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert_eq!(
@@ -528,6 +651,71 @@ mod tests {
         });
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("--max-sandboxes=4"));
+    }
+
+    #[test]
+    fn full_file_systems_are_resource_exhausted() {
+        let enospc = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let dir = std::env::temp_dir();
+        let vmm = ApiError::Vmm {
+            id: "sb-1".into(),
+            message: format!("writing the snapshot: writing memory: {}", enospc()),
+        }
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(vmm.code(), Code::ResourceExhausted);
+        assert!(vmm
+            .to_string()
+            .starts_with("no space left on the file system holding forkd's snapshot store ("));
+        let store = ApiError::from(StoreError::Io {
+            op: "fsyncing",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EDQUOT),
+        })
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(store.code(), Code::ResourceExhausted);
+        // Other errors are left alone.
+        let other = ApiError::Vmm {
+            id: "sb-1".into(),
+            message: "Input/output error (os error 5)".into(),
+        }
+        .or_no_space("snapshot store", &dir);
+        assert_eq!(other.code(), Code::Internal);
+        let boot = BootError::SandboxDir {
+            path: "/x/sandboxes/sb-1".into(),
+            source: enospc(),
+        };
+        assert_eq!(boot.code(), Code::ResourceExhausted);
+        assert!(
+            boot.to_string().contains("data directory is full"),
+            "{boot}"
+        );
+        assert_eq!(
+            LiveFailure::Copy(format!("writing memory: {}", enospc())).code(),
+            Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn long_messages_are_capped() {
+        let status = Status::from(ApiError::InvalidArgument("x".repeat(1 << 20)));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() <= crate::public::MAX_MESSAGE_BYTES);
+        let status = Status::from(ApiError::SandboxDeleted("sb-1".into()));
+        assert_eq!(status.code(), Code::Aborted);
+        assert!(status.message().contains("was deleted"));
+        let argv = vec!["echo".to_string(), "y".repeat(50_000)];
+        let s = Status::from(ApiError::WarmupExit {
+            argv,
+            exit_code: 1,
+            stderr: String::new(),
+            cleanup: WARMUP_SANDBOX_DELETED.into(),
+        });
+        assert!(
+            s.message()
+                .starts_with("warm-up command [\"echo\", ...] (2 arguments, 50004 bytes) exited"),
+            "{}",
+            s.message()
+        );
     }
 
     #[test]

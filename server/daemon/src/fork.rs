@@ -22,7 +22,9 @@ pub struct ForkSource {
 /// Resolves `tag` into a fork source: NOT_FOUND if unknown,
 /// FAILED_PRECONDITION unless READY, INVALID_ARGUMENT if `memory_mib` or
 /// `vcpus` (0 = the snapshot's) differ from the snapshot, DATA_LOSS if its
-/// files do not match their digests. A snapshot still WRITING is waited
+/// files do not match their digests (the store then marks the snapshot
+/// FAILED, so later calls get FAILED_PRECONDITION with the mismatch),
+/// FAILED_PRECONDITION for a diff whose chain is broken. A snapshot still WRITING is waited
 /// for with `wait_for_snapshot` (then READY forks, FAILED is
 /// FAILED_PRECONDITION with its reason), else FAILED_PRECONDITION saying
 /// how far its copy is and how to wait. The memory is loaded and verified
@@ -55,10 +57,17 @@ pub async fn prepare(
         }
         .into());
     }
+    // A READY diff whose ancestor failed or went away keeps its own files
+    // but cannot be restored (also when its memory is already cached).
+    snapshots.store().check_chain(tag)?;
     let (memory_mib, vcpus) = validate::fork_shape(&m, memory_mib, vcpus)?;
     let memory = snapshots.memory(tag).await?;
     let t = tag.to_string();
-    snapshots.blocking(move |s| s.verify_vmstate(&t)).await?;
+    if let Err(e) = snapshots.blocking(move |s| s.verify_vmstate(&t)).await {
+        // The store marked it FAILED; drop the memory loaded before.
+        snapshots.forget(&[tag.to_string()]);
+        return Err(e);
+    }
     Ok(ForkSource {
         memory_mib,
         vcpus,

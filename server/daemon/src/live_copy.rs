@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::branch::{self, BranchOutcome};
 use crate::error::{ApiError, CancelReason, LiveFailure};
 use crate::registry::Sandbox;
-use crate::snapshots::{CancelSignal, Snapshots};
+use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
 use crate::vmm_process::{CopyEvent, CopyProgress, LiveSnapshot};
 
 /// Time the VMM gets to end a copy after Cancel before it is treated as
@@ -129,6 +129,16 @@ impl LiveCopy {
 
     /// Relays progress until the copy ends, the VMM stops, or a cancel is
     /// honoured (or ignored past [`CANCEL_WAIT`]).
+    /// The VMM's copy error, with the full file system named when the
+    /// error is ENOSPC/EDQUOT (the caller then gets RESOURCE_EXHAUSTED).
+    fn no_space_note(&self, error: String) -> String {
+        if !crate::public::text_is_no_space(&error) {
+            return error;
+        }
+        let fs = crate::public::describe_fs(self.snapshots.store().root());
+        format!("{error}; no space left on the file system holding forkd's {SNAPSHOT_STORE} ({fs})")
+    }
+
     async fn follow(&mut self, tag: &str) -> CopyEnd {
         let vmm = self.sandbox.vmm.clone();
         let mut progress = None;
@@ -150,7 +160,7 @@ impl LiveCopy {
                         // still cancelled: its snapshot is being deleted.
                         let result = match (cancelled, error) {
                             (Some((why, _)), _) => Err(LiveFailure::Cancelled(why)),
-                            (None, Some(e)) => Err(LiveFailure::Copy(e)),
+                            (None, Some(e)) => Err(LiveFailure::Copy(self.no_space_note(e))),
                             (None, None) => Ok(bytes_written),
                         };
                         return CopyEnd { result, progress };

@@ -17,6 +17,7 @@ mod lifecycle;
 mod live_copy;
 mod logging;
 mod metrics;
+mod public;
 mod registry;
 mod rlimit;
 mod sandbox_service;

@@ -56,6 +56,9 @@ pub struct Sandbox {
     base: Mutex<Option<String>>,
     /// True while the VMM is writing a snapshot (the vCPUs are stopped).
     snapshotting: AtomicBool,
+    /// Set once DeleteSandbox took it: calls still queued for its turns
+    /// say it was deleted.
+    deleted: AtomicBool,
 }
 
 impl Sandbox {
@@ -105,6 +108,9 @@ impl Sandbox {
     /// what to do.
     pub fn check_exec(&self) -> Result<(), ApiError> {
         let id = self.id();
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(ApiError::SandboxDeleted(id.to_string()));
+        }
         match (self.state(), self.vmm.stop()) {
             // Paused by a branch: the command waits for its turn.
             (SandboxState::Running | SandboxState::Paused, _) => Ok(()),
@@ -129,7 +135,9 @@ impl Sandbox {
             vcpus: self.spec.vcpus,
             labels: self.spec.labels.clone(),
             create_time: Some(self.spec.create_time.into()),
-            exit_reason: self.vmm.stop().map(|s| s.reason).unwrap_or_default(),
+            exit_reason: crate::public::status_message(
+                &self.vmm.stop().map(|s| s.reason).unwrap_or_default(),
+            ),
             vmm_pid: self.vmm.pid(),
             live_fork: self.spec.live_fork,
             boot_ms: self.boot_ms.get().copied().unwrap_or(0.0),
@@ -249,7 +257,9 @@ impl Registry {
                 "sandbox {id} is still starting; retry once it is RUNNING"
             )));
         }
-        Ok(inner.map.remove(id).expect("present"))
+        let sandbox = inner.map.remove(id).expect("present");
+        sandbox.deleted.store(true, Ordering::SeqCst);
+        Ok(sandbox)
     }
 
     /// Removes a sandbox whatever its state; returns it if it was there.
@@ -321,6 +331,7 @@ impl Reservation {
             branch_turn: Arc::new(tokio::sync::Mutex::new(())),
             base: Mutex::new(base),
             snapshotting: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
         });
         inner.map.insert(sandbox.id().to_string(), sandbox.clone());
         Ok(sandbox)

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
-use crate::error::{code_name, ApiError};
+use crate::error::{code_name, ApiError, BootError};
 use crate::exec::{self, ExecStream};
 use crate::fork;
 use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
@@ -91,7 +91,7 @@ fn into_response(outcome: &SpawnOutcome) -> Result<pb::SpawnSandboxesResponse, A
             .map(|(index, e)| pb::SpawnFailure {
                 index: *index as u32,
                 code: code_name(e.code()).to_string(),
-                message: e.to_string(),
+                message: crate::public::status_message(&e.to_string()),
             })
             .collect(),
         elapsed_ms: outcome.elapsed.as_secs_f64() * 1000.0,
@@ -117,8 +117,20 @@ impl SandboxService for Sandboxes {
         // sandboxes that started are deleted again instead of leaking.
         let (tx, rx) = oneshot::channel();
         let manager = self.manager.clone();
+        let snapshot_tag = plan.restore.as_ref().map(|r| r.tag.clone());
+        let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
-            let outcome = manager.spawn(plan, requested).await;
+            let mut outcome = manager.spawn(plan, requested).await;
+            if let (Ok(outcome), Some(tag)) = (&mut outcome, snapshot_tag) {
+                // A force delete of the snapshot can race the boots: their
+                // VMMs then fail to read it. Say so instead of what the VMM
+                // saw.
+                if !outcome.failures.is_empty() && snapshots.store().get(&tag).is_err() {
+                    for (_, e) in &mut outcome.failures {
+                        *e = BootError::SnapshotDeleted { tag: tag.clone() };
+                    }
+                }
+            }
             if let Err(Ok(abandoned)) = tx.send(outcome) {
                 for sandbox in &abandoned.started {
                     tracing::info!(sandbox = %sandbox.id(), "caller went away; deleting");

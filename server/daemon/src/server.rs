@@ -64,7 +64,33 @@ impl Signals {
 /// Runs the daemon until a signal (or a fatal server error) and a complete
 /// shutdown.
 pub async fn run(config: Config) -> Result<(), StartupError> {
+    // Check and bind before creating anything: a daemon that cannot serve
+    // leaves no data directory behind.
+    DataDir::check(&config.data_dir)?;
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartupError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            )
+        }
+        None => None,
+    };
+    if let Some(path) = &config.listen_unix {
+        check_unix_path(path)?;
+    }
     let data_dir = Arc::new(DataDir::open(&config.data_dir)?);
+    crate::public::set_data_dir(&config.data_dir, data_dir.root());
     let mut metrics = Metrics::new(&DESCRIPTOR_SETS)
         .map_err(|e| StartupError::Config(format!("metrics: {e}")))?;
     let (snapshots, report) = Snapshots::open(&data_dir.snapshots(), metrics.branch.clone())?;
@@ -114,12 +140,6 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
     let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();
 
-    let tcp = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartupError::Listen {
-            addr: config.listen.to_string(),
-            source,
-        })?;
     let tcp_addr = tcp
         .local_addr()
         .map(|a| a.to_string())
@@ -145,16 +165,16 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
     // Plain HTTP on its own listener; up until the very end, so the drain
     // can be watched.
-    let metrics_server = match config.metrics_listen {
-        Some(addr) => Some(
-            MetricsServer::start(addr, metrics.into_registry())
-                .await
-                .map_err(|source| StartupError::Listen {
+    let metrics_server = match (metrics_listener, config.metrics_listen) {
+        (Some(listener), Some(addr)) => Some(
+            MetricsServer::serve(listener, metrics.into_registry()).map_err(|source| {
+                StartupError::Listen {
                     addr: addr.to_string(),
                     source,
-                })?,
+                }
+            })?,
         ),
-        None => None,
+        _ => None,
     };
 
     tracing::info!(
@@ -252,7 +272,10 @@ fn log_recovery(report: &forkd_store::RecoveryReport) {
         "snapshot store opened"
     );
     for (tag, reason) in &report.marked_failed {
-        tracing::warn!(%tag, %reason, "snapshot marked FAILED at recovery");
+        tracing::warn!(%tag, %reason, "snapshot marked FAILED at recovery (its files are kept)");
+    }
+    for (tag, why) in &report.broken_chains {
+        tracing::warn!(%tag, chain = %why, "snapshot READY but its chain is broken; it cannot be spawned from");
     }
     for name in &report.removed {
         tracing::info!(%name, "removed a leftover from an interrupted snapshot operation");
@@ -298,6 +321,30 @@ fn server_failure(
             addr: "?".into(),
             message: e.to_string(),
         }),
+    }
+}
+
+/// Checks, before anything is created, that the Unix socket can be made at
+/// `path`: its directory exists, and `path` is not a file of another kind.
+fn check_unix_path(path: &Path) -> Result<(), StartupError> {
+    use std::os::unix::fs::FileTypeExt;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(StartupError::Config(format!(
+            "--listen-unix {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(StartupError::Config(format!(
+            "--listen-unix {} exists and is not a socket; remove it or pick another path",
+            path.display()
+        ))),
+        _ => Ok(()),
     }
 }
 

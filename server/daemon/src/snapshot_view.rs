@@ -58,7 +58,9 @@ pub fn to_proto(
         memory_bytes: m.data_bytes,
         disk_bytes: m.disk_bytes,
         create_time: m.created().map(Into::into),
-        failure_reason: m.failure_reason.clone().unwrap_or_default(),
+        failure_reason: crate::public::status_message(
+            m.failure_reason.as_deref().unwrap_or_default(),
+        ),
         chain,
         dependents,
         children,
@@ -95,7 +97,9 @@ pub fn watch_message(m: &Manifest, progress: Option<&CopyProgress>) -> pb::Watch
         bytes_copied,
         bytes_total,
         faults_served,
-        failure_reason: m.failure_reason.clone().unwrap_or_default(),
+        failure_reason: crate::public::status_message(
+            m.failure_reason.as_deref().unwrap_or_default(),
+        ),
     }
 }
 

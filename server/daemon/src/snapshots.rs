@@ -19,6 +19,9 @@ use crate::vmm_process::CopyProgress;
 /// How often a waiter looks for a snapshot begun but not yet registered.
 const WRITING_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The part of the data directory the store is, in "disk full" messages.
+pub const SNAPSHOT_STORE: &str = "snapshot store";
+
 /// One tag's memory: loaded at most once at a time, then kept.
 type MemorySlot = Arc<OnceCell<Arc<SealedMemory>>>;
 
@@ -64,7 +67,8 @@ impl Snapshots {
         &self.metrics
     }
 
-    /// Runs `f` on the blocking pool (store calls do file I/O).
+    /// Runs `f` on the blocking pool (store calls do file I/O). A full file
+    /// system comes back as RESOURCE_EXHAUSTED ([`ApiError::NoSpace`]).
     pub async fn blocking<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
@@ -74,7 +78,7 @@ impl Snapshots {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
-            .map_err(ApiError::from)
+            .map_err(|e| ApiError::from(e).or_no_space(SNAPSHOT_STORE, self.store.root()))
     }
 
     /// The sealed memory of `tag`, loading (and verifying) it on first use.

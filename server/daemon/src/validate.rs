@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use crate::error::ApiError;
+use crate::public::quoted;
 
 /// Most sandboxes one SpawnSandboxes call may ask for.
 pub const MAX_SPAWN: u32 = 1000;
@@ -20,6 +21,10 @@ pub const MAX_LABELS: usize = 64;
 /// Largest argv, counting one NUL terminator per argument (the guest's
 /// request buffer holds NUL-separated arguments).
 pub const MAX_ARGV_BYTES: usize = 60_000;
+
+/// Longest sandbox id accepted (real ones are 13 bytes); longer ones are
+/// refused without being echoed.
+pub const MAX_ID_BYTES: usize = 64;
 
 fn invalid(msg: String) -> ApiError {
     ApiError::InvalidArgument(msg)
@@ -91,14 +96,16 @@ pub fn labels(labels: &HashMap<String, String>) -> Result<(), ApiError> {
     for key in keys {
         if !is_label_key(key) {
             return Err(invalid(format!(
-                "label key {key:?} is invalid: keys are 1-63 characters of lowercase letters, \
-                 digits, '.', '_' or '-', starting with a lowercase letter"
+                "label key {} is invalid: keys are 1-63 characters of lowercase letters, digits, \
+                 '.', '_' or '-', starting with a lowercase letter",
+                quoted(key)
             )));
         }
         if !is_label_value(&labels[key]) {
             return Err(invalid(format!(
-                "value of label {key:?} is invalid: values are 0-63 characters of letters, \
-                 digits, '.', '_' or '-'"
+                "value of label {} is invalid: values are 0-63 characters of letters, digits, \
+                 '.', '_' or '-'",
+                quoted(key)
             )));
         }
     }
@@ -145,6 +152,11 @@ pub fn fork_shape(
 pub fn sandbox_id<'a>(field: &str, id: &'a str) -> Result<&'a str, ApiError> {
     if id.is_empty() {
         Err(invalid(format!("{field} must not be empty")))
+    } else if id.len() > MAX_ID_BYTES {
+        Err(invalid(format!(
+            "{field} is {} bytes long; sandbox ids are like sb-3k9x2m7q4d",
+            id.len()
+        )))
     } else {
         Ok(id)
     }

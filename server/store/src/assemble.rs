@@ -13,7 +13,10 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use crate::digest::{chunk_digest, par_chunks, sha256_hex, Chunk, ZeroDigests};
 use crate::error::{Result, StoreError};
 use crate::manifest::{Manifest, Mode, Status, PAGE_SIZE};
-use crate::store::{Store, MANIFEST, MEMORY, PAGES, VMSTATE};
+use crate::recovery::chain_problem;
+use crate::store::{
+    mark_failed_keeping_data, write_failed_keeping_data, Store, MANIFEST, MEMORY, PAGES, VMSTATE,
+};
 
 /// A snapshot's memory in a sealed memfd: size, contents and seals can no
 /// longer change. Map it `MAP_PRIVATE` for copy-on-write.
@@ -35,7 +38,16 @@ impl Store {
     /// naming the snapshot, file and chunk); then the root's data, and each
     /// diff's pages from root to leaf, go into a fresh memfd, which is
     /// sealed.
+    ///
+    /// A snapshot found corrupt is marked FAILED on the spot (persisted,
+    /// the mismatch as its reason, its files kept for inspection), so it
+    /// is listed FAILED from then on.
     pub fn load_memory(&self, tag: &str) -> Result<SealedMemory> {
+        let loaded = self.assemble(tag);
+        self.fail_on_data_loss(tag, loaded)
+    }
+
+    fn assemble(&self, tag: &str) -> Result<SealedMemory> {
         let chain = self.verified_chain(tag)?;
         self.verify_vmstate(tag)?;
         let leaf = &chain[0];
@@ -65,11 +77,73 @@ impl Store {
     }
 
     /// Checks `tag`'s `vmstate` against its digest (cheap: the file is
-    /// small). The VMM reads this file when it restores.
+    /// small). The VMM reads this file when it restores. A mismatch marks
+    /// the snapshot FAILED, as in [`Store::load_memory`].
     pub fn verify_vmstate(&self, tag: &str) -> Result<()> {
+        let checked = self.check_vmstate(tag);
+        self.fail_on_data_loss(tag, checked)
+    }
+
+    /// Checks that every ancestor of `tag` is still there, READY and the
+    /// snapshot each diff was taken against (in memory only, no disk):
+    /// else [`StoreError::ChainBroken`].
+    pub fn check_chain(&self, tag: &str) -> Result<()> {
+        let index = self.index();
+        let entry = index.get(tag).ok_or_else(|| StoreError::NotFound {
+            tag: tag.to_string(),
+        })?;
+        match chain_problem(&index, entry) {
+            Some((ancestor, why)) => Err(StoreError::ChainBroken {
+                tag: tag.to_string(),
+                ancestor,
+                why,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the READY snapshot `tag` FAILED with `reason`, durably, keeping
+    /// its data files (and its manifest as `manifest.orig.json`). Nothing
+    /// happens if it is gone or no longer READY. The index says FAILED even
+    /// if the disk cannot be updated.
+    pub fn mark_corrupt(&self, tag: &str, reason: &str) -> Result<()> {
+        let mut index = self.index();
+        let Some(entry) = index.get_mut(tag) else {
+            return Ok(());
+        };
+        if entry.manifest.status != Status::Ready {
+            return Ok(());
+        }
+        mark_failed_keeping_data(&mut entry.manifest, reason);
+        let bytes = entry.manifest.to_bytes();
+        entry.digest = Some(sha256_hex(&bytes));
+        write_failed_keeping_data(&self.snapshot_dir(tag), &bytes)
+    }
+
+    /// Marks the snapshot a DATA_LOSS error names FAILED, then returns the
+    /// result unchanged.
+    ///
+    /// If `tag` itself is gone by now (deleted while it was being read,
+    /// which can make its files vanish mid-read), the answer is NOT_FOUND
+    /// rather than an I/O error or a corruption.
+    fn fail_on_data_loss<T>(&self, tag: &str, result: Result<T>) -> Result<T> {
+        if result.is_err() && self.index().get(tag).is_none() {
+            return Err(StoreError::NotFound {
+                tag: tag.to_string(),
+            });
+        }
+        if let Err(StoreError::DataLoss { tag, file, detail }) = &result {
+            // Best effort: the index says FAILED whatever the disk allows,
+            // and the caller gets the DATA_LOSS either way.
+            let _ = self.mark_corrupt(tag, &format!("{file} {detail}"));
+        }
+        result
+    }
+
+    fn check_vmstate(&self, tag: &str) -> Result<()> {
         let m = self.get(tag)?;
         let path = self.snapshot_dir(tag).join(VMSTATE);
-        let bytes = std::fs::read(&path).map_err(StoreError::io("reading", &path))?;
+        let bytes = std::fs::read(&path).map_err(|e| read_error(&m, VMSTATE, &path, e))?;
         if Some(sha256_hex(&bytes)) != m.vmstate_sha256 {
             return Err(StoreError::DataLoss {
                 tag: tag.to_string(),
@@ -91,10 +165,10 @@ impl Store {
             let Some(entry) = entry else {
                 return Err(match child {
                     None => StoreError::NotFound { tag: t },
-                    Some(c) => StoreError::ParentUnusable {
-                        tag: c,
-                        parent: t,
-                        why: "does not exist".into(),
+                    Some(_) => StoreError::ChainBroken {
+                        tag: tag.to_string(),
+                        ancestor: t,
+                        why: "is missing (was it deleted?)".into(),
                     },
                 });
             };
@@ -106,10 +180,13 @@ impl Store {
                         status: m.status,
                         reason: m.failure_reason,
                     },
-                    Some(c) => StoreError::ParentUnusable {
-                        tag: c,
-                        parent: t,
-                        why: format!("is {}", m.status),
+                    Some(_) => StoreError::ChainBroken {
+                        tag: tag.to_string(),
+                        ancestor: t,
+                        why: match m.failure_reason.as_deref() {
+                            Some(r) if !r.is_empty() => format!("is {} ({r})", m.status),
+                            _ => format!("is {}", m.status),
+                        },
                     },
                 });
             }
@@ -125,10 +202,13 @@ impl Store {
             }
             if let (Some(want), Some(c)) = (expected_digest, &child) {
                 if digest.as_deref() != Some(want.as_str()) {
-                    return Err(StoreError::ParentUnusable {
-                        tag: c.clone(),
-                        parent: t,
-                        why: "is not the snapshot this diff was taken against".into(),
+                    return Err(StoreError::ChainBroken {
+                        tag: tag.to_string(),
+                        ancestor: t,
+                        why: format!(
+                            "is not the snapshot its diff {c} was taken against (its manifest \
+                             changed)"
+                        ),
                     });
                 }
             }
@@ -179,6 +259,16 @@ fn memfd_io(e: memfd::Error) -> std::io::Error {
     }
 }
 
+/// A file of a READY snapshot that cannot be read: missing is DATA_LOSS
+/// (the snapshot lost it), anything else an I/O error.
+fn read_error(m: &Manifest, file: &'static str, path: &Path, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        corrupt(m, file, "is missing".into())
+    } else {
+        StoreError::io("reading", path)(e)
+    }
+}
+
 fn corrupt(m: &Manifest, file: &'static str, detail: String) -> StoreError {
     StoreError::DataLoss {
         tag: m.tag.clone(),
@@ -195,14 +285,14 @@ fn apply(dir: &Path, m: &Manifest, root: bool, target: &File) -> Result<()> {
         None
     } else {
         let path = dir.join(PAGES);
-        let bytes = std::fs::read(&path).map_err(StoreError::io("reading", &path))?;
+        let bytes = std::fs::read(&path).map_err(|e| read_error(m, PAGES, &path, e))?;
         if Some(sha256_hex(&bytes)) != m.pages_sha256 || bytes.len() as u64 != m.bitmap_bytes() {
             return Err(corrupt(m, PAGES, "does not match its SHA-256".into()));
         }
         Some(bytes)
     };
     let path = dir.join(MEMORY);
-    let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+    let file = File::open(&path).map_err(|e| read_error(m, MEMORY, &path, e))?;
     let len = file
         .metadata()
         .map_err(StoreError::io("reading", &path))?

@@ -29,8 +29,9 @@ pub enum ErrorKind {
 pub enum StoreError {
     /// A tag that does not match the allowed form.
     #[error(
-        "snapshot tag {tag:?} is invalid: tags are 1-64 characters of letters, digits, '.', '_' \
-         or '-', starting with a letter or digit"
+        "snapshot tag {} is invalid: tags are 1-64 characters of letters, digits, '.', '_' or \
+         '-', starting with a letter or digit",
+        tag_text(.tag)
     )]
     InvalidTag {
         /// The rejected tag.
@@ -69,6 +70,21 @@ pub enum StoreError {
         /// The parent it names.
         parent: String,
         /// What is wrong with the parent.
+        why: String,
+    },
+    /// A READY diff whose chain is broken: an ancestor is missing, not
+    /// READY, or not the snapshot the diff was taken against. The diff's
+    /// own files are kept; nothing can be spawned from it.
+    #[error(
+        "snapshot {tag} cannot be spawned from: its chain is broken, {ancestor} {why}; {tag}'s \
+         own files are kept, but it needs every snapshot below it; delete it with DeleteSnapshot"
+    )]
+    ChainBroken {
+        /// The diff asked for.
+        tag: String,
+        /// The first ancestor that is unusable.
+        ancestor: String,
+        /// What is wrong with it, e.g. "is FAILED (memory is 4096 bytes, ...)".
         why: String,
     },
     /// Deleting would orphan dependent diffs.
@@ -132,6 +148,16 @@ pub enum StoreError {
     },
 }
 
+/// A rejected tag for a message: quoted when short, else only its length
+/// (a client's megabyte-long tag is not echoed back).
+fn tag_text(tag: &str) -> String {
+    if tag.len() <= 2 * crate::MAX_TAG_LEN {
+        format!("{tag:?}")
+    } else {
+        format!("of {} bytes", tag.len())
+    }
+}
+
 fn reason_suffix(reason: &Option<String>) -> String {
     match reason {
         Some(r) if !r.is_empty() => format!(" ({r})"),
@@ -148,6 +174,7 @@ impl StoreError {
             StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             StoreError::NotReady { .. }
             | StoreError::ParentUnusable { .. }
+            | StoreError::ChainBroken { .. }
             | StoreError::HasDependents { .. }
             | StoreError::HasRunningChildren { .. }
             | StoreError::StillWriting { .. } => ErrorKind::FailedPrecondition,

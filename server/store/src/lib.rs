@@ -34,7 +34,8 @@ pub use manifest::{
 };
 pub use recovery::{RecoveryReport, STOPPED_WHILE_WRITING};
 pub use store::{
-    Pending, RunningChild, SnapshotInfo, Store, Written, MANIFEST, MEMORY, PAGES, VMSTATE,
+    Pending, RunningChild, SnapshotInfo, Store, Written, MANIFEST, MEMORY, ORIGINAL_MANIFEST,
+    PAGES, VMSTATE,
 };
 pub use tag::{generate_tag, validate_tag, MAX_TAG_LEN};
 

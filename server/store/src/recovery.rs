@@ -1,5 +1,10 @@
 //! Recovery at open: rebuild the index from the directory, and make sure
 //! nothing that is not complete and intact is ever listed READY.
+//!
+//! Recovery never deletes a committed snapshot's data: what it cannot
+//! validate is marked FAILED (with the reason) and kept for inspection.
+//! Only half-written (`.<tag>.writing`) and half-deleted (`.<tag>.deleting`)
+//! directories lose their data.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,7 +13,10 @@ use crate::digest::sha256_hex;
 use crate::error::{Result, StoreError};
 use crate::fsio::sync_dir;
 use crate::manifest::{GuestConfig, Manifest, Mode, Status, FORMAT_VERSION};
-use crate::store::{mark_failed, write_tombstone, Entry, MANIFEST, MEMORY, PAGES, VMSTATE};
+use crate::store::{
+    mark_failed, mark_failed_keeping_data, write_failed_keeping_data, write_tombstone, Entry,
+    MANIFEST, MEMORY, PAGES, VMSTATE,
+};
 use crate::tag::validate_tag;
 
 /// The reason given to snapshots found half-written.
@@ -21,8 +29,15 @@ pub struct RecoveryReport {
     pub ready: Vec<String>,
     /// FAILED snapshots found as such.
     pub failed: Vec<String>,
-    /// Snapshots made FAILED now, with the reason.
+    /// Snapshots made FAILED now, with the reason. A committed snapshot
+    /// keeps its data files (and its original manifest as
+    /// `manifest.orig.json`); a half-written one keeps only its manifest.
     pub marked_failed: Vec<(String, String)>,
+    /// READY diffs whose chain is broken (an ancestor missing, not READY,
+    /// or not the one they were taken against), with why. They stay READY
+    /// in their own files; spawning from them is refused until the chain
+    /// is whole.
+    pub broken_chains: Vec<(String, String)>,
     /// Leftovers removed (interrupted deletes, a writing directory whose
     /// tag exists).
     pub removed: Vec<String>,
@@ -95,7 +110,7 @@ pub(crate) fn recover(root: &Path) -> Result<(BTreeMap<String, Entry>, RecoveryR
             },
         );
     }
-    fail_broken_chains(root, &mut index, &mut report)?;
+    report.broken_chains = broken_chains(&index);
     sync_dir(root).map_err(StoreError::io("fsyncing", root))?;
     report.ready = index
         .values()
@@ -164,9 +179,10 @@ fn recover_one(dir: &Path, tag: &str, report: &mut RecoveryReport) -> Result<Opt
             digest: Some(sha256_hex(&bytes)),
         }));
     };
-    mark_failed(&mut m, &why);
+    // A committed directory: mark it FAILED, keep its data for inspection.
+    mark_failed_keeping_data(&mut m, &why);
     let bytes = m.to_bytes();
-    write_tombstone(dir, &bytes)?;
+    write_failed_keeping_data(dir, &bytes)?;
     report.marked_failed.push((tag.to_string(), why));
     Ok(Some(Entry {
         manifest: m,
@@ -210,43 +226,46 @@ fn check_files(dir: &Path, m: &Manifest) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Fails READY diffs whose parent is missing, not READY, or not the
-/// manifest they were taken against; repeats until nothing changes, so a
-/// broken link fails everything below it.
-fn fail_broken_chains(
-    root: &Path,
-    index: &mut BTreeMap<String, Entry>,
-    report: &mut RecoveryReport,
-) -> Result<()> {
-    loop {
-        let broken: Vec<(String, String)> = index
-            .values()
-            .filter(|e| e.manifest.status == Status::Ready)
-            .filter_map(|e| {
-                let parent = e.manifest.parent.as_ref()?;
-                let why = match index.get(parent) {
-                    None => format!("parent {parent} is missing"),
-                    Some(p) if p.manifest.status != Status::Ready => {
-                        format!("parent {parent} is {}", p.manifest.status)
-                    }
-                    Some(p) if p.digest != e.manifest.parent_digest => {
-                        format!("parent {parent}'s manifest changed since this diff was taken")
-                    }
-                    Some(_) => return None,
-                };
-                Some((e.manifest.tag.clone(), why))
-            })
-            .collect();
-        if broken.is_empty() {
-            return Ok(());
-        }
-        for (tag, why) in broken {
-            let e = index.get_mut(&tag).expect("present");
-            mark_failed(&mut e.manifest, &why);
-            let bytes = e.manifest.to_bytes();
-            e.digest = Some(sha256_hex(&bytes));
-            write_tombstone(&root.join(&tag), &bytes)?;
-            report.marked_failed.push((tag, why));
-        }
+/// READY diffs whose chain is broken, with why: the first ancestor that is
+/// missing, not READY, or not the manifest its child was taken against.
+/// Nothing is changed: each diff is judged on its own files, and loading
+/// its memory refuses the broken chain (FAILED_PRECONDITION).
+fn broken_chains(index: &BTreeMap<String, Entry>) -> Vec<(String, String)> {
+    index
+        .values()
+        .filter(|e| e.manifest.status == Status::Ready && e.manifest.parent.is_some())
+        .filter_map(|e| {
+            chain_problem(index, e)
+                .map(|(ancestor, why)| (e.manifest.tag.clone(), format!("{ancestor} {why}")))
+        })
+        .collect()
+}
+
+/// The first broken link above `leaf`: (ancestor, what is wrong with it).
+pub(crate) fn chain_problem(
+    index: &BTreeMap<String, Entry>,
+    leaf: &Entry,
+) -> Option<(String, String)> {
+    let mut child = leaf;
+    let mut seen = vec![leaf.manifest.tag.as_str()];
+    while let Some(parent) = child.manifest.parent.as_deref() {
+        let why = match index.get(parent) {
+            None => "is missing (was it deleted?)".to_string(),
+            Some(p) if p.manifest.status != Status::Ready => match &p.manifest.failure_reason {
+                Some(r) if !r.is_empty() => format!("is {} ({r})", p.manifest.status),
+                _ => format!("is {}", p.manifest.status),
+            },
+            Some(p) if p.digest != child.manifest.parent_digest => {
+                "is not the snapshot its diff was taken against (its manifest changed)".to_string()
+            }
+            Some(p) if seen.contains(&p.manifest.tag.as_str()) => "is part of a cycle".to_string(),
+            Some(p) => {
+                seen.push(p.manifest.tag.as_str());
+                child = p;
+                continue;
+            }
+        };
+        return Some((parent.to_string(), why));
     }
+    None
 }

@@ -21,6 +21,9 @@ pub const VMSTATE: &str = "vmstate";
 pub const MEMORY: &str = "memory";
 /// A diff's page bitmap.
 pub const PAGES: &str = "pages";
+/// A committed snapshot's manifest as it was before the store marked the
+/// snapshot FAILED (kept for inspection next to its data).
+pub const ORIGINAL_MANIFEST: &str = "manifest.orig.json";
 
 /// A snapshot in the index: its manifest and the digest of the manifest's
 /// bytes on disk (what a diff's `parent_digest` must equal).
@@ -528,6 +531,27 @@ pub(crate) fn mark_failed(m: &mut Manifest, reason: &str) {
     m.memory_chunks.clear();
     m.vmstate_sha256 = None;
     m.pages_sha256 = None;
+}
+
+/// Marks a committed snapshot FAILED in place, keeping its data for
+/// inspection: `reason` is recorded, every other field stays as it was.
+pub(crate) fn mark_failed_keeping_data(m: &mut Manifest, reason: &str) {
+    m.status = Status::Failed;
+    m.failure_reason = Some(reason.to_string());
+}
+
+/// Writes the FAILED manifest `bytes` over a committed snapshot's
+/// `manifest.json` durably, touching none of its data files. The manifest
+/// it replaces is first copied (and fsynced) to [`ORIGINAL_MANIFEST`],
+/// unless an earlier failure already kept one.
+pub(crate) fn write_failed_keeping_data(dir: &Path, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let original = dir.join(ORIGINAL_MANIFEST);
+    if path.exists() && !original.exists() {
+        std::fs::copy(&path, &original).map_err(StoreError::io("copying", &path))?;
+        sync_file(&original).map_err(StoreError::io("fsyncing", &original))?;
+    }
+    write_atomic(&path, bytes).map_err(StoreError::io("writing", &path))
 }
 
 /// Removes the data files in `dir` and writes the (FAILED) manifest

@@ -212,25 +212,60 @@ fn recovery_never_lists_incomplete_snapshots_ready() {
         .set_len(4096)
         .unwrap();
 
+    let original = std::fs::read(tmp.path().join("truncated").join(MANIFEST)).unwrap();
     let (store, report) = open(tmp.path());
-    assert_eq!(report.ready, ["ready"]);
+    // The diffs are judged on their own files: READY, with a broken chain.
+    assert_eq!(report.ready, ["child", "grandchild", "ready"]);
     let reasons: std::collections::HashMap<_, _> = report.marked_failed.iter().cloned().collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert_eq!(reasons["half"], STOPPED_WHILE_WRITING);
     assert!(
         reasons["truncated"].contains("memory is 4096 bytes"),
         "{reasons:?}"
     );
-    assert_eq!(reasons["child"], "parent truncated is FAILED");
-    assert_eq!(reasons["grandchild"], "parent child is FAILED");
+    let broken: std::collections::HashMap<_, _> = report.broken_chains.iter().cloned().collect();
+    assert!(
+        broken["child"].starts_with("truncated is FAILED (memory is 4096 bytes"),
+        "{broken:?}"
+    );
+    assert!(
+        broken["grandchild"].starts_with("truncated is FAILED"),
+        "{broken:?}"
+    );
     assert_eq!(report.removed, [".old.deleting"]);
     assert_eq!(report.ignored.len(), 2);
 
     assert_eq!(store.get("ready").unwrap(), ready);
-    for tag in ["half", "truncated", "child", "grandchild"] {
-        let m = store.get(tag).unwrap();
-        assert_eq!(m.status, Status::Failed, "{tag}");
-        assert!(!tmp.path().join(tag).join(MEMORY).exists(), "{tag}");
-        assert!(tmp.path().join(tag).join(MANIFEST).exists(), "{tag}");
+    // Half-written: a tombstone. Committed: FAILED with every file kept,
+    // and the manifest it had kept next to them.
+    assert_eq!(store.get("half").unwrap().status, Status::Failed);
+    assert!(!tmp.path().join("half").join(MEMORY).exists());
+    let m = store.get("truncated").unwrap();
+    assert_eq!(m.status, Status::Failed);
+    for file in [MEMORY, VMSTATE, MANIFEST] {
+        assert!(tmp.path().join("truncated").join(file).exists(), "{file}");
+    }
+    assert_eq!(
+        std::fs::read(tmp.path().join("truncated").join(ORIGINAL_MANIFEST)).unwrap(),
+        original
+    );
+    for tag in ["child", "grandchild"] {
+        assert_eq!(store.get(tag).unwrap().status, Status::Ready, "{tag}");
+        for file in [MEMORY, VMSTATE, PAGES] {
+            assert!(tmp.path().join(tag).join(file).exists(), "{tag}/{file}");
+        }
+        let err = store.load_memory(tag).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "snapshot {tag} cannot be spawned from: its chain is broken, truncated is FAILED"
+            )),
+            "{err}"
+        );
+        let err = store.check_chain(tag).unwrap_err();
+        assert!(matches!(err, StoreError::ChainBroken { .. }), "{err}");
+        // Not marked FAILED by the refusal: its own files are fine.
+        assert_eq!(store.get(tag).unwrap().status, Status::Ready, "{tag}");
     }
     assert!(!tmp.path().join(".half.writing").exists());
     assert!(!tmp.path().join(".old.deleting").exists());
@@ -238,9 +273,83 @@ fn recovery_never_lists_incomplete_snapshots_ready() {
 
     // Stable: a second recovery changes nothing.
     drop(store);
-    let (_, again) = open(tmp.path());
-    assert_eq!(again.ready, ["ready"]);
+    let (store, again) = open(tmp.path());
+    assert_eq!(again.ready, ["child", "grandchild", "ready"]);
     assert!(again.marked_failed.is_empty());
+    assert_eq!(again.failed, ["half", "truncated"]);
+
+    // Only a delete removes the data.
+    let gone = store.delete("truncated", true, false, &[]).unwrap();
+    assert_eq!(gone, ["grandchild", "child", "truncated"]);
+    assert!(!tmp.path().join("truncated").exists());
+}
+
+#[test]
+fn corruption_found_at_load_fails_the_snapshot_and_keeps_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    snapshot(&store, "root", None, &[(0, 1), (1100, 2)]);
+    snapshot(&store, "diff", Some("root"), &[(3, 3)]);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(tmp.path().join("root/memory"))
+        .unwrap();
+    f.write_all_at(&[0x5a], 1100 * PAGE + 17).unwrap();
+    drop(f);
+    let memory_before = std::fs::read(tmp.path().join("root/memory")).unwrap();
+
+    let err = store.load_memory("diff").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DataLoss, "{err}");
+    let m = store.get("root").unwrap();
+    assert_eq!(m.status, Status::Failed);
+    let reason = m.failure_reason.unwrap();
+    assert!(reason.starts_with("memory chunk 1 (bytes"), "{reason}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("root/memory")).unwrap(),
+        memory_before,
+        "the corrupt file is kept as it was"
+    );
+    assert!(tmp.path().join("root").join(ORIGINAL_MANIFEST).exists());
+    // The diff is judged on its own files: READY, but its chain is broken.
+    assert_eq!(store.get("diff").unwrap().status, Status::Ready);
+    let err = store.load_memory("diff").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    let err = store.load_memory("root").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+
+    // Persisted: a restart lists it FAILED with the reason, files still there.
+    drop(store);
+    let (store, report) = open(tmp.path());
+    assert_eq!(report.failed, ["root"]);
+    assert_eq!(report.ready, ["diff"]);
+    assert_eq!(store.get("root").unwrap().failure_reason.unwrap(), reason);
+    assert!(tmp.path().join("root/memory").exists());
+
+    // A vmstate mismatch found by a fork's check fails that snapshot too.
+    snapshot(&store, "other", None, &[(1, 1)]);
+    std::fs::write(tmp.path().join("other/vmstate"), "changed").unwrap();
+    let err = store.verify_vmstate("other").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DataLoss);
+    let m = store.get("other").unwrap();
+    assert_eq!(m.status, Status::Failed);
+    assert_eq!(
+        m.failure_reason.as_deref(),
+        Some("vmstate does not match its SHA-256")
+    );
+
+    // A missing file is data loss, not an I/O error.
+    snapshot(&store, "lost", None, &[(1, 1)]);
+    std::fs::remove_file(tmp.path().join("lost/memory")).unwrap();
+    let err = store.load_memory("lost").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DataLoss, "{err}");
+    assert!(err.to_string().contains("memory is missing"), "{err}");
+
+    // DeleteSnapshot removes FAILED snapshots and their kept files.
+    store.delete("root", true, false, &[]).unwrap();
+    store.delete("other", false, false, &[]).unwrap();
+    assert!(!tmp.path().join("root").exists());
+    assert!(!tmp.path().join("other").exists());
+    assert!(!tmp.path().join("diff").exists());
 }
 
 #[test]
@@ -294,10 +403,6 @@ fn a_depth_3_chain_assembles_to_the_leaf_state() {
 fn a_flipped_byte_is_data_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, _) = open(tmp.path());
-    snapshot(&store, "root", None, &[(0, 1), (1100, 2)]);
-    snapshot(&store, "diff", Some("root"), &[(3, 3)]);
-    store.load_memory("diff").unwrap();
-
     let flip = |path: &Path, offset: u64| {
         let f = OpenOptions::new()
             .read(true)
@@ -308,7 +413,15 @@ fn a_flipped_byte_is_data_loss() {
         f.read_exact_at(&mut b, offset).unwrap();
         f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
     };
+    // Each case on a fresh chain: a corrupt snapshot becomes FAILED.
+    let fresh = || {
+        let _ = store.delete("root", true, true, &[]);
+        snapshot(&store, "root", None, &[(0, 1), (1100, 2)]);
+        snapshot(&store, "diff", Some("root"), &[(3, 3)]);
+        store.load_memory("diff").unwrap();
+    };
     // Chunk 1 of the root, reached through the diff.
+    fresh();
     flip(&tmp.path().join("root/memory"), 1100 * PAGE + 17);
     let err = store.load_memory("diff").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::DataLoss);
@@ -317,26 +430,30 @@ fn a_flipped_byte_is_data_loss() {
         msg.contains("snapshot root is corrupt: memory chunk 1"),
         "{msg}"
     );
-    flip(&tmp.path().join("root/memory"), 1100 * PAGE + 17);
-    store.load_memory("diff").unwrap();
+    assert_eq!(store.get("root").unwrap().status, Status::Failed);
 
     // A byte in a hole of the diff.
+    fresh();
     flip(&tmp.path().join("diff/memory"), 9 << 20);
     let msg = store.load_memory("diff").unwrap_err().to_string();
     assert!(
         msg.contains("snapshot diff is corrupt: memory chunk 2"),
         "{msg}"
     );
-    flip(&tmp.path().join("diff/memory"), 9 << 20);
+    assert_eq!(store.get("diff").unwrap().status, Status::Failed);
+    assert_eq!(store.get("root").unwrap().status, Status::Ready);
     // vmstate and pages are covered too.
+    fresh();
     flip(&tmp.path().join("diff/vmstate"), 0);
     let err = store.load_memory("diff").unwrap_err();
     assert!(err.to_string().contains("vmstate"), "{err}");
+    fresh();
+    flip(&tmp.path().join("diff/vmstate"), 0);
     assert_eq!(
         store.verify_vmstate("diff").unwrap_err().kind(),
         ErrorKind::DataLoss
     );
-    flip(&tmp.path().join("diff/vmstate"), 0);
+    fresh();
     flip(&tmp.path().join("diff/pages"), 0);
     let err = store.load_memory("diff").unwrap_err();
     assert!(err.to_string().contains("pages"), "{err}");

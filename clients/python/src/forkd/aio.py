@@ -11,7 +11,7 @@ import grpc
 from grpc import aio
 
 from forkd import wire
-from forkd.controller import DEFAULT_TARGET, auth_metadata
+from forkd.controller import DEFAULT_TARGET, auth_metadata, channel_options
 from forkd.errors import from_rpc_error
 from forkd.results import ExecCollector, ExecEvent, ExecResult
 from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
@@ -34,7 +34,9 @@ class AsyncController:
         channel: aio.Channel | None = None,
     ) -> None:
         self.target = target
-        self._channel = channel if channel is not None else aio.insecure_channel(target)
+        self._channel = channel if channel is not None else aio.insecure_channel(
+            target, options=channel_options(target)
+        )
         self._owns_channel = channel is None
         self._metadata = auth_metadata(token)
         self._timeout = timeout

@@ -21,6 +21,20 @@ Resp = TypeVar("Resp")
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+#: Target prefixes grpcio resolves to Unix domain sockets.
+UNIX_SCHEMES = ("unix:", "unix-abstract:")
+
+
+def channel_options(target: str) -> list[tuple[str, str | int]]:
+    """Channel options a target needs. For a Unix socket the HTTP/2
+    ``:authority`` is set to ``localhost``: grpcio would otherwise send the
+    socket path, which the daemon's HTTP/2 stack rejects as malformed (every
+    call would fail with INTERNAL "Stream removed")."""
+    if target.startswith(UNIX_SCHEMES):
+        return [("grpc.default_authority", "localhost")]
+    return []
+
+
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata every call carries: a bearer token when one is set."""
     return (("authorization", f"Bearer {token}"),) if token else ()
@@ -29,7 +43,8 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 class Controller:
     """A connection to one forkd daemon.
 
-    ``target`` is ``host:port`` or ``unix:/path/to/socket``; ``token`` is the
+    ``target`` is ``host:port`` or ``unix:/path/to/socket`` (sent with
+    authority ``localhost``, see :func:`channel_options`); ``token`` is the
     daemon's bearer token, if it has one. ``timeout`` (seconds) is a deadline
     for each unary call; streams (``exec_stream``, ``watch_snapshot``) take
     their own. Every failed call raises a :class:`forkd.ForkdError` subclass
@@ -46,7 +61,9 @@ class Controller:
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
-        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+        self._channel = channel if channel is not None else grpc.insecure_channel(
+            target, options=channel_options(target)
+        )
         self._owns_channel = channel is None
         self._metadata = auth_metadata(token)
         self._timeout = timeout

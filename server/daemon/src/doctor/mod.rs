@@ -9,7 +9,7 @@
 //! See DESIGN.md ("forkd doctor") for the checks and the JSON fields.
 
 mod dirty_log;
-mod disk;
+pub(crate) mod disk;
 mod health;
 mod hypervisor;
 mod kvm;

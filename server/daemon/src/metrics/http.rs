@@ -79,8 +79,15 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` and serves `registry` there until [`MetricsServer::stop`].
+    #[cfg(test)]
     pub async fn start(addr: SocketAddr, registry: Registry) -> std::io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr).await?;
+        Self::serve(TcpListener::bind(addr).await?, registry)
+    }
+
+    /// Serves `registry` on `listener` (bound early: the daemon binds every
+    /// port before it touches its data directory) until
+    /// [`MetricsServer::stop`].
+    pub fn serve(listener: TcpListener, registry: Registry) -> std::io::Result<MetricsServer> {
         let addr = listener.local_addr()?;
         let task = tokio::spawn(accept_loop(listener, Arc::new(registry)));
         Ok(MetricsServer { addr, task })
