@@ -165,7 +165,10 @@ mod tests {
         };
         let _pending = snapshots.store().begin("w", info).unwrap();
         let mut registry = prometheus_client::registry::Registry::with_prefix("forkd");
-        registry.register_collector(Box::new(StateCollector::new(Registry::new(4), snapshots)));
+        registry.register_collector(Box::new(StateCollector::new(
+            Registry::new(4, 1024),
+            snapshots,
+        )));
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
         for line in [
