@@ -5,6 +5,9 @@ host's MemTotal) is RESOURCE_EXHAUSTED, with the numbers."""
 from __future__ import annotations
 
 import re
+import urllib.request
+
+from forkd_daemon import free_port
 
 SPAWN = "forkd.v1.SandboxService/SpawnSandboxes"
 
@@ -34,9 +37,18 @@ def test_default_limit_is_memtotal(daemon):
     assert daemon.vmm_children() == []
 
 
+def committed_and_limit(port: int) -> tuple[int, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("forkd_guest_memory_"))
+    return int(values["forkd_guest_memory_committed_bytes"]), int(values["forkd_guest_memory_limit_bytes"])
+
+
 def test_limit_counts_running_sandboxes_and_frees_on_delete(daemon_factory):
-    d = daemon_factory(extra_args=["--max-guest-memory-mib", "1024"])
+    mport = free_port()
+    d = daemon_factory(extra_args=["--max-guest-memory-mib", "1024", "--metrics-listen", f"127.0.0.1:{mport}"])
     first = d.spawn(3, memoryMib=256)  # 768 MiB committed
+    assert committed_and_limit(mport) == (768 << 20, 1024 << 20)
     res = d.client.expect_error("RESOURCE_EXHAUSTED", SPAWN, {"n": 2, "memoryMib": 256})
     msg = res.message
     assert "spawning 2 sandboxes of 256 MiB asks for 512 MiB" in msg, msg
@@ -56,6 +68,7 @@ def test_limit_counts_running_sandboxes_and_frees_on_delete(daemon_factory):
     )
     assert d.get(fourth[0]["id"])["state"] == "SANDBOX_STATE_FAILED"
     d.spawn(1, memoryMib=256)
+    assert committed_and_limit(mport) == (1024 << 20, 1024 << 20)
 
 
 def test_snapshot_forks_count_the_snapshot_memory(daemon_factory):

@@ -156,6 +156,26 @@ fn diag_lookup(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> io::Result<O
     }
     // SAFETY: `raw` is a fresh fd nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // The kernel answers an exact lookup at once; bound the wait anyway,
+    // since this runs on the accept loop.
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: `timeout` is a valid timeval of the stated length for
+    // SO_RCVTIMEO on an fd we own.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let family = if src.is_ipv4() {
         libc::AF_INET
     } else {
@@ -206,7 +226,7 @@ fn diag_lookup(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> io::Result<O
     }
     let mut buf = [0u8; 1024];
     // SAFETY: `buf` is writable for its full length. The kernel answers an
-    // exact lookup at once, so this blocking read returns promptly.
+    // exact lookup at once; SO_RCVTIMEO bounds the wait regardless.
     let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if got < 0 {
         return Err(io::Error::last_os_error());

@@ -182,9 +182,13 @@ impl Registry {
     }
 
     /// Guest memory committed by running and starting sandboxes, MiB.
-    #[cfg(test)]
     pub fn committed_mib(&self) -> u64 {
         self.lock().committed_mib()
+    }
+
+    /// The guest memory limit, MiB.
+    pub fn memory_limit_mib(&self) -> u64 {
+        self.memory_limit_mib
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
