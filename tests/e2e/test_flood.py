@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 
-from forkd_daemon import free_port, wait_until
+from forkd_daemon import Daemon, free_port, wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
 FLOOD = 10_000
@@ -263,3 +263,54 @@ def test_full_listener_refuses_when_every_connection_is_busy(daemon_factory):
         for w in watches:
             w.kill()
     assert wait_until(lambda: d.anon.run(["grpc.health.v1.Health/Check"], {"service": ""}).ok, 30)
+
+
+def test_fd_reserve_under_a_low_open_file_limit(forkd_bin, tmp_path):
+    """Started with an open-file limit of 512 (soft and hard), the daemon
+    lowers --max-connections to 256 (half the fds for connections, half
+    kept for its own work) and says so; under a flood of 3,000 connections
+    it still spawns, forks and branches over TCP, and leaves no sandbox
+    directory behind."""
+    wrapper = tmp_path / "forkd-512"
+    wrapper.write_text(f'#!/bin/sh\nulimit -n 512 || exit 99\nexec "{forkd_bin}" "$@"\n')
+    wrapper.chmod(0o755)
+    mport = free_port()
+    d = Daemon(
+        wrapper,
+        tmp_path / "daemon",
+        extra_args=["--metrics-listen", f"127.0.0.1:{mport}", "--vmm-path", str(forkd_bin.parent / "forkd-vmm")],
+    )
+    d.start()
+    sandboxes: list[dict] = []
+    children: list[dict] = []
+    try:
+        d.wait_ready()
+        with open(f"/proc/{d.pid}/limits") as f:
+            assert any(line.startswith("Max open files") and " 512 " in line for line in f), "limit not applied"
+        assert "--max-connections lowered" in d.log_tail(100), d.log_tail(100)
+        raise_own_fd_limit()
+        flood = Flooder(d.port, 3_000, 60)
+        flood.start()
+        try:
+            assert wait_until(lambda: flood.opened >= 600 or not flood.is_alive(), 60)
+            sandboxes = d.spawn(8)
+            d.client.call(
+                "forkd.v1.SandboxService/BranchSandbox",
+                {"sandboxId": sandboxes[0]["id"], "tag": "low", "mode": "BRANCH_MODE_FULL"},
+            )
+            children = d.spawn(8, snapshotTag="low")
+            for sb in children[:2]:
+                assert d.exec_ok(sb["id"], ["echo", "ok"]) == b"ok\n"
+            assert scrape(mport)['forkd_connections_open{listener="tcp"}'] <= 256
+            flood.join(60)
+        finally:
+            flood.stop_flag.set()
+            flood.join(30)
+            flood.close_all()
+        assert flood.opened >= 3_000, flood.opened
+        for sb in sandboxes + children:
+            d.delete(sb["id"])
+        assert list((d.data_dir / "sandboxes").iterdir()) == []
+    finally:
+        rc, leftovers = d.stop()
+    assert rc == 0 and not leftovers, (rc, leftovers, d.log_tail())
