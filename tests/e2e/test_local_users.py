@@ -228,3 +228,20 @@ def test_existing_open_data_dir_is_made_private(daemon_factory, tmp_path):
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(data / "snapshots").st_mode) == 0o700
     d.spawn(1)
+
+
+def test_doctor_as_another_user_says_why(daemon_factory, public_dir, forkd_bin):
+    """forkd doctor run by nobody against a root daemon: the daemon check
+    fails and its hint names the local-user rule and --allow-uid."""
+    import json
+
+    d = daemon_factory()
+    shutil.copy2(forkd_bin, public_dir / "forkd")
+    r = as_nobody(
+        [str(public_dir / "forkd"), "doctor", "--json", "--target", f"127.0.0.1:{d.port}",
+         "--data-dir", str(public_dir / "dd")]
+    )
+    report = json.loads(r.stdout)
+    [check] = [c for c in report["checks"] if c["name"] == "daemon"]
+    assert check["status"] == "fail", check
+    assert "--allow-uid" in check["hint"] and "other than its own and root" in check["hint"], check
