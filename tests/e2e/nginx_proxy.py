@@ -5,6 +5,9 @@ private `-p` prefix. nginx comes from Debian (tests/install-test-deps)."""
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,6 +37,18 @@ def nginx_config(listen_port: int, upstream_port: int) -> str:
     return text
 
 
+def worker_user_directive() -> list[str]:
+    """Started as root, nginx runs its workers as `nobody` unless told
+    otherwise, and forkd (no token) accepts only its own user and root:
+    run the workers as this process's user, as forkd is. Unprivileged, the
+    workers are this user anyway (and `user` would be ignored)."""
+    if os.geteuid() != 0:
+        return []
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    return ["-g", f"user {user} {group};"]
+
+
 class Nginx:
     """One nginx process in front of a forkd daemon on `upstream_port`."""
 
@@ -51,7 +66,7 @@ class Nginx:
         conf.write_text(nginx_config(self.port, self.upstream_port))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [find_nginx(), "-p", str(self.prefix), "-c", str(conf)],
+                [find_nginx(), "-p", str(self.prefix), "-c", str(conf), *worker_user_directive()],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

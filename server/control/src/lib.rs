@@ -55,6 +55,11 @@ pub enum ProtocolError {
 pub enum Request {
     /// Round trip through the guest's agent; answered by [`Event::Pong`].
     Ping { id: u64 },
+    /// Liveness check of the VMM process, answered at once by
+    /// [`Event::Alive`] from the thread that reads requests, whatever the
+    /// control thread and the guest are busy with (a snapshot write, an
+    /// Exec). The daemon's watchdog sends one every second.
+    Heartbeat { id: u64 },
     /// Run a builtin; answered by [`Output`] frames, then [`Event::ExecDone`].
     Exec { id: u64, argv: Vec<String> },
     /// Ask the running Exec `id` to stop; it then ends with `cancelled`.
@@ -117,6 +122,7 @@ impl Request {
     pub fn id(&self) -> u64 {
         match self {
             Request::Ping { id }
+            | Request::Heartbeat { id }
             | Request::Exec { id, .. }
             | Request::Cancel { id }
             | Request::Pause { id }
@@ -174,6 +180,8 @@ pub enum Event {
     Ready { boot_us: u64 },
     /// Answer to [`Request::Ping`].
     Pong { id: u64 },
+    /// Answer to [`Request::Heartbeat`].
+    Alive { id: u64 },
     /// Exec `id` ended.
     ExecDone {
         id: u64,

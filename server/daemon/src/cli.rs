@@ -83,6 +83,43 @@ pub struct ServeArgs {
     /// pod-internal address.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Most guest memory, in MiB, that running and starting sandboxes may
+    /// add up to; a spawn that would go past it is RESOURCE_EXHAUSTED
+    /// [default: the host's MemTotal].
+    #[arg(long, value_name = "MIB")]
+    pub max_guest_memory_mib: Option<u64>,
+
+    /// Seconds a VMM may go without answering the daemon's heartbeat (sent
+    /// every second, answered by the VMM's control reader even during a
+    /// long snapshot write or Exec) before it is declared failed and killed;
+    /// 0 turns the watchdog off.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub vmm_watchdog: u64,
+
+    /// Most connections open at once on each gRPC listener (TCP and Unix
+    /// socket, counted separately). When a listener is full, its oldest
+    /// connection with no call in flight is closed to make room; if every
+    /// connection has a call in flight, the new one is refused.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Seconds a connection may stay open with no call in flight before it
+    /// is closed.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub idle_timeout: u64,
+
+    /// Seconds a new connection gets to start its first call before it is
+    /// closed (bounds half-open connections that send nothing, or only the
+    /// HTTP/2 preface).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub first_call_timeout: u64,
+
+    /// Without a token, also accept connections from this local user id
+    /// (repeatable; the daemon's own user and root are always accepted).
+    /// With a token this has no effect: the token decides.
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
 }
 
 /// How log lines are written.
@@ -117,6 +154,12 @@ mod tests {
         assert_eq!(a.drain_grace, 0);
         assert_eq!(a.live_copy_rate_mibps, 0);
         assert_eq!(a.log_format, LogFormat::Text);
+        assert_eq!(a.max_guest_memory_mib, None);
+        assert_eq!(a.vmm_watchdog, 10);
+        assert_eq!(a.max_connections, 1024);
+        assert_eq!(a.idle_timeout, 300);
+        assert_eq!(a.first_call_timeout, 10);
+        assert!(a.allow_uid.is_empty());
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
     }
 

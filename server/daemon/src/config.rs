@@ -38,6 +38,16 @@ pub struct Config {
     pub live_copy_rate_mibps: u64,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Most guest memory running and starting sandboxes may commit, MiB.
+    pub max_guest_memory_mib: u64,
+    /// How long a VMM may go without answering a heartbeat; `None`: no
+    /// watchdog.
+    pub vmm_watchdog: Option<Duration>,
+    /// Connection limits and timeouts of the gRPC listeners.
+    pub connections: crate::connections::Limits,
+    /// Local users accepted besides the daemon's own and root, when no
+    /// token is set.
+    pub allow_uids: Vec<u32>,
 }
 
 impl Config {
@@ -72,6 +82,29 @@ impl Config {
                 "--max-sandboxes must be at least 1".into(),
             ));
         }
+        if args.max_connections == 0 {
+            return Err(StartupError::Config(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
+        if args.idle_timeout == 0 || args.first_call_timeout == 0 {
+            return Err(StartupError::Config(
+                "--idle-timeout and --first-call-timeout must be at least 1 second".into(),
+            ));
+        }
+        let max_guest_memory_mib = match args.max_guest_memory_mib {
+            Some(0) => {
+                return Err(StartupError::Config(
+                    "--max-guest-memory-mib must be at least 1".into(),
+                ))
+            }
+            Some(mib) => mib,
+            None => mem_total_mib().map_err(|e| {
+                StartupError::Config(format!(
+                    "cannot read MemTotal from /proc/meminfo ({e}); pass --max-guest-memory-mib"
+                ))
+            })?,
+        };
         let vmm_path = resolve_vmm(
             args.vmm_path.as_deref(),
             std::env::current_exe().ok().as_deref(),
@@ -88,8 +121,29 @@ impl Config {
             drain_grace: Duration::from_secs(args.drain_grace),
             live_copy_rate_mibps: args.live_copy_rate_mibps,
             metrics_listen: args.metrics_listen,
+            max_guest_memory_mib,
+            vmm_watchdog: (args.vmm_watchdog > 0).then(|| Duration::from_secs(args.vmm_watchdog)),
+            connections: crate::connections::Limits {
+                max_connections: args.max_connections,
+                idle_timeout: Duration::from_secs(args.idle_timeout),
+                first_call_timeout: Duration::from_secs(args.first_call_timeout),
+            },
+            allow_uids: args.allow_uid.clone(),
         })
     }
+}
+
+/// The host's MemTotal from `/proc/meminfo`, in MiB.
+pub fn mem_total_mib() -> std::io::Result<u64> {
+    parse_mem_total_mib(&std::fs::read_to_string("/proc/meminfo")?)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no MemTotal line"))
+}
+
+/// MemTotal (`MemTotal:  24522436 kB`) in MiB.
+fn parse_mem_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 /// Refuses to expose an unauthenticated daemon beyond loopback.
@@ -162,6 +216,14 @@ mod tests {
         let err = check_exposure("0.0.0.0:1".parse().unwrap(), false).unwrap_err();
         assert!(err.to_string().contains("--token-file"));
         assert!(check_exposure("0.0.0.0:1".parse().unwrap(), true).is_ok());
+    }
+
+    #[test]
+    fn mem_total() {
+        let text = "MemFree:  1 kB\nMemTotal:       24522436 kB\n";
+        assert_eq!(parse_mem_total_mib(text), Some(23947));
+        assert_eq!(parse_mem_total_mib("MemFree: 1 kB\n"), None);
+        assert!(mem_total_mib().unwrap() > 0);
     }
 
     #[test]

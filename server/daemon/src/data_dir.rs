@@ -93,9 +93,17 @@ impl DataDir {
             }
         };
         let dir = DataDir { root, _lock: lock };
+        // Owner only, also for a directory made by an older daemon or under
+        // another umask: snapshots hold guest memory.
+        use std::os::unix::fs::PermissionsExt;
+        let private = || std::fs::Permissions::from_mode(0o700);
+        std::fs::set_permissions(&dir.root, private())
+            .map_err(io_err(&dir.root, "cannot make it private (chmod 0700)"))?;
         for sub in [SANDBOXES, SNAPSHOTS] {
             let path = dir.root.join(sub);
             std::fs::create_dir_all(&path).map_err(io_err(&path, "cannot create it"))?;
+            std::fs::set_permissions(&path, private())
+                .map_err(io_err(&path, "cannot make it private (chmod 0700)"))?;
         }
         let stale = dir
             .remove_all_sandboxes()

@@ -29,6 +29,26 @@ pub enum ApiError {
         /// The configured limit.
         max: usize,
     },
+    /// Spawning would commit more guest memory than
+    /// `--max-guest-memory-mib`.
+    #[error(
+        "spawning {n} sandboxes of {memory_mib} MiB asks for {asked_mib} MiB of guest memory; \
+         with {committed_mib} MiB already committed to running and starting sandboxes that \
+         would exceed the limit of {limit_mib} MiB (--max-guest-memory-mib, by default the \
+         host's MemTotal); delete sandboxes, ask for less memory_mib, or raise the limit"
+    )]
+    OverCommit {
+        /// Sandboxes asked for.
+        n: usize,
+        /// Guest RAM of each, MiB.
+        memory_mib: u32,
+        /// `n * memory_mib`.
+        asked_mib: u64,
+        /// Guest memory of sandboxes running, starting or reserved, MiB.
+        committed_mib: u64,
+        /// The configured limit, MiB.
+        limit_mib: u64,
+    },
     /// The sandbox is not in a state that allows the operation.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -157,7 +177,9 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::SandboxNotFound(_) => Code::NotFound,
-            ApiError::TooManySandboxes { .. } | ApiError::NoSpace { .. } => Code::ResourceExhausted,
+            ApiError::TooManySandboxes { .. }
+            | ApiError::NoSpace { .. }
+            | ApiError::OverCommit { .. } => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::SnapshotWriting { .. } => Code::FailedPrecondition,
             ApiError::LiveFailed { failure, .. } => failure.code(),

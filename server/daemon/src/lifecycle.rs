@@ -71,23 +71,27 @@ pub struct Manager {
     data_dir: Arc<DataDir>,
     vmm_path: PathBuf,
     copy_rate_mibps: u64,
+    watchdog: Option<Duration>,
     boot_permits: Semaphore,
 }
 
 impl Manager {
     /// A manager starting `vmm_path` for each sandbox, each with LIVE
-    /// copies limited to `copy_rate_mibps` (0: unlimited).
+    /// copies limited to `copy_rate_mibps` (0: unlimited) and watched by a
+    /// `watchdog` of that bound (if any).
     pub fn new(
         registry: Arc<Registry>,
         data_dir: Arc<DataDir>,
         vmm_path: PathBuf,
         copy_rate_mibps: u64,
+        watchdog: Option<Duration>,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             registry,
             data_dir,
             vmm_path,
             copy_rate_mibps,
+            watchdog,
             boot_permits: Semaphore::new(BOOT_PARALLELISM),
         })
     }
@@ -107,7 +111,7 @@ impl Manager {
         start: Instant,
     ) -> Result<SpawnOutcome, ApiError> {
         let create_time = SystemTime::now();
-        let reservation = Arc::new(Mutex::new(self.registry.reserve(plan.n)?));
+        let reservation = Arc::new(Mutex::new(self.registry.reserve(plan.n, plan.memory_mib)?));
         let mut tasks = JoinSet::new();
         for index in 0..plan.n {
             let this = self.clone();
@@ -174,6 +178,7 @@ impl Manager {
                 memory: &r.memory.file,
             }),
             copy_rate_mibps: self.copy_rate_mibps,
+            watchdog: self.watchdog,
         };
         let vmm = match Vmm::spawn(&spec) {
             Ok(vmm) => vmm,

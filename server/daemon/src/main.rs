@@ -5,6 +5,7 @@ mod auth;
 mod branch;
 mod cli;
 mod config;
+mod connections;
 mod create_snapshot;
 mod data_dir;
 mod doctor;
@@ -17,6 +18,7 @@ mod lifecycle;
 mod live_copy;
 mod logging;
 mod metrics;
+mod peer;
 mod public;
 mod registry;
 mod rlimit;
@@ -43,6 +45,9 @@ fn main() -> ExitCode {
         Command::Doctor(args) => return doctor::run(&args),
     };
     logging::init(args.log_format);
+    // Everything the daemon (and each VMM it starts) creates is for its own
+    // user only, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     match rlimit::raise_nofile() {
         Ok(limit) => tracing::debug!(limit, "RLIMIT_NOFILE raised"),
         Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),

@@ -149,33 +149,64 @@ impl Sandbox {
 struct Inner {
     map: HashMap<String, Arc<Sandbox>>,
     reserved: usize,
+    /// Guest memory of the reserved slots, MiB.
+    reserved_mib: u64,
     closed: bool,
     next_call: u64,
 }
 
-/// All sandboxes, with a cap on how many may exist.
+impl Inner {
+    /// Guest memory committed: sandboxes whose VMM runs (or starts), plus
+    /// reserved slots, MiB.
+    fn committed_mib(&self) -> u64 {
+        let alive: u64 = self
+            .map
+            .values()
+            .filter(|s| s.is_alive())
+            .map(|s| u64::from(s.spec.memory_mib))
+            .sum();
+        alive + self.reserved_mib
+    }
+}
+
+/// All sandboxes, with a cap on how many may exist and on the guest memory
+/// they commit.
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
     max: usize,
+    memory_limit_mib: u64,
 }
 
 impl Registry {
-    /// An empty registry holding at most `max` sandboxes.
-    pub fn new(max: usize) -> Arc<Registry> {
+    /// An empty registry holding at most `max` sandboxes whose guest memory
+    /// adds up to at most `memory_limit_mib`.
+    pub fn new(max: usize, memory_limit_mib: u64) -> Arc<Registry> {
         Arc::new(Registry {
             inner: Mutex::default(),
             max,
+            memory_limit_mib,
         })
+    }
+
+    /// Guest memory committed by running and starting sandboxes, MiB.
+    pub fn committed_mib(&self) -> u64 {
+        self.lock().committed_mib()
+    }
+
+    /// The guest memory limit, MiB.
+    pub fn memory_limit_mib(&self) -> u64 {
+        self.memory_limit_mib
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         lock(&self.inner)
     }
 
-    /// Reserves room for `n` sandboxes (RESOURCE_EXHAUSTED if that would
-    /// go over the cap, UNAVAILABLE once shutting down).
-    pub fn reserve(self: &Arc<Self>, n: usize) -> Result<Reservation, ApiError> {
+    /// Reserves room for `n` sandboxes of `memory_mib` each
+    /// (RESOURCE_EXHAUSTED if that would go over the sandbox cap or the
+    /// guest memory limit, UNAVAILABLE once shutting down).
+    pub fn reserve(self: &Arc<Self>, n: usize, memory_mib: u32) -> Result<Reservation, ApiError> {
         let mut inner = self.lock();
         if inner.closed {
             return Err(ApiError::ShuttingDown);
@@ -188,12 +219,25 @@ impl Registry {
                 max: self.max,
             });
         }
+        let asked_mib = n as u64 * u64::from(memory_mib);
+        let committed_mib = inner.committed_mib();
+        if committed_mib + asked_mib > self.memory_limit_mib {
+            return Err(ApiError::OverCommit {
+                n,
+                memory_mib,
+                asked_mib,
+                committed_mib,
+                limit_mib: self.memory_limit_mib,
+            });
+        }
         inner.reserved += n;
+        inner.reserved_mib += asked_mib;
         let call = inner.next_call;
         inner.next_call += 1;
         Ok(Reservation {
             registry: self.clone(),
             remaining: n,
+            memory_mib: u64::from(memory_mib),
             call,
         })
     }
@@ -295,6 +339,8 @@ impl Registry {
 pub struct Reservation {
     registry: Arc<Registry>,
     remaining: usize,
+    /// Guest memory of each slot, MiB.
+    memory_mib: u64,
     call: u64,
 }
 
@@ -312,6 +358,7 @@ impl Reservation {
         let mut inner = self.registry.lock();
         self.remaining -= 1;
         inner.reserved -= 1;
+        inner.reserved_mib -= self.memory_mib;
         if inner.closed {
             return Err(ApiError::ShuttingDown);
         }
@@ -341,7 +388,9 @@ impl Reservation {
     pub fn release_one(&mut self) {
         if self.remaining > 0 {
             self.remaining -= 1;
-            self.registry.lock().reserved -= 1;
+            let mut inner = self.registry.lock();
+            inner.reserved -= 1;
+            inner.reserved_mib -= self.memory_mib;
         }
     }
 }
@@ -349,7 +398,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.remaining > 0 {
-            self.registry.lock().reserved -= self.remaining;
+            let mut inner = self.registry.lock();
+            inner.reserved -= self.remaining;
+            inner.reserved_mib -= self.remaining as u64 * self.memory_mib;
         }
     }
 }
@@ -360,22 +411,45 @@ mod tests {
 
     #[test]
     fn reservations_respect_the_cap() {
-        let reg = Registry::new(3);
-        let a = reg.reserve(2).unwrap();
-        let err = reg.reserve(2).unwrap_err();
+        let reg = Registry::new(3, u64::MAX / 2);
+        let a = reg.reserve(2, 256).unwrap();
+        let err = reg.reserve(2, 256).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-        let mut b = reg.reserve(1).unwrap();
+        let mut b = reg.reserve(1, 256).unwrap();
         b.release_one();
         drop(a);
-        let _c = reg.reserve(3).unwrap();
-        assert!(reg.reserve(1).is_err());
+        let _c = reg.reserve(3, 256).unwrap();
+        assert!(reg.reserve(1, 256).is_err());
+    }
+
+    #[test]
+    fn reservations_respect_the_memory_limit() {
+        let reg = Registry::new(100, 1024);
+        let a = reg.reserve(3, 256).unwrap();
+        assert_eq!(reg.committed_mib(), 768);
+        let err = reg.reserve(2, 256).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let msg = err.to_string();
+        for part in ["512 MiB", "768 MiB", "1024 MiB", "--max-guest-memory-mib"] {
+            assert!(msg.contains(part), "{part:?} not in {msg:?}");
+        }
+        let mut b = reg.reserve(1, 256).unwrap();
+        b.release_one();
+        assert_eq!(reg.committed_mib(), 768);
+        drop(b);
+        drop(a);
+        assert_eq!(reg.committed_mib(), 0);
+        let _c = reg.reserve(4, 256).unwrap();
     }
 
     #[test]
     fn closed_registry_refuses() {
-        let reg = Registry::new(3);
+        let reg = Registry::new(3, 1024);
         assert!(reg.close().is_empty());
-        assert_eq!(reg.reserve(1).unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(
+            reg.reserve(1, 256).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
         assert_eq!(reg.len(), 0);
         let err = reg.get("sb-nope").unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);

@@ -9,17 +9,17 @@ use forkd_api::v1::snapshot_service_server::SnapshotServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::auth::AuthLayer;
 use crate::config::Config;
+use crate::connections::{self, AcceptGate, CallLayer, ConnTable};
 use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{CancelReason, StartupError};
 use crate::lifecycle::Manager;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
+use crate::peer::LocalUsers;
 use crate::registry::Registry;
 use crate::sandbox_service::Sandboxes;
 use crate::snapshot_service::SnapshotApi;
@@ -37,6 +37,36 @@ const DESCRIPTOR_SETS: [&[u8]; 4] = [
     tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
 ];
+
+/// HTTP/2 keepalive: how often an idle connection is pinged, and how long
+/// the answer may take before the connection is closed.
+const HTTP2_KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Most calls in flight on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The configured connection limits, with `--max-connections` lowered if
+/// the listeners together could take more than half the fd limit.
+fn connection_limits(config: &Config) -> connections::Limits {
+    let mut limits = config.connections;
+    let listeners = 1 + usize::from(config.listen_unix.is_some());
+    match crate::rlimit::nofile() {
+        Ok(nofile) => {
+            let budget = crate::rlimit::connection_budget(nofile, listeners);
+            if limits.max_connections > budget {
+                tracing::warn!(
+                    asked = limits.max_connections,
+                    using = budget,
+                    nofile,
+                    "--max-connections lowered so that connections take at most half of RLIMIT_NOFILE"
+                );
+                limits.max_connections = budget;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE"),
+    }
+    limits
+}
 
 /// SIGTERM and SIGINT.
 struct Signals {
@@ -95,12 +125,13 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .map_err(|e| StartupError::Config(format!("metrics: {e}")))?;
     let (snapshots, report) = Snapshots::open(&data_dir.snapshots(), metrics.branch.clone())?;
     log_recovery(&report);
-    let registry = Registry::new(config.max_sandboxes);
+    let registry = Registry::new(config.max_sandboxes, config.max_guest_memory_mib);
     let manager = Manager::new(
         registry,
         data_dir.clone(),
         config.vmm_path.clone(),
         config.live_copy_rate_mibps,
+        config.vmm_watchdog,
     );
     metrics.observe_state(manager.registry().clone(), snapshots.clone());
     let mut signals = Signals::install()?;
@@ -123,7 +154,13 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let router = Server::builder()
+        // Dead peers: a ping every 30 s, closed if unanswered in 20 s.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        // Bounds what one connection can make the daemon hold.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(MetricsLayer::new(metrics.rpc.clone()))
+        .layer(CallLayer)
         .layer(DrainLayer::new(drain.clone()))
         .layer(AuthLayer::new(config.token.clone()))
         .add_service(health_service)
@@ -140,11 +177,19 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
     let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();
 
+    let gate = match config.token {
+        Some(_) => AcceptGate::Anyone,
+        None => AcceptGate::LocalUsers(LocalUsers::new(&config.allow_uids)),
+    };
+    let limits = connection_limits(&config);
+    let trimmer = tokio::spawn(connections::trim::run());
+
     let tcp_addr = tcp
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.listen.to_string());
-    let incoming = TcpIncoming::from(tcp).with_nodelay(Some(true));
+    let tcp_table = ConnTable::new("tcp", limits, metrics.conn.clone());
+    let incoming = connections::tcp_incoming(tcp, tcp_table, gate.clone());
     let serve = router
         .clone()
         .serve_with_incoming_shutdown(incoming, drain.stopped());
@@ -153,8 +198,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
     let unix_path = match &config.listen_unix {
         Some(path) => {
-            let listener = bind_unix(path)?;
-            let incoming = UnixListenerStream::new(listener);
+            let listener = bind_unix(path, !config.allow_uids.is_empty())?;
+            let table = ConnTable::new("unix", limits, metrics.conn.clone());
+            let incoming = connections::unix_incoming(listener, table, gate.clone());
             let serve = router.serve_with_incoming_shutdown(incoming, drain.stopped());
             let name = format!("unix:{}", path.display());
             servers.spawn(async move { (name, serve.await) });
@@ -183,7 +229,16 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         metrics_listen = ?metrics_server.as_ref().map(MetricsServer::local_addr),
         data_dir = %data_dir.root().display(),
         vmm = %config.vmm_path.display(),
-        auth = config.token.is_some(),
+        auth = if config.token.is_some() { "token" } else { "local users" },
+        allowed_uids = ?match &gate {
+            AcceptGate::LocalUsers(users) => users.ids().to_vec(),
+            AcceptGate::Anyone => Vec::new(),
+        },
+        max_connections = limits.max_connections,
+        idle_timeout_secs = limits.idle_timeout.as_secs(),
+        first_call_timeout_secs = limits.first_call_timeout.as_secs(),
+        max_guest_memory_mib = config.max_guest_memory_mib,
+        vmm_watchdog_secs = config.vmm_watchdog.map(|d| d.as_secs()).unwrap_or(0),
         max_sandboxes = config.max_sandboxes,
         live_copy_rate_mibps = config.live_copy_rate_mibps,
         "forkd serving"
@@ -257,6 +312,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     if let Some(server) = metrics_server {
         server.stop().await;
     }
+    trimmer.abort();
     tracing::info!("forkd stopped");
     match failure {
         Some(ServerEnd::Failed(e)) => Err(e),
@@ -349,8 +405,10 @@ fn check_unix_path(path: &Path) -> Result<(), StartupError> {
 }
 
 /// Binds the Unix socket, replacing a stale socket file but never a live
-/// server's socket or a non-socket file.
-fn bind_unix(path: &Path) -> Result<UnixListener, StartupError> {
+/// server's socket or a non-socket file. The socket is 0600 (only the
+/// daemon's user and root can connect), or 0666 when other users are
+/// allowed (`open`), the peer check then deciding.
+fn bind_unix(path: &Path, open: bool) -> Result<UnixListener, StartupError> {
     use std::os::unix::fs::FileTypeExt;
     let listen_err = |source| StartupError::Listen {
         addr: format!("unix:{}", path.display()),
@@ -371,7 +429,11 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartupError> {
         }
         std::fs::remove_file(path).map_err(listen_err)?;
     }
-    UnixListener::bind(path).map_err(listen_err)
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if open { 0o666 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(listen_err)?;
+    Ok(listener)
 }
 
 #[cfg(test)]
@@ -384,12 +446,15 @@ mod tests {
         let stale = dir.path().join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());
-        let _live = bind_unix(&stale).expect("a stale socket is replaced");
-        let err = bind_unix(&stale).unwrap_err();
+        let _live = bind_unix(&stale, false).expect("a stale socket is replaced");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&stale).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let err = bind_unix(&stale, false).unwrap_err();
         assert!(err.to_string().contains("another server"), "{err}");
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        let err = bind_unix(&file).unwrap_err();
+        let err = bind_unix(&file, false).unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");
     }
 }

@@ -20,9 +20,9 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forkd_control::{
     decode_from_vmm, encode_json, parse_header, Event, ExitReason, FromVmm, Request, SnapshotMode,
@@ -48,6 +48,9 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Output chunks buffered per exec before the reader waits for the caller.
 const EXEC_CHANNEL: usize = 16;
+/// How often the watchdog sends a heartbeat (at most; more often for a
+/// watchdog bound under 4 s).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// What to start.
 #[derive(Debug)]
@@ -66,6 +69,9 @@ pub struct VmmSpec<'a> {
     pub restore: Option<RestoreSpec<'a>>,
     /// Bandwidth limit of LIVE snapshot copies in MiB/s; 0 means none.
     pub copy_rate_mibps: u64,
+    /// Declare the VMM failed (and kill it) when it answers no heartbeat
+    /// for this long; `None`: no watchdog.
+    pub watchdog: Option<Duration>,
 }
 
 /// The snapshot a VMM restores.
@@ -292,6 +298,11 @@ pub struct Vmm {
     lifecycle: watch::Sender<Lifecycle>,
     kill: Mutex<Option<oneshot::Sender<()>>>,
     reaped: watch::Receiver<Option<String>>,
+    /// When the reader last got a frame from the VMM.
+    last_heard: Mutex<Instant>,
+    /// True while the reader waits for a slow exec caller instead of
+    /// reading (the VMM cannot be heard then, through no fault of its own).
+    reader_waiting: AtomicBool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -403,6 +414,8 @@ impl Vmm {
             lifecycle: watch::Sender::new(Lifecycle::Booting),
             kill: Mutex::new(Some(kill_tx)),
             reaped,
+            last_heard: Mutex::new(Instant::now()),
+            reader_waiting: AtomicBool::new(false),
         });
 
         let id = vmm.id.clone();
@@ -426,6 +439,9 @@ impl Vmm {
         });
         tokio::spawn(write_loop(wr, writer_rx));
         tokio::spawn(read_loop(vmm.clone(), rd));
+        if let Some(bound) = spec.watchdog {
+            tokio::spawn(watchdog(Arc::downgrade(&vmm), bound));
+        }
         Ok(vmm)
     }
 
@@ -703,12 +719,11 @@ impl Vmm {
                 let tx = lock(&self.routes).execs.get(&out.id).cloned();
                 match tx {
                     Some(tx) => {
-                        let _ = tx
-                            .send(ExecEvent::Output {
-                                stream: out.stream,
-                                data: out.data,
-                            })
-                            .await;
+                        let event = ExecEvent::Output {
+                            stream: out.stream,
+                            data: out.data,
+                        };
+                        self.send_to_exec(&tx, event).await;
                     }
                     None => {
                         tracing::debug!(sandbox = %self.id, exec = out.id, "output for no exec")
@@ -733,13 +748,12 @@ impl Vmm {
             }) => {
                 let tx = lock(&self.routes).execs.remove(&id);
                 if let Some(tx) = tx {
-                    let _ = tx
-                        .send(ExecEvent::Done {
-                            exit_code,
-                            duration_us,
-                            cancelled,
-                        })
-                        .await;
+                    let event = ExecEvent::Done {
+                        exit_code,
+                        duration_us,
+                        cancelled,
+                    };
+                    self.send_to_exec(&tx, event).await;
                 }
             }
             FromVmm::Event(Event::Exited { reason }) => return Some(Stop::from_exit(&reason)),
@@ -772,7 +786,7 @@ impl Vmm {
                         let _ = waiter.send(event);
                     }
                     (None, Some(exec), Event::Error { message, .. }) => {
-                        let _ = exec.send(ExecEvent::Refused(message)).await;
+                        self.send_to_exec(&exec, ExecEvent::Refused(message)).await;
                     }
                     (None, _, event) => {
                         tracing::debug!(sandbox = %self.id, ?event, "event for no request")
@@ -785,6 +799,35 @@ impl Vmm {
 
     /// Closes the routes (no new requests) and returns the waiters so the
     /// caller can drop them after publishing the stop.
+    /// Hands an event to an exec's caller; while its channel is full the
+    /// VMM is not read, so the watchdog does not count that time.
+    async fn send_to_exec(&self, tx: &mpsc::Sender<ExecEvent>, event: ExecEvent) {
+        let event = match tx.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        self.reader_waiting.store(true, Ordering::SeqCst);
+        let _ = tx.send(event).await;
+        *lock(&self.last_heard) = Instant::now();
+        self.reader_waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// Records that the VMM sent a frame.
+    fn heard(&self) {
+        *lock(&self.last_heard) = Instant::now();
+    }
+
+    /// How long since the VMM was last heard; zero while the reader is not
+    /// reading (waiting for a slow exec caller).
+    fn silent_for(&self) -> Duration {
+        let mut last = lock(&self.last_heard);
+        if self.reader_waiting.load(Ordering::SeqCst) {
+            *last = Instant::now();
+        }
+        last.elapsed()
+    }
+
     fn close_routes(&self) -> Routes {
         let mut routes = lock(&self.routes);
         routes.closed = true;
@@ -800,6 +843,7 @@ impl Vmm {
 fn event_id(event: &Event) -> Option<u64> {
     match event {
         Event::Pong { id }
+        | Event::Alive { id }
         | Event::Paused { id, .. }
         | Event::Resumed { id, .. }
         | Event::Stats { id, .. }
@@ -853,11 +897,54 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<
 
 /// Reads frames until `Exited`, EOF or a protocol error; then records the
 /// stop, fails every waiter, and makes sure the process is reaped.
+/// The watchdog of one VMM: once it is ready, a heartbeat every second (or
+/// a quarter of `bound`); when nothing at all was heard from the VMM for
+/// `bound`, it is declared failed and killed. The heartbeat is answered by
+/// the VMM's request reader, so long snapshot writes and Execs do not
+/// count as silence; a stopped (SIGSTOP) or wedged process does.
+async fn watchdog(vmm: std::sync::Weak<Vmm>, bound: Duration) {
+    let every = HEARTBEAT_EVERY
+        .min(bound / 4)
+        .max(Duration::from_millis(10));
+    let ready = match vmm.upgrade() {
+        Some(v) => v.wait_ready().await.is_ok(),
+        None => false,
+    };
+    if !ready {
+        return;
+    }
+    if let Some(v) = vmm.upgrade() {
+        v.heard();
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(vmm) = vmm.upgrade() else { return };
+        if vmm.stop().is_some() {
+            return;
+        }
+        let silent = vmm.silent_for();
+        if silent >= bound {
+            let reason = format!(
+                "VMM stopped answering: no heartbeat answered for {:.1} s (bound {} s, \
+                 --vmm-watchdog); it was killed",
+                silent.as_secs_f64(),
+                bound.as_secs_f64()
+            );
+            tracing::error!(sandbox = %vmm.id, pid = vmm.pid(), %reason, "watchdog");
+            vmm.fail(&reason);
+            return;
+        }
+        let id = vmm.next_id();
+        vmm.send(&Request::Heartbeat { id });
+    }
+}
+
 async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let stop = loop {
         match read_one(&mut rd).await {
             Ok(Some(msg)) => {
+                vmm.heard();
                 if let Some(stop) = vmm.dispatch(msg).await {
                     break Some(stop);
                 }

@@ -280,6 +280,7 @@ fn fake_vmm(args: &[String]) -> ! {
         };
         match req {
             Request::Ping { id } => send(&out, &encode_json(&Event::Pong { id })),
+            Request::Heartbeat { id } => send(&out, &encode_json(&Event::Alive { id })),
             Request::Exec { id, argv } => {
                 let cancel = Arc::new(AtomicBool::new(false));
                 *running.lock().unwrap() = Some((id, cancel.clone()));

@@ -3,7 +3,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use forkd_control::{
@@ -21,23 +21,59 @@ use crate::vcpu::VmContext;
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Reads requests on its own thread: answers heartbeats at once, and hands
+/// everything else (and the end: EOF or a bad frame) to the control thread
+/// in order.
+fn read_requests(
+    mut stream: UnixStream,
+    ctx: Arc<VmContext>,
+    tx: mpsc::Sender<Result<Request, ProtocolError>>,
+) {
+    loop {
+        let request = read_request(&mut stream);
+        if let Ok(Request::Heartbeat { id }) = request {
+            ctx.sink.send(&Event::Alive { id });
+            continue;
+        }
+        let end = request.is_err();
+        if tx.send(request).is_err() || end {
+            return;
+        }
+    }
+}
+
 /// Serves requests until the daemon asks for shutdown or goes away.
 pub fn serve(
-    mut stream: UnixStream,
+    stream: UnixStream,
     ctx: Arc<VmContext>,
     vcpu_threads: Vec<libc::pthread_t>,
     vcpus: u32,
     copy_rate: u64,
 ) -> ! {
     let live = Arc::new(LiveSlot::default());
+    let (tx, requests) = mpsc::channel();
+    let reader_ctx = ctx.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("control-reader".into())
+        .spawn(move || read_requests(stream, reader_ctx, tx))
+    {
+        ctx.sink.exit(
+            ExitReason::VmmError {
+                detail: format!("cannot start the control reader thread: {e}"),
+            },
+            4,
+        );
+    }
     loop {
-        let request = match read_request(&mut stream) {
-            Ok(r) => r,
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        let request = match requests.recv() {
+            Ok(Ok(r)) => r,
+            // The reader thread ends only after sending its error.
+            Err(_) => std::process::exit(0),
+            Ok(Err(ProtocolError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 eprintln!("forkd-vmm: daemon closed the control socket; exiting");
                 std::process::exit(0);
             }
-            Err(e) => ctx.sink.exit(
+            Ok(Err(e)) => ctx.sink.exit(
                 ExitReason::VmmError {
                     detail: format!("bad control request: {e}"),
                 },
@@ -45,6 +81,8 @@ pub fn serve(
             ),
         };
         match request {
+            // Answered by the reader thread; never forwarded.
+            Request::Heartbeat { id } => ctx.sink.send(&Event::Alive { id }),
             Request::Ping { id } => ctx.coord.submit(Job {
                 id,
                 kind: JobKind::Ping,

@@ -281,10 +281,15 @@ pub fn judge(target: &Target, explicit: bool, outcome: Outcome) -> Check {
             NAME,
             format!("{target}: {why}"),
             if explicit {
-                "check that --target points at forkd (its --listen or --listen-unix address)"
+                "check that --target points at forkd (its --listen or --listen-unix address); \
+                 a forkd without a token closes connections from local users other than its \
+                 own and root: run doctor as the daemon's user, or start it with --allow-uid"
             } else {
                 "something other than a healthy forkd holds the default address, so `forkd \
-                 serve` could not listen there: stop it, or use another --listen (and --target)"
+                 serve` could not listen there: stop it, or use another --listen (and --target); \
+                 if it is forkd run by another user, it closes connections from users other than \
+                 its own and root (no token): run doctor as that user, or start it with \
+                 --allow-uid"
             },
         ),
     };

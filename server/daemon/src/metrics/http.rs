@@ -105,6 +105,9 @@ impl MetricsServer {
     }
 }
 
+/// Most connections the metrics listener holds open at once.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Accepts connections until aborted; aborting it drops (and so ends)
 /// every connection, since they live in its `JoinSet`.
 async fn accept_loop(listener: TcpListener, registry: Arc<Registry>) {
@@ -112,6 +115,12 @@ async fn accept_loop(listener: TcpListener, registry: Arc<Registry>) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Scrapers are few; a flood of them must not take the
+                // daemon's file descriptors.
+                Ok((stream, peer)) if connections.len() >= MAX_CONNECTIONS => {
+                    tracing::debug!(%peer, "metrics listener: {MAX_CONNECTIONS} connections open; closing a new one");
+                    drop(stream);
+                }
                 Ok((stream, _)) => {
                     connections.spawn(serve_connection(stream, registry.clone()));
                 }

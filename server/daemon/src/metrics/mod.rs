@@ -9,6 +9,7 @@
 //! not an endpoint serves them (an atomic add or a short lock per event).
 
 mod branch;
+mod conn;
 mod exposition;
 mod http;
 mod rpc;
@@ -20,6 +21,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 pub use self::branch::BranchMetrics;
+pub use self::conn::ConnMetrics;
 pub use self::http::MetricsServer;
 pub use self::rpc::{KnownMethods, MetricsLayer, RpcMetrics};
 use self::state::StateCollector;
@@ -46,6 +48,8 @@ pub struct Metrics {
     pub rpc: RpcMetrics,
     /// Branches and LIVE copies, for `Snapshots`.
     pub branch: BranchMetrics,
+    /// Connections of the gRPC listeners.
+    pub conn: ConnMetrics,
 }
 
 impl Metrics {
@@ -62,10 +66,13 @@ impl Metrics {
         let rpc = RpcMetrics::register(&mut registry, methods);
         let branch = BranchMetrics::new();
         branch.register(&mut registry);
+        let conn = ConnMetrics::default();
+        conn.register(&mut registry);
         Ok(Metrics {
             registry,
             rpc,
             branch,
+            conn,
         })
     }
 
@@ -88,6 +95,8 @@ mod tests {
     #[test]
     fn names_follow_the_conventions() {
         let metrics = Metrics::new(&[forkd_api::FILE_DESCRIPTOR_SET]).unwrap();
+        // A listener creates its connection series at zero.
+        metrics.conn.init_listener("tcp");
         let text = exposition::Format::Prometheus
             .encode(&metrics.into_registry())
             .unwrap();
@@ -104,6 +113,9 @@ mod tests {
                 "forkd_branch_written_bytes_total counter",
                 "forkd_live_copy_bytes_total counter",
                 "forkd_live_copy_faults_served_total counter",
+                "forkd_connections_open gauge",
+                "forkd_connections_refused_total counter",
+                "forkd_connections_closed_total counter",
             ],
             "{text}"
         );

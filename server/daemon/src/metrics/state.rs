@@ -55,8 +55,8 @@ fn count<K: Copy + Eq, const N: usize>(
     counts
 }
 
-/// Encodes `forkd_sandboxes{state}` and `forkd_snapshots{status}` on each
-/// scrape.
+/// Encodes `forkd_sandboxes{state}`, `forkd_snapshots{status}` and the
+/// guest memory admission control counts and allows, on each scrape.
 #[derive(Debug)]
 pub struct StateCollector {
     sandboxes: Arc<Registry>,
@@ -115,7 +115,25 @@ impl Collector for StateCollector {
             "Snapshots in the store, by status (as in ListSnapshots).",
             "status",
             &statuses,
-        )
+        )?;
+        // Admission control's view (`--max-guest-memory-mib`).
+        for (name, help, value) in [
+            (
+                "guest_memory_committed_bytes",
+                "Guest memory of running, starting and reserved sandboxes, as admission control counts it.",
+                self.sandboxes.committed_mib(),
+            ),
+            (
+                "guest_memory_limit_bytes",
+                "The --max-guest-memory-mib limit.",
+                self.sandboxes.memory_limit_mib(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(value.saturating_mul(1024 * 1024));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -165,7 +183,10 @@ mod tests {
         };
         let _pending = snapshots.store().begin("w", info).unwrap();
         let mut registry = prometheus_client::registry::Registry::with_prefix("forkd");
-        registry.register_collector(Box::new(StateCollector::new(Registry::new(4), snapshots)));
+        registry.register_collector(Box::new(StateCollector::new(
+            Registry::new(4, 1024),
+            snapshots,
+        )));
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
         for line in [
@@ -176,6 +197,9 @@ mod tests {
             "forkd_snapshots{status=\"WRITING\"} 1",
             "forkd_snapshots{status=\"READY\"} 0",
             "forkd_snapshots{status=\"FAILED\"} 0",
+            "# TYPE forkd_guest_memory_committed_bytes gauge",
+            "forkd_guest_memory_committed_bytes 0",
+            "forkd_guest_memory_limit_bytes 1073741824",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }
