@@ -449,7 +449,11 @@ fn run_builtin(out: &Out, id: u64, argv: &[String], cancel: &AtomicBool, mem: &M
             }
             0
         }
-        "sleep" => {
+        // `hold` is `sleep` that says when it has started.
+        "sleep" | "hold" => {
+            if argv[0] == "hold" {
+                send(out, &encode_output(id, 1, b"held\n"));
+            }
             let ms: u64 = argv[1].parse().unwrap();
             while start.elapsed() < Duration::from_millis(ms) {
                 if cancel.load(Ordering::SeqCst) {
@@ -809,23 +813,39 @@ async fn lifecycle_and_exec() {
     assert!(t.elapsed() < Duration::from_secs(3));
     assert_eq!(exec(&mut c, &id, &["echo", "ok"], 0).await.stdout, b"ok\n");
 
-    // Execs queue in arrival order.
-    let (mut c1, mut c2) = (c.clone(), c.clone());
-    let (id1, id2) = (id.clone(), id.clone());
+    // Execs queue in arrival order: once the first has said it runs, a
+    // second one waits for it to end.
+    let mut c2 = c.clone();
+    let id2 = id.clone();
     let t = Instant::now();
-    let slow = tokio::spawn(async move {
-        let r = exec(&mut c1, &id1, &["sleep", "400"], 0).await;
-        (r.exit.unwrap().exit_code, Instant::now())
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut slow = c
+        .exec(pb::ExecRequest {
+            sandbox_id: id.clone(),
+            argv: vec!["hold".into(), "400".into()],
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = slow.message().await.unwrap().unwrap().event.unwrap();
+    assert!(
+        matches!(&first, Ev::Stdout(b) if b == b"held\n"),
+        "{first:?}"
+    );
     let fast = tokio::spawn(async move {
         let r = exec(&mut c2, &id2, &["echo", "x"], 0).await;
         (r.stdout, Instant::now())
     });
-    let (slow_code, slow_end) = slow.await.unwrap();
+    let slow_code = loop {
+        match slow.message().await.unwrap().unwrap().event.unwrap() {
+            Ev::Exit(e) => break e.exit_code,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
     let (fast_out, fast_end) = fast.await.unwrap();
     assert_eq!((slow_code, fast_out.as_slice()), (0, &b"x\n"[..]));
-    assert!(fast_end >= slow_end && t.elapsed() >= Duration::from_millis(400));
+    // The echo ended after the 400 ms hold, which began after `t`.
+    assert!(fast_end.duration_since(t) >= Duration::from_millis(400));
 
     // A client that goes away cancels its command.
     {
