@@ -836,11 +836,9 @@ async fn lifecycle_and_exec() {
         let r = exec(&mut c2, &id2, &["echo", "x"], 0).await;
         (r.stdout, Instant::now())
     });
-    let slow_code = loop {
-        match slow.message().await.unwrap().unwrap().event.unwrap() {
-            Ev::Exit(e) => break e.exit_code,
-            other => panic!("unexpected {other:?}"),
-        }
+    let slow_code = match slow.message().await.unwrap().unwrap().event.unwrap() {
+        Ev::Exit(e) => e.exit_code,
+        other => panic!("expected the hold's exit, got {other:?}"),
     };
     let (fast_out, fast_end) = fast.await.unwrap();
     assert_eq!((slow_code, fast_out.as_slice()), (0, &b"x\n"[..]));
