@@ -339,7 +339,7 @@ def _die_with_parent() -> None:
 class SvmHost:
     """A booted SVM test host. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, memory_mib: int = 8192, boot_timeout: float = 300.0):
+    def __init__(self, memory_mib: int = 16384, boot_timeout: float = 300.0):
         self.memory_mib = memory_mib
         self.boot_timeout = boot_timeout
         self.proc: subprocess.Popen | None = None
@@ -579,7 +579,7 @@ def main() -> int:
     sp = sub.add_parser("serve", help="boot, run forkd serve inside, forward its port")
     sp.add_argument("--forkd", default=str(REPO_ROOT / "target" / "release" / "forkd"))
     sp.add_argument("--port", type=int, default=0, help="host loopback port (default: a free one)")
-    sp.add_argument("--memory-mib", type=int, default=8192)
+    sp.add_argument("--memory-mib", type=int, default=16384)
     args = ap.parse_args()
     if args.cmd == "leftovers":
         pids = leftover_qemus()
