@@ -70,6 +70,13 @@ KEEP_RUNS = 30
 PR_SET_PDEATHSIG = 1
 
 
+# depmod and modprobe live in /usr/sbin (or /sbin), which a non-login
+# shell's PATH may lack.
+for _sbin in ("/usr/sbin", "/sbin"):
+    if _sbin not in os.environ.get("PATH", "").split(":"):
+        os.environ["PATH"] = os.environ.get("PATH", "") + ":" + _sbin
+
+
 def log(msg: str) -> None:
     print(f"svm-host: {msg}", file=sys.stderr, flush=True)
 
