@@ -29,6 +29,17 @@ pub enum VmmError {
     /// The guest image could not be loaded.
     #[error("loading the guest image: {0}")]
     Load(String),
+    /// A Linux guest's kernel, initrd or boot structures could not be set up.
+    #[error("booting Linux: {0}")]
+    Boot(String),
+    /// An emulated device could not be created.
+    #[error("device {device}: {detail}")]
+    Device {
+        /// Which device, e.g. "serial console".
+        device: &'static str,
+        /// What failed.
+        detail: String,
+    },
     /// A saved VM state cannot be restored.
     #[error("restoring the VM: {0}")]
     Restore(String),
