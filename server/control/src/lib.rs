@@ -24,6 +24,11 @@ use serde::{Deserialize, Serialize};
 pub const KIND_JSON: u8 = 1;
 /// Frame kind of an [`Output`] chunk.
 pub const KIND_OUTPUT: u8 = 2;
+/// Frame kind of stdin bytes for an Exec, daemon to VMM:
+/// `u64 LE exec id | data`; empty data is end of input.
+pub const KIND_INPUT: u8 = 3;
+/// Most stdin bytes in one input frame.
+pub const MAX_INPUT_CHUNK: usize = 64 << 10;
 /// Bytes before a frame's body: length and kind.
 pub const HEADER_LEN: usize = 5;
 /// Largest frame body accepted (guards against a corrupt length).
@@ -60,8 +65,23 @@ pub enum Request {
     /// control thread and the guest are busy with (a snapshot write, an
     /// Exec). The daemon's watchdog sends one every second.
     Heartbeat { id: u64 },
-    /// Run a builtin; answered by [`Output`] frames, then [`Event::ExecDone`].
-    Exec { id: u64, argv: Vec<String> },
+    /// Run a command (a builtin of the reference guest, a program in a
+    /// Linux guest); answered by [`Output`] frames, then
+    /// [`Event::ExecDone`]. Linux guests run several at once; an agent-side
+    /// start failure comes as [`Event::Error`].
+    Exec {
+        id: u64,
+        argv: Vec<String>,
+        /// Environment added to the agent's defaults (Linux guests).
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        /// Working directory (Linux guests); `/` when absent.
+        #[serde(default)]
+        cwd: Option<String>,
+        /// Whether stdin bytes follow as input frames, ended by an empty one.
+        #[serde(default)]
+        stdin: bool,
+    },
     /// Ask the running Exec `id` to stop; it then ends with `cancelled`.
     /// If `id` is a LIVE snapshot whose memory is still being copied, the
     /// copy stops and ends with [`Event::CopyDone`] carrying an error.
@@ -146,6 +166,9 @@ pub enum ExitReason {
     GuestCrash { detail: String },
     /// KVM or the VMM failed.
     VmmError { detail: String },
+    /// A Linux guest reset itself (a kernel panic with `panic=1`, a reboot,
+    /// a triple fault).
+    GuestReset { detail: String },
 }
 
 impl std::fmt::Display for ExitReason {
@@ -155,8 +178,18 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestExit { status } => write!(f, "guest powered off with status {status}"),
             ExitReason::GuestCrash { detail } => write!(f, "guest crashed: {detail}"),
             ExitReason::VmmError { detail } => write!(f, "VMM failed: {detail}"),
+            ExitReason::GuestReset { detail } => write!(f, "guest reset: {detail}"),
         }
     }
+}
+
+/// How a Linux guest's boot divided, as its agent measured it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestBoot {
+    /// From the kernel's start to the agent's start (CLOCK_BOOTTIME).
+    pub kernel_us: u64,
+    /// The agent's own setup: mounts, modules, its channel.
+    pub init_us: u64,
 }
 
 /// Resource use of one VMM.
@@ -177,7 +210,12 @@ pub struct VmmStats {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// The guest is up and waiting for requests. Sent once, unsolicited.
-    Ready { boot_us: u64 },
+    Ready {
+        boot_us: u64,
+        /// A Linux guest's split of the boot, from its agent.
+        #[serde(default)]
+        guest: Option<GuestBoot>,
+    },
     /// Answer to [`Request::Ping`].
     Pong { id: u64 },
     /// Answer to [`Request::Heartbeat`].
@@ -188,6 +226,10 @@ pub enum Event {
         exit_code: i32,
         duration_us: u64,
         cancelled: bool,
+        /// The signal that ended it (Linux guests); `exit_code` is then
+        /// 128 + signal.
+        #[serde(default)]
+        signal: Option<i32>,
     },
     /// The vCPUs are stopped; `pause_us` is how long stopping took.
     Paused { id: u64, pause_us: u64 },
@@ -337,6 +379,39 @@ pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), ProtocolError> {
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Ok((kind, body))
+}
+
+/// Anything the daemon sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToVmm {
+    /// A JSON request.
+    Request(Request),
+    /// Stdin bytes for Exec `id` (empty: end of input).
+    Input { id: u64, data: Vec<u8> },
+}
+
+/// Encodes an input frame.
+pub fn encode_input(id: u64, data: &[u8]) -> Vec<u8> {
+    frame(KIND_INPUT, &[&id.to_le_bytes(), data])
+}
+
+/// Reads one frame from the daemon (blocking), as the VMM does.
+pub fn read_to_vmm(r: &mut impl Read) -> Result<ToVmm, ProtocolError> {
+    let (kind, body) = read_frame(r)?;
+    match kind {
+        KIND_JSON => Ok(ToVmm::Request(serde_json::from_slice(&body)?)),
+        KIND_INPUT => {
+            if body.len() < 8 {
+                return Err(ProtocolError::TruncatedOutput);
+            }
+            let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            Ok(ToVmm::Input {
+                id,
+                data: body[8..].to_vec(),
+            })
+        }
+        other => Err(ProtocolError::BadKind(other)),
+    }
 }
 
 /// Reads one [`Request`] (blocking), as the VMM does.

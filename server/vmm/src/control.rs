@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use forkd_control::{
-    read_request, Event, ExitReason, ProtocolError, Request, SnapshotMode, VmmStats,
+    read_to_vmm, Event, ExitReason, ProtocolError, Request, SnapshotMode, ToVmm, VmmStats,
 };
 use forkd_guest_abi as abi;
 
@@ -15,6 +15,7 @@ use crate::agent;
 use crate::capture;
 use crate::coordinator::{Cancelled, Job, JobKind};
 use crate::kick;
+use crate::linux::LinuxDevices;
 use crate::live::{self, LiveSlot};
 use crate::vcpu::VmContext;
 
@@ -27,11 +28,11 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 fn read_requests(
     mut stream: UnixStream,
     ctx: Arc<VmContext>,
-    tx: mpsc::Sender<Result<Request, ProtocolError>>,
+    tx: mpsc::Sender<Result<ToVmm, ProtocolError>>,
 ) {
     loop {
-        let request = read_request(&mut stream);
-        if let Ok(Request::Heartbeat { id }) = request {
+        let request = read_to_vmm(&mut stream);
+        if let Ok(ToVmm::Request(Request::Heartbeat { id })) = request {
             ctx.sink.send(&Event::Alive { id });
             continue;
         }
@@ -66,7 +67,11 @@ pub fn serve(
     }
     loop {
         let request = match requests.recv() {
-            Ok(Ok(r)) => r,
+            Ok(Ok(ToVmm::Request(r))) => r,
+            Ok(Ok(ToVmm::Input { id, data })) => {
+                forward_input(&ctx, id, &data);
+                continue;
+            }
             // The reader thread ends only after sending its error.
             Err(_) => std::process::exit(0),
             Ok(Err(ProtocolError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -80,6 +85,13 @@ pub fn serve(
                 4,
             ),
         };
+        let request = match &ctx.linux {
+            Some(devices) => match serve_linux(&ctx, devices, request) {
+                Some(rest) => rest,
+                None => continue,
+            },
+            None => request,
+        };
         match request {
             // Answered by the reader thread; never forwarded.
             Request::Heartbeat { id } => ctx.sink.send(&Event::Alive { id }),
@@ -87,7 +99,7 @@ pub fn serve(
                 id,
                 kind: JobKind::Ping,
             }),
-            Request::Exec { id, argv } => match agent::encode_argv(&argv) {
+            Request::Exec { id, argv, .. } => match agent::encode_argv(&argv) {
                 Some(bytes) if !argv.is_empty() => ctx.coord.submit(Job {
                     id,
                     kind: JobKind::Exec(bytes),
@@ -109,6 +121,7 @@ pub fn serve(
                     exit_code: abi::EXIT_CANCELLED,
                     duration_us: 0,
                     cancelled: true,
+                    signal: None,
                 }),
                 Cancelled::Unknown => {}
             },
@@ -206,4 +219,50 @@ pub fn serve(
             }
         }
     }
+}
+
+/// Stdin bytes for a Linux guest's Exec.
+fn forward_input(ctx: &VmContext, id: u64, data: &[u8]) {
+    let Some(devices) = &ctx.linux else {
+        // The reference guest's builtins take no input; the daemon refuses
+        // stdin for them, so this is only a stray frame.
+        return;
+    };
+    if let Err(e) = devices.agent.input(id, data) {
+        ctx.sink.send(&Event::Error {
+            id,
+            message: format!("stdin not delivered: {e}"),
+        });
+    }
+}
+
+/// Requests a Linux guest's agent serves; the rest (pause, resume, stats,
+/// shutdown) are returned for the common path.
+fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Option<Request> {
+    let sent = match request {
+        Request::Exec {
+            id,
+            argv,
+            env,
+            cwd,
+            stdin,
+        } => (id, devices.agent.exec(id, argv, env, cwd, stdin)),
+        Request::Cancel { id } => (id, devices.agent.cancel(id)),
+        Request::Ping { id } => (id, devices.agent.ping(id)),
+        Request::Snapshot { id, .. } => {
+            ctx.sink.send(&Event::Error {
+                id,
+                message: "snapshots of Linux guests are not supported yet".into(),
+            });
+            return None;
+        }
+        other => return Some(other),
+    };
+    if let (id, Err(e)) = sent {
+        ctx.sink.send(&Event::Error {
+            id,
+            message: e.to_string(),
+        });
+    }
+    None
 }

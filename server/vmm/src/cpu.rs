@@ -25,6 +25,12 @@ const RFLAGS_IOPL3: u64 = 3 << 12;
 /// Gives vCPU `index` its CPUID table: what KVM supports, with this vCPU's
 /// APIC id.
 pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<()> {
+    vcpu.set_cpuid2(&cpuid_for(supported, index))
+        .map_err(VmmError::kvm("KVM_SET_CPUID2"))
+}
+
+/// What KVM supports, with vCPU `index`'s APIC id.
+pub fn cpuid_for(supported: &CpuId, index: u8) -> CpuId {
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -33,8 +39,7 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<()> {
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(VmmError::kvm("KVM_SET_CPUID2"))
+    cpuid
 }
 
 fn segment(selector: u16, descriptor: u64) -> kvm_segment {

@@ -16,6 +16,7 @@ use forkd_vmm::snapshot::DirtyLog;
 use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
 use forkd_vmm::vm::{Vm, VmConfig};
+use forkd_vmm::linux::{self, boot::LinuxBoot};
 use forkd_vmm::{control, kick, live, loader};
 
 /// Runs one KVM microVM, controlled by the forkd daemon over a socket.
@@ -44,6 +45,20 @@ struct Args {
     /// Inherited memfd holding the snapshot's memory (mapped copy-on-write).
     #[arg(long, requires = "restore_dir")]
     memory_fd: Option<i32>,
+    /// Boot this Linux kernel (a bzImage) instead of the reference guest;
+    /// needs --initrd.
+    #[arg(long, requires = "initrd", conflicts_with_all = ["guest", "restore_dir"])]
+    kernel: Option<std::path::PathBuf>,
+    /// The Linux guest's initramfs.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// Words appended to the Linux guest's kernel command line.
+    #[arg(long, default_value = "", requires = "kernel")]
+    kernel_args: String,
+    /// Where the Linux guest's serial console goes (rotated to PATH.1 at
+    /// 512 KiB).
+    #[arg(long, requires = "kernel")]
+    console_log: Option<std::path::PathBuf>,
     /// Limit the background copy of LIVE snapshots to this many MiB of
     /// guest RAM per second (0: no limit).
     #[arg(long, default_value_t = 0)]
@@ -66,10 +81,25 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let sink = EventSink::new(writer);
+    let sink = Arc::new(EventSink::new(writer));
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
 
+    let linux_boot = match (&args.kernel, &args.initrd) {
+        (Some(kernel), Some(initrd)) => Some(LinuxBoot {
+            kernel,
+            initrd,
+            extra_args: &args.kernel_args,
+        }),
+        _ => None,
+    };
+    let config = VmConfig {
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+    };
     let vm = match (&args.restore_dir, args.memory_fd) {
+        _ if linux_boot.is_some() => {
+            linux::create_vm(&config, linux_boot.as_ref().expect("checked"))
+        }
         (Some(dir), Some(memory_fd)) => {
             let path = dir.join("vmstate");
             let bytes = std::fs::read(&path)
@@ -86,10 +116,6 @@ fn main() {
                     fail(format!("reading guest image {}: {e}", path.display()))
                 }),
                 None => loader::REFERENCE_GUEST.to_vec(),
-            };
-            let config = VmConfig {
-                memory_mib: args.memory_mib,
-                vcpus: args.vcpus,
             };
             Vm::create(&config, &image)
         }
@@ -117,6 +143,19 @@ fn main() {
             .populated(&ram)
             .unwrap_or_else(|e| fail(e.to_string()));
     }
+    let linux_devices = match linux_boot {
+        Some(_) => Some(
+            linux::create_devices(
+                &vm_fd,
+                &ram,
+                args.console_log.as_deref(),
+                sink.clone(),
+                started,
+            )
+            .unwrap_or_else(|e| fail(e.to_string())),
+        ),
+        None => None,
+    };
     let ctx = Arc::new(VmContext {
         ram,
         coord: Coordinator::new(vcpu_count),
@@ -128,6 +167,7 @@ fn main() {
         vm: vm_fd,
         msr_indices,
         dirty,
+        linux: linux_devices,
     });
     let mut threads = Vec::with_capacity(vcpu_count);
     for (index, fd) in vcpus.into_iter().enumerate() {

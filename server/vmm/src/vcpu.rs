@@ -13,6 +13,7 @@ use crate::boot;
 use crate::coordinator::{Coordinator, JobKind};
 use crate::events::EventSink;
 use crate::kick;
+use crate::linux::LinuxDevices;
 use crate::memory::GuestRam;
 use crate::snapshot::DirtyLog;
 use crate::state;
@@ -24,7 +25,7 @@ pub struct VmContext {
     /// Run mode and agent queue.
     pub coord: Coordinator,
     /// Events to the daemon.
-    pub sink: EventSink,
+    pub sink: Arc<EventSink>,
     /// VM exits handled, all vCPUs.
     pub exits: AtomicU64,
     /// Agent requests completed.
@@ -39,6 +40,8 @@ pub struct VmContext {
     pub msr_indices: Vec<u32>,
     /// Dirty-page tracking for DIFF snapshots.
     pub dirty: DirtyLog,
+    /// A Linux guest's devices; `None` for the reference guest.
+    pub linux: Option<LinuxDevices>,
 }
 
 /// What to do after an exit.
@@ -49,6 +52,8 @@ enum Next {
     Halted,
     Failed(String),
     PowerOff(i32),
+    /// A Linux guest reset itself (i8042 reset or triple fault).
+    Reset(String),
 }
 
 /// Runs vCPU `index` until the process exits.
@@ -66,7 +71,10 @@ pub fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VmContext>) -> ! {
         let next = match fd.run() {
             Ok(exit) => {
                 ctx.exits.fetch_add(1, Ordering::Relaxed);
-                handle_exit(index, exit, &ctx, &mut ready_sent)
+                match &ctx.linux {
+                    Some(devices) => handle_linux_exit(exit, devices),
+                    None => handle_exit(index, exit, &ctx, &mut ready_sent),
+                }
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
@@ -77,6 +85,7 @@ pub fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VmContext>) -> ! {
         match next {
             Next::Continue => {}
             Next::PowerOff(status) => ctx.sink.exit(ExitReason::GuestExit { status }, 0),
+            Next::Reset(detail) => ctx.sink.exit(ExitReason::GuestReset { detail }, 3),
             Next::Failed(what) => {
                 let detail = describe_failure(index, &fd, &ctx.ram, Next::Failed(what));
                 ctx.sink.exit(ExitReason::VmmError { detail }, 4)
@@ -105,7 +114,10 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, ctx: &VmContext, ready_sent: &m
                     if !*ready_sent && agent::guest_ready(&ctx.ram) {
                         *ready_sent = true;
                         let boot_us = ctx.started.elapsed().as_micros() as u64;
-                        ctx.sink.send(&Event::Ready { boot_us });
+                        ctx.sink.send(&Event::Ready {
+                            boot_us,
+                            guest: None,
+                        });
                     }
                     match ctx.coord.wait_for_job() {
                         Some((seq, job)) => {
@@ -188,9 +200,46 @@ fn finish_request(ctx: &VmContext) {
             exit_code,
             duration_us: ticks.saturating_mul(1000) / ctx.tsc_khz.max(1),
             cancelled: exit_code == abi::EXIT_CANCELLED,
+            signal: None,
         },
     };
     ctx.sink.send(&event);
+}
+
+/// Exits of a Linux guest: port I/O and MMIO go to its devices; a reset
+/// (the i8042's, a triple fault, KVM's system event) ends the VM.
+fn handle_linux_exit(exit: VcpuExit<'_>, devices: &LinuxDevices) -> Next {
+    const RESET: &str = "the guest rebooted (a Linux guest reboots 1 s after a kernel panic)";
+    match exit {
+        VcpuExit::IoIn(port, data) => devices.bus.port_read(port, data),
+        VcpuExit::IoOut(port, data) => {
+            devices.bus.port_write(port, data);
+            if devices.reset.is_set() {
+                return Next::Reset(RESET.into());
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            devices.bus.mmio_read(addr, data);
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            devices.bus.mmio_write(addr, data);
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen | VcpuExit::Hlt => {}
+        VcpuExit::Shutdown => return Next::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => return Next::PowerOff(0),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => return Next::Reset(RESET.into()),
+            other => return Next::Failed(format!("guest system event {other}")),
+        },
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Next::Failed(format!(
+                "VM entry failed (reason {reason:#x}, host cpu {cpu})"
+            ))
+        }
+        VcpuExit::InternalError => return Next::Failed("KVM internal error".into()),
+        other => return Next::Failed(format!("unexpected VM exit {other:?}")),
+    }
+    Next::Continue
 }
 
 /// A crash report: what happened, where, on which vCPU.
@@ -227,6 +276,7 @@ fn describe_failure(index: usize, fd: &VcpuFd, ram: &GuestRam, next: Next) -> St
         }
         Next::Halted => format!("vcpu {index} halted at rip={rip:#x}"),
         Next::Failed(what) => format!("{what} on vcpu {index} at rip={rip:#x}"),
+        Next::Reset(detail) => detail,
         Next::Continue | Next::PowerOff(_) => String::new(),
     }
 }

@@ -70,10 +70,7 @@ impl Vm {
             cpu::set_entry_state(&vcpu, index, entry)?;
             vcpus.push(vcpu);
         }
-        let tsc_khz = match vcpus[0].get_tsc_khz() {
-            Ok(khz) if khz > 0 => u64::from(khz),
-            _ => calibrate_tsc_khz(),
-        };
+        let tsc_khz = tsc_khz(&vcpus[0]);
         boot::build_environment(&ram, u32::from(config.vcpus), tsc_khz)?;
         Ok(Vm {
             kvm,
@@ -117,7 +114,7 @@ impl Vm {
 }
 
 /// Opens KVM, checks it, and creates a VM with an in-kernel irqchip.
-fn create_vm() -> Result<(Kvm, VmFd)> {
+pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
     let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
     check_kvm(&kvm)?;
     let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
@@ -131,7 +128,7 @@ fn create_vm() -> Result<(Kvm, VmFd)> {
 }
 
 /// Hands guest RAM to KVM as slot 0, with dirty logging for DIFF snapshots.
-fn attach_memory(fd: &VmFd, ram: &GuestRam) -> Result<()> {
+pub(crate) fn attach_memory(fd: &VmFd, ram: &GuestRam) -> Result<()> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -162,6 +159,14 @@ fn check_kvm(kvm: &Kvm) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The guest's TSC frequency: KVM's, or measured.
+pub(crate) fn tsc_khz(vcpu: &VcpuFd) -> u64 {
+    match vcpu.get_tsc_khz() {
+        Ok(khz) if khz > 0 => u64::from(khz),
+        _ => calibrate_tsc_khz(),
+    }
 }
 
 /// Measures the host TSC against the monotonic clock (guest and host share

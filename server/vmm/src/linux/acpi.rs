@@ -39,10 +39,9 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT body: COM1 and the virtio-mmio devices under `\_SB`.
 fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
-    let com1_crs = aml::ResourceTemplate::new(vec![
-        &aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8),
-        &aml::Interrupt::new(true, true, false, false, layout::COM1_GSI),
-    ]);
+    let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, layout::COM1_GSI);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
     let com1_hid = aml::EISAName::new("PNP0501");
     let com1_hid_name = aml::Name::new("_HID".into(), &com1_hid);
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);

@@ -148,7 +148,7 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, end: u64, type_: u32| boot_e820_entry {
         addr,
         size: end - addr,
-        type_,
+        r#type: type_,
     };
     vec![
         entry(0, layout::EBDA_START, E820_RAM),
@@ -184,9 +184,9 @@ mod tests {
     fn e820_reserves_the_legacy_hole() {
         let map = e820_map(512 << 20);
         assert_eq!(map.len(), 3);
-        let (a, s, t) = (map[2].addr, map[2].size, map[2].type_);
+        let (a, s, t) = (map[2].addr, map[2].size, map[2].r#type);
         assert_eq!((a, a + s, t), (0x100000, 512 << 20, E820_RAM));
-        let t1 = map[1].type_;
+        let t1 = map[1].r#type;
         assert_eq!(t1, E820_RESERVED);
     }
 

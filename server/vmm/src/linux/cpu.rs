@@ -4,7 +4,7 @@
 //! APIC's LINT0/LINT1 wired as ExtINT/NMI and MTRRs defaulting to
 //! write-back.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use super::boot::{CODE_SELECTOR, DATA_SELECTOR, GDT};
@@ -47,6 +47,23 @@ fn segment(selector: u16, descriptor: u64) -> kvm_segment {
         unusable: 0,
         padding: 0,
     }
+}
+
+/// CPUID leaf 1 ECX bit 31: running under a hypervisor. Linux looks for
+/// KVM's leaves (kvm-clock, PV features) only when it is set.
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// Gives vCPU `index` what KVM supports, its APIC id, and the hypervisor
+/// bit.
+pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<()> {
+    let mut cpuid = crate::cpu::cpuid_for(supported, index);
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ecx |= CPUID_1_ECX_HYPERVISOR;
+        }
+    }
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(VmmError::kvm("KVM_SET_CPUID2"))
 }
 
 /// Sets up vCPU `index` (after its CPUID) for a Linux boot at `entry`.

@@ -165,11 +165,10 @@ impl MmioTransport {
                 return;
             }
             self.active = true;
-            self.device.activate(
-                self.memory.clone(),
-                self.queues.clone(),
-                self.interrupt.clone(),
-            );
+            // The device owns the queues from now on; a reset rebuilds ours.
+            let queues = std::mem::take(&mut self.queues);
+            self.device
+                .activate(self.memory.clone(), queues, self.interrupt.clone());
         }
     }
 

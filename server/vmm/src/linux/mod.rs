@@ -1,0 +1,155 @@
+//! Linux guests: booting Debian's kernel and initramfs per the x86 boot
+//! protocol, the ACPI tables that describe the machine, and the devices
+//! and agent channel a Linux sandbox runs with. The reference guest's
+//! equivalents are `loader`, `boot` and `cpu` at the crate root.
+
+pub mod acpi;
+pub mod agent_link;
+pub mod boot;
+pub mod cpu;
+pub mod layout;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+
+use crate::devices::bus::Bus;
+use crate::devices::console_log::{ConsoleLog, DEFAULT_CAP};
+use crate::devices::i8042::{ResetFlag, I8042};
+use crate::devices::irq::IrqLine;
+use crate::devices::serial::{SerialConsole, SharedLog};
+use crate::devices::virtio::console::Console;
+use crate::devices::virtio::device_writes::DeviceWrites;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::Interrupt;
+use crate::error::{Result, VmmError};
+use crate::events::EventSink;
+use crate::memory::GuestRam;
+use crate::vm::{self, Vm, VmConfig};
+use agent_link::AgentLink;
+use boot::LinuxBoot;
+
+/// The agent channel is virtio-mmio device 0.
+const CONSOLE_SLOT: u32 = 0;
+
+/// The devices of a running Linux guest, shared by the vCPU and control
+/// threads.
+pub struct LinuxDevices {
+    /// Port-I/O and MMIO dispatch.
+    pub bus: Bus,
+    /// Set when the guest resets itself.
+    pub reset: ResetFlag,
+    /// The serial console's log (its tail goes into crash reports).
+    pub console_log: SharedLog,
+    /// The agent channel, host side.
+    pub agent: AgentLink,
+    /// Guest RAM written by devices (for DIFF snapshots).
+    pub device_writes: DeviceWrites,
+}
+
+/// Builds a VM that boots `boot`.
+pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
+    if config.vcpus == 0 || config.vcpus > 64 {
+        return Err(VmmError::Config(format!(
+            "vcpus must be between 1 and 64, got {}",
+            config.vcpus
+        )));
+    }
+    let memory_bytes = u64::from(config.memory_mib) << 20;
+    if memory_bytes < (64 << 20) || memory_bytes > layout::RAM_LIMIT {
+        return Err(VmmError::Config(format!(
+            "a Linux guest needs between 64 and {} MiB of memory, got {} MiB",
+            layout::RAM_LIMIT >> 20,
+            config.memory_mib
+        )));
+    }
+    let (kvm, fd) = vm::create_vm()?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+    let ram = GuestRam::new(memory_bytes)?;
+    vm::attach_memory(&fd, &ram)?;
+
+    let devices = [acpi::MmioDevice {
+        addr: layout::virtio_mmio_addr(CONSOLE_SLOT),
+        len: layout::MMIO_SLOT_SIZE,
+        gsi: layout::virtio_gsi(CONSOLE_SLOT),
+    }];
+    let rsdp = acpi::write_tables(&ram, config.vcpus, &devices)?;
+    let loaded = boot::load(&ram, boot, rsdp)?;
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = fd
+            .create_vcpu(u64::from(index))
+            .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+        cpu::set_cpuid(&vcpu, &supported, index)?;
+        cpu::setup_vcpu(&vcpu, index, loaded.entry)?;
+        vcpus.push(vcpu);
+    }
+    let tsc_khz = vm::tsc_khz(&vcpus[0]);
+    Ok(Vm {
+        kvm,
+        fd,
+        ram,
+        vcpus,
+        tsc_khz,
+    })
+}
+
+/// Creates the devices of a Linux guest: COM1 logging to `console_log`,
+/// the i8042, and the agent's virtio console.
+pub fn create_devices(
+    vm_fd: &kvm_ioctls::VmFd,
+    ram: &GuestRam,
+    console_log: Option<&Path>,
+    sink: Arc<EventSink>,
+    started: Instant,
+) -> Result<LinuxDevices> {
+    let log = ConsoleLog::create(console_log, DEFAULT_CAP).map_err(|e| VmmError::Device {
+        device: "serial console",
+        detail: format!(
+            "creating {}: {e}",
+            console_log.map(|p| p.display().to_string()).unwrap_or_default()
+        ),
+    })?;
+    let log = SharedLog(Arc::new(Mutex::new(log)));
+    let mut bus = Bus::default();
+    let serial = SerialConsole::new(IrqLine::new(vm_fd, layout::COM1_GSI)?, log.clone());
+    bus.add_ports(layout::COM1_PORT, 8, Arc::new(Mutex::new(serial)));
+    let reset = ResetFlag::default();
+    bus.add_ports(
+        layout::I8042_DATA_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(reset.clone()))),
+    );
+
+    let device_writes = DeviceWrites::new(ram.size());
+    let (unconnected, mut frames) = agent_link::link_parts(sink, started);
+    let (console, console_sender) = Console::new(
+        Box::new(move |bytes: &[u8]| frames.receive(bytes)),
+        device_writes.clone(),
+    );
+    let agent = unconnected.connect(console_sender);
+    let interrupt = Interrupt::new(IrqLine::new(vm_fd, layout::virtio_gsi(CONSOLE_SLOT))?);
+    let transport = MmioTransport::new(Box::new(console), ram.memory().clone(), interrupt);
+    bus.add_mmio(
+        layout::virtio_mmio_addr(CONSOLE_SLOT),
+        layout::MMIO_SLOT_SIZE,
+        Arc::new(Mutex::new(transport)),
+    );
+    Ok(LinuxDevices {
+        bus,
+        reset,
+        console_log: log,
+        agent,
+        device_writes,
+    })
+}
