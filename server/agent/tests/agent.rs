@@ -1,0 +1,284 @@
+//! End-to-end tests of the real agent binary over a socket pair.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{exec, group_members, wait_group_gone, Agent, Event};
+use forkd_agent_proto::{GuestMsg, HostMsg, MAX_DATA, STREAM_STDOUT};
+
+#[test]
+fn ready_and_ping() {
+    let mut a = Agent::start();
+    a.send(&HostMsg::Ping { id: 77 });
+    assert_eq!(a.recv(), Event::Msg(GuestMsg::Pong { id: 77 }));
+}
+
+#[test]
+fn echo_hi() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["echo", "hi"]));
+    assert!(o.pid().is_some());
+    assert_eq!(o.stdout(), "hi\n");
+    assert_eq!(o.stderr(), "");
+    assert_eq!(o.exit(), Some((Some(0), None)));
+    // Started first, Exited last.
+    assert!(matches!(
+        o.events.first(),
+        Some(Event::Msg(GuestMsg::Started { .. }))
+    ));
+    assert!(matches!(
+        o.events.last(),
+        Some(Event::Msg(GuestMsg::Exited { .. }))
+    ));
+}
+
+#[test]
+fn stdout_and_stderr_apart() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["sh", "-c", "echo out; echo err >&2"]));
+    assert_eq!(o.stdout(), "out\n");
+    assert_eq!(o.stderr(), "err\n");
+}
+
+#[test]
+fn exit_code_and_signal() {
+    let mut a = Agent::start();
+    assert_eq!(
+        a.run(exec(1, &["sh", "-c", "exit 3"])).exit(),
+        Some((Some(3), None))
+    );
+    assert_eq!(
+        a.run(exec(2, &["sh", "-c", "kill -9 $$"])).exit(),
+        Some((None, Some(9)))
+    );
+}
+
+#[test]
+fn stdin_piped_to_cat() {
+    let mut a = Agent::start();
+    a.send(&HostMsg::Exec {
+        id: 5,
+        argv: vec!["cat".into()],
+        env: vec![],
+        cwd: None,
+        stdin: true,
+    });
+    a.send_stdin(5, b"hel");
+    a.send_stdin(5, b"lo");
+    a.send_stdin(5, b"");
+    let o = a.collect(&[5]).remove(&5).unwrap();
+    assert_eq!(o.stdout(), "hello");
+    assert_eq!(o.exit(), Some((Some(0), None)));
+}
+
+#[test]
+fn stdin_to_a_child_that_does_not_read() {
+    let mut a = Agent::start();
+    a.send(&HostMsg::Exec {
+        id: 6,
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        stdin: true,
+    });
+    let chunk = vec![b'x'; MAX_DATA];
+    for _ in 0..32 {
+        a.send_stdin(6, &chunk);
+    }
+    a.send_stdin(6, b"");
+    let o = a.collect(&[6]).remove(&6).unwrap();
+    assert_eq!(o.exit(), Some((Some(0), None)));
+    // The agent is still responsive.
+    a.send(&HostMsg::Ping { id: 1 });
+    assert_eq!(a.recv(), Event::Msg(GuestMsg::Pong { id: 1 }));
+}
+
+#[test]
+fn no_stdin_is_dev_null() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["sh", "-c", "cat; echo done"]));
+    assert_eq!(o.stdout(), "done\n");
+}
+
+#[test]
+fn env_and_cwd() {
+    let mut a = Agent::start();
+    let o = a.run(HostMsg::Exec {
+        id: 1,
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo $FOO; pwd; echo $HOME $LANG $TERM".into(),
+        ],
+        env: vec![
+            ("FOO".into(), "bar baz".into()),
+            ("HOME".into(), "/h".into()),
+        ],
+        cwd: Some("/tmp".into()),
+        stdin: false,
+    });
+    assert_eq!(o.stdout(), "bar baz\n/tmp\n/h C.UTF-8 dumb\n");
+    let o = a.run(exec(2, &["pwd"]));
+    assert_eq!(o.stdout(), "/\n");
+}
+
+#[test]
+fn unicode_argv() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["echo", "héllo", "wörld", "✓"]));
+    assert_eq!(o.stdout(), "héllo wörld ✓\n");
+}
+
+#[test]
+fn output_streams_before_exit() {
+    let mut a = Agent::start();
+    let o = a.run(exec(
+        1,
+        &["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"],
+    ));
+    assert_eq!(o.stdout(), "1\n2\n3\n");
+    let first_data = o
+        .events
+        .iter()
+        .position(|e| matches!(e, Event::Data { .. }));
+    let exited = o
+        .events
+        .iter()
+        .position(|e| matches!(e, Event::Msg(GuestMsg::Exited { .. })));
+    assert!(first_data.unwrap() < exited.unwrap());
+
+    // The command waits for stdin that the host sends only after it has seen
+    // the first line: this completes only if output is forwarded at once.
+    a.send(&HostMsg::Exec {
+        id: 2,
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo first; read x; echo got $x".into(),
+        ],
+        env: vec![],
+        cwd: None,
+        stdin: true,
+    });
+    assert!(matches!(a.next_of(2), Event::Msg(GuestMsg::Started { .. })));
+    assert_eq!(
+        a.next_of(2),
+        Event::Data {
+            id: 2,
+            stream: STREAM_STDOUT,
+            data: b"first\n".to_vec()
+        }
+    );
+    a.send_stdin(2, b"go\n");
+    a.send_stdin(2, b"");
+    let o = a.collect(&[2]).remove(&2).unwrap();
+    assert_eq!(o.stdout(), "got go\n");
+    assert_eq!(o.exit(), Some((Some(0), None)));
+}
+
+fn kill_test(argv: &[&str]) {
+    let mut a = Agent::start();
+    a.send(&exec(9, argv));
+    let pid = match a.next_of(9) {
+        Event::Msg(GuestMsg::Started { pid, .. }) => pid,
+        other => panic!("expected Started, got {other:?}"),
+    };
+    // Unknown ids are ignored.
+    a.send(&HostMsg::Kill {
+        id: 12345,
+        signal: 9,
+    });
+    a.send(&HostMsg::Kill { id: 9, signal: 9 });
+    let o = a.collect(&[9]).remove(&9).unwrap();
+    assert_eq!(o.exit(), Some((None, Some(9))));
+    assert_eq!(
+        wait_group_gone(pid),
+        Vec::<u32>::new(),
+        "group {pid} left behind"
+    );
+}
+
+#[test]
+fn kill_sleep() {
+    kill_test(&["sleep", "1000"]);
+}
+
+#[test]
+fn kill_process_group() {
+    kill_test(&["sh", "-c", "sleep 1000 & sleep 1000"]);
+}
+
+#[test]
+fn concurrent_execs() {
+    let mut a = Agent::start();
+    let ids: Vec<u64> = (1..=8).collect();
+    for id in &ids {
+        let script = format!("echo start {id}; sleep 0.2; echo end {id} >&2; exit {id}");
+        a.send(&exec(*id, &["sh", "-c", &script]));
+    }
+    let outcomes = a.collect(&ids);
+    for id in ids {
+        let o = &outcomes[&id];
+        assert_eq!(o.stdout(), format!("start {id}\n"));
+        assert_eq!(o.stderr(), format!("end {id}\n"));
+        assert_eq!(o.exit(), Some((Some(id as i32), None)));
+    }
+}
+
+#[test]
+fn failures() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["nosuch-forkd-cmd", "x"]));
+    let msg = o.failed().expect("Failed");
+    assert!(msg.contains("cannot run \"nosuch-forkd-cmd\""), "{msg}");
+    assert!(msg.contains("No such file or directory"), "{msg}");
+    assert_eq!(o.events.len(), 1, "nothing but Failed: {:?}", o.events);
+
+    // A directory cannot be executed, not even by root.
+    let o = a.run(exec(2, &["/tmp"]));
+    let msg = o.failed().unwrap();
+    assert!(
+        msg.contains("cannot run \"/tmp\": Permission denied"),
+        "{msg}"
+    );
+
+    let o = a.run(HostMsg::Exec {
+        id: 3,
+        argv: vec!["ls".into()],
+        env: vec![],
+        cwd: Some("/nonexistent-dir".into()),
+        stdin: false,
+    });
+    let msg = o.failed().unwrap();
+    assert!(msg.contains("/nonexistent-dir"), "{msg}");
+
+    let o = a.run(exec(4, &[]));
+    assert!(o.failed().unwrap().contains("empty argv"));
+
+    // The agent still runs commands afterwards.
+    assert_eq!(a.run(exec(5, &["true"])).exit(), Some((Some(0), None)));
+}
+
+#[test]
+fn background_child_does_not_hold_exec() {
+    let mut a = Agent::start();
+    let t = Instant::now();
+    let o = a.run(exec(1, &["sh", "-c", "sleep 30 & echo started"]));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(o.stdout(), "started\n");
+    assert_eq!(o.exit(), Some((Some(0), None)));
+    // The background sleep is still in the group; the harness kills it.
+    assert!(!group_members(o.pid().unwrap()).is_empty());
+}
+
+#[test]
+fn exits_on_channel_eof() {
+    let mut a = Agent::start();
+    let status = a.close_and_wait();
+    assert!(status.success(), "{status:?}");
+}
