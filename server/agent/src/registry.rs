@@ -21,6 +21,8 @@ struct Entry {
     pid: Option<libc::pid_t>,
     /// Set when the pid has been reaped; signals are no longer sent then.
     reaped: bool,
+    /// A signal that arrived before the fork, sent right after it.
+    early_signal: Option<i32>,
     status_tx: Sender<WaitStatus>,
     stdin_tx: Option<SyncSender<Vec<u8>>>,
 }
@@ -38,6 +40,24 @@ struct State {
 pub struct Registry {
     state: Mutex<State>,
     forked: Condvar,
+}
+
+/// Signals the process group `pid` leads; until the child has called
+/// `setsid` that group does not exist yet, so then the child alone.
+fn signal_exec(pid: libc::pid_t, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill has no memory effects.
+    if unsafe { libc::kill(-pid, signal) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::ESRCH) {
+        return Err(err);
+    }
+    // SAFETY: as above; `pid` is our unreaped child, so it names that child.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        return Ok(());
+    }
+    Err(std::io::Error::last_os_error())
 }
 
 /// The id is already in use by a running exec.
@@ -66,6 +86,7 @@ impl Registry {
             Entry {
                 pid: None,
                 reaped: false,
+                early_signal: None,
                 status_tx,
                 stdin_tx,
             },
@@ -84,11 +105,17 @@ impl Registry {
         let pid = fork()?;
         st.forks += 1;
         st.by_pid.insert(pid, id);
+        let mut early = None;
         if let Some(e) = st.by_id.get_mut(&id) {
             e.pid = Some(pid);
+            early = e.early_signal.take();
         }
+        let failure = early.and_then(|sig| signal_exec(pid, sig).err().map(|e| (sig, e)));
         drop(st);
         self.forked.notify_all();
+        if let Some((sig, e)) = failure {
+            log::warn(format!("signal {sig} to exec {id} (pid {pid}): {e}"));
+        }
         Ok(pid)
     }
 
@@ -110,24 +137,26 @@ impl Registry {
     }
 
     /// Sends `signal` to the process group of exec `id` if it is still
-    /// running; unknown or finished ids are ignored.
+    /// running (or right after its fork, if it has not forked yet); unknown or
+    /// finished ids are ignored.
     pub fn kill(&self, id: u64, signal: i32) {
-        let st = self.lock();
-        let Some(Entry {
-            pid: Some(pid),
-            reaped: false,
-            ..
-        }) = st.by_id.get(&id)
-        else {
+        let mut st = self.lock();
+        let Some(e) = st.by_id.get_mut(&id) else {
             return;
         };
-        // SAFETY: kill has no memory effects; the lock is held, so `pid` is
-        // not yet reaped and still names this exec's process group.
-        if unsafe { libc::kill(-*pid, signal) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                log::warn(format!("kill exec {id} (pgid {pid}) with {signal}: {err}"));
+        let result = match (e.pid, e.reaped) {
+            (None, _) => {
+                e.early_signal = Some(signal);
+                Ok(())
             }
+            (Some(_), true) => Ok(()),
+            // The lock is held, so the reaper cannot reap `pid` and let it be
+            // reused before the signal is sent.
+            (Some(pid), false) => signal_exec(pid, signal),
+        };
+        drop(st);
+        if let Err(e) = result {
+            log::warn(format!("signal {signal} to exec {id}: {e}"));
         }
     }
 

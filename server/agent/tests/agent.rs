@@ -210,6 +210,15 @@ fn kill_process_group() {
 }
 
 #[test]
+fn kill_sent_with_the_exec() {
+    let mut a = Agent::start();
+    a.send(&exec(3, &["sleep", "1000"]));
+    a.send(&HostMsg::Kill { id: 3, signal: 9 });
+    let o = a.collect(&[3]).remove(&3).unwrap();
+    assert_eq!(o.exit(), Some((None, Some(9))));
+}
+
+#[test]
 fn concurrent_execs() {
     let mut a = Agent::start();
     let ids: Vec<u64> = (1..=8).collect();
