@@ -177,15 +177,6 @@ fn run(
         pid: pid as u32,
     });
 
-    if let (Some(rx), Some(pipe)) = (stdin_rx, agent_stdin) {
-        let spawned = thread::Builder::new()
-            .name(format!("stdin-{id}"))
-            .spawn(move || feed_stdin(rx, File::from(pipe)));
-        if let Err(e) = spawned {
-            log::warn(format!("exec {id}: no stdin thread: {e}"));
-        }
-    }
-
     let stop = match pipe() {
         Ok((r, w)) => Some((Arc::new(r), w)),
         Err(e) => {
@@ -196,6 +187,17 @@ fn run(
         }
     };
     let stop_r = stop.as_ref().map(|(r, _)| r.clone());
+
+    if let (Some(rx), Some(pipe)) = (stdin_rx, agent_stdin) {
+        let spawned = thread::Builder::new().name(format!("stdin-{id}")).spawn({
+            let stop_r = stop_r.clone();
+            move || feed_stdin(rx, File::from(pipe), stop_r.as_deref())
+        });
+        if let Err(e) = spawned {
+            log::warn(format!("exec {id}: no stdin thread: {e}"));
+        }
+    }
+
     let pumps: Vec<_> = [(STREAM_STDOUT, stdout.0), (STREAM_STDERR, stderr.0)]
         .into_iter()
         .filter_map(|(stream, fd)| {
@@ -237,8 +239,13 @@ fn run(
 }
 
 /// Writes queued stdin chunks to the child; an empty chunk closes the pipe.
-/// After the child stops reading (EPIPE) chunks are dropped.
-fn feed_stdin(rx: Receiver<Vec<u8>>, pipe: File) {
+/// Once the child stops reading (EPIPE), or the exec has ended while the
+/// pipe is full, further chunks are dropped.
+fn feed_stdin(rx: Receiver<Vec<u8>>, pipe: File, stop: Option<&OwnedFd>) {
+    // Non-blocking writes (with poll) only when the end of the exec can
+    // interrupt the wait; else a background process holding a full pipe
+    // would block this thread forever.
+    let stop = stop.filter(|_| fcntl(&pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_ok());
     let mut pipe = Some(pipe);
     for chunk in rx {
         if chunk.is_empty() {
@@ -246,7 +253,7 @@ fn feed_stdin(rx: Receiver<Vec<u8>>, pipe: File) {
             continue;
         }
         if let Some(p) = pipe.as_mut() {
-            if let Err(e) = p.write_all(&chunk) {
+            if let Err(e) = write_chunk(p, &chunk, stop) {
                 if e.kind() != io::ErrorKind::BrokenPipe {
                     log::warn(format!("writing stdin: {e}"));
                 }
@@ -254,6 +261,25 @@ fn feed_stdin(rx: Receiver<Vec<u8>>, pipe: File) {
             }
         }
     }
+}
+
+/// Writes all of `data`; on a non-blocking pipe waits for room until `stop`
+/// closes (then fails with `BrokenPipe`).
+fn write_chunk(p: &mut File, mut data: &[u8], stop: Option<&OwnedFd>) -> io::Result<()> {
+    while !data.is_empty() {
+        match p.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let Some(stop) = stop else { return Err(e) };
+                if wait_ready(p, PollFlags::POLLOUT, stop)? {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "exec ended"));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Forwards one output pipe as data frames, each as soon as bytes arrive.
@@ -274,7 +300,7 @@ fn pump(ctx: &Ctx, id: u64, stream: u8, mut out: File, stop: Option<&OwnedFd>) {
     };
     loop {
         if let Some(stop) = stop {
-            match wait_readable(&out, stop) {
+            match wait_ready(&out, PollFlags::POLLIN, stop) {
                 Ok(false) => {}
                 Ok(true) => return drain(&mut out, &mut buf, &mut forward),
                 Err(e) => {
@@ -295,11 +321,11 @@ fn pump(ctx: &Ctx, id: u64, stream: u8, mut out: File, stop: Option<&OwnedFd>) {
     }
 }
 
-/// Blocks until `out` is readable (`false`) or `stop` has closed (`true`).
-fn wait_readable(out: &File, stop: &OwnedFd) -> io::Result<bool> {
+/// Blocks until `fd` is ready for `events` (`false`) or `stop` has closed (`true`).
+fn wait_ready(fd: &File, events: PollFlags, stop: &OwnedFd) -> io::Result<bool> {
     loop {
         let mut fds = [
-            PollFd::new(out.as_fd(), PollFlags::POLLIN),
+            PollFd::new(fd.as_fd(), events),
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {

@@ -5,7 +5,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{exec, group_members, wait_group_gone, Agent, Event};
-use forkd_agent_proto::{GuestMsg, HostMsg, MAX_DATA, STREAM_STDOUT};
+use std::io::Write;
+
+use forkd_agent_proto::{
+    encode_data, encode_json, GuestMsg, HostMsg, MAX_DATA, STREAM_STDIN, STREAM_STDOUT,
+};
 
 #[test]
 fn ready_and_ping() {
@@ -92,6 +96,76 @@ fn stdin_to_a_child_that_does_not_read() {
     // The agent is still responsive.
     a.send(&HostMsg::Ping { id: 1 });
     assert_eq!(a.recv(), Event::Msg(GuestMsg::Pong { id: 1 }));
+}
+
+#[test]
+fn stdin_held_by_a_background_process() {
+    // The background sleep keeps the stdin pipe open without reading. Once
+    // the exec has ended, stdin beyond the pipe's capacity must be dropped,
+    // not block the agent.
+    let mut a = Agent::start();
+    a.send(&HostMsg::Exec {
+        id: 7,
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "exec 3<&0; sleep 30 <&3 3<&- & echo bg".into(),
+        ],
+        env: vec![],
+        cwd: None,
+        stdin: true,
+    });
+    let mut w = a.writer();
+    let feeder = std::thread::spawn(move || {
+        let chunk = encode_data(7, STREAM_STDIN, &vec![b'x'; MAX_DATA]).unwrap();
+        for _ in 0..160 {
+            w.write_all(&chunk).unwrap();
+        }
+        w.write_all(&encode_data(7, STREAM_STDIN, b"").unwrap())
+            .unwrap();
+        w.write_all(&encode_json(&HostMsg::Ping { id: 70 }).unwrap())
+            .unwrap();
+    });
+    let o = a.collect(&[7]).remove(&7).unwrap();
+    assert_eq!(o.stdout(), "bg\n");
+    assert_eq!(o.exit(), Some((Some(0), None)));
+    loop {
+        match a.recv() {
+            Event::Msg(GuestMsg::Pong { id: 70 }) => break,
+            Event::Msg(GuestMsg::Log { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    feeder.join().unwrap();
+}
+
+#[test]
+fn large_output() {
+    let mut a = Agent::start();
+    let o = a.run(exec(1, &["seq", "1", "100000"]));
+    let want: String = (1..=100000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        o.stdout() == want,
+        "stdout differs ({} bytes)",
+        o.stdout().len()
+    );
+    assert_eq!(o.exit(), Some((Some(0), None)));
+}
+
+#[test]
+fn ping_while_running() {
+    let mut a = Agent::start();
+    a.send(&exec(1, &["sh", "-c", "read x"]));
+    a.send(&HostMsg::Ping { id: 2 });
+    loop {
+        match a.recv() {
+            Event::Msg(GuestMsg::Pong { id: 2 }) => break,
+            Event::Msg(GuestMsg::Started { .. } | GuestMsg::Log { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // stdin is /dev/null, so `read` ends at once.
+    assert_eq!(a.collect(&[1])[&1].exit(), Some((Some(1), None)));
 }
 
 #[test]

@@ -188,6 +188,11 @@ impl Agent {
         self.sock.write_all(&encode_json(msg).unwrap()).unwrap();
     }
 
+    /// A second handle on our end of the channel, for writer threads.
+    pub fn writer(&self) -> UnixStream {
+        self.sock.try_clone().unwrap()
+    }
+
     pub fn send_stdin(&mut self, id: u64, data: &[u8]) {
         self.sock
             .write_all(&encode_data(id, STREAM_STDIN, data).unwrap())
