@@ -37,7 +37,6 @@ fn main() {
     let started = Instant::now();
     let kernel_us = boottime_us();
     let pid1 = std::process::id() == 1;
-    log::use_kmsg(pid1);
     std::panic::set_hook(Box::new(|info| log::local(format!("panic: {info}"))));
     ignore_sigpipe();
     if std::env::var_os("PATH").is_none() {
@@ -81,11 +80,10 @@ fn run(
     registry: &Arc<Registry>,
 ) -> Result<(), AgentError> {
     let flags = Flags::parse(std::env::args().skip(1))?;
-    let cmdline = if flags.init.unwrap_or(pid1) {
-        init::setup()
-    } else {
-        Cmdline::read()
-    };
+    let init = flags.init.unwrap_or(pid1);
+    // The real init logs to the kernel log; a test instance keeps to stderr.
+    log::use_kmsg(init);
+    let cmdline = if init { init::setup() } else { Cmdline::read() };
     ensure_std_fds();
     if !pid1 {
         become_subreaper();

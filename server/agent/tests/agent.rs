@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{exec, group_members, wait_group_gone, Agent, Event};
+use common::{exec, group_members, wait_group_gone, zombie_children, Agent, Event};
 use std::io::Write;
 
 use forkd_agent_proto::{
@@ -357,6 +357,42 @@ fn background_child_does_not_hold_exec() {
     assert_eq!(o.exit(), Some((Some(0), None)));
     // The background sleep is still in the group; the harness kills it.
     assert!(!group_members(o.pid().unwrap()).is_empty());
+}
+
+#[test]
+fn orphans_are_reaped() {
+    let mut a = Agent::start();
+    // The background sleep outlives its shell and is reparented to the
+    // agent (a child subreaper off PID 1), which must reap it.
+    let o = a.run(exec(1, &["sh", "-c", "sleep 0.2 & echo $!"]));
+    let orphan: u32 = o.stdout().trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{orphan}")).exists() {
+        assert!(Instant::now() < deadline, "orphan {orphan} not reaped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(zombie_children(a.pid()), Vec::<u32>::new());
+}
+
+/// As PID 1 (of a fresh pid namespace) the agent must outlive the channel.
+#[test]
+fn pid1_keeps_running_after_eof() {
+    let wrapper = ["unshare", "--pid", "--fork", "--kill-child"];
+    let probe = std::process::Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg("true")
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot create a pid namespace here");
+        return;
+    }
+    let mut a = Agent::start_under(&wrapper);
+    let o = a.run(exec(1, &["sh", "-c", "echo $PPID"]));
+    assert_eq!(o.stdout(), "1\n");
+    a.close();
+    // Nothing to wait for but time: it must still be there a while later.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!a.exited(), "PID 1 exited after EOF");
 }
 
 #[test]

@@ -100,6 +100,8 @@ pub struct Agent {
     backlog: Vec<Event>,
     /// Exec pids seen, whose process groups are killed on drop.
     pgids: Vec<u32>,
+    /// The agent runs in its own pid namespace: exec pids are not ours to kill.
+    in_pidns: bool,
 }
 
 pub fn exec(id: u64, argv: &[&str]) -> HostMsg {
@@ -115,9 +117,23 @@ pub fn exec(id: u64, argv: &[&str]) -> HostMsg {
 impl Agent {
     /// Starts the agent and waits for Ready.
     pub fn start() -> Agent {
+        Self::start_under(&[])
+    }
+
+    /// Starts the agent under `wrapper` (a command that runs its arguments,
+    /// e.g. `unshare --pid --fork`) and waits for Ready.
+    pub fn start_under(wrapper: &[&str]) -> Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let fd = theirs.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd-agent"));
+        let bin = env!("CARGO_BIN_EXE_forkd-agent");
+        let mut cmd = match wrapper {
+            [] => Command::new(bin),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
         cmd.args(["--no-init", "--channel-fd", "3"])
             .stdin(Stdio::null());
         // SAFETY: dup2 is async-signal-safe; it makes the socket fd 3 of the
@@ -151,6 +167,7 @@ impl Agent {
             rx,
             backlog: Vec::new(),
             pgids: Vec::new(),
+            in_pidns: !wrapper.is_empty(),
         };
         loop {
             match agent.recv() {
@@ -235,6 +252,21 @@ impl Agent {
         out
     }
 
+    /// The agent's (or its wrapper's) pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the agent (or its wrapper) has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Closes our end of the channel without waiting.
+    pub fn close(&mut self) {
+        self.sock.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+
     /// Closes our end of the channel and waits (bounded) for the agent to exit.
     pub fn close_and_wait(&mut self) -> std::process::ExitStatus {
         self.sock.shutdown(std::net::Shutdown::Both).unwrap();
@@ -261,7 +293,12 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        for pgid in &self.pgids {
+        let pgids = if self.in_pidns {
+            &[][..]
+        } else {
+            &self.pgids[..]
+        };
+        for pgid in pgids {
             // SAFETY: kill has no memory effects.
             unsafe { libc::kill(-(*pgid as i32), libc::SIGKILL) };
         }
@@ -302,4 +339,25 @@ pub fn wait_group_gone(pgid: u32) -> Vec<u32> {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Zombie children of process `ppid` (unreaped).
+pub fn zombie_children(ppid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 1 && f[0] == "Z" && f[1].parse::<u32>() == Ok(ppid) {
+            found.push(pid);
+        }
+    }
+    found
 }
