@@ -128,25 +128,19 @@ impl Pipes {
     }
 }
 
-fn run(
-    ctx: &Arc<Ctx>,
-    req: Request,
-    stdin_rx: Option<Receiver<Vec<u8>>>,
-    status_rx: Receiver<WaitStatus>,
-) {
-    let id = req.id;
-    let fail = |message: String| {
-        ctx.registry.remove(id);
-        ctx.send(&GuestMsg::Failed { id, message });
-    };
-    let prepared = match Prepared::new(&req.argv, &req.env, req.cwd.as_deref()) {
-        Ok(p) => p,
-        Err(msg) => return fail(msg),
-    };
-    let pipes = match Pipes::new(req.stdin) {
-        Ok(p) => p,
-        Err(e) => return fail(format!("cannot create pipes: {e}")),
-    };
+/// A forked child that has exec'd, and the agent's ends of its pipes.
+struct Launched {
+    pid: libc::pid_t,
+    started: Instant,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// Forks and execs the request; the error is the `Failed` message.
+fn launch(ctx: &Ctx, req: &Request) -> Result<Launched, String> {
+    let prepared = Prepared::new(&req.argv, &req.env, req.cwd.as_deref())?;
+    let pipes = Pipes::new(req.stdin).map_err(|e| format!("cannot create pipes: {e}"))?;
     let started = Instant::now();
     let fds = ChildFds {
         stdin: &pipes.child_stdin,
@@ -154,10 +148,10 @@ fn run(
         stderr: &pipes.stderr.1,
         error: &pipes.error.1,
     };
-    let pid = match ctx.registry.fork_as(id, || fork_exec(&prepared, &fds)) {
-        Ok(pid) => pid,
-        Err(e) => return fail(format!("cannot fork: {e}")),
-    };
+    let pid = ctx
+        .registry
+        .fork_as(req.id, || fork_exec(&prepared, &fds))
+        .map_err(|e| format!("cannot fork: {e}"))?;
     let Pipes {
         child_stdin,
         agent_stdin,
@@ -169,9 +163,40 @@ fn run(
     drop((child_stdin, stdout.1, stderr.1, error.1));
     match read_exec_error(error.0) {
         Ok(None) => {}
-        Ok(Some((stage, errno))) => return fail(prepared.describe(stage, errno)),
-        Err(e) => log::warn(format!("exec {id}: reading the exec error pipe: {e}")),
+        Ok(Some((stage, errno))) => return Err(prepared.describe(stage, errno)),
+        Err(e) => log::warn(format!("exec {}: reading the exec error pipe: {e}", req.id)),
     }
+    Ok(Launched {
+        pid,
+        started,
+        stdin: agent_stdin,
+        stdout: stdout.0,
+        stderr: stderr.0,
+    })
+}
+
+/// Runs one exec: launch, then forward its I/O until it is reaped.
+fn run(
+    ctx: &Arc<Ctx>,
+    req: Request,
+    stdin_rx: Option<Receiver<Vec<u8>>>,
+    status_rx: Receiver<WaitStatus>,
+) {
+    let id = req.id;
+    let Launched {
+        pid,
+        started,
+        stdin: agent_stdin,
+        stdout,
+        stderr,
+    } = match launch(ctx, &req) {
+        Ok(l) => l,
+        Err(message) => {
+            // A child that failed to exec is reaped as an unknown pid.
+            ctx.registry.remove(id);
+            return ctx.send(&GuestMsg::Failed { id, message });
+        }
+    };
     ctx.send(&GuestMsg::Started {
         id,
         pid: pid as u32,
@@ -198,7 +223,7 @@ fn run(
         }
     }
 
-    let pumps: Vec<_> = [(STREAM_STDOUT, stdout.0), (STREAM_STDERR, stderr.0)]
+    let pumps: Vec<_> = [(STREAM_STDOUT, stdout), (STREAM_STDERR, stderr)]
         .into_iter()
         .filter_map(|(stream, fd)| {
             let (ctx, stop_r) = (ctx.clone(), stop_r.clone());
