@@ -378,15 +378,11 @@ fn orphans_are_reaped() {
 #[test]
 fn pid1_keeps_running_after_eof() {
     let wrapper = ["unshare", "--pid", "--fork", "--kill-child"];
-    let probe = std::process::Command::new(wrapper[0])
-        .args(&wrapper[1..])
-        .arg("true")
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
+    if !can_run(&wrapper) {
         eprintln!("skipped: cannot create a pid namespace here");
         return;
     }
-    let mut a = Agent::start_under(&wrapper);
+    let mut a = Agent::start_under(&wrapper, &["--no-init"]);
     let o = a.run(exec(1, &["sh", "-c", "echo $PPID"]));
     assert_eq!(o.stdout(), "1\n");
     a.close();
@@ -400,4 +396,55 @@ fn exits_on_channel_eof() {
     let mut a = Agent::start();
     let status = a.close_and_wait();
     assert!(status.success(), "{status:?}");
+}
+
+/// Whether `wrapper` works here (namespaces may be forbidden).
+fn can_run(wrapper: &[&str]) -> bool {
+    std::process::Command::new(wrapper[0])
+        .args(&wrapper[1..])
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The init duties, run in private mount, pid, UTS and network namespaces
+/// (so the host's mounts, hostname and lo are untouched).
+#[test]
+fn init_duties_in_namespaces() {
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--uts",
+        "--net",
+        "--fork",
+        "--kill-child",
+    ];
+    if !can_run(&wrapper) {
+        eprintln!("skipped: cannot create namespaces here");
+        return;
+    }
+    let mut a = Agent::start_under(&wrapper, &["--init"]);
+    assert_eq!(a.early_logs, Vec::<String>::new());
+    let o = a.run(exec(
+        1,
+        &[
+            "sh",
+            "-c",
+            "hostname; cat /sys/class/net/lo/flags; \
+             for m in /proc /sys /dev /dev/pts /dev/shm /tmp /run; do \
+               grep -c \" $m \" /proc/self/mounts; done; \
+             stat -c %a /tmp /dev/shm; test -c /dev/null && echo null",
+        ],
+    ));
+    let out = o.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 12, "{out}\n{}", o.stderr());
+    assert_eq!(lines[0], "forkd");
+    let flags = u32::from_str_radix(lines[1].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "lo is not up: {}", lines[1]);
+    assert!(lines[2..9].iter().all(|n| *n != "0"), "{out}");
+    assert_eq!(&lines[9..], ["1777", "1777", "null"]);
 }

@@ -102,6 +102,8 @@ pub struct Agent {
     pgids: Vec<u32>,
     /// The agent runs in its own pid namespace: exec pids are not ours to kill.
     in_pidns: bool,
+    /// `Log` messages that came before Ready.
+    pub early_logs: Vec<String>,
 }
 
 pub fn exec(id: u64, argv: &[&str]) -> HostMsg {
@@ -117,12 +119,13 @@ pub fn exec(id: u64, argv: &[&str]) -> HostMsg {
 impl Agent {
     /// Starts the agent and waits for Ready.
     pub fn start() -> Agent {
-        Self::start_under(&[])
+        Self::start_under(&[], &["--no-init"])
     }
 
-    /// Starts the agent under `wrapper` (a command that runs its arguments,
-    /// e.g. `unshare --pid --fork`) and waits for Ready.
-    pub fn start_under(wrapper: &[&str]) -> Agent {
+    /// Starts the agent with `args` (besides the channel) under `wrapper` (a
+    /// command that runs its arguments, e.g. `unshare --pid --fork`) and
+    /// waits for Ready; logs sent before Ready are kept in `early_logs`.
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> Agent {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let fd = theirs.as_raw_fd();
         let bin = env!("CARGO_BIN_EXE_forkd-agent");
@@ -134,7 +137,8 @@ impl Agent {
                 c
             }
         };
-        cmd.args(["--no-init", "--channel-fd", "3"])
+        cmd.args(args)
+            .args(["--channel-fd", "3"])
             .stdin(Stdio::null());
         // SAFETY: dup2 is async-signal-safe; it makes the socket fd 3 of the
         // child (without close-on-exec) and touches nothing else.
@@ -168,6 +172,7 @@ impl Agent {
             backlog: Vec::new(),
             pgids: Vec::new(),
             in_pidns: !wrapper.is_empty(),
+            early_logs: Vec::new(),
         };
         loop {
             match agent.recv() {
@@ -175,7 +180,7 @@ impl Agent {
                     assert!(!version.is_empty());
                     break;
                 }
-                Event::Msg(GuestMsg::Log { .. }) => {}
+                Event::Msg(GuestMsg::Log { message }) => agent.early_logs.push(message),
                 other => panic!("expected Ready, got {other:?}"),
             }
         }
