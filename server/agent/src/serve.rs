@@ -1,0 +1,81 @@
+//! The dispatcher: reads host frames from the channel and acts on them.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::sync::Arc;
+
+use forkd_agent_proto::{Frame, FrameReader, GuestMsg, HostMsg, ProtoError, STREAM_STDIN};
+
+use crate::error::AgentError;
+use crate::exec::{self, Ctx, Request};
+use crate::log;
+
+/// Serves the host until the channel ends (`Ok`) or breaks (`Err`).
+pub fn serve(ctx: &Arc<Ctx>, input: File) -> Result<(), AgentError> {
+    let mut frames = FrameReader::new(BufReader::with_capacity(256 * 1024, input));
+    loop {
+        match frames.read() {
+            Ok(None) => return Ok(()),
+            Ok(Some(frame)) => handle(ctx, frame),
+            // The frame was consumed whole: report it and go on.
+            Err(
+                e @ (ProtoError::BadKind(_)
+                | ProtoError::ShortData(_)
+                | ProtoError::BadStream(_)
+                | ProtoError::DataTooLarge(_)),
+            ) => log::warn(format!("skipping bad frame: {e}")),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn handle(ctx: &Arc<Ctx>, frame: Frame) {
+    match frame {
+        Frame::Json(_) => match frame.parse_json::<HostMsg>() {
+            Some(Ok(msg)) => handle_msg(ctx, msg),
+            Some(Err(e)) => log::warn(format!("skipping bad message: {e}")),
+            None => {}
+        },
+        Frame::Data {
+            id,
+            stream: STREAM_STDIN,
+            data,
+        } => {
+            // Unknown ids and execs without stdin: dropped. A full queue
+            // blocks here, which pushes back on the host.
+            if let Some(tx) = ctx.registry.stdin(id) {
+                let _ = tx.send(data);
+            }
+        }
+        Frame::Data { id, stream, .. } => log::warn(format!(
+            "ignoring data for exec {id} on output stream {stream}"
+        )),
+    }
+}
+
+fn handle_msg(ctx: &Arc<Ctx>, msg: HostMsg) {
+    match msg {
+        HostMsg::Exec {
+            id,
+            argv,
+            env,
+            cwd,
+            stdin,
+        } => exec::start(
+            ctx,
+            Request {
+                id,
+                argv,
+                env,
+                cwd,
+                stdin,
+            },
+        ),
+        HostMsg::Kill { id, signal } => ctx.registry.kill(id, signal),
+        HostMsg::Ping { id } => {
+            if let Err(e) = ctx.channel.send(&GuestMsg::Pong { id }) {
+                log::local(format!("cannot send pong: {e}"));
+            }
+        }
+    }
+}
