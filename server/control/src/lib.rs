@@ -438,6 +438,9 @@ mod tests {
         let req = Request::Exec {
             id: 7,
             argv: vec!["echo".into(), "hi".into()],
+            env: vec![("A".into(), "1".into())],
+            cwd: Some("/tmp".into()),
+            stdin: true,
         };
         let bytes = encode_json(&req);
         let got = read_request(&mut &bytes[..]).unwrap();

@@ -12,11 +12,11 @@ use clap::Parser;
 use forkd_control::ExitReason;
 use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
+use forkd_vmm::linux::{self, boot::LinuxBoot};
 use forkd_vmm::snapshot::DirtyLog;
 use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
 use forkd_vmm::vm::{Vm, VmConfig};
-use forkd_vmm::linux::{self, boot::LinuxBoot};
 use forkd_vmm::{control, kick, live, loader};
 
 /// Runs one KVM microVM, controlled by the forkd daemon over a socket.

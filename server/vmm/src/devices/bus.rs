@@ -52,7 +52,11 @@ impl Bus {
 
     /// Handles a port read.
     pub fn port_read(&self, port: u16, data: &mut [u8]) {
-        match self.ports.iter().find(|r| port.wrapping_sub(r.base) < r.len) {
+        match self
+            .ports
+            .iter()
+            .find(|r| port.wrapping_sub(r.base) < r.len)
+        {
             Some(r) => {
                 let mut device = r.device.lock().unwrap_or_else(|p| p.into_inner());
                 for (i, byte) in data.iter_mut().enumerate() {
@@ -65,7 +69,11 @@ impl Bus {
 
     /// Handles a port write.
     pub fn port_write(&self, port: u16, data: &[u8]) {
-        if let Some(r) = self.ports.iter().find(|r| port.wrapping_sub(r.base) < r.len) {
+        if let Some(r) = self
+            .ports
+            .iter()
+            .find(|r| port.wrapping_sub(r.base) < r.len)
+        {
             let mut device = r.device.lock().unwrap_or_else(|p| p.into_inner());
             for (i, byte) in data.iter().enumerate() {
                 device.write(port - r.base + i as u16, *byte);

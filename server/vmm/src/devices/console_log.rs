@@ -104,7 +104,7 @@ mod tests {
         let path = dir.join("console.log");
         let mut log = ConsoleLog::create(Some(&path), 4096).unwrap();
         for i in 0..3000 {
-            write!(log, "line {i}\n").unwrap();
+            writeln!(log, "line {i}").unwrap();
         }
         let current = std::fs::metadata(&path).unwrap().len();
         let old = std::fs::metadata(dir.join("console.log.1")).unwrap().len();

@@ -4,6 +4,7 @@
 //! handled in `vcpu`.
 
 pub mod bus;
+pub mod cmos;
 pub mod console_log;
 pub mod i8042;
 pub mod irq;

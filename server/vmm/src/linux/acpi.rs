@@ -6,7 +6,9 @@
 //! command-line virtio-mmio support).
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -19,6 +21,10 @@ use crate::memory::GuestRam;
 const OEM_ID: [u8; 6] = *b"FORKD ";
 const OEM_TABLE_ID: [u8; 8] = *b"FORKDVMM";
 const OEM_REVISION: u32 = 1;
+/// FADT IA-PC boot architecture flags.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+const IAPC_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
 
 /// One virtio-mmio device as the guest must see it.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +86,11 @@ pub fn write_tables(ram: &GuestRam, vcpus: u8, devices: &[MmioDevice]) -> Result
     dsdt_table.append_slice(&dsdt(devices));
     let dsdt_addr = writer.put(dsdt_table.as_slice())?;
 
-    let fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // No VGA, no MSI (no PCI), no PCIe ASPM controls.
+    fadt.iapc_boot_arch =
+        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_PCIE_ASPM_CONTROLS).into();
+    let fadt = fadt
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
@@ -167,7 +177,10 @@ mod tests {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let sigs: Vec<Vec<u8>> = entries.iter().map(|a| read_table(*a)[..4].to_vec()).collect();
+        let sigs: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|a| read_table(*a)[..4].to_vec())
+            .collect();
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
         for a in &entries {
             assert!(checksum_ok(&read_table(*a)));

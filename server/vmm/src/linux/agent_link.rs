@@ -54,7 +54,9 @@ impl AgentLink {
     /// Forwards stdin bytes of Exec `id` (empty: end of input).
     pub fn input(&self, id: u64, data: &[u8]) -> Result<(), LinkError> {
         if data.is_empty() {
-            return Ok(self.console.send(&proto::encode_data(id, proto::STREAM_STDIN, &[])?)?);
+            return Ok(self
+                .console
+                .send(&proto::encode_data(id, proto::STREAM_STDIN, &[])?)?);
         }
         for chunk in data.chunks(proto::MAX_DATA.min(MAX_INPUT_CHUNK)) {
             self.console
@@ -166,7 +168,9 @@ impl GuestFrames {
                 kernel_us,
                 init_us,
             } => {
-                eprintln!("forkd-vmm: agent {version} ready (kernel {kernel_us} us, init {init_us} us)");
+                eprintln!(
+                    "forkd-vmm: agent {version} ready (kernel {kernel_us} us, init {init_us} us)"
+                );
                 self.sink.send(&Event::Ready {
                     boot_us: self.started.elapsed().as_micros() as u64,
                     guest: Some(GuestBoot { kernel_us, init_us }),

@@ -134,7 +134,9 @@ fn set_boot_msrs(vcpu: &VcpuFd) -> Result<()> {
     ];
     let msrs = Msrs::from_entries(&entries)
         .map_err(|e| VmmError::Boot(format!("building the boot MSR list: {e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(VmmError::kvm("KVM_SET_MSRS"))?;
+    let set = vcpu
+        .set_msrs(&msrs)
+        .map_err(VmmError::kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         return Err(VmmError::Boot(format!(
             "KVM accepted {set} of {} boot MSRs",

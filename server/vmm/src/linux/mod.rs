@@ -16,6 +16,7 @@ use std::time::Instant;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 
 use crate::devices::bus::Bus;
+use crate::devices::cmos;
 use crate::devices::console_log::{ConsoleLog, DEFAULT_CAP};
 use crate::devices::i8042::{ResetFlag, I8042};
 use crate::devices::irq::IrqLine;
@@ -58,7 +59,7 @@ pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
         )));
     }
     let memory_bytes = u64::from(config.memory_mib) << 20;
-    if memory_bytes < (64 << 20) || memory_bytes > layout::RAM_LIMIT {
+    if !((64 << 20)..=layout::RAM_LIMIT).contains(&memory_bytes) {
         return Err(VmmError::Config(format!(
             "a Linux guest needs between 64 and {} MiB of memory, got {} MiB",
             layout::RAM_LIMIT >> 20,
@@ -70,7 +71,8 @@ pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    fd.create_pit2(pit).map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+    fd.create_pit2(pit)
+        .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
     let ram = GuestRam::new(memory_bytes)?;
     vm::attach_memory(&fd, &ram)?;
 
@@ -117,13 +119,20 @@ pub fn create_devices(
         device: "serial console",
         detail: format!(
             "creating {}: {e}",
-            console_log.map(|p| p.display().to_string()).unwrap_or_default()
+            console_log
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         ),
     })?;
     let log = SharedLog(Arc::new(Mutex::new(log)));
     let mut bus = Bus::default();
     let serial = SerialConsole::new(IrqLine::new(vm_fd, layout::COM1_GSI)?, log.clone());
     bus.add_ports(layout::COM1_PORT, 8, Arc::new(Mutex::new(serial)));
+    bus.add_ports(
+        cmos::CMOS_PORT,
+        2,
+        Arc::new(Mutex::new(cmos::Cmos::default())),
+    );
     let reset = ResetFlag::default();
     bus.add_ports(
         layout::I8042_DATA_PORT,

@@ -32,6 +32,9 @@ pub struct ChannelFull {
     pub pending: usize,
 }
 
+/// Receives the guest's bytes, in order.
+pub type OutputFn = Box<dyn FnMut(&[u8]) + Send>;
+
 #[derive(Default)]
 struct Receive {
     memory: Option<GuestMemoryMmap>,
@@ -44,7 +47,7 @@ struct Receive {
 pub struct Console {
     receive: Arc<Mutex<Receive>>,
     transmit: Option<(GuestMemoryMmap, Queue, Interrupt)>,
-    on_output: Box<dyn FnMut(&[u8]) + Send>,
+    on_output: OutputFn,
     writes: DeviceWrites,
 }
 
@@ -62,7 +65,7 @@ fn lock(m: &Mutex<Receive>) -> MutexGuard<'_, Receive> {
 impl Console {
     /// A console calling `on_output` with the guest's bytes; device writes
     /// to guest RAM are recorded in `writes`.
-    pub fn new(on_output: Box<dyn FnMut(&[u8]) + Send>, writes: DeviceWrites) -> (Self, ConsoleSender) {
+    pub fn new(on_output: OutputFn, writes: DeviceWrites) -> (Self, ConsoleSender) {
         let receive = Arc::new(Mutex::new(Receive::default()));
         let sender = ConsoleSender {
             receive: receive.clone(),
@@ -95,7 +98,8 @@ impl Console {
                 }
             }
             if queue.add_used(&*memory, head, 0).is_ok() {
-                self.writes.mark(queue.used_ring(), 4 + 8 * usize::from(queue.size()) + 2);
+                self.writes
+                    .mark(queue.used_ring(), 4 + 8 * usize::from(queue.size()) + 2);
                 used_any = true;
             }
         }
@@ -111,9 +115,11 @@ impl Console {
 impl Receive {
     /// Copies pending bytes into the guest's posted buffers.
     fn fill(&mut self, writes: &DeviceWrites) {
-        let (Some(memory), Some(queue), Some(interrupt)) =
-            (self.memory.as_ref(), self.queue.as_mut(), self.interrupt.as_ref())
-        else {
+        let (Some(memory), Some(queue), Some(interrupt)) = (
+            self.memory.as_ref(),
+            self.queue.as_mut(),
+            self.interrupt.as_ref(),
+        ) else {
             return;
         };
         let mut used_any = false;

@@ -59,7 +59,11 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// A transport for `device`, whose queues live in `memory`.
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap, interrupt: Interrupt) -> Self {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Interrupt,
+    ) -> Self {
         let queues = new_queues(device.as_ref());
         MmioTransport {
             device,
@@ -129,17 +133,25 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW => self.set_queue_address(|q, v| q.set_desc_table_address(Some(v), None), value),
-            reg::QUEUE_DESC_HIGH => self.set_queue_address(|q, v| q.set_desc_table_address(None, Some(v)), value),
-            reg::QUEUE_AVAIL_LOW => self.set_queue_address(|q, v| q.set_avail_ring_address(Some(v), None), value),
-            reg::QUEUE_AVAIL_HIGH => self.set_queue_address(|q, v| q.set_avail_ring_address(None, Some(v)), value),
-            reg::QUEUE_USED_LOW => self.set_queue_address(|q, v| q.set_used_ring_address(Some(v), None), value),
-            reg::QUEUE_USED_HIGH => self.set_queue_address(|q, v| q.set_used_ring_address(None, Some(v)), value),
-            reg::QUEUE_NOTIFY => {
-                if self.active {
-                    self.device.queue_notify(value);
-                }
+            reg::QUEUE_DESC_LOW => {
+                self.set_queue_address(|q, v| q.set_desc_table_address(Some(v), None), value)
             }
+            reg::QUEUE_DESC_HIGH => {
+                self.set_queue_address(|q, v| q.set_desc_table_address(None, Some(v)), value)
+            }
+            reg::QUEUE_AVAIL_LOW => {
+                self.set_queue_address(|q, v| q.set_avail_ring_address(Some(v), None), value)
+            }
+            reg::QUEUE_AVAIL_HIGH => {
+                self.set_queue_address(|q, v| q.set_avail_ring_address(None, Some(v)), value)
+            }
+            reg::QUEUE_USED_LOW => {
+                self.set_queue_address(|q, v| q.set_used_ring_address(Some(v), None), value)
+            }
+            reg::QUEUE_USED_HIGH => {
+                self.set_queue_address(|q, v| q.set_used_ring_address(None, Some(v)), value)
+            }
+            reg::QUEUE_NOTIFY if self.active => self.device.queue_notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
             reg::STATUS => self.set_status(value),
             _ => {}
@@ -159,7 +171,10 @@ impl MmioTransport {
         }
         self.status = value;
         if value & STATUS_DRIVER_OK != 0 && !self.active {
-            let valid = self.queues.iter().all(|q| q.ready() && q.is_valid(&self.memory));
+            let valid = self
+                .queues
+                .iter()
+                .all(|q| q.ready() && q.is_valid(&self.memory));
             if !valid {
                 self.status |= STATUS_FAILED;
                 return;
