@@ -14,6 +14,11 @@ use crate::error::ImageError;
 /// The Debian suite of guest userlands (matches the kernel's).
 const SUITE: &str = "bookworm";
 
+/// mmdebstrap's hook that makes the merged-/usr symlinks itself. Without it,
+/// bookworm's mmdebstrap installs the `usrmerge` package, which pulls in
+/// the whole of perl (~45 MB of the initramfs) for a one-time conversion.
+const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
+
 /// Lines of mmdebstrap's standard error shown when it fails.
 const MMDEBSTRAP_TAIL: usize = 15;
 
@@ -34,7 +39,11 @@ pub(crate) fn mmdebstrap(packages: &[String], tar: &Path) -> Result<(), ImageErr
     let mmdebstrap = require("mmdebstrap", "apt-get install mmdebstrap")?;
     let include = format!("--include={}", packages.join(","));
     let out = tar.to_string_lossy();
+    let hook = format!("--hook-dir={MERGED_USR_HOOK}");
     let mut args = vec!["--variant=essential", "--quiet"];
+    if Path::new(MERGED_USR_HOOK).is_dir() {
+        args.push(&hook);
+    }
     if !packages.is_empty() {
         args.push(&include);
     }
