@@ -13,9 +13,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::apt::Apt;
 use crate::digest::sha256_file;
 use crate::error::ImageError;
-use crate::kernel::{self, Apt, KernelPackage};
+use crate::kernel::{self, KernelPackage};
 use crate::lock::{remove_stale, BuildLock, BUILDING_PREFIX};
 use crate::manifest::{
     input_digest, now_rfc3339, BuildInputs, ImageFile, KernelFile, Manifest, DEFAULT_MEMORY_MIB,
@@ -127,6 +128,14 @@ pub fn build(
     let mut apt = Apt::new()?;
     let kpkg = step(log, "resolve the kernel package", || apt.resolve())?;
     log(&format!("kernel: {} {}", kpkg.name, kpkg.version));
+    let unknown = step(log, "check package names", || {
+        apt.unknown_packages(&opts.packages)
+    })?;
+    if !unknown.is_empty() {
+        return Err(ImageError::UnknownPackages {
+            names: unknown.join(", "),
+        });
+    }
     let (agent_sha256, _) = sha256_file(&opts.agent)?;
     let digest = input_digest(&BuildInputs {
         packages: &opts.packages,

@@ -66,6 +66,12 @@ pub enum ImageError {
         /// Its last lines of standard error.
         stderr: String,
     },
+    /// Packages asked for that apt does not know.
+    #[error("unknown Debian package(s): {names} (apt-cache policy knows no such package, even after apt-get update)")]
+    UnknownPackages {
+        /// The unknown names, comma-separated.
+        names: String,
+    },
     /// The kernel package could not be resolved or used.
     #[error("kernel: {0}")]
     Kernel(String),

@@ -2,6 +2,7 @@
 //! whole Debian userland with `forkd-agent` as `/init`. [`ImageStore`]
 //! finds and removes images; [`build()`] makes them. See DESIGN.md.
 
+mod apt;
 mod build;
 mod cmd;
 mod digest;

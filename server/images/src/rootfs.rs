@@ -56,11 +56,29 @@ pub(crate) fn mmdebstrap(packages: &[String], tar: &Path) -> Result<(), ImageErr
         } => ImageError::Command {
             command,
             status,
-            stderr: crate::cmd::tail(&stderr, MMDEBSTRAP_TAIL),
+            stderr: mmdebstrap_errors(&stderr),
         },
         e => e,
     })?;
     Ok(())
+}
+
+/// What of mmdebstrap's standard error explains a failure: apt's and
+/// mmdebstrap's error lines (`E: ...`), then its last lines, without dpkg's
+/// progress noise.
+fn mmdebstrap_errors(stderr: &str) -> String {
+    let useful: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("(Reading database"))
+        .collect();
+    let mut shown: Vec<&str> = useful
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("E:"))
+        .collect();
+    let tail = &useful[useful.len().saturating_sub(MMDEBSTRAP_TAIL)..];
+    shown.extend(tail.iter().filter(|l| !l.starts_with("E:")));
+    shown.join("\n")
 }
 
 /// Unpacks `tar` into the existing directory `tree`, keeping numeric owners,
@@ -130,6 +148,15 @@ fn disk_usage(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mmdebstrap_errors_first() {
+        let err = "I: x\nE: Unable to locate package nope\n(Reading database ... 5%\nlast\nE: mmdebstrap failed\n";
+        assert_eq!(
+            mmdebstrap_errors(err),
+            "E: Unable to locate package nope\nE: mmdebstrap failed\nI: x\nlast"
+        );
+    }
 
     #[test]
     fn trim_empties_listed_dirs_only() {
