@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -190,6 +191,51 @@ def test_usage_errors(forkd: Path, images: Path, agent: Path, tmp_path: Path) ->
     assert res.returncode == 1, res
     assert str(missing) in res.stderr and "cargo build --release -p forkd-agent" in res.stderr
     assert not (images / "x").exists()
+
+
+def mmdebstraps_in(path: Path) -> list[int]:
+    """Pids of processes whose command line mentions `path`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(path).encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_killed_build_leaves_old_image(forkd: Path, built: subprocess.CompletedProcess[str], images: Path, agent: Path) -> None:
+    before = (images / NAME / "manifest.json").read_bytes()
+    p = subprocess.Popen(
+        [str(forkd), "image", "build", NAME, "--force", "--images-dir", str(images), "--agent", str(agent)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        scratch: list[Path] = []
+        while time.monotonic() < deadline and not scratch:
+            scratch = [d for d in images.glob(".building-*") if (d / "work" / "tree").exists() or mmdebstraps_in(d)]
+            time.sleep(0.2)
+        assert scratch, "the build never reached mmdebstrap"
+        time.sleep(3)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    # The image is untouched, the scratch dir is left for the next build.
+    assert (images / NAME / "manifest.json").read_bytes() == before
+    assert list(images.glob(".building-*"))
+    # mmdebstrap got SIGTERM (parent-death signal) and goes away.
+    deadline = time.monotonic() + 120
+    while mmdebstraps_in(scratch[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not mmdebstraps_in(scratch[0])
+    res = image(forkd, "build", NAME, "--images-dir", str(images), "--agent", str(agent))
+    assert res.returncode == 0, res.stderr
+    assert f"image {NAME} is up to date" in res.stdout
+    assert "stale" in res.stderr
+    assert not list(images.glob(".building-*")) and not list(images.glob(".old-*"))
 
 
 def test_rm(forkd: Path, built: subprocess.CompletedProcess[str], images: Path) -> None:

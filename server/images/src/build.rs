@@ -114,7 +114,7 @@ pub fn build(
         });
     }
     let root = store.root();
-    create_dir_0755(root)?;
+    create_store_root(root)?;
     let _lock = BuildLock::take(root, &|| {
         log("waiting for another build of this store to finish")
     })?;
@@ -345,6 +345,23 @@ pub(crate) fn publish(
         std::fs::remove_dir_all(&old).map_err(ImageError::io("remove", &old))?;
     }
     Ok(dest)
+}
+
+/// Creates the store's root (0755) if missing; missing ancestors (the
+/// daemon's data dir, normally) are made 0700, as the daemon wants them.
+fn create_store_root(root: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if root.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(ImageError::io("create", parent))?;
+    }
+    create_dir_0755(root)
 }
 
 fn create_dir_0755(dir: &Path) -> Result<(), ImageError> {

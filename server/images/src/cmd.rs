@@ -1,7 +1,11 @@
 //! Running the host programs a build uses (apt, dpkg, kmod, mmdebstrap, tar).
 
+use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use nix::sys::signal::Signal;
 
 use crate::error::ImageError;
 
@@ -27,10 +31,19 @@ pub(crate) fn require(program: &'static str, hint: &'static str) -> Result<PathB
 }
 
 /// Runs `program args` (in `cwd` if given) and returns its standard
-/// output; a failure carries the last lines of its standard error.
+/// output; a failure carries the last lines of its standard error. The
+/// program gets SIGTERM if this process dies first, so a killed build does
+/// not leave mmdebstrap writing into a scratch dir (mmdebstrap cleans up
+/// on SIGTERM).
 pub(crate) fn run(program: &Path, args: &[&str], cwd: Option<&Path>) -> Result<String, ImageError> {
     let mut cmd = Command::new(program);
     cmd.args(args).env("LC_ALL", "C.UTF-8");
+    // SAFETY: the closure runs in the child between fork and exec; it only
+    // makes the prctl(2) system call (async-signal-safe), allocating nothing
+    // and taking no lock.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from));
+    }
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
     }
