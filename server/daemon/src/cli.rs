@@ -23,6 +23,109 @@ pub enum Command {
     /// userfaultfd write-protect, dirty logging, forkd-vmm, the data
     /// directory) and that a daemon is healthy; exit 1 if a check failed.
     Doctor(crate::doctor::DoctorArgs),
+    /// Build, list and remove guest images (a Debian kernel and an
+    /// initramfs holding the userland, with forkd-agent as /init).
+    Image(ImageArgs),
+}
+
+/// Options of `forkd image`.
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    /// What to do with images.
+    #[command(subcommand)]
+    pub command: ImageCommand,
+}
+
+/// The subcommands of `forkd image`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build an image (as root): mmdebstrap'ed Debian bookworm userland,
+    /// Debian's generic kernel, forkd-agent as /init. Does nothing when the
+    /// image is already up to date.
+    Build(ImageBuildArgs),
+    /// List the images.
+    Ls(ImageLsArgs),
+    /// Remove images.
+    Rm(ImageRmArgs),
+}
+
+/// Where images live.
+#[derive(Debug, clap::Args)]
+pub struct ImageStoreArgs {
+    /// The daemon's data directory (as `forkd serve --data-dir`).
+    #[arg(long, default_value = "/var/lib/forkd", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// The image directory [default: DATA_DIR/images].
+    #[arg(long, value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
+}
+
+impl ImageStoreArgs {
+    /// The image directory these options name.
+    pub fn images_dir(&self) -> PathBuf {
+        self.images_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
+    }
+}
+
+/// Options of `forkd image build`.
+#[derive(Debug, clap::Args)]
+pub struct ImageBuildArgs {
+    /// Image name ([a-z0-9][a-z0-9._-]{0,62}).
+    #[arg(default_value = forkd_images::DEFAULT_IMAGE)]
+    pub name: String,
+
+    /// Debian packages to add to the essential set, comma-separated
+    /// [default: python3,procps for debian-python, procps for others].
+    #[arg(long, value_delimiter = ',', value_name = "P1,P2,...")]
+    pub packages: Option<Vec<String>>,
+
+    /// Where the image goes.
+    #[command(flatten)]
+    pub store: ImageStoreArgs,
+
+    /// The forkd-agent binary installed as /init [default: forkd-agent
+    /// next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+
+    /// Rebuild even when the image is up to date.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Default guest RAM of sandboxes of this image, in MiB.
+    #[arg(long, default_value_t = forkd_images::DEFAULT_MEMORY_MIB, value_name = "MIB")]
+    pub memory_mib: u64,
+
+    /// Extra kernel command-line words the image wants.
+    #[arg(long, default_value = "", value_name = "ARGS")]
+    pub kernel_args: String,
+}
+
+/// Options of `forkd image ls`.
+#[derive(Debug, clap::Args)]
+pub struct ImageLsArgs {
+    /// Where the images are.
+    #[command(flatten)]
+    pub store: ImageStoreArgs,
+
+    /// Print a JSON array of the images' manifests.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `forkd image rm`.
+#[derive(Debug, clap::Args)]
+pub struct ImageRmArgs {
+    /// Images to remove.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+
+    /// Where the images are.
+    #[command(flatten)]
+    pub store: ImageStoreArgs,
 }
 
 /// Options of `forkd serve`.
@@ -161,6 +264,42 @@ mod tests {
         assert_eq!(a.first_call_timeout, 10);
         assert!(a.allow_uid.is_empty());
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
+    }
+
+    #[test]
+    fn image_build_defaults_and_lists() {
+        let cli = Cli::try_parse_from(["forkd", "image", "build"]).unwrap();
+        let Command::Image(ImageArgs {
+            command: ImageCommand::Build(b),
+        }) = cli.command
+        else {
+            panic!("not parsed as image build");
+        };
+        assert_eq!(b.name, "debian-python");
+        assert_eq!(b.packages, None);
+        assert_eq!(b.store.images_dir(), PathBuf::from("/var/lib/forkd/images"));
+        assert!(!b.force && b.agent.is_none());
+
+        let cli = Cli::try_parse_from([
+            "forkd",
+            "image",
+            "build",
+            "x",
+            "--packages",
+            "a,b",
+            "--data-dir",
+            "/d",
+        ])
+        .unwrap();
+        let Command::Image(ImageArgs {
+            command: ImageCommand::Build(b),
+        }) = cli.command
+        else {
+            panic!("not parsed as image build");
+        };
+        assert_eq!(b.packages.unwrap(), ["a", "b"]);
+        assert_eq!(b.store.images_dir(), PathBuf::from("/d/images"));
+        assert!(Cli::try_parse_from(["forkd", "image", "rm"]).is_err());
     }
 
     #[test]

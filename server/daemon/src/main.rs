@@ -14,6 +14,7 @@ mod error;
 mod exec;
 mod fork;
 mod ids;
+mod image_cli;
 mod lifecycle;
 mod live_copy;
 mod logging;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::Doctor(args) => return doctor::run(&args),
+        Command::Image(args) => return image_cli::run(args),
     };
     logging::init(args.log_format);
     // Everything the daemon (and each VMM it starts) creates is for its own
