@@ -124,6 +124,7 @@ async fn run(
                                 event: Some(exec_response::Event::Exit(ExecExit {
                                     exit_code,
                                     duration_us,
+                                    signal: 0,
                                 })),
                             };
                             let _ = out.send(Ok(exit)).await;

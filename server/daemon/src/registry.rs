@@ -141,6 +141,8 @@ impl Sandbox {
             vmm_pid: self.vmm.pid(),
             live_fork: self.spec.live_fork,
             boot_ms: self.boot_ms.get().copied().unwrap_or(0.0),
+            image: String::new(),
+            guest_boot: None,
         }
     }
 }

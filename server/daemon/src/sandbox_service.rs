@@ -257,6 +257,13 @@ impl SandboxService for Sandboxes {
             faults_served: outcome.faults_served,
         }))
     }
+
+    async fn read_console(
+        &self,
+        _request: Request<pb::ReadConsoleRequest>,
+    ) -> Result<Response<pb::ReadConsoleResponse>, Status> {
+        Err(Status::unimplemented("ReadConsole is not implemented yet"))
+    }
 }
 
 #[cfg(test)]

@@ -217,7 +217,9 @@ impl Stop {
     pub fn from_exit(reason: &ExitReason) -> Stop {
         let failed = matches!(
             reason,
-            ExitReason::GuestCrash { .. } | ExitReason::VmmError { .. }
+            ExitReason::GuestCrash { .. }
+                | ExitReason::VmmError { .. }
+                | ExitReason::GuestReset { .. }
         );
         Stop {
             reason: reason.to_string(),
@@ -620,7 +622,13 @@ impl Vmm {
             }
             routes.execs.insert(id, tx);
         }
-        self.send(&Request::Exec { id, argv });
+        self.send(&Request::Exec {
+            id,
+            argv,
+            env: Vec::new(),
+            cwd: None,
+            stdin: false,
+        });
         Ok((id, rx))
     }
 
@@ -730,7 +738,7 @@ impl Vmm {
                     }
                 }
             }
-            FromVmm::Event(Event::Ready { boot_us }) => {
+            FromVmm::Event(Event::Ready { boot_us, .. }) => {
                 tracing::debug!(sandbox = %self.id, boot_us, "VMM ready");
                 self.lifecycle.send_if_modified(|l| {
                     let booting = *l == Lifecycle::Booting;
@@ -745,6 +753,7 @@ impl Vmm {
                 exit_code,
                 duration_us,
                 cancelled,
+                ..
             }) => {
                 let tx = lock(&self.routes).execs.remove(&id);
                 if let Some(tx) = tx {

@@ -269,7 +269,13 @@ fn fake_vmm(args: &[String]) -> ! {
         );
         std::process::exit(1);
     }
-    send(&out, &encode_json(&Event::Ready { boot_us: 1234 }));
+    send(
+        &out,
+        &encode_json(&Event::Ready {
+            boot_us: 1234,
+            guest: None,
+        }),
+    );
     let running: Running = Arc::default();
     let copying: Copying = Arc::default();
     let behaviour = std::env::var("FORKD_FAKE_VMM").unwrap_or_default();
@@ -281,7 +287,7 @@ fn fake_vmm(args: &[String]) -> ! {
         match req {
             Request::Ping { id } => send(&out, &encode_json(&Event::Pong { id })),
             Request::Heartbeat { id } => send(&out, &encode_json(&Event::Alive { id })),
-            Request::Exec { id, argv } => {
+            Request::Exec { id, argv, .. } => {
                 let cancel = Arc::new(AtomicBool::new(false));
                 *running.lock().unwrap() = Some((id, cancel.clone()));
                 let out = out.clone();
@@ -494,6 +500,7 @@ fn run_builtin(out: &Out, id: u64, argv: &[String], cancel: &AtomicBool, mem: &M
             exit_code,
             duration_us: start.elapsed().as_micros() as u64,
             cancelled,
+            signal: None,
         }),
     );
 }
@@ -704,6 +711,7 @@ async fn exec(
         sandbox_id: id.into(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         timeout_ms,
+        ..Default::default()
     };
     let mut stream = match c.exec(req).await {
         Ok(s) => s.into_inner(),
@@ -823,6 +831,7 @@ async fn lifecycle_and_exec() {
             sandbox_id: id.clone(),
             argv: vec!["hold".into(), "400".into()],
             timeout_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -852,6 +861,7 @@ async fn lifecycle_and_exec() {
                 sandbox_id: id.clone(),
                 argv: vec!["sleep".into(), "60000".into()],
                 timeout_ms: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
