@@ -38,22 +38,32 @@ pub enum LinuxHostError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxHost {
     backend: Option<Backend>,
+    /// Whether [`ASSUME_ENV`] decided the backend.
+    assumed: bool,
 }
 
 impl LinuxHost {
     /// Detects the host's backend, unless [`ASSUME_ENV`] names one.
     pub fn detect() -> Result<LinuxHost, LinuxHostError> {
-        let backend = match std::env::var(ASSUME_ENV) {
-            Ok(id) => Some(parse_backend(&id)?),
-            Err(_) => detect_host().backend().map(|(b, _)| b),
+        let (backend, assumed) = match std::env::var(ASSUME_ENV) {
+            Ok(id) => (Some(parse_backend(&id)?), true),
+            Err(_) => (detect_host().backend().map(|(b, _)| b), false),
         };
-        Ok(LinuxHost { backend })
+        Ok(LinuxHost { backend, assumed })
     }
 
     /// A host with this backend (`None`: unknown).
     #[cfg(test)]
     pub fn with_backend(backend: Option<Backend>) -> LinuxHost {
-        LinuxHost { backend }
+        LinuxHost {
+            backend,
+            assumed: false,
+        }
+    }
+
+    /// Whether the backend was taken from [`ASSUME_ENV`] (tests only).
+    pub fn assumed(&self) -> bool {
+        self.assumed
     }
 
     /// The backend, when known.

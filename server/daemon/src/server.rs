@@ -139,6 +139,13 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         images: Images::new(config.images_dir.clone()),
         host: config.linux_host,
     });
+    if config.linux_host.assumed() {
+        tracing::warn!(
+            env = crate::linux_host::ASSUME_ENV,
+            backend = config.linux_host.backend().map(|b| b.id()),
+            "hypervisor taken from the environment, not detected: for forkd's own tests only"
+        );
+    }
     match config.linux_host.check() {
         Ok(()) => tracing::info!(
             images_dir = %config.images_dir.display(),
