@@ -23,6 +23,7 @@ def test_list_service_methods(daemon):
         "forkd.v1.SandboxService.DeleteSandbox",
         "forkd.v1.SandboxService.Exec",
         "forkd.v1.SandboxService.BranchSandbox",
+        "forkd.v1.SandboxService.ReadConsole",
     }, res.stdout
 
 
@@ -31,7 +32,8 @@ def test_describe_service_shows_doc_comments(daemon):
     assert "forkd.v1.SandboxService is a service:" in text, text
     # Comments from proto/forkd/v1/sandbox.proto.
     assert "SandboxService boots, forks, inspects, branches and deletes microVM" in text, text
-    assert "Commands in one sandbox run one at a time, in arrival order." in text, text
+    assert "In a reference-guest sandbox commands run one at a time, in arrival" in text, text
+    assert "a Linux sandbox runs several commands at once." in text, text
     assert "returns ( stream .forkd.v1.ExecResponse )" in text, text
 
 

@@ -10,11 +10,27 @@
 //! Kind [`KIND_JSON`] carries a [`Request`] (daemon to VMM) or an [`Event`]
 //! (VMM to daemon) as JSON: small, rare and easy to read in a log. Kind
 //! [`KIND_OUTPUT`] carries command output as raw bytes, so the bulk path
-//! never goes through JSON: `u64 LE exec id | u8 stream | data`.
+//! never goes through JSON: `u64 LE exec id | u8 stream | data`. Kind
+//! [`KIND_INPUT`] (daemon to VMM) carries a command's standard input the same
+//! way: `u64 LE exec id | data`, at most [`INPUT_CHUNK`] bytes of data per
+//! frame, ended by a frame with no data (EOF).
 //!
 //! Requests carry an `id`; the VMM answers each with events carrying the
 //! same id. [`Event::Exited`] is unsolicited and is always the VMM's last
 //! frame.
+//!
+//! # Guests
+//!
+//! The reference guest runs builtins, one [`Request::Exec`] at a time: the
+//! VMM queues the others. A Linux guest (the VMM started with `--kernel`)
+//! runs real programs through its agent and does not queue: several Execs
+//! run at once. There [`Request::Cancel`] kills the command's whole process
+//! group with SIGKILL, and the command then ends with [`Event::ExecDone`]
+//! carrying `cancelled: true` and `signal: Some(9)`. A command the agent
+//! cannot start (`cannot run "x": No such file or directory`) is answered
+//! by [`Event::Error`] with the Exec's id instead of `ExecDone`.
+//!
+//! New fields are `#[serde(default)]`, so either side may be older.
 
 use std::io::{self, Read, Write};
 
@@ -24,11 +40,10 @@ use serde::{Deserialize, Serialize};
 pub const KIND_JSON: u8 = 1;
 /// Frame kind of an [`Output`] chunk.
 pub const KIND_OUTPUT: u8 = 2;
-/// Frame kind of stdin bytes for an Exec, daemon to VMM:
-/// `u64 LE exec id | data`; empty data is end of input.
+/// Frame kind of a chunk of an Exec's standard input (daemon to VMM).
 pub const KIND_INPUT: u8 = 3;
-/// Most stdin bytes in one input frame.
-pub const MAX_INPUT_CHUNK: usize = 64 << 10;
+/// Most data bytes one input frame carries.
+pub const INPUT_CHUNK: usize = 64 << 10;
 /// Bytes before a frame's body: length and kind.
 pub const HEADER_LEN: usize = 5;
 /// Largest frame body accepted (guards against a corrupt length).
@@ -49,6 +64,9 @@ pub enum ProtocolError {
     /// An output frame too short to hold its header.
     #[error("truncated output frame")]
     TruncatedOutput,
+    /// An input frame too short to hold its exec id.
+    #[error("truncated input frame")]
+    TruncatedInput,
     /// A JSON body that does not parse as the expected message.
     #[error("malformed control message: {0}")]
     Json(#[from] serde_json::Error),
@@ -65,20 +83,21 @@ pub enum Request {
     /// control thread and the guest are busy with (a snapshot write, an
     /// Exec). The daemon's watchdog sends one every second.
     Heartbeat { id: u64 },
-    /// Run a command (a builtin of the reference guest, a program in a
-    /// Linux guest); answered by [`Output`] frames, then
-    /// [`Event::ExecDone`]. Linux guests run several at once; an agent-side
-    /// start failure comes as [`Event::Error`].
+    /// Run a command; answered by [`Output`] frames, then [`Event::ExecDone`]
+    /// (or [`Event::Error`] when it cannot start). The reference guest runs
+    /// a builtin and takes none of the Linux-only fields.
     Exec {
         id: u64,
         argv: Vec<String>,
-        /// Environment added to the agent's defaults (Linux guests).
+        /// Linux: variables added to the guest's environment, in order.
         #[serde(default)]
         env: Vec<(String, String)>,
-        /// Working directory (Linux guests); `/` when absent.
+        /// Linux: the working directory; `None` means `/`.
         #[serde(default)]
         cwd: Option<String>,
-        /// Whether stdin bytes follow as input frames, ended by an empty one.
+        /// Linux: `true` when the command's stdin follows as input frames
+        /// ([`encode_input`]) ended by an empty one; `false` means
+        /// `/dev/null`.
         #[serde(default)]
         stdin: bool,
     },
@@ -166,8 +185,7 @@ pub enum ExitReason {
     GuestCrash { detail: String },
     /// KVM or the VMM failed.
     VmmError { detail: String },
-    /// A Linux guest reset itself (a kernel panic with `panic=1`, a reboot,
-    /// a triple fault).
+    /// A Linux guest rebooted or panicked (the kernel reset the machine).
     GuestReset { detail: String },
 }
 
@@ -181,15 +199,6 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestReset { detail } => write!(f, "guest reset: {detail}"),
         }
     }
-}
-
-/// How a Linux guest's boot divided, as its agent measured it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestBoot {
-    /// From the kernel's start to the agent's start (CLOCK_BOOTTIME).
-    pub kernel_us: u64,
-    /// The agent's own setup: mounts, modules, its channel.
-    pub init_us: u64,
 }
 
 /// Resource use of one VMM.
@@ -212,7 +221,7 @@ pub enum Event {
     /// The guest is up and waiting for requests. Sent once, unsolicited.
     Ready {
         boot_us: u64,
-        /// A Linux guest's split of the boot, from its agent.
+        /// A Linux guest's own boot timing; `None` for the reference guest.
         #[serde(default)]
         guest: Option<GuestBoot>,
     },
@@ -226,8 +235,9 @@ pub enum Event {
         exit_code: i32,
         duration_us: u64,
         cancelled: bool,
-        /// The signal that ended it (Linux guests); `exit_code` is then
-        /// 128 + signal.
+        /// Linux: the signal that ended the command (`exit_code` is then
+        /// `128 + signal`); `None` when it exited, and always for the
+        /// reference guest.
         #[serde(default)]
         signal: Option<i32>,
     },
@@ -285,6 +295,15 @@ pub enum Event {
     Exited { reason: ExitReason },
 }
 
+/// Where a Linux guest's boot time went, measured by its agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestBoot {
+    /// Microseconds from the kernel's start until the agent started.
+    pub kernel_us: u64,
+    /// Microseconds the agent spent setting up before it was ready.
+    pub init_us: u64,
+}
+
 /// A chunk of command output.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Output {
@@ -305,6 +324,15 @@ pub enum FromVmm {
     Output(Output),
 }
 
+/// Anything the daemon sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToVmm {
+    /// A JSON request.
+    Request(Request),
+    /// A chunk of Exec `id`'s standard input; empty data is EOF.
+    Input { id: u64, data: Vec<u8> },
+}
+
 /// Encodes a JSON frame.
 pub fn encode_json<T: Serialize>(msg: &T) -> Vec<u8> {
     let body = serde_json::to_vec(msg).expect("control messages always serialize");
@@ -314,6 +342,14 @@ pub fn encode_json<T: Serialize>(msg: &T) -> Vec<u8> {
 /// Encodes an output frame.
 pub fn encode_output(id: u64, stream: u8, data: &[u8]) -> Vec<u8> {
     frame(KIND_OUTPUT, &[&id.to_le_bytes(), &[stream], data])
+}
+
+/// Encodes one input frame of Exec `id`: at most [`INPUT_CHUNK`] bytes of
+/// `data`, or EOF when `data` is empty. Split longer input with
+/// `data.chunks(INPUT_CHUNK)`.
+pub fn encode_input(id: u64, data: &[u8]) -> Vec<u8> {
+    debug_assert!(data.len() <= INPUT_CHUNK, "input chunk too large");
+    frame(KIND_INPUT, &[&id.to_le_bytes(), data])
 }
 
 /// Bytes of an output frame before its data.
@@ -381,28 +417,14 @@ pub fn read_frame(r: &mut impl Read) -> Result<(u8, Vec<u8>), ProtocolError> {
     Ok((kind, body))
 }
 
-/// Anything the daemon sends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ToVmm {
-    /// A JSON request.
-    Request(Request),
-    /// Stdin bytes for Exec `id` (empty: end of input).
-    Input { id: u64, data: Vec<u8> },
-}
-
-/// Encodes an input frame.
-pub fn encode_input(id: u64, data: &[u8]) -> Vec<u8> {
-    frame(KIND_INPUT, &[&id.to_le_bytes(), data])
-}
-
-/// Reads one frame from the daemon (blocking), as the VMM does.
+/// Reads one frame the daemon sent (blocking): a request or an input chunk.
 pub fn read_to_vmm(r: &mut impl Read) -> Result<ToVmm, ProtocolError> {
     let (kind, body) = read_frame(r)?;
     match kind {
         KIND_JSON => Ok(ToVmm::Request(serde_json::from_slice(&body)?)),
         KIND_INPUT => {
             if body.len() < 8 {
-                return Err(ProtocolError::TruncatedOutput);
+                return Err(ProtocolError::TruncatedInput);
             }
             let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
             Ok(ToVmm::Input {
@@ -414,7 +436,7 @@ pub fn read_to_vmm(r: &mut impl Read) -> Result<ToVmm, ProtocolError> {
     }
 }
 
-/// Reads one [`Request`] (blocking), as the VMM does.
+/// Reads one [`Request`] (blocking); any other frame kind is an error.
 pub fn read_request(r: &mut impl Read) -> Result<Request, ProtocolError> {
     let (kind, body) = read_frame(r)?;
     if kind != KIND_JSON {
@@ -438,9 +460,9 @@ mod tests {
         let req = Request::Exec {
             id: 7,
             argv: vec!["echo".into(), "hi".into()],
-            env: vec![("A".into(), "1".into())],
-            cwd: Some("/tmp".into()),
-            stdin: true,
+            env: vec![],
+            cwd: None,
+            stdin: false,
         };
         let bytes = encode_json(&req);
         let got = read_request(&mut &bytes[..]).unwrap();
@@ -479,6 +501,148 @@ mod tests {
         let bytes = encode_json(&ev);
         let (kind, body) = read_frame(&mut &bytes[..]).unwrap();
         assert_eq!(decode_from_vmm(kind, body).unwrap(), FromVmm::Event(ev));
+    }
+
+    #[test]
+    fn linux_exec_round_trips() {
+        let req = Request::Exec {
+            id: 9,
+            argv: vec!["sh".into(), "-c".into(), "cat".into()],
+            env: vec![("A".into(), "1".into()), ("B".into(), "x=y".into())],
+            cwd: Some("/tmp".into()),
+            stdin: true,
+        };
+        let bytes = encode_json(&req);
+        assert_eq!(read_to_vmm(&mut &bytes[..]).unwrap(), ToVmm::Request(req));
+    }
+
+    #[test]
+    fn old_exec_json_gets_defaults() {
+        let old = br#"{"type":"exec","id":3,"argv":["echo"]}"#;
+        let req: Request = serde_json::from_slice(old).unwrap();
+        assert_eq!(
+            req,
+            Request::Exec {
+                id: 3,
+                argv: vec!["echo".into()],
+                env: vec![],
+                cwd: None,
+                stdin: false,
+            }
+        );
+    }
+
+    #[test]
+    fn old_events_get_defaults() {
+        let ready: Event = serde_json::from_slice(br#"{"type":"ready","boot_us":5}"#).unwrap();
+        assert_eq!(
+            ready,
+            Event::Ready {
+                boot_us: 5,
+                guest: None
+            }
+        );
+        let done: Event = serde_json::from_slice(
+            br#"{"type":"exec_done","id":1,"exit_code":0,"duration_us":2,"cancelled":false}"#,
+        )
+        .unwrap();
+        assert!(matches!(done, Event::ExecDone { signal: None, .. }));
+    }
+
+    #[test]
+    fn new_events_round_trip() {
+        for ev in [
+            Event::Ready {
+                boot_us: 1,
+                guest: Some(GuestBoot {
+                    kernel_us: 900_000,
+                    init_us: 40_000,
+                }),
+            },
+            Event::ExecDone {
+                id: 4,
+                exit_code: 137,
+                duration_us: 10,
+                cancelled: true,
+                signal: Some(9),
+            },
+            Event::Exited {
+                reason: ExitReason::GuestReset {
+                    detail: "kernel panic".into(),
+                },
+            },
+        ] {
+            let bytes = encode_json(&ev);
+            let (kind, body) = read_frame(&mut &bytes[..]).unwrap();
+            assert_eq!(decode_from_vmm(kind, body).unwrap(), FromVmm::Event(ev));
+        }
+    }
+
+    #[test]
+    fn guest_reset_displays() {
+        let reason = ExitReason::GuestReset {
+            detail: "triple fault".into(),
+        };
+        assert_eq!(reason.to_string(), "guest reset: triple fault");
+    }
+
+    #[test]
+    fn input_round_trips() {
+        let mut stream = encode_input(5, b"hello");
+        stream.extend(encode_input(5, &[]));
+        stream.extend(encode_json(&Request::Ping { id: 6 }));
+        let mut r = &stream[..];
+        assert_eq!(
+            read_to_vmm(&mut r).unwrap(),
+            ToVmm::Input {
+                id: 5,
+                data: b"hello".to_vec()
+            }
+        );
+        assert_eq!(
+            read_to_vmm(&mut r).unwrap(),
+            ToVmm::Input {
+                id: 5,
+                data: vec![]
+            }
+        );
+        assert_eq!(
+            read_to_vmm(&mut r).unwrap(),
+            ToVmm::Request(Request::Ping { id: 6 })
+        );
+    }
+
+    #[test]
+    fn full_input_chunk_fits_a_frame() {
+        let data = vec![7u8; INPUT_CHUNK];
+        let bytes = encode_input(1, &data);
+        match read_to_vmm(&mut &bytes[..]).unwrap() {
+            ToVmm::Input { id: 1, data: got } => assert_eq!(got, data),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_request_rejects_input() {
+        let bytes = encode_input(1, b"x");
+        assert!(matches!(
+            read_request(&mut &bytes[..]),
+            Err(ProtocolError::BadKind(KIND_INPUT))
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_input_frames() {
+        let bytes = frame(KIND_INPUT, &[&[1, 2, 3]]);
+        assert!(matches!(
+            read_to_vmm(&mut &bytes[..]),
+            Err(ProtocolError::TruncatedInput)
+        ));
+        let bytes = frame(KIND_OUTPUT, &[&[0; 9]]);
+        assert!(matches!(
+            read_to_vmm(&mut &bytes[..]),
+            Err(ProtocolError::BadKind(KIND_OUTPUT))
+        ));
     }
 
     #[test]

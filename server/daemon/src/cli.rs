@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: serve forkd.v1 over gRPC until SIGTERM or SIGINT.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check that this host can run forkd (KVM and its hypervisor, memfd,
     /// userfaultfd write-protect, dirty logging, forkd-vmm, the data
     /// directory) and that a daemon is healthy; exit 1 if a check failed.
@@ -223,6 +223,16 @@ pub struct ServeArgs {
     /// With a token this has no effect: the token decides.
     #[arg(long, value_name = "UID")]
     pub allow_uid: Vec<u32>,
+
+    /// Directory of the Linux images built by `forkd image build NAME` (one
+    /// subdirectory per image) [default: DATA_DIR/images].
+    #[arg(long, value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
+
+    /// Seconds a Linux guest gets from VMM start to answering its first
+    /// ping (the reference guest gets 30).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub linux_boot_timeout: u64,
 }
 
 /// How log lines are written.
@@ -263,6 +273,7 @@ mod tests {
         assert_eq!(a.idle_timeout, 300);
         assert_eq!(a.first_call_timeout, 10);
         assert!(a.allow_uid.is_empty());
+        assert_eq!((a.images_dir, a.linux_boot_timeout), (None, 120));
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
     }
 

@@ -12,6 +12,8 @@ use crate::error::StartupError;
 
 /// Name of the VMM binary looked up next to `forkd` and on `$PATH`.
 pub const VMM_BINARY: &str = "forkd-vmm";
+/// The images directory's name inside the data directory (the default).
+pub const IMAGES_DIR: &str = "images";
 /// Environment variable holding the bearer token.
 pub const TOKEN_ENV: &str = "FORKD_TOKEN";
 
@@ -48,6 +50,12 @@ pub struct Config {
     /// Local users accepted besides the daemon's own and root, when no
     /// token is set.
     pub allow_uids: Vec<u32>,
+    /// The Linux images directory.
+    pub images_dir: PathBuf,
+    /// Time a Linux guest gets to answer its first ping.
+    pub linux_boot_timeout: Duration,
+    /// Whether this host's KVM can run Linux guests.
+    pub linux_host: crate::linux_host::LinuxHost,
 }
 
 impl Config {
@@ -105,6 +113,13 @@ impl Config {
                 ))
             })?,
         };
+        if args.linux_boot_timeout == 0 {
+            return Err(StartupError::Config(
+                "--linux-boot-timeout must be at least 1 second".into(),
+            ));
+        }
+        let linux_host = crate::linux_host::LinuxHost::detect()
+            .map_err(|e| StartupError::Config(e.to_string()))?;
         let vmm_path = resolve_vmm(
             args.vmm_path.as_deref(),
             std::env::current_exe().ok().as_deref(),
@@ -129,6 +144,12 @@ impl Config {
                 first_call_timeout: Duration::from_secs(args.first_call_timeout),
             },
             allow_uids: args.allow_uid.clone(),
+            images_dir: args
+                .images_dir
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join(IMAGES_DIR)),
+            linux_boot_timeout: Duration::from_secs(args.linux_boot_timeout),
+            linux_host,
         })
     }
 }

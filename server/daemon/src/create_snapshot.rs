@@ -16,6 +16,7 @@ use crate::lifecycle::{BootPlan, Manager};
 use crate::registry::Sandbox;
 use crate::snapshots::Snapshots;
 use crate::validate;
+use crate::vmm_process::ExecCommand;
 
 /// Time limit of a warm-up command whose `timeout_ms` is 0.
 pub const DEFAULT_WARMUP_TIMEOUT_MS: u32 = 60_000;
@@ -91,6 +92,7 @@ pub async fn create(
                 labels: HashMap::new(),
                 live_fork: false,
                 restore: None,
+                image: None,
             },
             std::time::Instant::now(),
         )
@@ -152,7 +154,11 @@ async fn run_warmup(
     argv: &[String],
     timeout_ms: u32,
 ) -> Result<(), ApiError> {
-    let mut stream = exec::start(sandbox.clone(), argv.to_vec(), timeout_ms);
+    let cmd = ExecCommand {
+        argv: argv.to_vec(),
+        ..ExecCommand::default()
+    };
+    let mut stream = exec::start(sandbox.clone(), cmd, timeout_ms);
     let mut stderr: Vec<u8> = Vec::new();
     while let Some(item) = stream.next().await {
         match item.map(|r| r.event) {

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use forkd_store::{ErrorKind, StoreError};
+
+use crate::image_lookup::ImageError;
 use tonic::{Code, Status};
 
 /// An error answered to a gRPC caller. Every variant knows its status code
@@ -166,6 +168,21 @@ pub enum ApiError {
         /// The file system, e.g. "tmpfs of 64.0 MiB, 0 B free".
         fs: String,
     },
+    /// A Linux image cannot be used (bad name, not built, broken).
+    #[error(transparent)]
+    Image(#[from] crate::image_lookup::ImageError),
+    /// This host cannot boot Linux guests.
+    #[error(transparent)]
+    LinuxHost(#[from] crate::linux_host::LinuxHostError),
+    /// A Linux guest's agent could not start the command.
+    #[error("command could not be started in sandbox {id}: {message}")]
+    CommandNotStarted {
+        /// The sandbox id.
+        id: String,
+        /// What the guest said, e.g. `cannot run "x": No such file or
+        /// directory`.
+        message: String,
+    },
     /// The daemon failed in a way the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
@@ -189,6 +206,12 @@ impl ApiError {
             ApiError::NoneStarted { code, .. } | ApiError::WarmupFailed { code, .. } => *code,
             ApiError::WarmupExit { .. } => Code::FailedPrecondition,
             ApiError::Store(e) => store_code(e.kind()),
+            ApiError::Image(e) => match e {
+                ImageError::BadName { .. } => Code::InvalidArgument,
+                ImageError::NotFound { .. } => Code::NotFound,
+                ImageError::Invalid { .. } => Code::FailedPrecondition,
+            },
+            ApiError::LinuxHost(_) | ApiError::CommandNotStarted { .. } => Code::FailedPrecondition,
             ApiError::Vmm { .. } | ApiError::Internal(_) => Code::Internal,
         }
     }

@@ -1,6 +1,7 @@
-//! One Exec call: waits for the sandbox's turn, runs the command, streams
-//! its output, and enforces `timeout_ms` and client cancellation by
-//! sending Cancel to the guest.
+//! One Exec call: waits for the sandbox's turn (reference guest only: it
+//! runs one command at a time; a Linux guest runs several at once), runs
+//! the command, streams its output, and enforces `timeout_ms` and client
+//! cancellation by sending Cancel to the guest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tonic::Status;
 
 use crate::error::ApiError;
 use crate::registry::Sandbox;
-use crate::vmm_process::ExecEvent;
+use crate::vmm_process::{ExecCommand, ExecEvent};
 
 /// Time the guest gets to end a command after Cancel.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -27,10 +28,10 @@ pub type ExecStream = ReceiverStream<Result<ExecResponse, Status>>;
 
 /// Starts the Exec in its own task and returns its response stream. The
 /// task ends when the command ends, even if the client went away.
-pub fn start(sandbox: Arc<Sandbox>, argv: Vec<String>, timeout_ms: u32) -> ExecStream {
+pub fn start(sandbox: Arc<Sandbox>, cmd: ExecCommand, timeout_ms: u32) -> ExecStream {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
-        if let Err(e) = run(&sandbox, argv, timeout_ms, &tx).await {
+        if let Err(e) = run(&sandbox, cmd, timeout_ms, &tx).await {
             tracing::debug!(sandbox = %sandbox.id(), error = %e, "exec failed");
             let _ = tx.send(Err(e.into())).await;
         }
@@ -72,20 +73,42 @@ fn output(stream: u8, data: Vec<u8>) -> ExecResponse {
     ExecResponse { event: Some(event) }
 }
 
+/// The exit message of a command that ended normally or by a signal
+/// (then `exit_code` is 128 + the signal, as shells report it).
+fn exit_message(exit_code: i32, duration_us: u64, signal: Option<i32>) -> ExecResponse {
+    let (exit_code, signal) = match signal {
+        Some(sig) if sig > 0 => (128 + sig, sig),
+        _ => (exit_code, 0),
+    };
+    ExecResponse {
+        event: Some(exec_response::Event::Exit(ExecExit {
+            exit_code,
+            duration_us,
+            signal,
+        })),
+    }
+}
+
 async fn run(
     sandbox: &Sandbox,
-    argv: Vec<String>,
+    cmd: ExecCommand,
     timeout_ms: u32,
     out: &mpsc::Sender<Result<ExecResponse, Status>>,
 ) -> Result<(), ApiError> {
-    // Wait for our turn, unless the client gives up first.
-    let _turn = tokio::select! {
-        turn = sandbox.exec_turn.lock() => turn,
-        _ = out.closed() => return Ok(()),
+    let vmm = &sandbox.vmm;
+    let linux = vmm.is_linux();
+    // The reference guest runs one command at a time: wait for our turn,
+    // unless the client gives up first. A Linux guest needs no turn.
+    let _turn = if linux {
+        None
+    } else {
+        tokio::select! {
+            turn = sandbox.exec_turn.lock() => Some(turn),
+            _ = out.closed() => return Ok(()),
+        }
     };
     sandbox.check_exec()?;
-    let vmm = &sandbox.vmm;
-    let (exec_id, mut events) = vmm.start_exec(argv).map_err(|_| stopped(sandbox))?;
+    let (exec_id, mut events) = vmm.start_exec(cmd).map_err(|_| stopped(sandbox))?;
     let mut timer =
         (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms.into()));
     let mut cancel: Option<Cancel> = None;
@@ -111,25 +134,24 @@ async fn run(
                         }
                     }
                 }
-                Some(ExecEvent::Done { exit_code, duration_us, cancelled }) => {
+                Some(ExecEvent::Done { exit_code, duration_us, cancelled, signal }) => {
                     tracing::debug!(
                         sandbox = %sandbox.id(), exec = exec_id, exit_code, duration_us, cancelled,
-                        "command ended"
+                        ?signal, "command ended"
                     );
                     return match cancel {
                         Some(Cancel::Timeout) if cancelled => Err(ApiError::ExecTimeout(timeout_ms)),
                         Some(Cancel::ClientGone) => Ok(()),
                         _ => {
-                            let exit = ExecResponse {
-                                event: Some(exec_response::Event::Exit(ExecExit {
-                                    exit_code,
-                                    duration_us,
-                                })),
-                            };
-                            let _ = out.send(Ok(exit)).await;
+                            let _ = out.send(Ok(exit_message(exit_code, duration_us, signal))).await;
                             Ok(())
                         }
                     };
+                }
+                // A Linux guest's agent could not start the command (no such
+                // program, bad cwd): the caller's to fix.
+                Some(ExecEvent::Refused(message)) if linux => {
+                    return Err(ApiError::CommandNotStarted { id: sandbox.id().to_string(), message });
                 }
                 Some(ExecEvent::Refused(message)) => {
                     return Err(ApiError::Vmm { id: sandbox.id().to_string(), message });
@@ -155,5 +177,27 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit_of(r: ExecResponse) -> ExecExit {
+        match r.event {
+            Some(exec_response::Event::Exit(e)) => e,
+            other => panic!("not an exit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn signals_follow_the_shell_convention() {
+        let e = exit_of(exit_message(3, 10, None));
+        assert_eq!((e.exit_code, e.signal, e.duration_us), (3, 0, 10));
+        let e = exit_of(exit_message(-1, 10, Some(9)));
+        assert_eq!((e.exit_code, e.signal), (137, 9));
+        let e = exit_of(exit_message(0, 10, Some(0)));
+        assert_eq!((e.exit_code, e.signal), (0, 0));
     }
 }

@@ -10,16 +10,21 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::console::CONSOLE_LOG;
 use crate::data_dir::{DataDir, VMM_LOG};
 use crate::error::{ApiError, BootError};
 use crate::ids::new_sandbox_id;
+use crate::image_lookup::Image;
 use crate::registry::{Registry, Reservation, Sandbox, SandboxSpec};
-use crate::vmm_process::{RequestError, RestoreSpec, Vmm, VmmSpec};
+use crate::vmm_process::{LinuxBoot, RequestError, RestoreSpec, Vmm, VmmSpec};
 
 /// Most VMMs booting at the same time, across all calls.
 pub const BOOT_PARALLELISM: usize = 16;
-/// Time a sandbox gets from VMM start to answering its first ping.
+/// Time a reference-guest sandbox gets from VMM start to answering its
+/// first ping (a Linux guest gets `--linux-boot-timeout`).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kernel command line argument naming the guest's hostname.
+pub const HOSTNAME_ARG: &str = "forkd.hostname";
 /// Time a VMM gets to exit after `Shutdown` before it is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Most bytes of a VMM's log quoted in a boot failure.
@@ -40,6 +45,8 @@ pub struct BootPlan {
     pub live_fork: bool,
     /// Fork from this snapshot instead of booting.
     pub restore: Option<Restore>,
+    /// Boot this Linux image instead of the reference guest.
+    pub image: Option<Image>,
 }
 
 /// The snapshot children are forked from.
@@ -72,19 +79,22 @@ pub struct Manager {
     vmm_path: PathBuf,
     copy_rate_mibps: u64,
     watchdog: Option<Duration>,
+    linux_boot_timeout: Duration,
     boot_permits: Semaphore,
 }
 
 impl Manager {
     /// A manager starting `vmm_path` for each sandbox, each with LIVE
     /// copies limited to `copy_rate_mibps` (0: unlimited) and watched by a
-    /// `watchdog` of that bound (if any).
+    /// `watchdog` of that bound (if any); Linux guests get
+    /// `linux_boot_timeout` to answer their first ping.
     pub fn new(
         registry: Arc<Registry>,
         data_dir: Arc<DataDir>,
         vmm_path: PathBuf,
         copy_rate_mibps: u64,
         watchdog: Option<Duration>,
+        linux_boot_timeout: Duration,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             registry,
@@ -92,6 +102,7 @@ impl Manager {
             vmm_path,
             copy_rate_mibps,
             watchdog,
+            linux_boot_timeout,
             boot_permits: Semaphore::new(BOOT_PARALLELISM),
         })
     }
@@ -99,6 +110,12 @@ impl Manager {
     /// The registry.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The directory of sandbox `id` (its VMM's log, a Linux guest's
+    /// console).
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.sandbox_dir(id)
     }
 
     /// Starts `plan.n` sandboxes concurrently (cold boots or forks). Fails
@@ -167,6 +184,21 @@ impl Manager {
             reserve().release_one();
             return Err(BootError::SandboxDir { path: dir, source });
         }
+        let console_log = dir.join(CONSOLE_LOG);
+        let kernel_args = plan
+            .image
+            .as_ref()
+            .map(|image| linux_cmdline(&id, &image.kernel_args));
+        let linux = plan
+            .image
+            .as_ref()
+            .zip(kernel_args.as_deref())
+            .map(|(image, kernel_args)| LinuxBoot {
+                kernel: &image.kernel,
+                initrd: &image.initrd,
+                kernel_args,
+                console_log: &console_log,
+            });
         let spec = VmmSpec {
             vmm_path: &self.vmm_path,
             id: &id,
@@ -179,6 +211,7 @@ impl Manager {
             }),
             copy_rate_mibps: self.copy_rate_mibps,
             watchdog: self.watchdog,
+            linux,
         };
         let vmm = match Vmm::spawn(&spec) {
             Ok(vmm) => vmm,
@@ -197,6 +230,7 @@ impl Manager {
             create_time,
             live_fork: plan.live_fork,
             snapshot_tag: plan.restore.as_ref().map(|r| r.tag.clone()),
+            image: plan.image.as_ref().map(|i| i.name.clone()),
         };
         let inserted = reserve().insert(index, spec, vmm.clone());
         let sandbox = match inserted {
@@ -213,7 +247,11 @@ impl Manager {
             }
         };
 
-        let booted = tokio::time::timeout(BOOT_TIMEOUT, async {
+        let boot_timeout = match plan.image {
+            Some(_) => self.linux_boot_timeout,
+            None => BOOT_TIMEOUT,
+        };
+        let booted = tokio::time::timeout(boot_timeout, async {
             vmm.wait_ready().await.map_err(|stop| stop.reason)?;
             vmm.ping().await.map_err(|e| match e {
                 RequestError::Stopped(stop) => stop.reason,
@@ -235,13 +273,16 @@ impl Manager {
         self.registry.remove(&id);
         vmm.kill();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, vmm.wait_reaped()).await;
-        let log = log_tail(&dir.join(VMM_LOG));
+        let mut log = log_tail(&dir.join(VMM_LOG));
+        if plan.image.is_some() {
+            log.push_str(&crate::console::exit_suffix(&dir));
+        }
         remove_dir(&dir);
         let err = match failure {
             _ if self.registry.is_closed() => BootError::ShuttingDown,
             Some(reason) => BootError::Exited { reason, log },
             None => BootError::Timeout {
-                secs: BOOT_TIMEOUT.as_secs(),
+                secs: boot_timeout.as_secs(),
                 log,
             },
         };
@@ -298,6 +339,17 @@ fn remove_dir(dir: &Path) {
     }
 }
 
+/// A Linux guest's kernel command line: its hostname (the sandbox id),
+/// then the image's own arguments.
+fn linux_cmdline(id: &str, image_args: &str) -> String {
+    let image_args = image_args.trim();
+    if image_args.is_empty() {
+        format!("{HOSTNAME_ARG}={id}")
+    } else {
+        format!("{HOSTNAME_ARG}={id} {image_args}")
+    }
+}
+
 /// The end of a VMM log as `"; vmm.log: ..."`, or empty.
 fn log_tail(path: &Path) -> String {
     let Ok(bytes) = std::fs::read(path) else {
@@ -327,6 +379,15 @@ fn format_log_tail(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linux_cmdline_names_the_sandbox_first() {
+        assert_eq!(linux_cmdline("sb-1", ""), "forkd.hostname=sb-1");
+        assert_eq!(
+            linux_cmdline("sb-1", " quiet loglevel=3 "),
+            "forkd.hostname=sb-1 quiet loglevel=3"
+        );
+    }
 
     #[test]
     fn log_tails_are_short_and_single_line() {

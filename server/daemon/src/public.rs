@@ -9,6 +9,9 @@ use std::sync::OnceLock;
 
 /// Longest status message sent, in bytes; longer ones are cut.
 pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// Longest `Sandbox.exit_reason` sent (a Linux guest's carries the end
+/// of its console), in bytes.
+pub const MAX_EXIT_REASON_BYTES: usize = 4096;
 /// Longest request value quoted back in a message, in bytes.
 pub const MAX_QUOTED_BYTES: usize = 128;
 /// What replaces the data directory's path in client-facing text.

@@ -32,6 +32,8 @@ pub struct SandboxSpec {
     pub live_fork: bool,
     /// The snapshot it was forked from; `None` for a cold boot.
     pub snapshot_tag: Option<String>,
+    /// The Linux image it booted; `None` for the reference guest.
+    pub image: Option<String>,
 }
 
 /// One sandbox.
@@ -135,12 +137,18 @@ impl Sandbox {
             vcpus: self.spec.vcpus,
             labels: self.spec.labels.clone(),
             create_time: Some(self.spec.create_time.into()),
-            exit_reason: crate::public::status_message(
-                &self.vmm.stop().map(|s| s.reason).unwrap_or_default(),
+            exit_reason: crate::public::cap(
+                crate::public::redact(&self.vmm.stop().map(|s| s.reason).unwrap_or_default()),
+                crate::public::MAX_EXIT_REASON_BYTES,
             ),
             vmm_pid: self.vmm.pid(),
             live_fork: self.spec.live_fork,
             boot_ms: self.boot_ms.get().copied().unwrap_or(0.0),
+            image: self.spec.image.clone().unwrap_or_default(),
+            guest_boot: self.vmm.guest_boot().map(|g| pb::GuestBoot {
+                kernel_ms: g.kernel_us as f64 / 1000.0,
+                init_ms: g.init_us as f64 / 1000.0,
+            }),
         }
     }
 }

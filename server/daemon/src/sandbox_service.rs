@@ -9,31 +9,77 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
+use crate::console;
 use crate::error::{code_name, ApiError, BootError};
 use crate::exec::{self, ExecStream};
 use crate::fork;
+use crate::image_lookup::{self, Images};
 use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
+use crate::linux_host::LinuxHost;
 use crate::snapshot_view::describe;
 use crate::snapshots::Snapshots;
 use crate::validate;
+use crate::vmm_process::ExecCommand;
+
+/// What a reference-guest sandbox answers to Linux-only Exec fields.
+pub const BUILTINS_ONLY: &str =
+    "the reference guest runs builtins only; env, cwd and stdin need a Linux image";
+
+/// Where Linux guests come from and whether this host can run them.
+#[derive(Debug, Clone)]
+pub struct LinuxGuests {
+    /// The images directory.
+    pub images: Images,
+    /// The host's hypervisor, decided at startup.
+    pub host: LinuxHost,
+}
 
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
     manager: Arc<Manager>,
     snapshots: Arc<Snapshots>,
+    linux: Arc<LinuxGuests>,
 }
 
 impl Sandboxes {
-    /// A service over `manager` and the snapshot store.
-    pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> Sandboxes {
-        Sandboxes { manager, snapshots }
+    /// A service over `manager`, the snapshot store and the Linux images.
+    pub fn new(
+        manager: Arc<Manager>,
+        snapshots: Arc<Snapshots>,
+        linux: Arc<LinuxGuests>,
+    ) -> Sandboxes {
+        Sandboxes {
+            manager,
+            snapshots,
+            linux,
+        }
+    }
+
+    /// Resolves a Linux spawn: the host must run Linux guests, then the
+    /// image must exist; its `memory_mib` is the default.
+    fn plan_linux(&self, plan: &mut BootPlan, name: &str, memory_mib: u32) -> Result<(), ApiError> {
+        self.linux.host.check()?;
+        let image = self.linux.images.get(name)?;
+        if memory_mib == 0 {
+            plan.memory_mib = validate::memory_mib(image.memory_mib).map_err(|e| {
+                ApiError::Image(image_lookup::ImageError::Invalid {
+                    name: name.to_string(),
+                    reason: format!("its manifest's {e}"),
+                })
+            })?;
+        }
+        plan.image = Some(image);
+        Ok(())
     }
 
     /// Validates a SpawnSandboxes request into a plan; a fork also resolves
     /// (and on first use loads) its snapshot.
     async fn plan(&self, req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
         let mut plan = boot_plan(req)?;
+        if !req.image.is_empty() {
+            self.plan_linux(&mut plan, &req.image, req.memory_mib)?;
+        }
         if !req.snapshot_tag.is_empty() {
             let source = fork::prepare(
                 &self.snapshots,
@@ -57,6 +103,16 @@ impl Sandboxes {
 pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
     let n = validate::spawn_count(req.n)?;
     validate::labels(&req.labels)?;
+    if !req.image.is_empty() {
+        if !req.snapshot_tag.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "set image or snapshot_tag, not both: forking Linux snapshots is not supported \
+                 yet"
+                .into(),
+            ));
+        }
+        image_lookup::check_name(&req.image)?;
+    }
     let (memory_mib, vcpus) = if req.snapshot_tag.is_empty() {
         (
             validate::memory_mib(req.memory_mib)?,
@@ -73,6 +129,7 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
         labels: req.labels.clone(),
         live_fork: req.live_fork == Some(true),
         restore: None,
+        image: None,
     })
 }
 
@@ -108,6 +165,7 @@ impl SandboxService for Sandboxes {
         let plan = self.plan(request.get_ref()).await?;
         tracing::info!(
             n = plan.n,
+            image = plan.image.as_ref().map(|i| i.name.as_str()),
             memory_mib = plan.memory_mib,
             vcpus = plan.vcpus,
             snapshot = plan.restore.as_ref().map(|r| r.tag.as_str()),
@@ -194,13 +252,22 @@ impl SandboxService for Sandboxes {
         let req = request.into_inner();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
         validate::argv(&req.argv)?;
+        let env = validate::exec_env(&req.env)?;
+        let cwd = validate::exec_cwd(&req.cwd)?;
+        validate::exec_stdin(&req.stdin)?;
         let sandbox = self.manager.registry().get(id)?;
+        let linux_only = !env.is_empty() || cwd.is_some() || !req.stdin.is_empty();
+        if linux_only && !sandbox.vmm.is_linux() {
+            return Err(ApiError::FailedPrecondition(BUILTINS_ONLY.into()).into());
+        }
         sandbox.check_exec()?;
-        Ok(Response::new(exec::start(
-            sandbox,
-            req.argv,
-            req.timeout_ms,
-        )))
+        let cmd = ExecCommand {
+            argv: req.argv,
+            env,
+            cwd,
+            stdin: req.stdin,
+        };
+        Ok(Response::new(exec::start(sandbox, cmd, req.timeout_ms)))
     }
 
     async fn branch_sandbox(
@@ -215,6 +282,12 @@ impl SandboxService for Sandboxes {
             validate::snapshot_tag(tag)?;
         }
         let sandbox = self.manager.registry().get(id)?;
+        if sandbox.vmm.is_linux() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} runs a Linux image; branching Linux sandboxes is not supported yet"
+            ))
+            .into());
+        }
         let plan = BranchPlan {
             tag,
             mode,
@@ -255,6 +328,32 @@ impl SandboxService for Sandboxes {
             bytes_written: outcome.bytes_written,
             dirty_pages: outcome.dirty_pages,
             faults_served: outcome.faults_served,
+        }))
+    }
+
+    async fn read_console(
+        &self,
+        request: Request<pb::ReadConsoleRequest>,
+    ) -> Result<Response<pb::ReadConsoleResponse>, Status> {
+        let req = request.get_ref();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let max = validate::tail_bytes(req.tail_bytes)?;
+        let sandbox = self.manager.registry().get(id)?;
+        if !sandbox.vmm.is_linux() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} runs the reference guest, which has no serial console; \
+                 ReadConsole needs a sandbox spawned with an image"
+            ))
+            .into());
+        }
+        let dir = self.manager.sandbox_dir(id);
+        let tail = tokio::task::spawn_blocking(move || console::read_tail(&dir, max))
+            .await
+            .map_err(|e| ApiError::Internal(format!("console read task failed: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("cannot read the console log: {e}")))?;
+        Ok(Response::new(pb::ReadConsoleResponse {
+            data: tail.data,
+            truncated: tail.truncated,
         }))
     }
 }

@@ -17,11 +17,12 @@ use crate::connections::{self, AcceptGate, CallLayer, ConnTable};
 use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{CancelReason, StartupError};
+use crate::image_lookup::Images;
 use crate::lifecycle::Manager;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
 use crate::peer::LocalUsers;
 use crate::registry::Registry;
-use crate::sandbox_service::Sandboxes;
+use crate::sandbox_service::{LinuxGuests, Sandboxes};
 use crate::snapshot_service::SnapshotApi;
 use crate::snapshots::Snapshots;
 
@@ -132,7 +133,27 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         config.vmm_path.clone(),
         config.live_copy_rate_mibps,
         config.vmm_watchdog,
+        config.linux_boot_timeout,
     );
+    let linux = Arc::new(LinuxGuests {
+        images: Images::new(config.images_dir.clone()),
+        host: config.linux_host,
+    });
+    if config.linux_host.assumed() {
+        tracing::warn!(
+            env = crate::linux_host::ASSUME_ENV,
+            backend = config.linux_host.backend().map(|b| b.id()),
+            "hypervisor taken from the environment, not detected: for forkd's own tests only"
+        );
+    }
+    match config.linux_host.check() {
+        Ok(()) => tracing::info!(
+            images_dir = %config.images_dir.display(),
+            backend = config.linux_host.backend().map(|b| b.id()),
+            "Linux guests enabled"
+        ),
+        Err(e) => tracing::info!(reason = %e, "Linux guests disabled"),
+    }
     metrics.observe_state(manager.registry().clone(), snapshots.clone());
     let mut signals = Signals::install()?;
 
@@ -169,6 +190,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .add_service(SandboxServiceServer::new(Sandboxes::new(
             manager.clone(),
             snapshots.clone(),
+            linux,
         )))
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(
             manager.clone(),

@@ -22,6 +22,9 @@ pub const MAX_LABELS: usize = 64;
 /// request buffer holds NUL-separated arguments).
 pub const MAX_ARGV_BYTES: usize = 60_000;
 
+/// Largest Exec `stdin`, bytes.
+pub const MAX_STDIN_BYTES: usize = 1 << 20;
+
 /// Longest sandbox id accepted (real ones are 13 bytes); longer ones are
 /// refused without being echoed.
 pub const MAX_ID_BYTES: usize = 64;
@@ -181,6 +184,76 @@ pub fn argv(argv: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Checks an Exec `env` and returns it sorted by key (the order the
+/// guest gets it in).
+pub fn exec_env(env: &HashMap<String, String>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut pairs: Vec<(String, String)> =
+        env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pairs.sort();
+    for (key, value) in &pairs {
+        if key.is_empty() {
+            return Err(invalid(
+                "env keys must not be empty: give each variable a name".into(),
+            ));
+        }
+        if key.contains('=') || key.contains('\0') {
+            return Err(invalid(format!(
+                "env key {} is invalid: keys must not contain '=' or NUL characters",
+                quoted(key)
+            )));
+        }
+        if value.contains('\0') {
+            return Err(invalid(format!(
+                "value of env variable {} contains a NUL character; remove it",
+                quoted(key)
+            )));
+        }
+    }
+    Ok(pairs)
+}
+
+/// Checks an Exec `cwd`: empty (meaning `/`) or an absolute path without
+/// NUL characters.
+pub fn exec_cwd(cwd: &str) -> Result<Option<String>, ApiError> {
+    if cwd.is_empty() {
+        return Ok(None);
+    }
+    if !cwd.starts_with('/') {
+        return Err(invalid(format!(
+            "cwd {} is not absolute: give a path starting with '/', or leave it empty for '/'",
+            quoted(cwd)
+        )));
+    }
+    if cwd.contains('\0') {
+        return Err(invalid("cwd contains a NUL character; remove it".into()));
+    }
+    Ok(Some(cwd.to_string()))
+}
+
+/// Checks the size of an Exec `stdin`.
+pub fn exec_stdin(stdin: &[u8]) -> Result<(), ApiError> {
+    if stdin.len() > MAX_STDIN_BYTES {
+        return Err(invalid(format!(
+            "stdin is {} bytes; the limit is {MAX_STDIN_BYTES} (1 MiB)",
+            stdin.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Resolves ReadConsole's `tail_bytes` (0 means the default).
+pub fn tail_bytes(n: u32) -> Result<usize, ApiError> {
+    use crate::console::{DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES};
+    match n {
+        0 => Ok(DEFAULT_TAIL_BYTES as usize),
+        n if n <= MAX_TAIL_BYTES => Ok(n as usize),
+        n => Err(invalid(format!(
+            "tail_bytes must be 0 (meaning {DEFAULT_TAIL_BYTES}) or at most {MAX_TAIL_BYTES} \
+             (1 MiB), got {n}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +365,36 @@ mod tests {
         // 59999 bytes + NUL fits exactly.
         assert!(argv(&["x".repeat(MAX_ARGV_BYTES - 1)]).is_ok());
         assert!(msg(argv(&["x".repeat(MAX_ARGV_BYTES)]).unwrap_err()).contains("60000"));
+    }
+
+    #[test]
+    fn exec_env_rules() {
+        let env = exec_env(&map(&[("B", "2"), ("A", "x=1")])).unwrap();
+        assert_eq!(
+            env,
+            vec![("A".into(), "x=1".into()), ("B".into(), "2".into())]
+        );
+        assert!(msg(exec_env(&map(&[("", "v")])).unwrap_err()).contains("must not be empty"));
+        assert!(msg(exec_env(&map(&[("A=B", "v")])).unwrap_err()).contains("\"A=B\""));
+        assert!(msg(exec_env(&map(&[("A\0", "v")])).unwrap_err()).contains("NUL"));
+        assert!(msg(exec_env(&map(&[("A", "v\0")])).unwrap_err()).contains("value of env"));
+    }
+
+    #[test]
+    fn exec_cwd_rules() {
+        assert_eq!(exec_cwd("").unwrap(), None);
+        assert_eq!(exec_cwd("/tmp").unwrap().as_deref(), Some("/tmp"));
+        assert!(msg(exec_cwd("tmp").unwrap_err()).contains("not absolute"));
+        assert!(msg(exec_cwd("/t\0").unwrap_err()).contains("NUL"));
+    }
+
+    #[test]
+    fn stdin_and_tail_bounds() {
+        exec_stdin(&vec![0; MAX_STDIN_BYTES]).unwrap();
+        assert!(msg(exec_stdin(&vec![0; MAX_STDIN_BYTES + 1]).unwrap_err()).contains("1 MiB"));
+        assert_eq!(tail_bytes(0).unwrap(), 65536);
+        assert_eq!(tail_bytes(1 << 20).unwrap(), 1 << 20);
+        assert!(msg(tail_bytes((1 << 20) + 1).unwrap_err()).contains("tail_bytes"));
     }
 
     #[test]

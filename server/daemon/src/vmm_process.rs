@@ -4,7 +4,9 @@
 //! fd 3 (`--control-fd 3`) and its output in the sandbox's `vmm.log`, and
 //! starts three tasks. A child restored from a snapshot also gets the
 //! snapshot's sealed memfd as fd 4 (`--memory-fd 4`) and the snapshot's
-//! directory (`--restore-dir`).
+//! directory (`--restore-dir`). A Linux guest's VMM gets the image's
+//! kernel and initramfs, its kernel command line and the path of the
+//! serial console log instead (see [`LinuxBoot`]).
 //!
 //! - the *writer* sends encoded request frames in order;
 //! - the *reader* decodes the VMM's frames and routes them: events to the
@@ -18,15 +20,15 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use forkd_control::{
-    decode_from_vmm, encode_json, parse_header, Event, ExitReason, FromVmm, Request, SnapshotMode,
-    HEADER_LEN,
+    decode_from_vmm, encode_input, encode_json, parse_header, Event, ExitReason, FromVmm,
+    GuestBoot, Request, SnapshotMode, HEADER_LEN, INPUT_CHUNK,
 };
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
@@ -72,6 +74,35 @@ pub struct VmmSpec<'a> {
     /// Declare the VMM failed (and kill it) when it answers no heartbeat
     /// for this long; `None`: no watchdog.
     pub watchdog: Option<Duration>,
+    /// Boot a Linux image instead of the reference guest.
+    pub linux: Option<LinuxBoot<'a>>,
+}
+
+/// The Linux image a VMM boots.
+#[derive(Debug, Clone, Copy)]
+pub struct LinuxBoot<'a> {
+    /// The kernel (`--kernel`).
+    pub kernel: &'a Path,
+    /// The initramfs (`--initrd`).
+    pub initrd: &'a Path,
+    /// The whole kernel command line (`--kernel-args`).
+    pub kernel_args: &'a str,
+    /// Where the VMM writes the serial console (`--console-log`); the
+    /// rotated `console.log.1` sits next to it.
+    pub console_log: &'a Path,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecCommand {
+    /// The command and its arguments.
+    pub argv: Vec<String>,
+    /// Linux: environment variables, sorted by key.
+    pub env: Vec<(String, String)>,
+    /// Linux: working directory; `None` means `/`.
+    pub cwd: Option<String>,
+    /// Linux: bytes piped to the command's stdin; empty means /dev/null.
+    pub stdin: Vec<u8>,
 }
 
 /// The snapshot a VMM restores.
@@ -217,7 +248,9 @@ impl Stop {
     pub fn from_exit(reason: &ExitReason) -> Stop {
         let failed = matches!(
             reason,
-            ExitReason::GuestCrash { .. } | ExitReason::VmmError { .. }
+            ExitReason::GuestCrash { .. }
+                | ExitReason::VmmError { .. }
+                | ExitReason::GuestReset { .. }
         );
         Stop {
             reason: reason.to_string(),
@@ -263,6 +296,8 @@ pub enum ExecEvent {
         duration_us: u64,
         /// Whether it ended because of a Cancel.
         cancelled: bool,
+        /// Linux: the signal that ended it.
+        signal: Option<i32>,
     },
     /// The VMM could not run it.
     Refused(String),
@@ -303,6 +338,11 @@ pub struct Vmm {
     /// True while the reader waits for a slow exec caller instead of
     /// reading (the VMM cannot be heard then, through no fault of its own).
     reader_waiting: AtomicBool,
+    /// Linux: the sandbox directory holding the console log, quoted in a
+    /// failed stop's reason.
+    console_dir: Option<PathBuf>,
+    /// Linux: the guest's boot timing from `Ready`.
+    guest_boot: OnceLock<GuestBoot>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -352,6 +392,16 @@ impl Vmm {
                     .arg(spec.memory_mib.to_string())
                     .arg("--vcpus")
                     .arg(spec.vcpus.to_string());
+                if let Some(linux) = &spec.linux {
+                    cmd.arg("--kernel")
+                        .arg(linux.kernel)
+                        .arg("--initrd")
+                        .arg(linux.initrd)
+                        .arg("--kernel-args")
+                        .arg(linux.kernel_args)
+                        .arg("--console-log")
+                        .arg(linux.console_log);
+                }
             }
             Some(restore) => {
                 cmd.arg("--restore-dir")
@@ -416,6 +466,8 @@ impl Vmm {
             reaped,
             last_heard: Mutex::new(Instant::now()),
             reader_waiting: AtomicBool::new(false),
+            console_dir: spec.linux.map(|_| spec.dir.to_path_buf()),
+            guest_boot: OnceLock::new(),
         });
 
         let id = vmm.id.clone();
@@ -443,6 +495,16 @@ impl Vmm {
             tokio::spawn(watchdog(Arc::downgrade(&vmm), bound));
         }
         Ok(vmm)
+    }
+
+    /// Whether the VMM boots (or booted) a Linux image.
+    pub fn is_linux(&self) -> bool {
+        self.console_dir.is_some()
+    }
+
+    /// A Linux guest's boot timing, once it said `Ready`.
+    pub fn guest_boot(&self) -> Option<GuestBoot> {
+        self.guest_boot.get().copied()
     }
 
     /// Host pid of the VMM, 0 once it has been reaped.
@@ -610,7 +672,9 @@ impl Vmm {
 
     /// Starts a command; its output and end arrive on the returned channel.
     /// The channel closes without `Done` if the VMM stops.
-    pub fn start_exec(&self, argv: Vec<String>) -> Result<(u64, mpsc::Receiver<ExecEvent>), Stop> {
+    /// A Linux command's stdin follows the request as input frames, ended
+    /// by an empty one.
+    pub fn start_exec(&self, cmd: ExecCommand) -> Result<(u64, mpsc::Receiver<ExecEvent>), Stop> {
         let id = self.next_id();
         let (tx, rx) = mpsc::channel(EXEC_CHANNEL);
         {
@@ -620,7 +684,20 @@ impl Vmm {
             }
             routes.execs.insert(id, tx);
         }
-        self.send(&Request::Exec { id, argv });
+        let has_stdin = !cmd.stdin.is_empty();
+        self.send(&Request::Exec {
+            id,
+            argv: cmd.argv,
+            env: cmd.env,
+            cwd: cmd.cwd,
+            stdin: has_stdin,
+        });
+        if has_stdin {
+            for chunk in cmd.stdin.chunks(INPUT_CHUNK) {
+                let _ = self.writer.send(encode_input(id, chunk));
+            }
+            let _ = self.writer.send(encode_input(id, &[]));
+        }
         Ok((id, rx))
     }
 
@@ -730,8 +807,11 @@ impl Vmm {
                     }
                 }
             }
-            FromVmm::Event(Event::Ready { boot_us }) => {
-                tracing::debug!(sandbox = %self.id, boot_us, "VMM ready");
+            FromVmm::Event(Event::Ready { boot_us, guest }) => {
+                tracing::debug!(sandbox = %self.id, boot_us, ?guest, "VMM ready");
+                if let Some(guest) = guest {
+                    let _ = self.guest_boot.set(guest);
+                }
                 self.lifecycle.send_if_modified(|l| {
                     let booting = *l == Lifecycle::Booting;
                     if booting {
@@ -745,6 +825,7 @@ impl Vmm {
                 exit_code,
                 duration_us,
                 cancelled,
+                signal,
             }) => {
                 let tx = lock(&self.routes).execs.remove(&id);
                 if let Some(tx) = tx {
@@ -752,6 +833,7 @@ impl Vmm {
                         exit_code,
                         duration_us,
                         cancelled,
+                        signal,
                     };
                     self.send_to_exec(&tx, event).await;
                 }
@@ -811,6 +893,15 @@ impl Vmm {
         let _ = tx.send(event).await;
         *lock(&self.last_heard) = Instant::now();
         self.reader_waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// A Linux guest's failed stop, with the end of its console appended
+    /// (what the kernel said before it died); other stops unchanged.
+    fn with_console(&self, mut stop: Stop) -> Stop {
+        if let (true, Some(dir)) = (stop.failed, &self.console_dir) {
+            stop.reason.push_str(&crate::console::exit_suffix(dir));
+        }
+        stop
     }
 
     /// Records that the VMM sent a frame.
@@ -965,6 +1056,7 @@ async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
         }
     };
     let waiters = vmm.close_routes();
+    let stop = stop.map(|s| vmm.with_console(s));
     match stop {
         Some(stop) => {
             vmm.set_stop(stop);
@@ -987,9 +1079,9 @@ async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
                     vmm.wait_reaped().await
                 }
             };
-            vmm.set_stop(Stop::failure(format!(
+            vmm.set_stop(vmm.with_console(Stop::failure(format!(
                 "VMM exited without reporting why ({status})"
-            )));
+            ))));
             drop(waiters);
         }
     }
@@ -1031,6 +1123,11 @@ mod tests {
         assert!(Stop::from_exit(&ExitReason::VmmError { detail: "x".into() }).failed);
         assert!(!Stop::from_exit(&ExitReason::GuestExit { status: 0 }).failed);
         assert!(!Stop::from_exit(&ExitReason::Shutdown).failed);
+        let reset = Stop::from_exit(&ExitReason::GuestReset {
+            detail: "kernel panic".into(),
+        });
+        assert!(reset.failed);
+        assert_eq!(reset.reason, "guest reset: kernel panic");
     }
 
     #[test]

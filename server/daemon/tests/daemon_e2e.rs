@@ -14,6 +14,12 @@
 //! `copy_ignores_cancel` for one that does not stop a LIVE copy when
 //! cancelled.
 //!
+//! Started with `--kernel`, the fake boots a "Linux image" instead: see
+//! `fake_linux/mod.rs` for what it does and the programs it runs. The
+//! daemons of the Linux tests run with `FORKD_TEST_ASSUME_HYPERVISOR` so
+//! they pass (or, with `pvm`, fail) the host check whatever this machine's
+//! KVM is.
+//!
 //! LIVE snapshots: the fake answers `Snapshotted` at once (memory as it is
 //! at that moment is what the snapshot holds), then copies in 100 ms steps
 //! of `--copy-rate-mibps` / 10 MiB (all at once without the flag), sending
@@ -47,6 +53,8 @@ use pb::snapshot_service_client::SnapshotServiceClient;
 use pb::{BranchMode, SnapshotStatus};
 use tonic::transport::Channel;
 use tonic::Code;
+
+mod fake_linux;
 
 // ---------------------------------------------------------------- fake VMM
 
@@ -230,6 +238,11 @@ fn fake_vmm(args: &[String]) -> ! {
     };
     let fd: i32 = arg("--control-fd").parse().unwrap();
     assert_eq!(fd, 3, "the daemon passes fd 3");
+    if args.iter().any(|a| a == "--kernel") {
+        // SAFETY: fd 3 is the control socket the daemon handed us.
+        let sock = unsafe { UnixStream::from_raw_fd(fd) };
+        fake_linux::run(sock, &arg);
+    }
     let id = arg("--id");
     let rate_mibps: u64 = args
         .iter()
@@ -269,7 +282,13 @@ fn fake_vmm(args: &[String]) -> ! {
         );
         std::process::exit(1);
     }
-    send(&out, &encode_json(&Event::Ready { boot_us: 1234 }));
+    send(
+        &out,
+        &encode_json(&Event::Ready {
+            boot_us: 1234,
+            guest: None,
+        }),
+    );
     let running: Running = Arc::default();
     let copying: Copying = Arc::default();
     let behaviour = std::env::var("FORKD_FAKE_VMM").unwrap_or_default();
@@ -281,7 +300,7 @@ fn fake_vmm(args: &[String]) -> ! {
         match req {
             Request::Ping { id } => send(&out, &encode_json(&Event::Pong { id })),
             Request::Heartbeat { id } => send(&out, &encode_json(&Event::Alive { id })),
-            Request::Exec { id, argv } => {
+            Request::Exec { id, argv, .. } => {
                 let cancel = Arc::new(AtomicBool::new(false));
                 *running.lock().unwrap() = Some((id, cancel.clone()));
                 let out = out.clone();
@@ -494,6 +513,7 @@ fn run_builtin(out: &Out, id: u64, argv: &[String], cancel: &AtomicBool, mem: &M
             exit_code,
             duration_us: start.elapsed().as_micros() as u64,
             cancelled,
+            signal: None,
         }),
     );
 }
@@ -704,6 +724,7 @@ async fn exec(
         sandbox_id: id.into(),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         timeout_ms,
+        ..Default::default()
     };
     let mut stream = match c.exec(req).await {
         Ok(s) => s.into_inner(),
@@ -823,6 +844,7 @@ async fn lifecycle_and_exec() {
             sandbox_id: id.clone(),
             argv: vec!["hold".into(), "400".into()],
             timeout_ms: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -852,6 +874,7 @@ async fn lifecycle_and_exec() {
                 sandbox_id: id.clone(),
                 argv: vec!["sleep".into(), "60000".into()],
                 timeout_ms: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -1509,6 +1532,438 @@ async fn ignored_cancel_fails_the_sandbox() {
         .unwrap();
     assert_eq!(s.state, pb::SandboxState::Failed as i32);
     assert_eq!(s.exit_reason, "guest did not honor cancel");
+}
+
+// ------------------------------------------------------- Linux guests
+
+const ASSUME_HV: &str = "FORKD_TEST_ASSUME_HYPERVISOR";
+
+/// A fake image `name` (manifest plus dummy kernel and initrd) in
+/// `images`.
+fn make_image(images: &std::path::Path, name: &str, memory_mib: u32) {
+    let dir = images.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("vmlinuz"), b"not really a kernel").unwrap();
+    std::fs::write(dir.join("initrd"), b"not really an initramfs").unwrap();
+    let manifest = serde_json::json!({
+        "format": 1, "name": name,
+        "kernel": {"path": "vmlinuz", "sha256": "00", "bytes": 19,
+                   "release": "6.1.0-fake", "package": "linux-image-fake", "version": "1"},
+        "initrd": {"path": "initrd", "sha256": "00", "bytes": 23},
+        "kernel_args": "quiet", "memory_mib": memory_mib,
+        "packages": ["python3"], "modules": [], "agent_sha256": "00",
+        "input_digest": "00", "created": "2026-12-03T18:00:00Z"
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+/// A daemon whose default images dir (`<data-dir>/images`) holds image
+/// `debian` (384 MiB), on a host taken to be `hypervisor`.
+async fn linux_daemon(hypervisor: &str) -> Daemon {
+    let tmp = tempfile::tempdir().unwrap();
+    make_image(&tmp.path().join("data/images"), "debian", 384);
+    Daemon::start_in(tmp, &[], &[(ASSUME_HV, hypervisor)]).await
+}
+
+async fn spawn_image(c: &mut SandboxServiceClient<Channel>, image: &str) -> pb::Sandbox {
+    c.spawn_sandboxes(pb::SpawnSandboxesRequest {
+        n: 1,
+        image: image.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .sandboxes
+    .remove(0)
+}
+
+async fn get(c: &mut SandboxServiceClient<Channel>, id: &str) -> pb::Sandbox {
+    c.get_sandbox(pb::GetSandboxRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandbox
+        .unwrap()
+}
+
+/// Runs a Linux Exec with env, cwd and stdin.
+async fn exec_full(c: &mut SandboxServiceClient<Channel>, req: pb::ExecRequest) -> ExecResult {
+    let mut r = ExecResult {
+        stdout: vec![],
+        stderr: vec![],
+        exit: None,
+        status: None,
+    };
+    let mut stream = match c.exec(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            r.status = Some(s);
+            return r;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => match m.event.unwrap() {
+                Ev::Stdout(b) => r.stdout.extend(b),
+                Ev::Stderr(b) => r.stderr.extend(b),
+                Ev::Exit(e) => r.exit = Some(e),
+            },
+            Ok(None) => return r,
+            Err(s) => {
+                r.status = Some(s);
+                return r;
+            }
+        }
+    }
+}
+
+async fn read_console(
+    c: &mut SandboxServiceClient<Channel>,
+    id: &str,
+    tail_bytes: u32,
+) -> Result<pb::ReadConsoleResponse, tonic::Status> {
+    c.read_console(pb::ReadConsoleRequest {
+        sandbox_id: id.into(),
+        tail_bytes,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn linux_spawn_and_console() {
+    let d = linux_daemon("svm").await;
+    let mut c = d.sandboxes().await;
+
+    // The image's memory is the default; the guest's boot timing is kept.
+    let sb = spawn_image(&mut c, "debian").await;
+    assert_eq!(sb.state, pb::SandboxState::Running as i32);
+    assert_eq!((sb.image.as_str(), sb.memory_mib), ("debian", 384));
+    let boot = sb.guest_boot.expect("guest_boot");
+    assert_eq!((boot.kernel_ms, boot.init_ms), (800.0, 45.5));
+    let explicit = c
+        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+            n: 2,
+            image: "debian".into(),
+            memory_mib: 1024,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sandboxes;
+    assert!(explicit
+        .iter()
+        .all(|s| s.memory_mib == 1024 && s.image == "debian"));
+
+    // The reference guest is unchanged beside it.
+    let reference = spawn(&mut c, 1).await.remove(0);
+    assert_eq!((reference.image.as_str(), reference.guest_boot), ("", None));
+
+    // Validation, then the lookup.
+    let spawn_err = |req: pb::SpawnSandboxesRequest| {
+        let mut c = c.clone();
+        async move { c.spawn_sandboxes(req).await.unwrap_err() }
+    };
+    let e = spawn_err(pb::SpawnSandboxesRequest {
+        n: 1,
+        image: "debian".into(),
+        snapshot_tag: "base".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("not both"), "{}", e.message());
+    let e = spawn_err(pb::SpawnSandboxesRequest {
+        n: 1,
+        image: "../etc".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = spawn_err(pb::SpawnSandboxesRequest {
+        n: 1,
+        image: "ubuntu".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "image \"ubuntu\" not found in <data-dir>/images; build it with 'forkd image build \
+         ubuntu'"
+    );
+
+    // The console: what the kernel printed, its command line included.
+    let con = read_console(&mut c, &sb.id, 0).await.unwrap();
+    let text = String::from_utf8(con.data).unwrap();
+    assert!(
+        text.contains(&format!("Command line: forkd.hostname={} quiet\n", sb.id)),
+        "{text}"
+    );
+    assert!(!con.truncated);
+    let r = exec(&mut c, &sb.id, &["console", "100"], 0).await;
+    assert_eq!(r.exit.unwrap().exit_code, 0);
+    let con = read_console(&mut c, &sb.id, 32).await.unwrap();
+    assert_eq!(con.data.len(), 32);
+    assert!(con.data.ends_with(b"console line 99\n"));
+    assert!(con.truncated);
+    let e = read_console(&mut c, &sb.id, (1 << 20) + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = read_console(&mut c, &reference.id, 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no serial console"), "{}", e.message());
+    let e = read_console(&mut c, "sb-nope", 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // No branches of Linux sandboxes yet.
+    let e = c
+        .branch_sandbox(pb::BranchSandboxRequest {
+            sandbox_id: sb.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Deleting removes the console with the sandbox directory.
+    let dir = d.data.join("sandboxes").join(&sb.id);
+    assert!(dir.join("console.log").is_file());
+    c.delete_sandbox(pb::DeleteSandboxRequest { id: sb.id.clone() })
+        .await
+        .unwrap();
+    assert!(!dir.exists());
+}
+
+async fn linux_exec() {
+    let d = linux_daemon("svm").await;
+    let mut c = d.sandboxes().await;
+    let sb = spawn_image(&mut c, "debian").await;
+    let req = |argv: &[&str]| pb::ExecRequest {
+        sandbox_id: sb.id.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+
+    // env (sorted by key) and cwd reach the guest.
+    let r = exec_full(
+        &mut c,
+        pb::ExecRequest {
+            env: [("B".into(), "2".into()), ("A".into(), "x=1".into())].into(),
+            cwd: "/tmp".into(),
+            ..req(&["env"])
+        },
+    )
+    .await;
+    assert_eq!(code_of(&r), Code::Ok, "{:?}", r.status);
+    assert_eq!(r.stdout, b"A=x=1\nB=2\ncwd=/tmp\n");
+    let r = exec(&mut c, &sb.id, &["env"], 0).await;
+    assert_eq!(r.stdout, b"cwd=/\n");
+
+    // stdin of several input frames comes back whole.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let r = exec_full(
+        &mut c,
+        pb::ExecRequest {
+            stdin: data.clone(),
+            ..req(&["cat"])
+        },
+    )
+    .await;
+    assert_eq!(r.exit.map(|e| e.exit_code), Some(0));
+    assert!(
+        r.stdout == data,
+        "stdin came back as {} bytes",
+        r.stdout.len()
+    );
+
+    // Bad fields are INVALID_ARGUMENT, saying what to fix.
+    for (bad, says) in [
+        (
+            pb::ExecRequest {
+                env: [("A=B".into(), "v".into())].into(),
+                ..req(&["env"])
+            },
+            "'='",
+        ),
+        (
+            pb::ExecRequest {
+                env: [("".into(), "v".into())].into(),
+                ..req(&["env"])
+            },
+            "must not be empty",
+        ),
+        (
+            pb::ExecRequest {
+                cwd: "tmp".into(),
+                ..req(&["env"])
+            },
+            "not absolute",
+        ),
+        (
+            pb::ExecRequest {
+                stdin: vec![0; (1 << 20) + 1],
+                ..req(&["cat"])
+            },
+            "1 MiB",
+        ),
+        (req(&["env", "a\0b"]), "NUL"),
+    ] {
+        let r = exec_full(&mut c, bad).await;
+        let s = r.status.expect("an error");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(says), "{}", s.message());
+    }
+
+    // Several commands at once: the first waits for the second.
+    let mut waiting = c.exec(req(&["wait-for", "g1"])).await.unwrap().into_inner();
+    let first = waiting.message().await.unwrap().unwrap().event.unwrap();
+    assert!(
+        matches!(&first, Ev::Stdout(b) if b == b"waiting g1\n"),
+        "{first:?}"
+    );
+    let t = Instant::now();
+    let r = exec(&mut c, &sb.id, &["release", "g1"], 0).await;
+    assert_eq!(r.exit.map(|e| e.exit_code), Some(0));
+    match waiting.message().await.unwrap().unwrap().event.unwrap() {
+        Ev::Exit(e) => assert_eq!(e.exit_code, 0, "wait-for was not released"),
+        other => panic!("expected the exit, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // A signal: exit code 128 + n.
+    let r = exec(&mut c, &sb.id, &["kill", "15"], 0).await;
+    let exit = r.exit.unwrap();
+    assert_eq!((exit.signal, exit.exit_code), (15, 143));
+    let r = exec(&mut c, &sb.id, &["fail"], 0).await;
+    let exit = r.exit.unwrap();
+    assert_eq!(
+        (exit.signal, exit.exit_code, r.stderr.as_slice()),
+        (0, 2, &b"oops\n"[..])
+    );
+
+    // A program the agent cannot start.
+    let r = exec(&mut c, &sb.id, &["nope"], 0).await;
+    let s = r.status.unwrap();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("No such file or directory"),
+        "{}",
+        s.message()
+    );
+
+    // timeout_ms: DEADLINE_EXCEEDED, the sandbox stays usable.
+    let r = exec(&mut c, &sb.id, &["sleep", "60000"], 100).await;
+    assert_eq!(code_of(&r), Code::DeadlineExceeded, "{:?}", r.status);
+    let r = exec(&mut c, &sb.id, &["env"], 0).await;
+    assert_eq!(r.stdout, b"cwd=/\n");
+
+    // The reference guest refuses the Linux-only fields.
+    let reference = spawn(&mut c, 1).await.remove(0);
+    for bad in [
+        pb::ExecRequest {
+            env: [("A".into(), "1".into())].into(),
+            ..Default::default()
+        },
+        pb::ExecRequest {
+            cwd: "/".into(),
+            ..Default::default()
+        },
+        pb::ExecRequest {
+            stdin: b"x".to_vec(),
+            ..Default::default()
+        },
+    ] {
+        let r = exec_full(
+            &mut c,
+            pb::ExecRequest {
+                sandbox_id: reference.id.clone(),
+                argv: vec!["echo".into()],
+                ..bad
+            },
+        )
+        .await;
+        let s = r.status.expect("an error");
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert_eq!(
+            s.message(),
+            "the reference guest runs builtins only; env, cwd and stdin need a Linux image"
+        );
+    }
+}
+
+async fn linux_guest_reset() {
+    let d = linux_daemon("svm").await;
+    let mut c = d.sandboxes().await;
+    let sb = spawn_image(&mut c, "debian").await;
+    let r = exec(&mut c, &sb.id, &["panic"], 0).await;
+    assert_eq!(code_of(&r), Code::Aborted, "{:?}", r.status);
+    let s = get(&mut c, &sb.id).await;
+    assert_eq!(s.state, pb::SandboxState::Failed as i32);
+    assert!(
+        s.exit_reason
+            .starts_with("guest reset: the guest kernel reset the machine; console tail:\n"),
+        "{}",
+        s.exit_reason
+    );
+    assert!(
+        s.exit_reason.contains("Linux version 6.1.0-fake"),
+        "{}",
+        s.exit_reason
+    );
+    assert!(
+        s.exit_reason.ends_with("---[ end Kernel panic ]---"),
+        "{}",
+        s.exit_reason
+    );
+    // The daemon keeps serving.
+    let other = spawn_image(&mut c, "debian").await;
+    let r = exec(&mut c, &other.id, &["env"], 0).await;
+    assert_eq!(r.stdout, b"cwd=/\n");
+}
+
+async fn linux_host_checks() {
+    let d = linux_daemon("pvm").await;
+    let mut c = d.sandboxes().await;
+    let t = Instant::now();
+    for image in ["debian", "ubuntu"] {
+        let e = c
+            .spawn_sandboxes(pb::SpawnSandboxesRequest {
+                n: 1,
+                image: image.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert_eq!(
+            e.message(),
+            "Linux guests need hardware virtualization (Intel VMX or AMD SVM); this host's KVM \
+             is kvm-pvm (KVM-PVM runs ring-0 guest code ~1000x slower). Run 'forkd doctor' for \
+             details."
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // Validation comes first.
+    let e = c
+        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+            n: 1,
+            image: "debian".into(),
+            snapshot_tag: "base".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(d.sandbox_dirs().is_empty());
+    // The reference guest is unaffected.
+    let sb = spawn(&mut c, 1).await.remove(0);
+    assert_eq!(
+        exec(&mut c, &sb.id, &["echo", "hi"], 0).await.stdout,
+        b"hi\n"
+    );
 }
 
 async fn boot_failure() {
@@ -2253,6 +2708,10 @@ fn main() {
         live_cancel_and_source_death,
         live_copy_failures,
         live_copy_across_restart_and_shutdown,
+        linux_spawn_and_console,
+        linux_exec,
+        linux_guest_reset,
+        linux_host_checks,
     ];
     let mut failed = 0;
     for (name, test) in &tests {

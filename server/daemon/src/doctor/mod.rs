@@ -11,7 +11,7 @@
 mod dirty_log;
 pub(crate) mod disk;
 mod health;
-mod hypervisor;
+pub(crate) mod hypervisor;
 mod kvm;
 mod mapping;
 mod memfd;
