@@ -44,7 +44,12 @@ fn run_build(a: ImageBuildArgs) -> Result<(), ImageError> {
     };
     let mut opts = BuildOptions::new(a.name.clone(), agent);
     opts.packages = a.packages.unwrap_or_else(|| default_packages(&a.name));
-    opts.packages.retain(|p| !p.trim().is_empty());
+    opts.packages = opts
+        .packages
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
     opts.force = a.force;
     opts.memory_mib = a.memory_mib;
     opts.kernel_args = a.kernel_args;

@@ -97,19 +97,46 @@ impl Apt {
         if deb.is_file() {
             return Ok(deb);
         }
+        // Downloaded into a fresh directory and renamed into the cache, so
+        // an interrupted download never passes for a complete .deb.
+        let partial = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempdir_in(cache)
+            .map_err(ImageError::io("create a directory in", cache))?;
         let spec = format!("{}={}", pkg.name, pkg.version);
-        if let Err(e) = run(&self.apt_get, &["download", "-q", &spec], Some(cache)) {
+        let args = ["download", "-q", spec.as_str()];
+        if let Err(e) = run(&self.apt_get, &args, Some(partial.path())) {
             if !self.refresh()? {
                 return Err(e);
             }
-            run(&self.apt_get, &["download", "-q", &spec], Some(cache))?;
+            run(&self.apt_get, &args, Some(partial.path()))?;
         }
-        if !deb.is_file() {
+        let got = partial.path().join(deb_file_name(pkg));
+        if !got.is_file() {
             return Err(ImageError::Kernel(format!(
                 "apt-get download {spec} did not leave {}",
-                deb.display()
+                got.display()
             )));
         }
+        std::fs::rename(&got, &deb).map_err(ImageError::io("rename", &got))?;
+        prune_other_debs(cache, &deb);
         Ok(deb)
+    }
+}
+
+/// Removes the `.deb`s of `cache` other than `keep` (older kernels); best
+/// effort: a leftover only costs disk.
+fn prune_other_debs(cache: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let stale_partial = e.file_name().to_string_lossy().starts_with(".partial-");
+        if stale_partial {
+            let _ = std::fs::remove_dir_all(path);
+        } else if path != keep && path.extension().is_some_and(|x| x == "deb") {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -98,11 +98,7 @@ pub fn build(
     validate_name(&opts.name)?;
     for p in &opts.packages {
         if p.is_empty() || p.starts_with('-') || p.contains(char::is_whitespace) {
-            return Err(ImageError::Command {
-                command: "mmdebstrap".into(),
-                status: "not run".into(),
-                stderr: format!("bad package name {p:?}"),
-            });
+            return Err(ImageError::InvalidPackage { name: p.clone() });
         }
     }
     if !nix::unistd::geteuid().is_root() {

@@ -66,6 +66,12 @@ pub enum ImageError {
         /// Its last lines of standard error.
         stderr: String,
     },
+    /// A package name that cannot be one (empty, an option, whitespace).
+    #[error("bad package name {name:?}")]
+    InvalidPackage {
+        /// The rejected name.
+        name: String,
+    },
     /// Packages asked for that apt does not know.
     #[error("unknown Debian package(s): {names} (apt-cache policy knows no such package, even after apt-get update)")]
     UnknownPackages {
