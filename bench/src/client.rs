@@ -167,6 +167,7 @@ impl Ctx {
             vcpus: shape.vcpus,
             labels: HashMap::from([(LABEL_KEY.to_string(), bench.to_string())]),
             wait_for_snapshot: false,
+            ..Default::default()
         });
         req.set_timeout(self.spawn_timeout);
         let start = Instant::now();
@@ -545,6 +546,7 @@ pub async fn exec_on(
         sandbox_id: sandbox_id.to_string(),
         argv: argv.iter().map(|a| a.to_string()).collect(),
         timeout_ms: 0,
+        ..Default::default()
     });
     req.set_timeout(Duration::from_secs(60));
     let mut stream = client

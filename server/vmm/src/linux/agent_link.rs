@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use forkd_agent_proto::{self as proto, Decoder, Frame, GuestMsg, HostMsg};
-use forkd_control::{Event, ExitReason, GuestBoot, MAX_INPUT_CHUNK};
+use forkd_control::{Event, ExitReason, GuestBoot, INPUT_CHUNK};
 
 use crate::devices::virtio::console::ConsoleSender;
 use crate::events::EventSink;
@@ -58,7 +58,7 @@ impl AgentLink {
                 .console
                 .send(&proto::encode_data(id, proto::STREAM_STDIN, &[])?)?);
         }
-        for chunk in data.chunks(proto::MAX_DATA.min(MAX_INPUT_CHUNK)) {
+        for chunk in data.chunks(proto::MAX_DATA.min(INPUT_CHUNK)) {
             self.console
                 .send(&proto::encode_data(id, proto::STREAM_STDIN, chunk)?)?;
         }

@@ -10,7 +10,7 @@ use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::KernelLoader;
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout;
 use crate::error::{Result, VmmError};
@@ -88,22 +88,29 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot<'_>, rsdp: u64) -> Result<Loaded> {
         .as_bytes()
         .len();
 
-    let initrd = std::fs::read(boot.initrd)
-        .map_err(|e| boot_err(format!("reading initrd {}: {e}", boot.initrd.display())))?;
+    let mut initrd = File::open(boot.initrd)
+        .map_err(|e| boot_err(format!("opening initrd {}: {e}", boot.initrd.display())))?;
+    let initrd_len = initrd
+        .metadata()
+        .map_err(|e| boot_err(format!("initrd {}: {e}", boot.initrd.display())))?
+        .len();
     let initrd_max = u64::from(header.initrd_addr_max).min(ram.size() - 1);
     let initrd_addr = (initrd_max + 1)
-        .checked_sub(initrd.len() as u64)
+        .checked_sub(initrd_len)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= result.kernel_end)
         .ok_or_else(|| {
             boot_err(format!(
                 "the initrd ({} MiB) does not fit in guest RAM ({} MiB) above the kernel; \
                  give the sandbox more memory",
-                initrd.len() >> 20,
+                initrd_len >> 20,
                 ram.size() >> 20
             ))
         })?;
-    ram.write(initrd_addr, &initrd)?;
+    // Straight from the file into guest RAM: no copy in between.
+    ram.memory()
+        .read_exact_volatile_from(GuestAddress(initrd_addr), &mut initrd, initrd_len as usize)
+        .map_err(|e| boot_err(format!("reading initrd {}: {e}", boot.initrd.display())))?;
 
     let mut params = boot_params {
         hdr: header,
@@ -115,7 +122,7 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot<'_>, rsdp: u64) -> Result<Loaded> {
     params.hdr.cmd_line_ptr = layout::CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
     params.hdr.ramdisk_image = initrd_addr as u32;
-    params.hdr.ramdisk_size = initrd.len() as u32;
+    params.hdr.ramdisk_size = initrd_len as u32;
     params.acpi_rsdp_addr = rsdp;
     let map = e820_map(ram.size());
     for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
