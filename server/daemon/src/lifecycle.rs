@@ -274,7 +274,9 @@ impl Manager {
         vmm.kill();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, vmm.wait_reaped()).await;
         let mut log = log_tail(&dir.join(VMM_LOG));
-        if plan.image.is_some() {
+        // A Linux guest's console says why it hung; a failed stop's reason
+        // quotes it already (see `Vmm`).
+        if plan.image.is_some() && failure.is_none() {
             log.push_str(&crate::console::exit_suffix(&dir));
         }
         remove_dir(&dir);

@@ -408,4 +408,26 @@ mod tests {
         .unwrap();
         assert_eq!((fork.memory_mib, fork.vcpus), (1, 99));
     }
+
+    #[test]
+    fn plan_image_rules() {
+        let both = pb::SpawnSandboxesRequest {
+            image: "debian".into(),
+            snapshot_tag: "base".into(),
+            ..req(1)
+        };
+        let e = boot_plan(&both).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("not both"), "{e}");
+        let bad = pb::SpawnSandboxesRequest {
+            image: "../etc".into(),
+            ..req(1)
+        };
+        assert_eq!(boot_plan(&bad).unwrap_err().code(), Code::InvalidArgument);
+        let ok = pb::SpawnSandboxesRequest {
+            image: "debian-python".into(),
+            ..req(1)
+        };
+        assert!(boot_plan(&ok).unwrap().image.is_none(), "resolved later");
+    }
 }

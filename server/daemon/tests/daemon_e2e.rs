@@ -1966,6 +1966,55 @@ async fn linux_host_checks() {
     );
 }
 
+async fn linux_boot_failures() {
+    // A guest that resets while booting: its console is quoted once.
+    let tmp = tempfile::tempdir().unwrap();
+    make_image(&tmp.path().join("data/images"), "debian", 384);
+    let env = [(ASSUME_HV, "svm"), ("FORKD_FAKE_VMM", "linux_boot_panic")];
+    let d = Daemon::start_in(tmp, &[], &env).await;
+    let mut c = d.sandboxes().await;
+    let e = c
+        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+            n: 1,
+            image: "debian".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    let m = e.message();
+    assert!(
+        m.contains("guest reset: the guest kernel reset the machine; console tail:\n"),
+        "{m}"
+    );
+    assert!(m.contains("VFS: Unable to mount root fs"), "{m}");
+    assert_eq!(m.matches("console tail").count(), 1, "{m}");
+    assert!(d.sandbox_dirs().is_empty());
+    drop(d);
+
+    // A guest that never answers: --linux-boot-timeout, then the console.
+    let tmp = tempfile::tempdir().unwrap();
+    make_image(&tmp.path().join("data/images"), "debian", 384);
+    let env = [(ASSUME_HV, "svm"), ("FORKD_FAKE_VMM", "linux_boot_hang")];
+    let d = Daemon::start_in(tmp, &["--linux-boot-timeout", "1"], &env).await;
+    let mut c = d.sandboxes().await;
+    let t = Instant::now();
+    let e = c
+        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+            n: 1,
+            image: "debian".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let m = e.message();
+    assert!(m.contains("within 1 s"), "{m}");
+    assert!(m.contains("waiting for the root device"), "{m}");
+    assert!(d.sandbox_dirs().is_empty());
+}
+
 async fn boot_failure() {
     let d = Daemon::start(&[], &[("FORKD_FAKE_VMM", "boot_fail")]).await;
     let mut c = d.sandboxes().await;
@@ -2712,6 +2761,7 @@ fn main() {
         linux_exec,
         linux_guest_reset,
         linux_host_checks,
+        linux_boot_failures,
     ];
     let mut failed = 0;
     for (name, test) in &tests {

@@ -212,6 +212,33 @@ pub fn run(sock: UnixStream, arg: &dyn Fn(&str) -> String) -> ! {
         ),
     );
     eprintln!("fake-vmm {id}: booting a Linux image");
+    // `FORKD_FAKE_VMM`: `linux_boot_panic` resets before Ready,
+    // `linux_boot_hang` never gets there.
+    match std::env::var("FORKD_FAKE_VMM").as_deref() {
+        Ok("linux_boot_panic") => {
+            append(
+                &console,
+                "[    0.5] VFS: Unable to mount root fs\n[    0.6] Kernel panic\n",
+            );
+            let out: Out = Arc::new(Mutex::new(sock));
+            send(
+                &out,
+                &encode_json(&Event::Exited {
+                    reason: ExitReason::GuestReset {
+                        detail: "the guest kernel reset the machine".into(),
+                    },
+                }),
+            );
+            std::process::exit(0);
+        }
+        Ok("linux_boot_hang") => {
+            append(&console, "[    0.7] waiting for the root device\n");
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        _ => {}
+    }
 
     let out: Out = Arc::new(Mutex::new(sock.try_clone().unwrap()));
     let mut input = sock;
