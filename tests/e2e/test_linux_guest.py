@@ -188,7 +188,7 @@ def test_output_streams_while_the_command_runs(linux: Linux) -> None:
 def test_timeout_kills_the_whole_process_group(linux: Linux) -> None:
     sid = linux.ids[1]
     res = linux.client.run([EXEC], {"sandboxId": sid, "argv": ["sh", "-c", "sleep 1000 & sleep 1000"], "timeoutMs": 2000})
-    assert res.code == "DeadlineExceeded", res.describe()
+    assert res.code == "DEADLINE_EXCEEDED", res.describe()
 
     def sleepers() -> list[str]:
         ps = linux.exec(sid, ["ps", "-eo", "pid,pgid,args"]).stdout.decode()
@@ -218,7 +218,7 @@ def test_eight_execs_at_once(linux: Linux) -> None:
 
 def test_command_not_found_is_a_clear_error(linux: Linux) -> None:
     res = linux.client.run([EXEC], {"sandboxId": linux.ids[0], "argv": ["no-such-program"]})
-    assert res.code == "FailedPrecondition", res.describe()
+    assert res.code == "FAILED_PRECONDITION", res.describe()
     assert "no-such-program" in res.message and "No such file" in res.message, res.message
 
 
@@ -236,7 +236,7 @@ def test_console_is_readable(linux: Linux) -> None:
 
 def test_unknown_image_is_not_found(linux: Linux) -> None:
     res = linux.client.expect_error(
-        "NotFound", "forkd.v1.SandboxService/SpawnSandboxes", {"image": "no-such-image", "n": 1}
+        "NOT_FOUND", "forkd.v1.SandboxService/SpawnSandboxes", {"image": "no-such-image", "n": 1}
     )
     assert "no-such-image" in res.message and "forkd image build" in res.message, res.message
 
