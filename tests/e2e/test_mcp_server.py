@@ -39,6 +39,7 @@ TOOLS = {
     "list_sandboxes",
     "exec",
     "kill_sandbox",
+    "read_console",
 }
 SCENARIO_TIMEOUT_S = 180  # a hang fails the test instead of the whole suite
 
@@ -101,7 +102,7 @@ def ctl(daemon) -> Iterator[forkd.Controller]:
 # ---- the tool list ------------------------------------------------------------
 
 
-def test_lists_the_nine_tools_with_argument_docs(daemon) -> None:
+def test_lists_the_ten_tools_with_argument_docs(daemon) -> None:
     async def scenario(session: ClientSession) -> None:
         listed = {t.name: t for t in (await session.list_tools()).tools}
         assert TOOLS <= set(listed), f"missing tools: {TOOLS - set(listed)}"

@@ -9,13 +9,19 @@ rules against the real daemon.)
 - wait=False puts field 4 on the wire (value 0); wait=True leaves it off;
 - mode wins over the legacy diff flag: only field 3 is sent;
 - the legacy diff flag alone sends field 5;
-- live_fork=True sends SpawnSandboxesRequest field 3; False leaves it off.
+- live_fork=True sends SpawnSandboxesRequest field 3; False leaves it off;
+- image (field 8), and Exec's env (4), cwd (5) and stdin (6), are sent only
+  when given, so calls without them send what older clients sent;
+- ExecExit.signal comes back as ExecResult.signal; ReadConsole sends
+  sandbox_id and tail_bytes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+
+import asyncio
 
 import grpc
 import pytest
@@ -57,7 +63,15 @@ def fields(data: bytes) -> dict[int, int | bytes]:
 
 class Capture:
     """A gRPC server that records raw request bytes and answers with empty
-    (default) responses."""
+    (default) responses; Exec answers ``exec_reply`` (stdout "out", stderr
+    "err", then an exit killed by SIGKILL) and ReadConsole ``console``."""
+
+    exec_reply = (
+        sandbox_pb2.ExecResponse(stdout=b"out"),
+        sandbox_pb2.ExecResponse(stderr=b"err"),
+        sandbox_pb2.ExecResponse(exit=sandbox_pb2.ExecExit(exit_code=137, duration_us=5, signal=9)),
+    )
+    console = sandbox_pb2.ReadConsoleResponse(data=b"[    0.000000] Linux version\n", truncated=True)
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, bytes]] = []
@@ -65,17 +79,31 @@ class Capture:
         handlers = {}
         for name in ("SpawnSandboxes", "BranchSandbox"):
             handlers[name] = grpc.unary_unary_rpc_method_handler(self._handler(name))
+        handlers["ReadConsole"] = grpc.unary_unary_rpc_method_handler(
+            self._handler("ReadConsole", self.console.SerializeToString())
+        )
+        handlers["Exec"] = grpc.unary_stream_rpc_method_handler(self._exec)
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),)
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
-    def _handler(self, name: str):  # type: ignore[no-untyped-def]
+    def _handler(self, name: str, reply: bytes = b""):  # type: ignore[no-untyped-def]
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
             self.requests.append((name, request))
-            return b""
+            return reply
 
         return handle
+
+    def _exec(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.requests.append(("Exec", request))
+        for msg in self.exec_reply:
+            yield msg.SerializeToString()
+
+    def raw(self, name: str) -> bytes:
+        got = [raw for method, raw in self.requests if method == name]
+        assert got, f"no {name} request was sent"
+        return got[-1]
 
     def last(self, name: str) -> dict[int, int | bytes]:
         got = [raw for method, raw in self.requests if method == name]
@@ -97,6 +125,8 @@ def capture() -> Iterator[tuple[Capture, forkd.Controller]]:
 
 MODE, WAIT, DIFF, MEASURE = 3, 4, 5, 6
 LIVE_FORK = 3
+IMAGE = 8  # SpawnSandboxesRequest
+ARGV, TIMEOUT_MS, ENV, CWD, STDIN = 2, 3, 4, 5, 6  # ExecRequest
 
 
 def test_mode_live_is_field_3(capture: tuple[Capture, forkd.Controller]) -> None:
@@ -198,3 +228,98 @@ def test_exec_event_from_each_oneof_case() -> None:
     assert (out.kind, out.data) == ("stdout", b"a")
     assert (err.kind, err.data) == ("stderr", b"b")
     assert (ex.kind, ex.exit_code, ex.duration_us) == ("exit", 3, 9)
+
+
+def test_image_only_when_given(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.spawn_sandboxes(image="debian-12", memory_mib=512)
+    f = cap.last("SpawnSandboxes")
+    assert f[IMAGE] == b"debian-12" and f[4] == 512 and 1 not in f
+    assert sandbox_pb2.SpawnSandboxesRequest.FromString(cap.raw("SpawnSandboxes")).image == "debian-12"
+
+    ctl.spawn_sandboxes()
+    assert IMAGE not in cap.last("SpawnSandboxes")
+    ctl.spawn_sandboxes(image="")
+    assert IMAGE not in cap.last("SpawnSandboxes"), "an empty image is the reference guest"
+
+
+def test_exec_env_cwd_stdin_land_in_the_request(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    env = {"GREETING": "hi", "LANG": "C.UTF-8"}
+    ctl.exec("sb-1", ["sh", "-c", "cat; echo $GREETING"], 2, env=env, cwd="/tmp", stdin=b"\x00raw")
+    req = sandbox_pb2.ExecRequest.FromString(cap.raw("Exec"))
+    assert list(req.argv) == ["sh", "-c", "cat; echo $GREETING"] and req.timeout_ms == 2000
+    assert dict(req.env) == env
+    assert (req.cwd, req.stdin) == ("/tmp", b"\x00raw")
+    f = cap.last("Exec")
+    assert f[CWD] == b"/tmp" and f[STDIN] == b"\x00raw" and ENV in f
+
+    # A str stdin is sent as UTF-8.
+    ctl.exec("sb-1", ["cat"], stdin="héllo")
+    assert sandbox_pb2.ExecRequest.FromString(cap.raw("Exec")).stdin == "héllo".encode()
+
+    # Without them, nothing new is on the wire: the reference guest's request.
+    ctl.exec("sb-1", ["echo", "hi"])
+    assert set(cap.last("Exec")) == {1, ARGV}
+
+
+def test_exec_result_and_events_carry_the_signal(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    res = ctl.exec("sb-1", ["sleep", "100"])
+    assert (res.stdout, res.stderr, res.exit_code, res.duration_us, res.signal) == (b"out", b"err", 137, 5, 9)
+    assert not res.ok
+    events = list(ctl.exec_stream("sb-1", ["sleep", "100"], env={"A": "1"}))
+    assert [e.kind for e in events] == ["stdout", "stderr", "exit"]
+    assert (events[-1].exit_code, events[-1].signal) == (137, 9)
+    assert dict(sandbox_pb2.ExecRequest.FromString(cap.raw("Exec")).env) == {"A": "1"}
+
+
+def test_read_console(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    got = ctl.read_console("sb-1", tail_bytes=4096)
+    assert isinstance(got, forkd.ReadConsoleResponse)
+    assert (got.data, got.truncated) == (Capture.console.data, True)
+    assert cap.last("ReadConsole") == {1: b"sb-1", 2: 4096}
+    ctl.read_console("sb-1")
+    assert cap.last("ReadConsole") == {1: b"sb-1"}, "tail_bytes 0 (the server's default) is not on the wire"
+
+
+def test_async_controller_sends_the_same(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, _ = capture
+
+    async def main() -> tuple[forkd.ExecResult, forkd.ReadConsoleResponse]:
+        async with forkd.AsyncController(f"127.0.0.1:{cap.port}", timeout=10) as actl:
+            await actl.spawn_sandboxes(image="alpine")
+            res = await actl.exec("sb-2", ["cat"], env={"K": "v"}, cwd="/root", stdin="in")
+            console = await actl.read_console("sb-2", 100)
+            return res, console
+
+    res, console = asyncio.run(main())
+    assert cap.last("SpawnSandboxes")[IMAGE] == b"alpine"
+    req = sandbox_pb2.ExecRequest.FromString(cap.raw("Exec"))
+    assert (dict(req.env), req.cwd, req.stdin) == ({"K": "v"}, "/root", b"in")
+    assert (res.exit_code, res.signal) == (137, 9)
+    assert console.truncated and cap.last("ReadConsole") == {1: b"sb-2", 2: 100}
+
+
+def test_linux_arguments_are_checked_before_sending() -> None:
+    with pytest.raises(TypeError, match="env must map strings to strings"):
+        wire.exec_request("sb-1", ["env"], None, env={"N": 1})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="env must be a mapping"):
+        wire.exec_request("sb-1", ["env"], None, env="A=1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="stdin must be bytes or str"):
+        wire.exec_request("sb-1", ["cat"], None, stdin=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cwd must be a string"):
+        wire.exec_request("sb-1", ["pwd"], None, cwd=b"/")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="image must be a string"):
+        wire.spawn_request(None, 1, live_fork=False, memory_mib=None, labels=None, image=b"x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tail_bytes"):
+        wire.read_console_request("sb-1", -1)
+    assert wire.exec_request("sb-1", ["cat"], None, stdin=bytearray(b"ab")).stdin == b"ab"
+
+
+def test_signal_defaults_keep_old_results_valid() -> None:
+    # ExecResult built the old way (no signal) and an exit without one.
+    assert forkd.ExecResult(b"x", b"", 0, 1).signal == 0
+    ex = forkd.ExecEvent.from_message(sandbox_pb2.ExecResponse(exit=sandbox_pb2.ExecExit(exit_code=0)))
+    assert ex.signal == 0

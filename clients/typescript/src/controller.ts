@@ -13,6 +13,7 @@ import { type ExecEvent, type ExecResult, collectExec, toExecEvent } from "./exe
 import {
   type BranchSandboxResponse,
   type ExecRequest,
+  type ReadConsoleResponse,
   type Sandbox,
   SandboxService,
   type SpawnSandboxesResponse,
@@ -30,6 +31,7 @@ import {
   type ExecOptions,
   type ListSandboxesOptions,
   type ListSnapshotsOptions,
+  type ReadConsoleOptions,
   type SpawnOptions,
   branchSandboxRequest,
   createSnapshotRequest,
@@ -37,6 +39,7 @@ import {
   execRequest,
   listSandboxesRequest,
   listSnapshotsRequest,
+  readConsoleRequest,
   spawnSandboxesRequest,
 } from "./requests.js";
 import { DEFAULT_TARGET, bearerAuth, createOwnedTransport, targetToBaseUrl } from "./transport.js";
@@ -112,8 +115,10 @@ export class Controller implements AsyncDisposable {
   }
 
   /**
-   * Starts `n` sandboxes: cold boots when `tag` is empty or absent, else
-   * children forked from snapshot `tag`. Resolves with the whole response:
+   * Starts `n` sandboxes: cold boots when `tag` is empty or absent (of the
+   * reference guest, or of the Linux image `image`), else children forked
+   * from snapshot `tag`. A Linux image needs a host with Intel VMX or AMD
+   * SVM (elsewhere FAILED_PRECONDITION). Resolves with the whole response:
    * the started sandboxes, per-sandbox failures and the elapsed time (the
    * call fails only when none started).
    */
@@ -143,8 +148,10 @@ export class Controller implements AsyncDisposable {
 
   /**
    * Runs a command in a sandbox and collects its output. A non-zero exit
-   * code is a result, not an error; `timeoutMs` overrunning is
-   * DEADLINE_EXCEEDED.
+   * code is a result, not an error, and so is death by a signal (`signal`
+   * set, `exitCode` 128 + signal); `timeoutMs` overrunning is
+   * DEADLINE_EXCEEDED. `env`, `cwd` and `stdin` apply to Linux sandboxes
+   * only (the reference guest refuses them with FAILED_PRECONDITION).
    */
   async exec(
     sandboxId: string,
@@ -180,6 +187,18 @@ export class Controller implements AsyncDisposable {
   ): Promise<BranchSandboxResponse> {
     const req = branchSandboxRequest(sandboxId, opts);
     return this.#unary(() => this.#sandboxes.branchSandbox(req, this.#callOptions));
+  }
+
+  /**
+   * Returns the end of a Linux sandbox's serial console log (kernel
+   * messages, early userland output) as `data` bytes, with `truncated` set
+   * when older output was cut off. `tailBytes` (at most 1 MiB) defaults to
+   * the server's 64 KiB. A reference-guest sandbox has no serial console:
+   * FAILED_PRECONDITION.
+   */
+  async readConsole(sandboxId: string, opts: ReadConsoleOptions = {}): Promise<ReadConsoleResponse> {
+    const req = readConsoleRequest(sandboxId, opts);
+    return this.#unary(() => this.#sandboxes.readConsole(req, this.#callOptions));
   }
 
   /** Boots a sandbox, runs the warm-up commands in it, and snapshots it. */

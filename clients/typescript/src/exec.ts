@@ -5,7 +5,17 @@ import type { ExecResponse } from "./gen/forkd/v1/sandbox_pb.js";
 export type ExecEvent =
   | { readonly kind: "stdout"; readonly data: Uint8Array }
   | { readonly kind: "stderr"; readonly data: Uint8Array }
-  | { readonly kind: "exit"; readonly exitCode: number; readonly durationUs: bigint };
+  | {
+      readonly kind: "exit";
+      readonly exitCode: number;
+      readonly durationUs: bigint;
+      /**
+       * The signal that killed the command, or 0 if it exited by itself.
+       * Always set on events from {@link Controller.execStream}; optional
+       * so that hand-made events (tests, fakes) need not carry it.
+       */
+      readonly signal?: number | undefined;
+    };
 
 const decoder = new TextDecoder();
 
@@ -16,12 +26,16 @@ export class ExecResult {
    * @param stderr - everything the command wrote to standard error
    * @param exitCode - the command's exit code (0 is success)
    * @param durationUs - time the command ran inside the guest, in microseconds
+   * @param signal - the signal that killed the command (for example 9 for
+   *   SIGKILL), or 0 if it exited by itself; when set, `exitCode` is
+   *   128 + `signal`. Always 0 in a reference-guest sandbox.
    */
   constructor(
     readonly stdout: Uint8Array,
     readonly stderr: Uint8Array,
     readonly exitCode: number,
     readonly durationUs: bigint,
+    readonly signal: number = 0,
   ) {}
 
   /** Standard output decoded as UTF-8. */
@@ -51,7 +65,12 @@ export function toExecEvent(msg: ExecResponse): ExecEvent | undefined {
     case "stderr":
       return { kind: event.case, data: event.value };
     case "exit":
-      return { kind: "exit", exitCode: event.value.exitCode, durationUs: event.value.durationUs };
+      return {
+        kind: "exit",
+        exitCode: event.value.exitCode,
+        durationUs: event.value.durationUs,
+        signal: event.value.signal,
+      };
     default:
       return undefined;
   }
@@ -83,7 +102,7 @@ export async function collectExec(events: AsyncIterable<ExecEvent>): Promise<Exe
   if (exit === undefined) {
     throw new ConnectError("exec stream ended without an exit status", Code.Internal);
   }
-  return new ExecResult(concat(stdout), concat(stderr), exit.exitCode, exit.durationUs);
+  return new ExecResult(concat(stdout), concat(stderr), exit.exitCode, exit.durationUs, exit.signal ?? 0);
 }
 
 function concat(chunks: readonly Uint8Array[]): Uint8Array {

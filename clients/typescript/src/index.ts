@@ -28,6 +28,7 @@ export type {
   ExecOptions,
   ListSandboxesOptions,
   ListSnapshotsOptions,
+  ReadConsoleOptions,
   SpawnOptions,
   WarmupCommand,
 } from "./requests.js";
@@ -48,6 +49,11 @@ export {
   type ExecRequest,
   ExecRequestSchema,
   type ExecResponse,
+  type GuestBoot,
+  type ReadConsoleRequest,
+  ReadConsoleRequestSchema,
+  type ReadConsoleResponse,
+  ReadConsoleResponseSchema,
   type Sandbox,
   SandboxSchema,
   SandboxService,
@@ -79,5 +85,6 @@ export {
   execRequest,
   listSandboxesRequest,
   listSnapshotsRequest,
+  readConsoleRequest,
   spawnSandboxesRequest,
 } from "./requests.js";

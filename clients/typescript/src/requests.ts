@@ -7,6 +7,8 @@
  * - `wait` is on the wire only when it is `false` (proto3 `optional`: absent
  *   means true).
  * - `live_fork` is on the wire only when `liveFork` is `true`.
+ * - What only Linux guests use (`image`; Exec's `env`, `cwd`, `stdin`) is
+ *   on the wire only when given, so older calls send the same bytes.
  *
  * Everything here is pure: no I/O, no transport.
  */
@@ -24,6 +26,8 @@ import {
   ExecRequestSchema,
   type ListSandboxesRequest,
   ListSandboxesRequestSchema,
+  type ReadConsoleRequest,
+  ReadConsoleRequestSchema,
   type SpawnSandboxesRequest,
   SpawnSandboxesRequestSchema,
 } from "./gen/forkd/v1/sandbox_pb.js";
@@ -53,6 +57,14 @@ export interface SpawnOptions {
   labels?: Readonly<Record<string, string>> | undefined;
   /** Wait for a WRITING snapshot to become READY instead of failing. */
   waitForSnapshot?: boolean | undefined;
+  /**
+   * Name of a Linux image in the daemon's images directory to cold boot
+   * instead of the reference guest; absent or empty means the reference
+   * guest. Needs a host with Intel VMX or AMD SVM (elsewhere the call fails
+   * with FAILED_PRECONDITION); an unknown image is NOT_FOUND, and `image`
+   * together with `tag` is INVALID_ARGUMENT.
+   */
+  image?: string | undefined;
 }
 
 /** Options of {@link Controller.branchSandbox}. */
@@ -79,6 +91,28 @@ export interface ExecOptions {
    * DEADLINE_EXCEEDED and the sandbox stays usable. Absent means no limit.
    */
   timeoutMs?: number | undefined;
+  /**
+   * Linux sandboxes only: variables added to the guest's default
+   * environment. Keys must be non-empty without `=` or NUL.
+   */
+  env?: Readonly<Record<string, string>> | undefined;
+  /** Linux sandboxes only: the absolute working directory; absent means `/`. */
+  cwd?: string | undefined;
+  /**
+   * Linux sandboxes only: bytes written to the command's standard input,
+   * which is then closed; a string is sent as UTF-8. At most 1 MiB. Absent
+   * or empty means standard input is `/dev/null`.
+   */
+  stdin?: Uint8Array | string | undefined;
+}
+
+/** Options of {@link Controller.readConsole}. */
+export interface ReadConsoleOptions {
+  /**
+   * How many bytes of the console log's end to return, at most 1048576;
+   * absent or 0 means the server's 65536.
+   */
+  tailBytes?: number | undefined;
 }
 
 /** One warm-up command of {@link CreateSnapshotOptions}. */
@@ -133,6 +167,7 @@ export function spawnSandboxesRequest(opts: SpawnOptions = {}): SpawnSandboxesRe
     vcpus: checkUint32("vcpus", opts.vcpus ?? 0),
     labels: checkLabels("labels", opts.labels),
     waitForSnapshot: checkBool("waitForSnapshot", waitForSnapshot),
+    image: checkString("image", opts.image ?? ""),
   });
   if (checkBool("liveFork", liveFork)) {
     req.liveFork = true;
@@ -166,7 +201,10 @@ export function branchSandboxRequest(
   return req;
 }
 
-/** Builds the Exec request. */
+/**
+ * Builds the Exec request; `env`, `cwd` and `stdin` only when given (a
+ * string stdin as UTF-8).
+ */
 export function execRequest(
   sandboxId: string,
   argv: readonly string[],
@@ -176,6 +214,20 @@ export function execRequest(
     sandboxId: checkString("sandboxId", sandboxId),
     argv: checkArgv("argv", argv),
     timeoutMs: checkUint32("timeoutMs", opts.timeoutMs ?? 0),
+    env: checkLabels("env", opts.env),
+    cwd: checkString("cwd", opts.cwd ?? ""),
+    stdin: checkBytes("stdin", opts.stdin),
+  });
+}
+
+/** Builds the ReadConsole request; `tailBytes` absent means 0 (the server's default). */
+export function readConsoleRequest(
+  sandboxId: string,
+  opts: ReadConsoleOptions = {},
+): ReadConsoleRequest {
+  return create(ReadConsoleRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    tailBytes: checkUint32("tailBytes", opts.tailBytes ?? 0),
   });
 }
 
@@ -243,6 +295,21 @@ function checkBool(name: string, value: unknown): boolean {
 function checkUint32(name: string, value: unknown): number {
   if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > 0xffff_ffff) {
     throw new RangeError(`${name} must be an integer from 0 to 4294967295; got ${String(value)}`);
+  }
+  return value;
+}
+
+const encoder = new TextEncoder();
+
+function checkBytes(name: string, value: unknown): Uint8Array {
+  if (value === undefined) {
+    return new Uint8Array(0);
+  }
+  if (typeof value === "string") {
+    return encoder.encode(value);
+  }
+  if (!(value instanceof Uint8Array)) {
+    throw new TypeError(`${name} must be a Uint8Array or a string`);
   }
   return value;
 }

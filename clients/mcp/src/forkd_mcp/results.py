@@ -16,7 +16,7 @@ from pydantic import ConfigDict, with_config
 
 # pydantic, which derives the output schemas, needs typing_extensions'
 # TypedDict below Python 3.12 (for nested ones too).
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from forkd.results import ExecEvent
 from forkd.v1 import sandbox_pb2, snapshot_pb2
@@ -24,6 +24,16 @@ from forkd.v1 import sandbox_pb2, snapshot_pb2
 
 # The attribute docstrings below become field descriptions in the schemas.
 _FIELD_DOCS = ConfigDict(use_attribute_docstrings=True)
+
+
+@with_config(_FIELD_DOCS)
+class GuestBootInfo(TypedDict):
+    """Where a Linux guest's boot time went, measured inside the guest."""
+
+    kernel_ms: float
+    """From the kernel's start until the forkd agent started."""
+    init_ms: float
+    """The agent's own setup before it was ready."""
 
 
 @with_config(_FIELD_DOCS)
@@ -47,6 +57,10 @@ class SandboxInfo(TypedDict):
     live_fork: bool
     boot_ms: float
     """Milliseconds from the spawn request to the guest's first answer."""
+    image: str
+    """The Linux image it booted; empty for the reference guest."""
+    guest_boot: GuestBootInfo | None
+    """A Linux guest's boot split; null for the reference guest."""
 
 
 @with_config(_FIELD_DOCS)
@@ -175,9 +189,25 @@ class ExecOutput(TypedDict):
     stdout: str
     stderr: str
     exit_code: int
+    """128 + signal when the command was killed by a signal."""
     duration_us: int
     truncated: bool
     """True when stdout or stderr was cut to the server's output limit."""
+    signal: NotRequired[int]
+    """The signal that killed the command (for example 9 for SIGKILL); present only then."""
+
+
+@with_config(_FIELD_DOCS)
+class ConsoleOutput(TypedDict):
+    """The end of a Linux sandbox's serial console log."""
+
+    sandbox_id: str
+    text: str
+    """The console bytes as UTF-8 text (invalid bytes replaced)."""
+    data_bytes: int
+    """How many bytes of console log the text holds."""
+    truncated: bool
+    """True when older console output exists beyond what was returned."""
 
 
 def _enum_name(name_of: dict[int, str], value: int) -> str:
@@ -216,6 +246,12 @@ def sandbox_info(sb: sandbox_pb2.Sandbox) -> SandboxInfo:
         vmm_pid=sb.vmm_pid,
         live_fork=sb.live_fork,
         boot_ms=sb.boot_ms,
+        image=sb.image,
+        guest_boot=(
+            GuestBootInfo(kernel_ms=sb.guest_boot.kernel_ms, init_ms=sb.guest_boot.init_ms)
+            if sb.HasField("guest_boot")
+            else None
+        ),
     )
 
 
@@ -296,10 +332,23 @@ class ExecCollector:
         """The command's output, or None when the stream carried no exit."""
         if self._exit is None:
             return None
-        return ExecOutput(
+        output = ExecOutput(
             stdout=self._out.decode("utf-8", "replace"),
             stderr=self._err.decode("utf-8", "replace"),
             exit_code=self._exit.exit_code or 0,
             duration_us=self._exit.duration_us or 0,
             truncated=self._truncated,
         )
+        if self._exit.signal:
+            output["signal"] = self._exit.signal
+        return output
+
+
+def console_output(sandbox_id: str, resp: sandbox_pb2.ReadConsoleResponse) -> ConsoleOutput:
+    """A ReadConsoleResponse as JSON."""
+    return ConsoleOutput(
+        sandbox_id=sandbox_id,
+        text=resp.data.decode("utf-8", "replace"),
+        data_bytes=len(resp.data),
+        truncated=resp.truncated,
+    )

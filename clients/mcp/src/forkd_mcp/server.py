@@ -1,4 +1,4 @@
-"""The forkd MCP server: nine tools over one forkd gRPC connection.
+"""The forkd MCP server: ten tools over one forkd gRPC connection.
 
 :class:`ForkdTools` holds the connection (an :class:`forkd.AsyncController`
 created on the first tool call and closed when the server stops) and
@@ -27,6 +27,7 @@ import forkd
 from forkd_mcp import results
 from forkd_mcp.results import (
     BranchResult,
+    ConsoleOutput,
     DeletedSnapshots,
     ExecOutput,
     KilledSandbox,
@@ -54,9 +55,11 @@ INSTRUCTIONS = """\
 forkd runs KVM microVM sandboxes and snapshots them. A typical session:
 spawn_sandboxes (cold boot) -> exec commands in it -> branch_sandbox to
 capture it as a snapshot -> spawn_sandboxes with that tag to fork copies ->
-kill_sandbox and delete_snapshot to clean up. Sandboxes run the forkd
-reference guest, not a Linux shell: exec ["help"] lists its commands.
-A tool error names the gRPC code (NOT_FOUND, INVALID_ARGUMENT,
+kill_sandbox and delete_snapshot to clean up. By default sandboxes run the
+forkd reference guest, not a Linux shell: exec ["help"] lists its
+commands. spawn_sandboxes with image boots a Linux image instead (only on
+hosts with Intel VMX or AMD SVM): there exec runs real programs, with env,
+cwd and stdin, and read_console shows the boot log. A tool error names the gRPC code (NOT_FOUND, INVALID_ARGUMENT,
 FAILED_PRECONDITION, ...) followed by the daemon's explanation."""
 
 _TERMINAL = frozenset({"READY", "FAILED"})
@@ -120,19 +123,25 @@ class ForkdTools:
         vcpus: int | None = None,
         labels: dict[str, str] | None = None,
         wait_for_snapshot: bool = False,
+        image: str | None = None,
     ) -> SpawnResult:
-        """Start n microVM sandboxes: cold boots of the reference guest, or
-        children forked copy-on-write from a snapshot.
+        """Start n microVM sandboxes: cold boots of the reference guest or of
+        a Linux image, or children forked copy-on-write from a snapshot.
 
         Args:
             tag: snapshot to fork the children from; omit for cold boots. The
                 snapshot must be READY (see wait_for_snapshot).
+            image: name of a Linux image (built on the daemon's host with
+                `forkd image build NAME`) to cold boot instead of the
+                reference guest; omit for the reference guest. Cold boots
+                only: not with tag. Needs a host with Intel VMX or AMD SVM,
+                elsewhere FAILED_PRECONDITION; an unknown image is NOT_FOUND.
             n: how many sandboxes to start, 1 to 1000.
             live_fork: set true when you mean to live-branch these sandboxes
                 (branch_sandbox mode "live"). Every forkd sandbox can be
                 live-branched, so this only records the intent on each sandbox.
             memory_mib: guest RAM in MiB, cold boots only (36 to 65536; omit
-                for 256). When forking, omit it: children get the snapshot's size.
+                for 256, or for the image's own default with image). When forking, omit it: children get the snapshot's size.
             vcpus: number of vCPUs, cold boots only (1 to 8; omit for 2).
             labels: labels put on every new sandbox, for list_sandboxes
                 filtering. Keys: lowercase letters, digits, '.', '_', '-',
@@ -154,6 +163,7 @@ class ForkdTools:
                 vcpus=vcpus,
                 labels=labels,
                 wait_for_snapshot=wait_for_snapshot,
+                image=image,
             )
         return results.spawn_result(resp)
 
@@ -174,12 +184,18 @@ class ForkdTools:
         sandbox_id: str,
         argv: list[str],
         timeout_s: Annotated[float | None, Field(gt=0)] = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
     ) -> ExecOutput:
         """Run a command in a sandbox and return its output and exit code.
 
-        The guest is the forkd reference guest, not a shell: argv[0] names one
-        of its builtins (echo, fill, checksum, sleep, exit, ...; run ["help"]
-        for the list). Commands in one sandbox run one at a time.
+        In a reference-guest sandbox (the default) there is no shell: argv[0]
+        names one of its builtins (echo, fill, checksum, sleep, exit, ...;
+        run ["help"] for the list), and commands in one sandbox run one at a
+        time. In a Linux sandbox (spawned with image) argv[0] is a program,
+        looked up on the guest's PATH; use ["sh", "-c", "..."] for a shell
+        line.
 
         Args:
             sandbox_id: the sandbox to run it in.
@@ -187,20 +203,50 @@ class ForkdTools:
             timeout_s: stop the command after this many seconds; the call then
                 fails with DEADLINE_EXCEEDED and the sandbox stays usable. Omit
                 for no limit.
+            env: Linux sandboxes only: environment variables added to the
+                guest's defaults, for example {"LANG": "C.UTF-8"}.
+            cwd: Linux sandboxes only: absolute working directory (omit for /).
+            stdin: Linux sandboxes only: text written to the command's
+                standard input (as UTF-8, at most 1 MiB), which is then
+                closed; omit for /dev/null.
 
         Returns stdout and stderr as text (UTF-8, invalid bytes replaced; each
         cut to the server's limit, with truncated=true when it was), the
-        exit_code (non-zero is a result, not an error) and the time the
-        command ran inside the guest (duration_us).
+        exit_code (non-zero is a result, not an error), the time the command
+        ran inside the guest (duration_us) and, when a signal killed it,
+        signal (exit_code is then 128 + signal).
         """
         collector = results.ExecCollector(self._output_limit)
         with self._forkd_errors():
-            async for event in self.controller().exec_stream(sandbox_id, argv, timeout_s):
+            stream = self.controller().exec_stream(sandbox_id, argv, timeout_s, env=env, cwd=cwd, stdin=stdin)
+            async for event in stream:
                 collector.add(event)
         output = collector.output()
         if output is None:
             raise ToolError("UNKNOWN: the exec stream ended without an exit status")
         return output
+
+    async def read_console(
+        self,
+        sandbox_id: str,
+        tail_bytes: Annotated[int, Field(ge=0, le=1 << 20)] = 0,
+    ) -> ConsoleOutput:
+        """Read the end of a Linux sandbox's serial console log: kernel
+        messages and early userland output, useful when a Linux guest failed
+        to boot or a service misbehaves. Reference-guest sandboxes have no
+        console (FAILED_PRECONDITION).
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            tail_bytes: how many bytes of the log's end to return, up to
+                1048576; omit (or 0) for 65536.
+
+        Returns the text (UTF-8, invalid bytes replaced), data_bytes (its
+        length in bytes) and truncated (true when older output was left out).
+        """
+        with self._forkd_errors():
+            resp = await self.controller().read_console(sandbox_id, tail_bytes)
+        return results.console_output(sandbox_id, resp)
 
     async def branch_sandbox(
         self,
@@ -366,6 +412,7 @@ def _tools(tools: ForkdTools) -> list[tuple[Callable[..., Awaitable[Any]], ToolA
         (tools.watch_snapshot, _READ_ONLY),
         (tools.list_snapshots, _READ_ONLY),
         (tools.list_sandboxes, _READ_ONLY),
+        (tools.read_console, _READ_ONLY),
         (tools.delete_snapshot, _DESTRUCTIVE),
         (tools.kill_sandbox, _DESTRUCTIVE),
     ]

@@ -29,6 +29,8 @@ from forkd.errors import (
 from forkd.results import ExecEvent, ExecResult
 from forkd.v1.sandbox_pb2 import (
     BranchSandboxResponse,
+    GuestBoot,
+    ReadConsoleResponse,
     Sandbox,
     SandboxState,
     SpawnSandboxesResponse,
@@ -56,8 +58,10 @@ __all__ = [
     "ExecResult",
     "FailedPreconditionError",
     "ForkdError",
+    "GuestBoot",
     "InvalidArgumentError",
     "NotFoundError",
+    "ReadConsoleResponse",
     "ResourceExhaustedError",
     "Sandbox",
     "SandboxState",

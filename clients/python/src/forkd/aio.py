@@ -93,6 +93,7 @@ class AsyncController:
         labels: Mapping[str, str] | None = None,
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
+        image: str | None = None,
     ) -> sandbox_pb2.SpawnSandboxesResponse:
         """See :meth:`forkd.Controller.spawn_sandboxes`."""
         req = wire.spawn_request(
@@ -103,6 +104,7 @@ class AsyncController:
             labels=labels,
             vcpus=vcpus,
             wait_for_snapshot=wait_for_snapshot,
+            image=image,
         )
         return await self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req)
 
@@ -121,18 +123,34 @@ class AsyncController:
         req = sandbox_pb2.DeleteSandboxRequest(id=sandbox_id)
         return (await self._unary("DeleteSandbox", self._sandboxes.DeleteSandbox, req)).sandbox
 
-    async def exec(self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+    ) -> ExecResult:
         """See :meth:`forkd.Controller.exec`."""
         collector = ExecCollector()
-        async for ev in self.exec_stream(sandbox_id, argv, timeout):
+        async for ev in self.exec_stream(sandbox_id, argv, timeout, env=env, cwd=cwd, stdin=stdin):
             collector.add(ev)
         return collector.result("Exec")
 
     async def exec_stream(
-        self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
     ) -> AsyncIterator[ExecEvent]:
         """See :meth:`forkd.Controller.exec_stream`."""
-        req = wire.exec_request(sandbox_id, argv, timeout)
+        req = wire.exec_request(sandbox_id, argv, timeout, env=env, cwd=cwd, stdin=stdin)
         stream = self._stream("Exec", self._sandboxes.Exec, req, None)
         try:
             async for msg in stream:
@@ -152,6 +170,11 @@ class AsyncController:
         """See :meth:`forkd.Controller.branch_sandbox`."""
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
         return await self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req)
+
+    async def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
+        """See :meth:`forkd.Controller.read_console`."""
+        req = wire.read_console_request(sandbox_id, tail_bytes)
+        return await self._unary("ReadConsole", self._sandboxes.ReadConsole, req)
 
     # ---- snapshots ----------------------------------------------------------
 

@@ -122,12 +122,21 @@ class Controller:
         labels: Mapping[str, str] | None = None,
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
+        image: str | None = None,
     ) -> sandbox_pb2.SpawnSandboxesResponse:
         """Starts ``n`` sandboxes: cold boots when ``tag`` is None, else
         children forked copy-on-write from snapshot ``tag``.
 
+        ``image`` names a Linux image in the daemon's images directory to
+        cold boot instead of the reference guest (None: the reference
+        guest). A Linux guest needs a host with Intel VMX or AMD SVM;
+        elsewhere the call raises FailedPreconditionError, and an unknown
+        image NotFoundError. ``image`` with ``tag`` is InvalidArgumentError
+        (Linux snapshots cannot be forked yet).
+
         ``memory_mib`` and ``vcpus`` apply to cold boots (None: the daemon's
-        256 MiB and 2 vCPUs). ``labels`` go on every new sandbox.
+        256 MiB, or the image's default, and 2 vCPUs). ``labels`` go on every
+        new sandbox.
         ``live_fork`` only records intent (every sandbox can be live
         branched) and is sent only when True. ``wait_for_snapshot`` forks
         from a snapshot that is still WRITING once it is READY instead of
@@ -144,6 +153,7 @@ class Controller:
             labels=labels,
             vcpus=vcpus,
             wait_for_snapshot=wait_for_snapshot,
+            image=image,
         )
         return self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req)
 
@@ -162,22 +172,49 @@ class Controller:
         req = sandbox_pb2.DeleteSandboxRequest(id=sandbox_id)
         return self._unary("DeleteSandbox", self._sandboxes.DeleteSandbox, req).sandbox
 
-    def exec(self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
+    def exec(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+    ) -> ExecResult:
         """Runs ``argv`` in the sandbox and returns its output and exit code.
 
         ``timeout`` (seconds) stops the command inside the guest and raises
         DeadlineExceededError; the sandbox stays usable. A non-zero exit code
-        is returned, not raised.
+        is returned, not raised; so is death by a signal (``result.signal``,
+        with ``exit_code`` 128 + signal).
+
+        Linux sandboxes only (the reference guest refuses them with
+        FailedPreconditionError): ``env`` adds variables to the guest's
+        default environment, ``cwd`` is the absolute working directory
+        (None: ``/``), and ``stdin`` is written to the command's standard
+        input, which is then closed (``str`` is sent as UTF-8; None: stdin
+        is ``/dev/null``; at most 1 MiB).
         """
         collector = ExecCollector()
-        for ev in self.exec_stream(sandbox_id, argv, timeout):
+        for ev in self.exec_stream(sandbox_id, argv, timeout, env=env, cwd=cwd, stdin=stdin):
             collector.add(ev)
         return collector.result("Exec")
 
-    def exec_stream(self, sandbox_id: str, argv: Sequence[str], timeout: float | None = None) -> Iterator[ExecEvent]:
+    def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        timeout: float | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+    ) -> Iterator[ExecEvent]:
         """Runs ``argv`` and yields its stdout/stderr chunks as they come,
-        then one ``exit`` event. Leaving the loop early cancels the call."""
-        req = wire.exec_request(sandbox_id, argv, timeout)
+        then one ``exit`` event (with ``signal``). Leaving the loop early
+        cancels the call. ``env``, ``cwd`` and ``stdin`` as for :meth:`exec`."""
+        req = wire.exec_request(sandbox_id, argv, timeout, env=env, cwd=cwd, stdin=stdin)
         with closing(self._stream("Exec", self._sandboxes.Exec, req, None)) as stream:
             for msg in stream:
                 yield ExecEvent.from_message(msg)
@@ -205,6 +242,18 @@ class Controller:
         """
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
         return self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req)
+
+    def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
+        """The end of a Linux sandbox's serial console log (kernel messages,
+        early userland output): ``.data`` (bytes, as the guest wrote them)
+        and ``.truncated`` (older output was cut off).
+
+        ``tail_bytes`` is how much of the end to return, at most 1 MiB; 0
+        means the server's 64 KiB. A reference-guest sandbox has no serial
+        console: FailedPreconditionError.
+        """
+        req = wire.read_console_request(sandbox_id, tail_bytes)
+        return self._unary("ReadConsole", self._sandboxes.ReadConsole, req)
 
     # ---- snapshots ----------------------------------------------------------
 

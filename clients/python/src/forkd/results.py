@@ -19,6 +19,8 @@ class ExecEvent:
     data: bytes = b""
     exit_code: int | None = None
     duration_us: int | None = None
+    signal: int | None = None
+    """On ``exit``: the signal that killed the command (0 if it exited)."""
 
     @staticmethod
     def from_message(msg: sandbox_pb2.ExecResponse) -> ExecEvent:
@@ -29,7 +31,12 @@ class ExecEvent:
         if which == "stderr":
             return ExecEvent("stderr", data=msg.stderr)
         if which == "exit":
-            return ExecEvent("exit", exit_code=msg.exit.exit_code, duration_us=msg.exit.duration_us)
+            return ExecEvent(
+                "exit",
+                exit_code=msg.exit.exit_code,
+                duration_us=msg.exit.duration_us,
+                signal=msg.exit.signal,
+            )
         raise ValueError(f"ExecResponse carries no event: {msg!r}")
 
 
@@ -38,12 +45,16 @@ class ExecResult:
     """A finished command: its whole output and its exit status.
 
     A non-zero ``exit_code`` is a result, not an error: the command ran.
+    ``signal`` is the signal that killed it (for example 9 for SIGKILL), or 0
+    if it exited by itself; when set, ``exit_code`` is ``128 + signal``, as
+    shells report it. It is always 0 in a reference-guest sandbox.
     """
 
     stdout: bytes = b""
     stderr: bytes = b""
     exit_code: int = 0
     duration_us: int = 0
+    signal: int = 0
 
     @property
     def ok(self) -> bool:
@@ -82,4 +93,5 @@ class ExecCollector:
             stderr=b"".join(self._err),
             exit_code=self._exit.exit_code or 0,
             duration_us=self._exit.duration_us or 0,
+            signal=self._exit.signal or 0,
         )

@@ -8,6 +8,10 @@ controller alike:
 * ``wait`` is on the wire only when it is False (the server's default is
   True; proto3 ``optional`` gives the field presence);
 * ``live_fork`` is on the wire only when it is True.
+
+Fields the reference guest does not know (``image``, and Exec's ``env``,
+``cwd`` and ``stdin``) are on the wire only when given, so a request made
+without them is byte for byte what older clients sent.
 """
 
 from __future__ import annotations
@@ -70,8 +74,12 @@ def spawn_request(
     labels: Mapping[str, str] | None,
     vcpus: int | None = None,
     wait_for_snapshot: bool = False,
+    image: str | None = None,
 ) -> sandbox_pb2.SpawnSandboxesRequest:
-    """SpawnSandboxesRequest; ``live_fork`` is present only when True."""
+    """SpawnSandboxesRequest; ``live_fork`` is present only when True,
+    ``image`` only when non-empty."""
+    if image is not None and not isinstance(image, str):
+        raise TypeError(f"image must be a string (a Linux image name) or None, not {type(image).__name__}")
     req = sandbox_pb2.SpawnSandboxesRequest(
         snapshot_tag=tag or "",
         n=n,
@@ -79,6 +87,7 @@ def spawn_request(
         vcpus=vcpus or 0,
         labels=dict(labels or {}),
         wait_for_snapshot=wait_for_snapshot,
+        image=image or "",
     )
     if live_fork:
         req.live_fork = True
@@ -108,14 +117,53 @@ def branch_request(
     return req
 
 
-def exec_request(sandbox_id: str, argv: Sequence[str], timeout: float | None) -> sandbox_pb2.ExecRequest:
-    """ExecRequest; ``timeout`` (seconds) becomes the guest-side limit."""
+def exec_request(
+    sandbox_id: str,
+    argv: Sequence[str],
+    timeout: float | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: bytes | str | None = None,
+) -> sandbox_pb2.ExecRequest:
+    """ExecRequest; ``timeout`` (seconds) becomes the guest-side limit.
+
+    ``env``, ``cwd`` and ``stdin`` (Linux sandboxes only) are sent only when
+    given; a ``str`` stdin is encoded as UTF-8. The server checks their
+    contents (absolute cwd, no NUL, stdin at most 1 MiB).
+    """
     if isinstance(argv, str):
         raise TypeError("argv must be a sequence of strings, e.g. ['echo', 'hi'], not one string")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
     timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
-    return sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=list(argv), timeout_ms=timeout_ms)
+    req = sandbox_pb2.ExecRequest(sandbox_id=sandbox_id, argv=list(argv), timeout_ms=timeout_ms)
+    if env is not None:
+        if isinstance(env, (str, bytes)) or not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of strings to strings, not {type(env).__name__}")
+        for key, value in env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"env must map strings to strings; got {key!r}: {value!r}")
+            req.env[key] = value
+    if cwd is not None:
+        if not isinstance(cwd, str):
+            raise TypeError(f"cwd must be a string (an absolute guest path) or None, not {type(cwd).__name__}")
+        req.cwd = cwd
+    if stdin is not None:
+        if isinstance(stdin, str):
+            req.stdin = stdin.encode("utf-8")
+        elif isinstance(stdin, (bytes, bytearray, memoryview)):
+            req.stdin = bytes(stdin)
+        else:
+            raise TypeError(f"stdin must be bytes or str (sent as UTF-8) or None, not {type(stdin).__name__}")
+    return req
+
+
+def read_console_request(sandbox_id: str, tail_bytes: int) -> sandbox_pb2.ReadConsoleRequest:
+    """ReadConsoleRequest; ``tail_bytes`` 0 means the server's 64 KiB."""
+    if isinstance(tail_bytes, bool) or not isinstance(tail_bytes, int) or not 0 <= tail_bytes <= 0xFFFF_FFFF:
+        raise ValueError(f"tail_bytes must be an integer from 0 (the server's default) up, not {tail_bytes!r}")
+    return sandbox_pb2.ReadConsoleRequest(sandbox_id=sandbox_id, tail_bytes=tail_bytes)
 
 
 def create_snapshot_request(

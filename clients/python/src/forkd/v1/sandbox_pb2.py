@@ -26,7 +26,7 @@ from forkd.v1 import snapshot_pb2 as forkd_dot_v1_dot_snapshot__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66orkd/v1/sandbox.proto\x12\x08\x66orkd.v1\x1a\x17\x66orkd/v1/snapshot.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.forkd.v1.SandboxState\x12\x14\n\x0csnapshot_tag\x18\x03 \x01(\t\x12\x12\n\nmemory_mib\x18\x04 \x01(\r\x12\r\n\x05vcpus\x18\x05 \x01(\r\x12-\n\x06labels\x18\x06 \x03(\x0b\x32\x1d.forkd.v1.Sandbox.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xit_reason\x18\x08 \x01(\t\x12\x0f\n\x07vmm_pid\x18\t \x01(\r\x12\x11\n\tlive_fork\x18\n \x01(\x08\x12\x0f\n\x07\x62oot_ms\x18\x0b \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x02\n\x15SpawnSandboxesRequest\x12\x14\n\x0csnapshot_tag\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x16\n\tlive_fork\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\r\x12\r\n\x05vcpus\x18\x05 \x01(\r\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.forkd.v1.SpawnSandboxesRequest.LabelsEntry\x12\x19\n\x11wait_for_snapshot\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_live_fork\"|\n\x16SpawnSandboxesResponse\x12$\n\tsandboxes\x18\x01 \x03(\x0b\x32\x11.forkd.v1.Sandbox\x12(\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x16.forkd.v1.SpawnFailure\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"<\n\x0cSpawnFailure\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1f\n\x11GetSandboxRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x12GetSandboxResponse\x12\"\n\x07sandbox\x18\x01 \x01(\x0b\x32\x11.forkd.v1.Sandbox\"\x97\x01\n\x14ListSandboxesRequest\x12I\n\x0elabel_selector\x18\x01 \x03(\x0b\x32\x31.forkd.v1.ListSandboxesRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x15ListSandboxesResponse\x12$\n\tsandboxes\x18\x01 \x03(\x0b\x32\x11.forkd.v1.Sandbox\"\"\n\x14\x44\x65leteSandboxRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x15\x44\x65leteSandboxResponse\x12\"\n\x07sandbox\x18\x01 \x01(\x0b\x32\x11.forkd.v1.Sandbox\"C\n\x0b\x45xecRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"_\n\x0c\x45xecResponse\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\"\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x12.forkd.v1.ExecExitH\x00\x42\x07\n\x05\x65vent\"2\n\x08\x45xecExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x13\n\x0b\x64uration_us\x18\x02 \x01(\x04\"\x9b\x01\n\x14\x42ranchSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.forkd.v1.BranchMode\x12\x11\n\x04wait\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04\x64iff\x18\x05 \x01(\x08\x12\x14\n\x0cmeasure_diff\x18\x06 \x01(\x08\x42\x07\n\x05_wait\"\x92\x01\n\x15\x42ranchSandboxResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\x12\x10\n\x08pause_ms\x18\x02 \x01(\x01\x12\x15\n\rbytes_written\x18\x03 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x04 \x01(\x04\x12\x15\n\rfaults_served\x18\x05 \x01(\x04*\xb2\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x03\x12\x18\n\x14SANDBOX_STATE_EXITED\x10\x04\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x05\x32\xdd\x03\n\x0eSandboxService\x12S\n\x0eSpawnSandboxes\x12\x1f.forkd.v1.SpawnSandboxesRequest\x1a .forkd.v1.SpawnSandboxesResponse\x12G\n\nGetSandbox\x12\x1b.forkd.v1.GetSandboxRequest\x1a\x1c.forkd.v1.GetSandboxResponse\x12P\n\rListSandboxes\x12\x1e.forkd.v1.ListSandboxesRequest\x1a\x1f.forkd.v1.ListSandboxesResponse\x12P\n\rDeleteSandbox\x12\x1e.forkd.v1.DeleteSandboxRequest\x1a\x1f.forkd.v1.DeleteSandboxResponse\x12\x37\n\x04\x45xec\x12\x15.forkd.v1.ExecRequest\x1a\x16.forkd.v1.ExecResponse0\x01\x12P\n\rBranchSandbox\x12\x1e.forkd.v1.BranchSandboxRequest\x1a\x1f.forkd.v1.BranchSandboxResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66orkd/v1/sandbox.proto\x12\x08\x66orkd.v1\x1a\x17\x66orkd/v1/snapshot.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x03\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.forkd.v1.SandboxState\x12\x14\n\x0csnapshot_tag\x18\x03 \x01(\t\x12\x12\n\nmemory_mib\x18\x04 \x01(\r\x12\r\n\x05vcpus\x18\x05 \x01(\r\x12-\n\x06labels\x18\x06 \x03(\x0b\x32\x1d.forkd.v1.Sandbox.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65xit_reason\x18\x08 \x01(\t\x12\x0f\n\x07vmm_pid\x18\t \x01(\r\x12\x11\n\tlive_fork\x18\n \x01(\x08\x12\x0f\n\x07\x62oot_ms\x18\x0b \x01(\x01\x12\r\n\x05image\x18\x0c \x01(\t\x12\'\n\nguest_boot\x18\r \x01(\x0b\x32\x13.forkd.v1.GuestBoot\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\tGuestBoot\x12\x11\n\tkernel_ms\x18\x01 \x01(\x01\x12\x0f\n\x07init_ms\x18\x02 \x01(\x01\"\x97\x02\n\x15SpawnSandboxesRequest\x12\x14\n\x0csnapshot_tag\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x16\n\tlive_fork\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nmemory_mib\x18\x04 \x01(\r\x12\r\n\x05vcpus\x18\x05 \x01(\r\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.forkd.v1.SpawnSandboxesRequest.LabelsEntry\x12\x19\n\x11wait_for_snapshot\x18\x07 \x01(\x08\x12\r\n\x05image\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_live_fork\"|\n\x16SpawnSandboxesResponse\x12$\n\tsandboxes\x18\x01 \x03(\x0b\x32\x11.forkd.v1.Sandbox\x12(\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x16.forkd.v1.SpawnFailure\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\"<\n\x0cSpawnFailure\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1f\n\x11GetSandboxRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x12GetSandboxResponse\x12\"\n\x07sandbox\x18\x01 \x01(\x0b\x32\x11.forkd.v1.Sandbox\"\x97\x01\n\x14ListSandboxesRequest\x12I\n\x0elabel_selector\x18\x01 \x03(\x0b\x32\x31.forkd.v1.ListSandboxesRequest.LabelSelectorEntry\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x15ListSandboxesResponse\x12$\n\tsandboxes\x18\x01 \x03(\x0b\x32\x11.forkd.v1.Sandbox\"\"\n\x14\x44\x65leteSandboxRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x15\x44\x65leteSandboxResponse\x12\"\n\x07sandbox\x18\x01 \x01(\x0b\x32\x11.forkd.v1.Sandbox\"\xb8\x01\n\x0b\x45xecRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12+\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x1e.forkd.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\r\n\x05stdin\x18\x06 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x0c\x45xecResponse\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\"\n\x04\x65xit\x18\x03 \x01(\x0b\x32\x12.forkd.v1.ExecExitH\x00\x42\x07\n\x05\x65vent\"B\n\x08\x45xecExit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x13\n\x0b\x64uration_us\x18\x02 \x01(\x04\x12\x0e\n\x06signal\x18\x03 \x01(\x05\"\x9b\x01\n\x14\x42ranchSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.forkd.v1.BranchMode\x12\x11\n\x04wait\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04\x64iff\x18\x05 \x01(\x08\x12\x14\n\x0cmeasure_diff\x18\x06 \x01(\x08\x42\x07\n\x05_wait\"\x92\x01\n\x15\x42ranchSandboxResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\x12\x10\n\x08pause_ms\x18\x02 \x01(\x01\x12\x15\n\rbytes_written\x18\x03 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x04 \x01(\x04\x12\x15\n\rfaults_served\x18\x05 \x01(\x04\"<\n\x12ReadConsoleRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\r\"6\n\x13ReadConsoleResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\ttruncated\x18\x02 \x01(\x08*\xb2\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x03\x12\x18\n\x14SANDBOX_STATE_EXITED\x10\x04\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x05\x32\xa9\x04\n\x0eSandboxService\x12S\n\x0eSpawnSandboxes\x12\x1f.forkd.v1.SpawnSandboxesRequest\x1a .forkd.v1.SpawnSandboxesResponse\x12G\n\nGetSandbox\x12\x1b.forkd.v1.GetSandboxRequest\x1a\x1c.forkd.v1.GetSandboxResponse\x12P\n\rListSandboxes\x12\x1e.forkd.v1.ListSandboxesRequest\x1a\x1f.forkd.v1.ListSandboxesResponse\x12P\n\rDeleteSandbox\x12\x1e.forkd.v1.DeleteSandboxRequest\x1a\x1f.forkd.v1.DeleteSandboxResponse\x12\x37\n\x04\x45xec\x12\x15.forkd.v1.ExecRequest\x1a\x16.forkd.v1.ExecResponse0\x01\x12P\n\rBranchSandbox\x12\x1e.forkd.v1.BranchSandboxRequest\x1a\x1f.forkd.v1.BranchSandboxResponse\x12J\n\x0bReadConsole\x12\x1c.forkd.v1.ReadConsoleRequest\x1a\x1d.forkd.v1.ReadConsoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,44 +39,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPAWNSANDBOXESREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._loaded_options = None
   _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_SANDBOXSTATE']._serialized_start=1817
-  _globals['_SANDBOXSTATE']._serialized_end=1995
+  _globals['_EXECREQUEST_ENVENTRY']._loaded_options = None
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_SANDBOXSTATE']._serialized_start=2189
+  _globals['_SANDBOXSTATE']._serialized_end=2367
   _globals['_SANDBOX']._serialized_start=95
-  _globals['_SANDBOX']._serialized_end=429
-  _globals['_SANDBOX_LABELSENTRY']._serialized_start=384
-  _globals['_SANDBOX_LABELSENTRY']._serialized_end=429
-  _globals['_SPAWNSANDBOXESREQUEST']._serialized_start=432
-  _globals['_SPAWNSANDBOXESREQUEST']._serialized_end=696
-  _globals['_SPAWNSANDBOXESREQUEST_LABELSENTRY']._serialized_start=384
-  _globals['_SPAWNSANDBOXESREQUEST_LABELSENTRY']._serialized_end=429
-  _globals['_SPAWNSANDBOXESRESPONSE']._serialized_start=698
-  _globals['_SPAWNSANDBOXESRESPONSE']._serialized_end=822
-  _globals['_SPAWNFAILURE']._serialized_start=824
-  _globals['_SPAWNFAILURE']._serialized_end=884
-  _globals['_GETSANDBOXREQUEST']._serialized_start=886
-  _globals['_GETSANDBOXREQUEST']._serialized_end=917
-  _globals['_GETSANDBOXRESPONSE']._serialized_start=919
-  _globals['_GETSANDBOXRESPONSE']._serialized_end=975
-  _globals['_LISTSANDBOXESREQUEST']._serialized_start=978
-  _globals['_LISTSANDBOXESREQUEST']._serialized_end=1129
-  _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._serialized_start=1077
-  _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._serialized_end=1129
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=1131
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=1192
-  _globals['_DELETESANDBOXREQUEST']._serialized_start=1194
-  _globals['_DELETESANDBOXREQUEST']._serialized_end=1228
-  _globals['_DELETESANDBOXRESPONSE']._serialized_start=1230
-  _globals['_DELETESANDBOXRESPONSE']._serialized_end=1289
-  _globals['_EXECREQUEST']._serialized_start=1291
-  _globals['_EXECREQUEST']._serialized_end=1358
-  _globals['_EXECRESPONSE']._serialized_start=1360
-  _globals['_EXECRESPONSE']._serialized_end=1455
-  _globals['_EXECEXIT']._serialized_start=1457
-  _globals['_EXECEXIT']._serialized_end=1507
-  _globals['_BRANCHSANDBOXREQUEST']._serialized_start=1510
-  _globals['_BRANCHSANDBOXREQUEST']._serialized_end=1665
-  _globals['_BRANCHSANDBOXRESPONSE']._serialized_start=1668
-  _globals['_BRANCHSANDBOXRESPONSE']._serialized_end=1814
-  _globals['_SANDBOXSERVICE']._serialized_start=1998
-  _globals['_SANDBOXSERVICE']._serialized_end=2475
+  _globals['_SANDBOX']._serialized_end=485
+  _globals['_SANDBOX_LABELSENTRY']._serialized_start=440
+  _globals['_SANDBOX_LABELSENTRY']._serialized_end=485
+  _globals['_GUESTBOOT']._serialized_start=487
+  _globals['_GUESTBOOT']._serialized_end=534
+  _globals['_SPAWNSANDBOXESREQUEST']._serialized_start=537
+  _globals['_SPAWNSANDBOXESREQUEST']._serialized_end=816
+  _globals['_SPAWNSANDBOXESREQUEST_LABELSENTRY']._serialized_start=440
+  _globals['_SPAWNSANDBOXESREQUEST_LABELSENTRY']._serialized_end=485
+  _globals['_SPAWNSANDBOXESRESPONSE']._serialized_start=818
+  _globals['_SPAWNSANDBOXESRESPONSE']._serialized_end=942
+  _globals['_SPAWNFAILURE']._serialized_start=944
+  _globals['_SPAWNFAILURE']._serialized_end=1004
+  _globals['_GETSANDBOXREQUEST']._serialized_start=1006
+  _globals['_GETSANDBOXREQUEST']._serialized_end=1037
+  _globals['_GETSANDBOXRESPONSE']._serialized_start=1039
+  _globals['_GETSANDBOXRESPONSE']._serialized_end=1095
+  _globals['_LISTSANDBOXESREQUEST']._serialized_start=1098
+  _globals['_LISTSANDBOXESREQUEST']._serialized_end=1249
+  _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._serialized_start=1197
+  _globals['_LISTSANDBOXESREQUEST_LABELSELECTORENTRY']._serialized_end=1249
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=1251
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=1312
+  _globals['_DELETESANDBOXREQUEST']._serialized_start=1314
+  _globals['_DELETESANDBOXREQUEST']._serialized_end=1348
+  _globals['_DELETESANDBOXRESPONSE']._serialized_start=1350
+  _globals['_DELETESANDBOXRESPONSE']._serialized_end=1409
+  _globals['_EXECREQUEST']._serialized_start=1412
+  _globals['_EXECREQUEST']._serialized_end=1596
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=1554
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=1596
+  _globals['_EXECRESPONSE']._serialized_start=1598
+  _globals['_EXECRESPONSE']._serialized_end=1693
+  _globals['_EXECEXIT']._serialized_start=1695
+  _globals['_EXECEXIT']._serialized_end=1761
+  _globals['_BRANCHSANDBOXREQUEST']._serialized_start=1764
+  _globals['_BRANCHSANDBOXREQUEST']._serialized_end=1919
+  _globals['_BRANCHSANDBOXRESPONSE']._serialized_start=1922
+  _globals['_BRANCHSANDBOXRESPONSE']._serialized_end=2068
+  _globals['_READCONSOLEREQUEST']._serialized_start=2070
+  _globals['_READCONSOLEREQUEST']._serialized_end=2130
+  _globals['_READCONSOLERESPONSE']._serialized_start=2132
+  _globals['_READCONSOLERESPONSE']._serialized_end=2186
+  _globals['_SANDBOXSERVICE']._serialized_start=2370
+  _globals['_SANDBOXSERVICE']._serialized_end=2923
 # @@protoc_insertion_point(module_scope)

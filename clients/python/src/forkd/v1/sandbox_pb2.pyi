@@ -94,6 +94,8 @@ class Sandbox(_message.Message):
     VMM_PID_FIELD_NUMBER: _builtins.int
     LIVE_FORK_FIELD_NUMBER: _builtins.int
     BOOT_MS_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    GUEST_BOOT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, for example `sb-3k9x2m7q4d`."""
     state: Global___SandboxState.ValueType
@@ -118,6 +120,10 @@ class Sandbox(_message.Message):
     """Milliseconds from the spawn request until the guest answered its first
     ping.
     """
+    image: _builtins.str
+    """Name of the Linux image the sandbox booted; empty for the reference
+    guest and for children forked from a snapshot of it.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at spawn time."""
@@ -125,6 +131,12 @@ class Sandbox(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the spawn was requested."""
+
+    @_builtins.property
+    def guest_boot(self) -> Global___GuestBoot:
+        """Where a Linux guest's boot time went, as measured inside the guest;
+        unset for the reference guest.
+        """
 
     def __init__(
         self,
@@ -140,14 +152,42 @@ class Sandbox(_message.Message):
         vmm_pid: _builtins.int = ...,
         live_fork: _builtins.bool = ...,
         boot_ms: _builtins.float = ...,
+        image: _builtins.str = ...,
+        guest_boot: Global___GuestBoot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "guest_boot", b"guest_boot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "id", b"id", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "guest_boot", b"guest_boot", "id", b"id", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class GuestBoot(_message.Message):
+    """GuestBoot splits a Linux guest's boot time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KERNEL_MS_FIELD_NUMBER: _builtins.int
+    INIT_MS_FIELD_NUMBER: _builtins.int
+    kernel_ms: _builtins.float
+    """Milliseconds from the kernel's start until the forkd agent started."""
+    init_ms: _builtins.float
+    """Milliseconds the agent spent on its own setup before it was ready."""
+    def __init__(
+        self,
+        *,
+        kernel_ms: _builtins.float = ...,
+        init_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["init_ms", b"init_ms", "kernel_ms", b"kernel_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestBoot: _TypeAlias = GuestBoot  # noqa: Y015
 
 @_typing.final
 class SpawnSandboxesRequest(_message.Message):
@@ -182,9 +222,10 @@ class SpawnSandboxesRequest(_message.Message):
     VCPUS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     WAIT_FOR_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     snapshot_tag: _builtins.str
-    """Snapshot to fork the children from. Empty means a cold boot of the
-    reference guest.
+    """Snapshot to fork the children from. Empty means a cold boot (of the
+    reference guest, or of `image`). Must be empty when `image` is set.
     """
     n: _builtins.int
     """How many sandboxes to start, from 1 to 1000."""
@@ -193,7 +234,8 @@ class SpawnSandboxesRequest(_message.Message):
     on the sandbox as `live_fork`.
     """
     memory_mib: _builtins.int
-    """Guest RAM in MiB for a cold boot, from 36 to 65536; 0 means 256.
+    """Guest RAM in MiB for a cold boot, from 36 to 65536; 0 means 256 for
+    the reference guest and the image's own default for a Linux image.
     Must be 0 or the snapshot's size when forking.
     """
     vcpus: _builtins.int
@@ -205,6 +247,12 @@ class SpawnSandboxesRequest(_message.Message):
     wait=false), wait until it is READY instead of failing with
     FAILED_PRECONDITION. If it ends FAILED the call fails with
     FAILED_PRECONDITION and the snapshot's failure reason.
+    """
+    image: _builtins.str
+    """Name of a Linux image in the daemon's images directory (built with
+    `forkd image build NAME`) to cold boot. Empty means the reference guest
+    (or a fork, with `snapshot_tag`). Forking Linux snapshots is not
+    supported yet: setting both is INVALID_ARGUMENT.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -223,10 +271,11 @@ class SpawnSandboxesRequest(_message.Message):
         vcpus: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         wait_for_snapshot: _builtins.bool = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "live_fork", b"live_fork"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__live_fork: _TypeAlias = _typing.Literal["live_fork"]  # noqa: Y015
     _WhichOneofArgType__live_fork: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork"]  # noqa: Y015
@@ -468,9 +517,32 @@ class ExecRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SANDBOX_ID_FIELD_NUMBER: _builtins.int
     ARGV_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     """The sandbox to run it in."""
     timeout_ms: _builtins.int
@@ -478,11 +550,34 @@ class ExecRequest(_message.Message):
     DEADLINE_EXCEEDED; the sandbox stays usable. 0 means no limit other than
     the call's own gRPC deadline.
     """
+    cwd: _builtins.str
+    """Working directory of the command: an absolute path without NUL
+    characters (Linux sandboxes only). Empty means `/`.
+    """
+    stdin: _builtins.bytes
+    """Bytes written to the command's standard input, which is then closed
+    (Linux sandboxes only). At most 1 MiB (1048576 bytes). Empty means
+    standard input is `/dev/null`.
+
+    The reference guest runs builtins only: `env`, `cwd` or `stdin` set for
+    a reference-guest sandbox is FAILED_PRECONDITION.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The command and its arguments; argv[0] selects the guest builtin
-        (`echo`, `fill`, `checksum`, `dirty`, `verify`, `stat`, `sleep`,
-        `emit`, `exit`, `crash`, `help`). Must not be empty.
+        """The command and its arguments. Must not be empty. In a
+        reference-guest sandbox argv[0] selects the guest builtin (`echo`,
+        `fill`, `checksum`, `dirty`, `verify`, `stat`, `sleep`, `emit`,
+        `exit`, `crash`, `help`). In a Linux sandbox it is the program, looked
+        up on the guest's PATH unless it contains `/`; no string may contain a
+        NUL character. A program that cannot be started is FAILED_PRECONDITION
+        with the guest's reason.
+        """
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Environment variables added to the guest's default environment (Linux
+        sandboxes only). Keys must be non-empty and contain neither `=` nor
+        NUL; values must not contain NUL.
         """
 
     def __init__(
@@ -491,10 +586,13 @@ class ExecRequest(_message.Message):
         sandbox_id: _builtins.str = ...,
         argv: _abc.Iterable[_builtins.str] | None = ...,
         timeout_ms: _builtins.int = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        cwd: _builtins.str = ...,
+        stdin: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "sandbox_id", b"sandbox_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cwd", b"cwd", "env", b"env", "sandbox_id", b"sandbox_id", "stdin", b"stdin", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,19 +640,27 @@ class ExecExit(_message.Message):
 
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     DURATION_US_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
-    """The command's exit code (0 is success)."""
+    """The command's exit code (0 is success). When the command was killed by
+    a signal it is 128 + `signal`, as shells report it.
+    """
     duration_us: _builtins.int
     """Time the command ran inside the guest, in microseconds."""
+    signal: _builtins.int
+    """The signal that terminated the command (for example 9 for SIGKILL), or
+    0 if it exited normally. Always 0 in a reference-guest sandbox.
+    """
     def __init__(
         self,
         *,
         exit_code: _builtins.int = ...,
         duration_us: _builtins.int = ...,
+        signal: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_us", b"duration_us", "exit_code", b"exit_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_us", b"duration_us", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,3 +760,62 @@ class BranchSandboxResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BranchSandboxResponse: _TypeAlias = BranchSandboxResponse  # noqa: Y015
+
+@_typing.final
+class ReadConsoleRequest(_message.Message):
+    """ReadConsoleRequest names the sandbox whose console to read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    TAIL_BYTES_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox id."""
+    tail_bytes: _builtins.int
+    """How many bytes of the console log's end to return, at most 1048576
+    (1 MiB); 0 means 65536 (64 KiB). Larger is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        tail_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sandbox_id", b"sandbox_id", "tail_bytes", b"tail_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadConsoleRequest: _TypeAlias = ReadConsoleRequest  # noqa: Y015
+
+@_typing.final
+class ReadConsoleResponse(_message.Message):
+    """ReadConsoleResponse carries the end of the console log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The last bytes of the guest's serial console log, as the guest wrote
+    them (usually, but not necessarily, UTF-8).
+    """
+    truncated: _builtins.bool
+    """Whether the kept log holds older output than `data` (cut by
+    `tail_bytes`). The VMM keeps only the last 512 KiB to 1 MiB of the
+    console; anything older is gone whatever this says.
+    """
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadConsoleResponse: _TypeAlias = ReadConsoleResponse  # noqa: Y015

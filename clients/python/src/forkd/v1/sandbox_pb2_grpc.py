@@ -68,6 +68,11 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.BranchSandboxRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.BranchSandboxResponse.FromString,
                 _registered_method=True)
+        self.ReadConsole = channel.unary_unary(
+                '/forkd.v1.SandboxService/ReadConsole',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -79,7 +84,12 @@ class SandboxServiceServicer:
 
     def SpawnSandboxes(self, request, context):
         """SpawnSandboxes starts `n` sandboxes: cold boots of the reference guest
-        when `snapshot_tag` is empty, or children forked from that snapshot.
+        when `snapshot_tag` and `image` are empty, cold boots of a Linux image
+        when `image` is set, or children forked from `snapshot_tag`.
+
+        A Linux spawn needs hardware virtualization (Intel VMX or AMD SVM) on
+        the host: elsewhere it fails with FAILED_PRECONDITION. An unknown image
+        is NOT_FOUND. `image` together with `snapshot_tag` is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +121,8 @@ class SandboxServiceServicer:
     def Exec(self, request, context):
         """Exec runs a command inside a sandbox and streams its stdout and stderr
         as they are produced, then one final message with the exit status.
-        Commands in one sandbox run one at a time, in arrival order.
+        In a reference-guest sandbox commands run one at a time, in arrival
+        order; a Linux sandbox runs several commands at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +130,15 @@ class SandboxServiceServicer:
 
     def BranchSandbox(self, request, context):
         """BranchSandbox captures a running sandbox as a new snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadConsole(self, request, context):
+        """ReadConsole returns the tail of a Linux sandbox's serial console log
+        (kernel messages and early userland output). A reference-guest sandbox
+        has no serial console: FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +176,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.BranchSandbox,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.BranchSandboxRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.BranchSandboxResponse.SerializeToString,
+            ),
+            'ReadConsole': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadConsole,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,6 +349,33 @@ class SandboxService:
             '/forkd.v1.SandboxService/BranchSandbox',
             forkd_dot_v1_dot_sandbox__pb2.BranchSandboxRequest.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.BranchSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadConsole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ReadConsole',
+            forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

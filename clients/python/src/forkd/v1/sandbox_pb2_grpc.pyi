@@ -39,7 +39,12 @@ class SandboxServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SandboxServiceAsyncStub: ...
     SpawnSandboxes: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SpawnSandboxesRequest, _sandbox_pb2.SpawnSandboxesResponse]
     """SpawnSandboxes starts `n` sandboxes: cold boots of the reference guest
-    when `snapshot_tag` is empty, or children forked from that snapshot.
+    when `snapshot_tag` and `image` are empty, cold boots of a Linux image
+    when `image` is set, or children forked from `snapshot_tag`.
+
+    A Linux spawn needs hardware virtualization (Intel VMX or AMD SVM) on
+    the host: elsewhere it fails with FAILED_PRECONDITION. An unknown image
+    is NOT_FOUND. `image` together with `snapshot_tag` is INVALID_ARGUMENT.
     """
     GetSandbox: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetSandboxRequest, _sandbox_pb2.GetSandboxResponse]
     """GetSandbox returns one sandbox by id."""
@@ -54,10 +59,16 @@ class SandboxServiceStub:
     Exec: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.ExecRequest, _sandbox_pb2.ExecResponse]
     """Exec runs a command inside a sandbox and streams its stdout and stderr
     as they are produced, then one final message with the exit status.
-    Commands in one sandbox run one at a time, in arrival order.
+    In a reference-guest sandbox commands run one at a time, in arrival
+    order; a Linux sandbox runs several commands at once.
     """
     BranchSandbox: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.BranchSandboxRequest, _sandbox_pb2.BranchSandboxResponse]
     """BranchSandbox captures a running sandbox as a new snapshot."""
+    ReadConsole: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ReadConsoleRequest, _sandbox_pb2.ReadConsoleResponse]
+    """ReadConsole returns the tail of a Linux sandbox's serial console log
+    (kernel messages and early userland output). A reference-guest sandbox
+    has no serial console: FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -70,7 +81,12 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SpawnSandboxes: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SpawnSandboxesRequest, _sandbox_pb2.SpawnSandboxesResponse]  # type: ignore[assignment]
     """SpawnSandboxes starts `n` sandboxes: cold boots of the reference guest
-    when `snapshot_tag` is empty, or children forked from that snapshot.
+    when `snapshot_tag` and `image` are empty, cold boots of a Linux image
+    when `image` is set, or children forked from `snapshot_tag`.
+
+    A Linux spawn needs hardware virtualization (Intel VMX or AMD SVM) on
+    the host: elsewhere it fails with FAILED_PRECONDITION. An unknown image
+    is NOT_FOUND. `image` together with `snapshot_tag` is INVALID_ARGUMENT.
     """
     GetSandbox: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetSandboxRequest, _sandbox_pb2.GetSandboxResponse]  # type: ignore[assignment]
     """GetSandbox returns one sandbox by id."""
@@ -85,10 +101,16 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     Exec: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ExecRequest, _sandbox_pb2.ExecResponse]  # type: ignore[assignment]
     """Exec runs a command inside a sandbox and streams its stdout and stderr
     as they are produced, then one final message with the exit status.
-    Commands in one sandbox run one at a time, in arrival order.
+    In a reference-guest sandbox commands run one at a time, in arrival
+    order; a Linux sandbox runs several commands at once.
     """
     BranchSandbox: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.BranchSandboxRequest, _sandbox_pb2.BranchSandboxResponse]  # type: ignore[assignment]
     """BranchSandbox captures a running sandbox as a new snapshot."""
+    ReadConsole: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ReadConsoleRequest, _sandbox_pb2.ReadConsoleResponse]  # type: ignore[assignment]
+    """ReadConsole returns the tail of a Linux sandbox's serial console log
+    (kernel messages and early userland output). A reference-guest sandbox
+    has no serial console: FAILED_PRECONDITION.
+    """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """SandboxService boots, forks, inspects, branches and deletes microVM
@@ -104,7 +126,12 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.SpawnSandboxesResponse, _abc.Awaitable[_sandbox_pb2.SpawnSandboxesResponse]]:
         """SpawnSandboxes starts `n` sandboxes: cold boots of the reference guest
-        when `snapshot_tag` is empty, or children forked from that snapshot.
+        when `snapshot_tag` and `image` are empty, cold boots of a Linux image
+        when `image` is set, or children forked from `snapshot_tag`.
+
+        A Linux spawn needs hardware virtualization (Intel VMX or AMD SVM) on
+        the host: elsewhere it fails with FAILED_PRECONDITION. An unknown image
+        is NOT_FOUND. `image` together with `snapshot_tag` is INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
@@ -143,7 +170,8 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ExecResponse], _abc.AsyncIterator[_sandbox_pb2.ExecResponse]]:
         """Exec runs a command inside a sandbox and streams its stdout and stderr
         as they are produced, then one final message with the exit status.
-        Commands in one sandbox run one at a time, in arrival order.
+        In a reference-guest sandbox commands run one at a time, in arrival
+        order; a Linux sandbox runs several commands at once.
         """
 
     @_abc_1.abstractmethod
@@ -153,5 +181,16 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.BranchSandboxResponse, _abc.Awaitable[_sandbox_pb2.BranchSandboxResponse]]:
         """BranchSandbox captures a running sandbox as a new snapshot."""
+
+    @_abc_1.abstractmethod
+    def ReadConsole(
+        self,
+        request: _sandbox_pb2.ReadConsoleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ReadConsoleResponse, _abc.Awaitable[_sandbox_pb2.ReadConsoleResponse]]:
+        """ReadConsole returns the tail of a Linux sandbox's serial console log
+        (kernel messages and early userland output). A reference-guest sandbox
+        has no serial console: FAILED_PRECONDITION.
+        """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/sandbox.proto.
  */
 export const file_forkd_v1_sandbox: GenFile = /*@__PURE__*/
-  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSLOAgoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiiAIKFVNwYXduU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSCQoBbhgCIAEoDRIWCglsaXZlX2ZvcmsYAyABKAhIAIgBARISCgptZW1vcnlfbWliGAQgASgNEg0KBXZjcHVzGAUgASgNEjsKBmxhYmVscxgGIAMoCzIrLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIZChF3YWl0X2Zvcl9zbmFwc2hvdBgHIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9saXZlX2ZvcmsifAoWU3Bhd25TYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94EigKCGZhaWx1cmVzGAIgAygLMhYuZm9ya2QudjEuU3Bhd25GYWlsdXJlEhIKCmVsYXBzZWRfbXMYAyABKAEiPAoMU3Bhd25GYWlsdXJlEg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCSIfChFHZXRTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI4ChJHZXRTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3gilwEKFExpc3RTYW5kYm94ZXNSZXF1ZXN0EkkKDmxhYmVsX3NlbGVjdG9yGAEgAygLMjEuZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5GjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KFUxpc3RTYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94IiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIjsKFURlbGV0ZVNhbmRib3hSZXNwb25zZRIiCgdzYW5kYm94GAEgASgLMhEuZm9ya2QudjEuU2FuZGJveCJDCgtFeGVjUmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgwKBGFyZ3YYAiADKAkSEgoKdGltZW91dF9tcxgDIAEoDSJfCgxFeGVjUmVzcG9uc2USEAoGc3Rkb3V0GAEgASgMSAASEAoGc3RkZXJyGAIgASgMSAASIgoEZXhpdBgDIAEoCzISLmZvcmtkLnYxLkV4ZWNFeGl0SABCBwoFZXZlbnQiMgoIRXhlY0V4aXQSEQoJZXhpdF9jb2RlGAEgASgFEhMKC2R1cmF0aW9uX3VzGAIgASgEIpsBChRCcmFuY2hTYW5kYm94UmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgsKA3RhZxgCIAEoCRIiCgRtb2RlGAMgASgOMhQuZm9ya2QudjEuQnJhbmNoTW9kZRIRCgR3YWl0GAQgASgISACIAQESDAoEZGlmZhgFIAEoCBIUCgxtZWFzdXJlX2RpZmYYBiABKAhCBwoFX3dhaXQikgEKFUJyYW5jaFNhbmRib3hSZXNwb25zZRIkCghzbmFwc2hvdBgBIAEoCzISLmZvcmtkLnYxLlNuYXBzaG90EhAKCHBhdXNlX21zGAIgASgBEhUKDWJ5dGVzX3dyaXR0ZW4YAyABKAQSEwoLZGlydHlfcGFnZXMYBCABKAQSFQoNZmF1bHRzX3NlcnZlZBgFIAEoBCqyAQoMU2FuZGJveFN0YXRlEh0KGVNBTkRCT1hfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTQU5EQk9YX1NUQVRFX1NUQVJUSU5HEAESGQoVU0FOREJPWF9TVEFURV9SVU5OSU5HEAISGAoUU0FOREJPWF9TVEFURV9QQVVTRUQQAxIYChRTQU5EQk9YX1NUQVRFX0VYSVRFRBAEEhgKFFNBTkRCT1hfU1RBVEVfRkFJTEVEEAUy3QMKDlNhbmRib3hTZXJ2aWNlElMKDlNwYXduU2FuZGJveGVzEh8uZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXF1ZXN0GiAuZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXNwb25zZRJHCgpHZXRTYW5kYm94EhsuZm9ya2QudjEuR2V0U2FuZGJveFJlcXVlc3QaHC5mb3JrZC52MS5HZXRTYW5kYm94UmVzcG9uc2USUAoNTGlzdFNhbmRib3hlcxIeLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0Gh8uZm9ya2QudjEuTGlzdFNhbmRib3hlc1Jlc3BvbnNlElAKDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBofLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hSZXNwb25zZRI3CgRFeGVjEhUuZm9ya2QudjEuRXhlY1JlcXVlc3QaFi5mb3JrZC52MS5FeGVjUmVzcG9uc2UwARJQCg1CcmFuY2hTYW5kYm94Eh4uZm9ya2QudjEuQnJhbmNoU2FuZGJveFJlcXVlc3QaHy5mb3JrZC52MS5CcmFuY2hTYW5kYm94UmVzcG9uc2ViBnByb3RvMw", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
+  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSKGAwoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBEg0KBWltYWdlGAwgASgJEicKCmd1ZXN0X2Jvb3QYDSABKAsyEy5mb3JrZC52MS5HdWVzdEJvb3QaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIvCglHdWVzdEJvb3QSEQoJa2VybmVsX21zGAEgASgBEg8KB2luaXRfbXMYAiABKAEilwIKFVNwYXduU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSCQoBbhgCIAEoDRIWCglsaXZlX2ZvcmsYAyABKAhIAIgBARISCgptZW1vcnlfbWliGAQgASgNEg0KBXZjcHVzGAUgASgNEjsKBmxhYmVscxgGIAMoCzIrLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIZChF3YWl0X2Zvcl9zbmFwc2hvdBgHIAEoCBINCgVpbWFnZRgIIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9saXZlX2ZvcmsifAoWU3Bhd25TYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94EigKCGZhaWx1cmVzGAIgAygLMhYuZm9ya2QudjEuU3Bhd25GYWlsdXJlEhIKCmVsYXBzZWRfbXMYAyABKAEiPAoMU3Bhd25GYWlsdXJlEg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCSIfChFHZXRTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI4ChJHZXRTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3gilwEKFExpc3RTYW5kYm94ZXNSZXF1ZXN0EkkKDmxhYmVsX3NlbGVjdG9yGAEgAygLMjEuZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5GjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KFUxpc3RTYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94IiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIjsKFURlbGV0ZVNhbmRib3hSZXNwb25zZRIiCgdzYW5kYm94GAEgASgLMhEuZm9ya2QudjEuU2FuZGJveCK4AQoLRXhlY1JlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRIMCgRhcmd2GAIgAygJEhIKCnRpbWVvdXRfbXMYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXwoMRXhlY1Jlc3BvbnNlEhAKBnN0ZG91dBgBIAEoDEgAEhAKBnN0ZGVychgCIAEoDEgAEiIKBGV4aXQYAyABKAsyEi5mb3JrZC52MS5FeGVjRXhpdEgAQgcKBWV2ZW50IkIKCEV4ZWNFeGl0EhEKCWV4aXRfY29kZRgBIAEoBRITCgtkdXJhdGlvbl91cxgCIAEoBBIOCgZzaWduYWwYAyABKAUimwEKFEJyYW5jaFNhbmRib3hSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSCwoDdGFnGAIgASgJEiIKBG1vZGUYAyABKA4yFC5mb3JrZC52MS5CcmFuY2hNb2RlEhEKBHdhaXQYBCABKAhIAIgBARIMCgRkaWZmGAUgASgIEhQKDG1lYXN1cmVfZGlmZhgGIAEoCEIHCgVfd2FpdCKSAQoVQnJhbmNoU2FuZGJveFJlc3BvbnNlEiQKCHNuYXBzaG90GAEgASgLMhIuZm9ya2QudjEuU25hcHNob3QSEAoIcGF1c2VfbXMYAiABKAESFQoNYnl0ZXNfd3JpdHRlbhgDIAEoBBITCgtkaXJ0eV9wYWdlcxgEIAEoBBIVCg1mYXVsdHNfc2VydmVkGAUgASgEIjwKElJlYWRDb25zb2xlUmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEhIKCnRhaWxfYnl0ZXMYAiABKA0iNgoTUmVhZENvbnNvbGVSZXNwb25zZRIMCgRkYXRhGAEgASgMEhEKCXRydW5jYXRlZBgCIAEoCCqyAQoMU2FuZGJveFN0YXRlEh0KGVNBTkRCT1hfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTQU5EQk9YX1NUQVRFX1NUQVJUSU5HEAESGQoVU0FOREJPWF9TVEFURV9SVU5OSU5HEAISGAoUU0FOREJPWF9TVEFURV9QQVVTRUQQAxIYChRTQU5EQk9YX1NUQVRFX0VYSVRFRBAEEhgKFFNBTkRCT1hfU1RBVEVfRkFJTEVEEAUyqQQKDlNhbmRib3hTZXJ2aWNlElMKDlNwYXduU2FuZGJveGVzEh8uZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXF1ZXN0GiAuZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXNwb25zZRJHCgpHZXRTYW5kYm94EhsuZm9ya2QudjEuR2V0U2FuZGJveFJlcXVlc3QaHC5mb3JrZC52MS5HZXRTYW5kYm94UmVzcG9uc2USUAoNTGlzdFNhbmRib3hlcxIeLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0Gh8uZm9ya2QudjEuTGlzdFNhbmRib3hlc1Jlc3BvbnNlElAKDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBofLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hSZXNwb25zZRI3CgRFeGVjEhUuZm9ya2QudjEuRXhlY1JlcXVlc3QaFi5mb3JrZC52MS5FeGVjUmVzcG9uc2UwARJQCg1CcmFuY2hTYW5kYm94Eh4uZm9ya2QudjEuQnJhbmNoU2FuZGJveFJlcXVlc3QaHy5mb3JrZC52MS5CcmFuY2hTYW5kYm94UmVzcG9uc2USSgoLUmVhZENvbnNvbGUSHC5mb3JrZC52MS5SZWFkQ29uc29sZVJlcXVlc3QaHS5mb3JrZC52MS5SZWFkQ29uc29sZVJlc3BvbnNlYgZwcm90bzM", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
 
 /**
  * Sandbox is one microVM sandbox.
@@ -101,6 +101,22 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
    * @generated from field: double boot_ms = 11;
    */
   bootMs: number;
+
+  /**
+   * Name of the Linux image the sandbox booted; empty for the reference
+   * guest and for children forked from a snapshot of it.
+   *
+   * @generated from field: string image = 12;
+   */
+  image: string;
+
+  /**
+   * Where a Linux guest's boot time went, as measured inside the guest;
+   * unset for the reference guest.
+   *
+   * @generated from field: forkd.v1.GuestBoot guest_boot = 13;
+   */
+  guestBoot?: GuestBoot | undefined;
 };
 
 /**
@@ -111,14 +127,42 @@ export const SandboxSchema: GenMessage<Sandbox> = /*@__PURE__*/
   messageDesc(file_forkd_v1_sandbox, 0);
 
 /**
+ * GuestBoot splits a Linux guest's boot time.
+ *
+ * @generated from message forkd.v1.GuestBoot
+ */
+export type GuestBoot = Message<"forkd.v1.GuestBoot"> & {
+  /**
+   * Milliseconds from the kernel's start until the forkd agent started.
+   *
+   * @generated from field: double kernel_ms = 1;
+   */
+  kernelMs: number;
+
+  /**
+   * Milliseconds the agent spent on its own setup before it was ready.
+   *
+   * @generated from field: double init_ms = 2;
+   */
+  initMs: number;
+};
+
+/**
+ * Describes the message forkd.v1.GuestBoot.
+ * Use `create(GuestBootSchema)` to create a new message.
+ */
+export const GuestBootSchema: GenMessage<GuestBoot> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 1);
+
+/**
  * SpawnSandboxesRequest asks for `n` new sandboxes.
  *
  * @generated from message forkd.v1.SpawnSandboxesRequest
  */
 export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & {
   /**
-   * Snapshot to fork the children from. Empty means a cold boot of the
-   * reference guest.
+   * Snapshot to fork the children from. Empty means a cold boot (of the
+   * reference guest, or of `image`). Must be empty when `image` is set.
    *
    * @generated from field: string snapshot_tag = 1;
    */
@@ -140,7 +184,8 @@ export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & 
   liveFork?: boolean | undefined;
 
   /**
-   * Guest RAM in MiB for a cold boot, from 36 to 65536; 0 means 256.
+   * Guest RAM in MiB for a cold boot, from 36 to 65536; 0 means 256 for
+   * the reference guest and the image's own default for a Linux image.
    * Must be 0 or the snapshot's size when forking.
    *
    * @generated from field: uint32 memory_mib = 4;
@@ -173,6 +218,16 @@ export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & 
    * @generated from field: bool wait_for_snapshot = 7;
    */
   waitForSnapshot: boolean;
+
+  /**
+   * Name of a Linux image in the daemon's images directory (built with
+   * `forkd image build NAME`) to cold boot. Empty means the reference guest
+   * (or a fork, with `snapshot_tag`). Forking Linux snapshots is not
+   * supported yet: setting both is INVALID_ARGUMENT.
+   *
+   * @generated from field: string image = 8;
+   */
+  image: string;
 };
 
 /**
@@ -180,7 +235,7 @@ export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & 
  * Use `create(SpawnSandboxesRequestSchema)` to create a new message.
  */
 export const SpawnSandboxesRequestSchema: GenMessage<SpawnSandboxesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 1);
+  messageDesc(file_forkd_v1_sandbox, 2);
 
 /**
  * SpawnSandboxesResponse lists what was started.
@@ -216,7 +271,7 @@ export type SpawnSandboxesResponse = Message<"forkd.v1.SpawnSandboxesResponse"> 
  * Use `create(SpawnSandboxesResponseSchema)` to create a new message.
  */
 export const SpawnSandboxesResponseSchema: GenMessage<SpawnSandboxesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 2);
+  messageDesc(file_forkd_v1_sandbox, 3);
 
 /**
  * SpawnFailure says why one of the requested sandboxes did not start.
@@ -251,7 +306,7 @@ export type SpawnFailure = Message<"forkd.v1.SpawnFailure"> & {
  * Use `create(SpawnFailureSchema)` to create a new message.
  */
 export const SpawnFailureSchema: GenMessage<SpawnFailure> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 3);
+  messageDesc(file_forkd_v1_sandbox, 4);
 
 /**
  * GetSandboxRequest names one sandbox.
@@ -272,7 +327,7 @@ export type GetSandboxRequest = Message<"forkd.v1.GetSandboxRequest"> & {
  * Use `create(GetSandboxRequestSchema)` to create a new message.
  */
 export const GetSandboxRequestSchema: GenMessage<GetSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 4);
+  messageDesc(file_forkd_v1_sandbox, 5);
 
 /**
  * GetSandboxResponse carries the sandbox.
@@ -293,7 +348,7 @@ export type GetSandboxResponse = Message<"forkd.v1.GetSandboxResponse"> & {
  * Use `create(GetSandboxResponseSchema)` to create a new message.
  */
 export const GetSandboxResponseSchema: GenMessage<GetSandboxResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 5);
+  messageDesc(file_forkd_v1_sandbox, 6);
 
 /**
  * ListSandboxesRequest filters the list.
@@ -315,7 +370,7 @@ export type ListSandboxesRequest = Message<"forkd.v1.ListSandboxesRequest"> & {
  * Use `create(ListSandboxesRequestSchema)` to create a new message.
  */
 export const ListSandboxesRequestSchema: GenMessage<ListSandboxesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 6);
+  messageDesc(file_forkd_v1_sandbox, 7);
 
 /**
  * ListSandboxesResponse lists sandboxes, oldest first.
@@ -336,7 +391,7 @@ export type ListSandboxesResponse = Message<"forkd.v1.ListSandboxesResponse"> & 
  * Use `create(ListSandboxesResponseSchema)` to create a new message.
  */
 export const ListSandboxesResponseSchema: GenMessage<ListSandboxesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 7);
+  messageDesc(file_forkd_v1_sandbox, 8);
 
 /**
  * DeleteSandboxRequest names the sandbox to stop and remove.
@@ -357,7 +412,7 @@ export type DeleteSandboxRequest = Message<"forkd.v1.DeleteSandboxRequest"> & {
  * Use `create(DeleteSandboxRequestSchema)` to create a new message.
  */
 export const DeleteSandboxRequestSchema: GenMessage<DeleteSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 8);
+  messageDesc(file_forkd_v1_sandbox, 9);
 
 /**
  * DeleteSandboxResponse reports the removal.
@@ -378,7 +433,7 @@ export type DeleteSandboxResponse = Message<"forkd.v1.DeleteSandboxResponse"> & 
  * Use `create(DeleteSandboxResponseSchema)` to create a new message.
  */
 export const DeleteSandboxResponseSchema: GenMessage<DeleteSandboxResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 9);
+  messageDesc(file_forkd_v1_sandbox, 10);
 
 /**
  * ExecRequest names the command to run.
@@ -394,9 +449,13 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
   sandboxId: string;
 
   /**
-   * The command and its arguments; argv[0] selects the guest builtin
-   * (`echo`, `fill`, `checksum`, `dirty`, `verify`, `stat`, `sleep`,
-   * `emit`, `exit`, `crash`, `help`). Must not be empty.
+   * The command and its arguments. Must not be empty. In a
+   * reference-guest sandbox argv[0] selects the guest builtin (`echo`,
+   * `fill`, `checksum`, `dirty`, `verify`, `stat`, `sleep`, `emit`,
+   * `exit`, `crash`, `help`). In a Linux sandbox it is the program, looked
+   * up on the guest's PATH unless it contains `/`; no string may contain a
+   * NUL character. A program that cannot be started is FAILED_PRECONDITION
+   * with the guest's reason.
    *
    * @generated from field: repeated string argv = 2;
    */
@@ -410,6 +469,35 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
    * @generated from field: uint32 timeout_ms = 3;
    */
   timeoutMs: number;
+
+  /**
+   * Environment variables added to the guest's default environment (Linux
+   * sandboxes only). Keys must be non-empty and contain neither `=` nor
+   * NUL; values must not contain NUL.
+   *
+   * @generated from field: map<string, string> env = 4;
+   */
+  env: { [key: string]: string };
+
+  /**
+   * Working directory of the command: an absolute path without NUL
+   * characters (Linux sandboxes only). Empty means `/`.
+   *
+   * @generated from field: string cwd = 5;
+   */
+  cwd: string;
+
+  /**
+   * Bytes written to the command's standard input, which is then closed
+   * (Linux sandboxes only). At most 1 MiB (1048576 bytes). Empty means
+   * standard input is `/dev/null`.
+   *
+   * The reference guest runs builtins only: `env`, `cwd` or `stdin` set for
+   * a reference-guest sandbox is FAILED_PRECONDITION.
+   *
+   * @generated from field: bytes stdin = 6;
+   */
+  stdin: Uint8Array;
 };
 
 /**
@@ -417,7 +505,7 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
  * Use `create(ExecRequestSchema)` to create a new message.
  */
 export const ExecRequestSchema: GenMessage<ExecRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 10);
+  messageDesc(file_forkd_v1_sandbox, 11);
 
 /**
  * ExecResponse is one message of the Exec stream: output, then the exit.
@@ -462,7 +550,7 @@ export type ExecResponse = Message<"forkd.v1.ExecResponse"> & {
  * Use `create(ExecResponseSchema)` to create a new message.
  */
 export const ExecResponseSchema: GenMessage<ExecResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 11);
+  messageDesc(file_forkd_v1_sandbox, 12);
 
 /**
  * ExecExit is the end of a command.
@@ -471,7 +559,8 @@ export const ExecResponseSchema: GenMessage<ExecResponse> = /*@__PURE__*/
  */
 export type ExecExit = Message<"forkd.v1.ExecExit"> & {
   /**
-   * The command's exit code (0 is success).
+   * The command's exit code (0 is success). When the command was killed by
+   * a signal it is 128 + `signal`, as shells report it.
    *
    * @generated from field: int32 exit_code = 1;
    */
@@ -483,6 +572,14 @@ export type ExecExit = Message<"forkd.v1.ExecExit"> & {
    * @generated from field: uint64 duration_us = 2;
    */
   durationUs: bigint;
+
+  /**
+   * The signal that terminated the command (for example 9 for SIGKILL), or
+   * 0 if it exited normally. Always 0 in a reference-guest sandbox.
+   *
+   * @generated from field: int32 signal = 3;
+   */
+  signal: number;
 };
 
 /**
@@ -490,7 +587,7 @@ export type ExecExit = Message<"forkd.v1.ExecExit"> & {
  * Use `create(ExecExitSchema)` to create a new message.
  */
 export const ExecExitSchema: GenMessage<ExecExit> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 12);
+  messageDesc(file_forkd_v1_sandbox, 13);
 
 /**
  * BranchSandboxRequest asks for a snapshot of a running sandbox. One branch
@@ -551,7 +648,7 @@ export type BranchSandboxRequest = Message<"forkd.v1.BranchSandboxRequest"> & {
  * Use `create(BranchSandboxRequestSchema)` to create a new message.
  */
 export const BranchSandboxRequestSchema: GenMessage<BranchSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 13);
+  messageDesc(file_forkd_v1_sandbox, 14);
 
 /**
  * BranchSandboxResponse reports the new snapshot.
@@ -601,7 +698,67 @@ export type BranchSandboxResponse = Message<"forkd.v1.BranchSandboxResponse"> & 
  * Use `create(BranchSandboxResponseSchema)` to create a new message.
  */
 export const BranchSandboxResponseSchema: GenMessage<BranchSandboxResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 14);
+  messageDesc(file_forkd_v1_sandbox, 15);
+
+/**
+ * ReadConsoleRequest names the sandbox whose console to read.
+ *
+ * @generated from message forkd.v1.ReadConsoleRequest
+ */
+export type ReadConsoleRequest = Message<"forkd.v1.ReadConsoleRequest"> & {
+  /**
+   * The sandbox id.
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * How many bytes of the console log's end to return, at most 1048576
+   * (1 MiB); 0 means 65536 (64 KiB). Larger is INVALID_ARGUMENT.
+   *
+   * @generated from field: uint32 tail_bytes = 2;
+   */
+  tailBytes: number;
+};
+
+/**
+ * Describes the message forkd.v1.ReadConsoleRequest.
+ * Use `create(ReadConsoleRequestSchema)` to create a new message.
+ */
+export const ReadConsoleRequestSchema: GenMessage<ReadConsoleRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 16);
+
+/**
+ * ReadConsoleResponse carries the end of the console log.
+ *
+ * @generated from message forkd.v1.ReadConsoleResponse
+ */
+export type ReadConsoleResponse = Message<"forkd.v1.ReadConsoleResponse"> & {
+  /**
+   * The last bytes of the guest's serial console log, as the guest wrote
+   * them (usually, but not necessarily, UTF-8).
+   *
+   * @generated from field: bytes data = 1;
+   */
+  data: Uint8Array;
+
+  /**
+   * Whether the kept log holds older output than `data` (cut by
+   * `tail_bytes`). The VMM keeps only the last 512 KiB to 1 MiB of the
+   * console; anything older is gone whatever this says.
+   *
+   * @generated from field: bool truncated = 2;
+   */
+  truncated: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.ReadConsoleResponse.
+ * Use `create(ReadConsoleResponseSchema)` to create a new message.
+ */
+export const ReadConsoleResponseSchema: GenMessage<ReadConsoleResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 17);
 
 /**
  * SandboxState is where a sandbox is in its life.
@@ -669,7 +826,12 @@ export const SandboxStateSchema: GenEnum<SandboxState> = /*@__PURE__*/
 export const SandboxService: GenService<{
   /**
    * SpawnSandboxes starts `n` sandboxes: cold boots of the reference guest
-   * when `snapshot_tag` is empty, or children forked from that snapshot.
+   * when `snapshot_tag` and `image` are empty, cold boots of a Linux image
+   * when `image` is set, or children forked from `snapshot_tag`.
+   *
+   * A Linux spawn needs hardware virtualization (Intel VMX or AMD SVM) on
+   * the host: elsewhere it fails with FAILED_PRECONDITION. An unknown image
+   * is NOT_FOUND. `image` together with `snapshot_tag` is INVALID_ARGUMENT.
    *
    * @generated from rpc forkd.v1.SandboxService.SpawnSandboxes
    */
@@ -713,7 +875,8 @@ export const SandboxService: GenService<{
   /**
    * Exec runs a command inside a sandbox and streams its stdout and stderr
    * as they are produced, then one final message with the exit status.
-   * Commands in one sandbox run one at a time, in arrival order.
+   * In a reference-guest sandbox commands run one at a time, in arrival
+   * order; a Linux sandbox runs several commands at once.
    *
    * @generated from rpc forkd.v1.SandboxService.Exec
    */
@@ -731,6 +894,18 @@ export const SandboxService: GenService<{
     methodKind: "unary";
     input: typeof BranchSandboxRequestSchema;
     output: typeof BranchSandboxResponseSchema;
+  },
+  /**
+   * ReadConsole returns the tail of a Linux sandbox's serial console log
+   * (kernel messages and early userland output). A reference-guest sandbox
+   * has no serial console: FAILED_PRECONDITION.
+   *
+   * @generated from rpc forkd.v1.SandboxService.ReadConsole
+   */
+  readConsole: {
+    methodKind: "unary";
+    input: typeof ReadConsoleRequestSchema;
+    output: typeof ReadConsoleResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_sandbox, 0);
