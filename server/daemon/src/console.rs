@@ -77,7 +77,7 @@ fn tail_of(path: &Path, max: usize) -> std::io::Result<Tail> {
 /// [`EXIT_TAIL_BYTES`]) of its console, as lossy UTF-8; empty when there is
 /// no console output.
 pub fn exit_suffix(dir: &Path) -> String {
-    match read_tail(dir, EXIT_TAIL_BYTES) {
+    match read_tail(dir, PANIC_SEARCH_BYTES) {
         Ok(tail) => format_exit_suffix(&tail.data),
         Err(e) => {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot read the console log");
@@ -106,9 +106,27 @@ fn format_exit_suffix(bytes: &[u8]) -> String {
     if lines.is_empty() {
         return String::new();
     }
-    let from = lines.len().saturating_sub(EXIT_TAIL_LINES);
-    format!("; console tail:\n{}", lines[from..].join("\n"))
+    // A panic's own line comes before its backtrace, which fills the tail:
+    // name it first.
+    let panic = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.find(PANIC_MARK).map(|at| &l[at..]))
+        .map(|p| format!("; {p}"))
+        .unwrap_or_default();
+    let mut from = lines.len().saturating_sub(EXIT_TAIL_LINES);
+    while from + 1 < lines.len()
+        && lines[from..].iter().map(|l| l.len() + 1).sum::<usize>() > EXIT_TAIL_BYTES
+    {
+        from += 1;
+    }
+    format!("{panic}; console tail:\n{}", lines[from..].join("\n"))
 }
+
+/// How Linux starts a panic message.
+const PANIC_MARK: &str = "Kernel panic - not syncing";
+/// How much of the console is searched for a panic message.
+const PANIC_SEARCH_BYTES: usize = 16 << 10;
 
 #[cfg(test)]
 mod tests {
@@ -141,8 +159,15 @@ mod tests {
             .chain(b"Kernel panic - not syncing: \xff\n".iter().copied())
             .collect();
         let s = format_exit_suffix(&log);
-        assert!(s.starts_with("; console tail:\n[81] line\n"), "{s}");
+        assert!(
+            s.starts_with("; Kernel panic - not syncing: \u{fffd}; console tail:\n[81] line\n"),
+            "{s}"
+        );
         assert!(s.ends_with("Kernel panic - not syncing: \u{fffd}"), "{s}");
         assert_eq!(s.lines().count(), 1 + EXIT_TAIL_LINES);
+        let quiet: Vec<u8> = (0..30)
+            .flat_map(|i| format!("[{i}] ok\n").into_bytes())
+            .collect();
+        assert!(format_exit_suffix(&quiet).starts_with("; console tail:\n[10] ok\n"));
     }
 }
