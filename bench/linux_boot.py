@@ -2,7 +2,7 @@
 to agent-ready and the Exec round trip, side by side in one run.
 
     .venv/bin/python bench/linux_boot.py [--boots N] [--execs M] [--python-execs K]
-                                         [--forkd PATH] [--images-dir DIR]
+                                         [--no-milestones] [--forkd PATH] [--images-dir DIR]
 
 Linux guests need VMX or SVM, which this project's KVM-PVM machines lack, so
 everything runs inside the SVM test host (tests/svm/svm_host.py: QEMU TCG
@@ -28,7 +28,13 @@ What it does:
    2 untimed warm-up calls: M x `true` in the Linux sandbox, M x `echo hi`
    (a builtin of the reference guest) in the reference one, and K x
    `python3 -c pass` in the Linux one (interpreter start cost).
-4. Prints one table per section (min/median/max; p90 for Execs, nearest
+4. Unless --no-milestones: one more, untimed-for-the-tables Linux boot of
+   the same image with `loglevel=7` appended (the copy is renamed
+   `debian-python-printk` in the machine's tmpfs; the VMM's base command
+   line says `quiet`), whose console gives the kernel's own timestamps of
+   "Unpacking initramfs", "Freeing initrd memory" and "Run /init": where
+   kernel_ms goes. The verbose serial console slows that boot itself.
+5. Prints one table per section (min/median/max; p90 for Execs, nearest
    rank), the ratios Linux/reference, and the exact command line.
 
 The daemon (SIGTERM, then SIGKILL) and the SVM test host (power off, then
@@ -41,6 +47,7 @@ import argparse
 import base64
 import math
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -59,8 +66,16 @@ from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc  # noqa: E402
 from svm_host import SvmHost  # noqa: E402
 
 IMAGE = "debian-python"
+PRINTK_IMAGE = "debian-python-printk"  # made inside the machine for the diagnostic boot
 INNER = "/tmp/forkd-bench-linux"  # inside the SVM test host (tmpfs)
 RUNNING = sandbox_pb2.SANDBOX_STATE_RUNNING
+PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]")
+# Console lines marking where a Linux guest's kernel time goes.
+MILESTONES = {
+    "unpack_start": "Unpacking initramfs",
+    "unpack_end": "Freeing initrd memory",
+    "run_init": "Run /init as init process",
+}
 
 
 def log(msg: str) -> None:
@@ -203,6 +218,20 @@ class Bench:
             raise RuntimeError(f"spawn of {image or 'the reference guest'} failed: {resp}")
         return wall, resp.sandboxes[0], resp.elapsed_ms
 
+    def milestones(self, sid: str) -> dict[str, float | None]:
+        """Kernel timestamps (s since the kernel started, guest clock) of a
+        Linux guest's boot milestones, from its console."""
+        resp = self.stub.ReadConsole(sandbox_pb2.ReadConsoleRequest(sandbox_id=sid, tail_bytes=1 << 20), metadata=self.md, timeout=120)
+        found: dict[str, float | None] = {k: None for k in MILESTONES}
+        for line in resp.data.decode(errors="replace").splitlines():
+            m = PRINTK.match(line)
+            if not m:
+                continue
+            for key, needle in MILESTONES.items():
+                if found[key] is None and needle in line:
+                    found[key] = float(m.group(1))
+        return found
+
     def delete(self, sid: str) -> None:
         self.stub.DeleteSandbox(sandbox_pb2.DeleteSandboxRequest(id=sid), metadata=self.md, timeout=600)
         if sid in self.live:
@@ -259,6 +288,22 @@ def run(args: argparse.Namespace, command: str) -> None:
             raise RuntimeError(f"copying the image in failed: {r.stderr.decode(errors='replace')}")
         copy_s = time.monotonic() - t0
         log(f"image copied into the machine's tmpfs in {copy_s:.0f}s")
+        if args.milestones:
+            # The same image with a verbose console, for one diagnostic boot
+            # (the VMM's base command line has `quiet`; a later loglevel=
+            # wins).
+            fix = (
+                "import json, sys; p = sys.argv[1]; m = json.load(open(p)); "
+                f"m['name'] = '{PRINTK_IMAGE}'; m['kernel_args'] = (m.get('kernel_args', '') + ' loglevel=7').strip(); "
+                "json.dump(m, open(p, 'w'), indent=2)"
+            )
+            r = host.agent.run(
+                ["sh", "-c", f"cp -a {INNER}/images/{IMAGE} {INNER}/images/{PRINTK_IMAGE} && "
+                 f"{shlex.quote(sys.executable)} -c {shlex.quote(fix)} {INNER}/images/{PRINTK_IMAGE}/manifest.json"],
+                timeout=600,
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"making {PRINTK_IMAGE} failed: {r.stderr.decode(errors='replace')}")
         daemon = InnerDaemon(host, forkd, f"{INNER}/images")
         channel = grpc.insecure_channel(f"127.0.0.1:{daemon.client_port}")
         bench = Bench(channel, host.token)
@@ -301,6 +346,14 @@ def measure(bench: Bench, args: argparse.Namespace, host: SvmHost, copy_s: float
     ex_py = bench.execs(lin_sid, ["python3", "-c", "pass"], args.python_execs, b"", warmup=1)
     bench.delete(lin_sid)
     bench.delete(ref_sid)
+    diag: tuple[float, Any, dict[str, float | None]] | None = None
+    if args.milestones:
+        log(f"diagnostic boot of {PRINTK_IMAGE} (loglevel=7)")
+        wall, sb, _ = bench.spawn(PRINTK_IMAGE)
+        try:
+            diag = (wall, sb, bench.milestones(sb.id))
+        finally:
+            bench.delete(sb.id)
 
     def col(rows: list[tuple[float, Any, float]], f: Callable[[tuple[float, Any, float]], float]) -> list[float]:
         return [f(r) for r in rows]
@@ -312,6 +365,7 @@ def measure(bench: Bench, args: argparse.Namespace, host: SvmHost, copy_s: float
     lv = col(lin, lambda r: r[1].boot_ms - r[1].guest_boot.kernel_ms - r[1].guest_boot.init_ms)
     le, re_ = col(lin, lambda r: r[2]), col(ref, lambda r: r[2])
 
+    med = statistics.median
     out = []
     out.append("forkd Linux guests vs reference guest -- EMULATED on the SVM test host (QEMU TCG, -cpu max, 1 vCPU)")
     out.append(f"command: {command}")
@@ -320,35 +374,53 @@ def measure(bench: Bench, args: argparse.Namespace, host: SvmHost, copy_s: float
     out.append("")
     n = args.boots
     rows = [
-        ["linux  SpawnSandboxes wall (s)", *mmm(lw, "s")],
-        ["linux  elapsed_ms, daemon (s)", *mmm(le, "s")],
-        ["linux  boot_ms (s)", *mmm(lb, "s")],
-        ["linux    kernel_ms: kernel -> agent (s)", *mmm(lk, "s")],
-        ["linux    init_ms: agent setup (s)", *mmm(li, "s")],
-        ["linux    VMM/loader = boot - kernel - init (s)", *mmm(lv, "s")],
-        ["reference SpawnSandboxes wall (s)", *mmm(rw, "s")],
-        ["reference elapsed_ms, daemon (s)", *mmm(re_, "s")],
-        ["reference boot_ms (s)", *mmm(rb, "s")],
+        ["linux     SpawnSandboxes wall", *mmm(lw)],
+        ["linux     elapsed_ms (daemon)", *mmm(le)],
+        ["linux     boot_ms", *mmm(lb)],
+        ["linux       kernel_ms: kernel -> agent", *mmm(lk)],
+        ["linux       init_ms: agent setup", *mmm(li)],
+        ["linux       VMM/loader = boot - kernel - init", *mmm(lv)],
+        ["reference SpawnSandboxes wall", *mmm(rw)],
+        ["reference elapsed_ms (daemon)", *mmm(re_)],
+        ["reference boot_ms", *mmm(rb)],
     ]
-    out.append(table(f"1+2. cold boot to agent-ready, n=1, vcpus=1, {n} each, interleaved (EMULATED)", ["", "min", "median", "max"], rows))
+    out.append(table(f"1+2. cold boot to agent-ready, n=1, vcpus=1, {n} each, interleaved (ms, EMULATED)", ["", "min", "median", "max"], rows))
     out.append("")
     per = [
-        [f"boot {i + 1}", fmt(lw[i], "s"), fmt(lb[i], "s"), fmt(lk[i], "s"), fmt(li[i], "s"), fmt(lv[i], "s"), fmt(rw[i], "s"), fmt(rb[i], "s")]
+        [f"boot {i + 1}", fmt(lw[i]), fmt(lb[i]), fmt(lk[i]), fmt(li[i]), fmt(lv[i]), fmt(rw[i]), fmt(rb[i])]
         for i in range(n)
     ]
-    out.append(table("   per boot (s)", ["", "linux wall", "boot_ms", "kernel", "init", "VMM/loader", "ref wall", "ref boot_ms"], per))
-    med = statistics.median
+    out.append(table("   per boot (ms)", ["", "linux wall", "boot_ms", "kernel", "init", "VMM/loader", "ref wall", "ref boot_ms"], per))
     out.append("")
     out.append(
-        f"   ratio linux/reference (medians): wall {med(lw) / med(rw):.1f}x, boot_ms {med(lb) / med(rb):.1f}x; "
+        f"   ratio linux/reference (medians): wall {med(lw) / med(rw):.0f}x, boot_ms {med(lb) / med(rb):.0f}x; "
         f"linux boot_ms shares (medians): kernel {100 * med(lk) / med(lb):.0f}%, init {100 * med(li) / med(lb):.0f}%, "
         f"VMM/loader {100 * med(lv) / med(lb):.0f}%"
     )
     out.append("")
+
+    def ms(m: dict[str, float | None], a: str, b: str | None = None) -> float | None:
+        if m.get(a) is None or (b is not None and m.get(b) is None):
+            return None
+        return (m[a] - (m[b] if b else 0.0)) * 1000  # type: ignore[operator]
+
+    if diag is not None:
+        wall, sb, m = diag
+        g = sb.guest_boot
+        out.append(table(
+            f"   diagnostic: one more boot of the same image with loglevel=7 (not in the figures above; "
+            f"the verbose serial console slows it): printk time since kernel start, ms, guest clock",
+            ["", "unpack starts", "unpack takes", "unpack done", "Run /init", "kernel_ms", "boot_ms", "wall"],
+            [[PRINTK_IMAGE, fmt(ms(m, "unpack_start")), fmt(ms(m, "unpack_end", "unpack_start")), fmt(ms(m, "unpack_end")),
+              fmt(ms(m, "run_init")), fmt(g.kernel_ms), fmt(sb.boot_ms), fmt(wall)]],
+        ))
+        if ms(m, "unpack_end", "unpack_start") is not None and g.kernel_ms:
+            out.append(f"   initramfs unpacking = {100 * ms(m, 'unpack_end', 'unpack_start') / g.kernel_ms:.0f}% of that boot's kernel_ms")
+        out.append("")
     rows = [
-        [f"linux  Exec true (n={len(ex_lin)})", fmt(min(ex_lin)), fmt(med(ex_lin)), fmt(pct(ex_lin, 90)), fmt(max(ex_lin))],
+        [f"linux     Exec true (n={len(ex_lin)})", fmt(min(ex_lin)), fmt(med(ex_lin)), fmt(pct(ex_lin, 90)), fmt(max(ex_lin))],
         [f"reference Exec echo hi (n={len(ex_ref)})", fmt(min(ex_ref)), fmt(med(ex_ref)), fmt(pct(ex_ref, 90)), fmt(max(ex_ref))],
-        [f"linux  Exec python3 -c pass (n={len(ex_py)})", fmt(min(ex_py)), fmt(med(ex_py)), fmt(pct(ex_py, 90)), fmt(max(ex_py))],
+        [f"linux     Exec python3 -c pass (n={len(ex_py)})", fmt(min(ex_py)), fmt(med(ex_py)), fmt(pct(ex_py, 90)), fmt(max(ex_py))],
     ]
     out.append(table("3. Exec round trip at the client, sequential, after warm-up (ms, EMULATED)", ["", "min", "median", "p90", "max"], rows))
     out.append("")
@@ -364,6 +436,10 @@ def main() -> int:
     ap.add_argument("--boots", type=int, default=3, help="cold boots of each guest (default 3)")
     ap.add_argument("--execs", type=int, default=20, help="timed Execs per guest (default 20)")
     ap.add_argument("--python-execs", type=int, default=5, help="timed `python3 -c pass` Execs (default 5)")
+    ap.add_argument(
+        "--no-milestones", dest="milestones", action="store_false",
+        help="skip the extra diagnostic boot with a verbose console (kernel milestones)",
+    )
     ap.add_argument("--forkd", default=str(REPO / "target" / "release" / "forkd"))
     ap.add_argument(
         "--images-dir",

@@ -23,9 +23,9 @@ use forkd_api::v1::{
     CreateSnapshotResponse, DeleteSandboxRequest, DeleteSandboxResponse, DeleteSnapshotRequest,
     DeleteSnapshotResponse, ExecExit, ExecRequest, ExecResponse, GetSandboxRequest,
     GetSandboxResponse, GetSnapshotRequest, GetSnapshotResponse, ListSandboxesRequest,
-    ListSandboxesResponse, ListSnapshotsRequest, ListSnapshotsResponse, Sandbox, SandboxState,
-    Snapshot, SnapshotStatus, SpawnSandboxesRequest, SpawnSandboxesResponse, WatchSnapshotRequest,
-    WatchSnapshotResponse,
+    ListSandboxesResponse, ListSnapshotsRequest, ListSnapshotsResponse, ReadConsoleRequest,
+    ReadConsoleResponse, Sandbox, SandboxState, Snapshot, SnapshotStatus, SpawnSandboxesRequest,
+    SpawnSandboxesResponse, WatchSnapshotRequest, WatchSnapshotResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -158,6 +158,15 @@ impl SandboxService for Fake {
         }))
     }
 
+    async fn read_console(
+        &self,
+        _req: Request<ReadConsoleRequest>,
+    ) -> Result<Response<ReadConsoleResponse>, Status> {
+        Err(Status::failed_precondition(
+            "this stand-in daemon runs no guest with a serial console",
+        ))
+    }
+
     async fn get_sandbox(
         &self,
         req: Request<GetSandboxRequest>,
@@ -276,6 +285,7 @@ impl SandboxService for Fake {
                 event: Some(exec_response::Event::Exit(ExecExit {
                     exit_code: 0,
                     duration_us: start.elapsed().as_micros() as u64,
+                    signal: 0,
                 })),
             };
             let _ = tx.send(Ok(exit)).await;

@@ -1,28 +1,21 @@
-//! Finds a Linux image built by `forkd image build NAME` in the images
-//! directory and reads the few `manifest.json` fields a boot needs.
-//!
-//! Deliberately small and self-contained: it stands in for
-//! `forkd_images::ImageStore::get` and can be swapped for it without
-//! touching its callers ([`Images::get`] returns the same facts).
+//! Finds a Linux image built by `forkd image build NAME` (the
+//! `forkd-images` store) and keeps the facts a boot needs, with errors in
+//! the daemon's words (what to do next, paths as the daemon shows them).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde::Deserialize;
+use forkd_images::ImageStore;
 
-/// The manifest's file name inside an image directory.
-pub const MANIFEST: &str = "manifest.json";
-/// The manifest format this daemon reads.
-pub const FORMAT: u32 = 1;
-/// Longest image name accepted.
-pub const MAX_NAME_BYTES: usize = 64;
+/// Longest image name accepted (see [`forkd_images::validate_name`]).
+pub const MAX_NAME_BYTES: usize = 63;
 
 /// Why an image cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The name cannot be an image directory's name.
     #[error(
-        "image name {shown} is invalid: names are 1-{MAX_NAME_BYTES} characters of letters, \
-         digits, '.', '_' or '-', not starting with '.'"
+        "image name {shown} is invalid: names are 1-{MAX_NAME_BYTES} characters of lowercase \
+         letters, digits, '.', '_' or '-', starting with a letter or digit"
     )]
     BadName {
         /// The name, quoted (or its length when long).
@@ -61,21 +54,6 @@ pub struct Image {
     pub kernel_args: String,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    format: u32,
-    kernel: FileEntry,
-    initrd: FileEntry,
-    #[serde(default)]
-    kernel_args: String,
-    memory_mib: u32,
-}
-
-#[derive(Deserialize)]
-struct FileEntry {
-    path: String,
-}
-
 /// The images directory.
 #[derive(Clone, Debug)]
 pub struct Images {
@@ -88,69 +66,37 @@ impl Images {
         Images { dir }
     }
 
-    /// Looks `name` up: its manifest must parse and name files that exist.
+    /// Looks `name` up: its manifest must parse and name files of the
+    /// recorded sizes.
     pub fn get(&self, name: &str) -> Result<Image, ImageError> {
         check_name(name)?;
-        let root = self.dir.join(name);
-        let invalid = |reason: String| ImageError::Invalid {
-            name: name.to_string(),
-            reason,
-        };
-        let text = match std::fs::read(root.join(MANIFEST)) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ImageError::NotFound {
-                    name: name.to_string(),
-                    dir: self.dir.clone(),
-                })
-            }
-            Err(e) => return Err(invalid(format!("cannot read {MANIFEST}: {e}"))),
-        };
-        let m: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| invalid(format!("{MANIFEST} does not parse: {e}")))?;
-        if m.format != FORMAT {
-            return Err(invalid(format!(
-                "{MANIFEST} has format {}, this daemon reads format {FORMAT}",
-                m.format
-            )));
-        }
-        let file = |what: &str, entry: &FileEntry| -> Result<PathBuf, ImageError> {
-            let rel = Path::new(&entry.path);
-            let plain = rel
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)));
-            if entry.path.is_empty() || !plain {
-                return Err(invalid(format!(
-                    "{what} path {:?} is not a plain relative path",
-                    entry.path
-                )));
-            }
-            let path = root.join(rel);
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_file() => Ok(path),
-                Ok(_) => Err(invalid(format!("{what} {:?} is not a file", entry.path))),
-                Err(e) => Err(invalid(format!("{what} {:?}: {e}", entry.path))),
-            }
-        };
+        let image = ImageStore::new(&self.dir).get(name).map_err(|e| match e {
+            forkd_images::ImageError::NotFound { .. } => ImageError::NotFound {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            },
+            forkd_images::ImageError::Invalid { reason, .. } => ImageError::Invalid {
+                name: name.to_string(),
+                reason,
+            },
+            other => ImageError::Invalid {
+                name: name.to_string(),
+                reason: other.to_string(),
+            },
+        })?;
         Ok(Image {
             name: name.to_string(),
-            kernel: file("kernel", &m.kernel)?,
-            initrd: file("initrd", &m.initrd)?,
-            memory_mib: m.memory_mib,
-            kernel_args: m.kernel_args,
+            kernel: image.kernel_path(),
+            initrd: image.initrd_path(),
+            memory_mib: u32::try_from(image.manifest.memory_mib).unwrap_or(u32::MAX),
+            kernel_args: image.manifest.kernel_args,
         })
     }
 }
 
 /// Checks that `name` can be an image directory's name (no path tricks).
 pub fn check_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+    if forkd_images::validate_name(name).is_ok() {
         Ok(())
     } else {
         Err(ImageError::BadName {
@@ -167,7 +113,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("debian");
         std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join(MANIFEST), manifest).unwrap();
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
         std::fs::write(dir.join("vmlinuz"), b"k").unwrap();
         std::fs::write(dir.join("initrd"), b"i").unwrap();
         let images = Images::new(tmp.path().to_path_buf());
@@ -175,9 +121,11 @@ mod tests {
     }
 
     const GOOD: &str = r#"{"format": 1, "name": "debian",
-        "kernel": {"path": "vmlinuz", "sha256": "00", "bytes": 1, "release": "6.1.0"},
+        "kernel": {"path": "vmlinuz", "sha256": "00", "bytes": 1, "release": "6.1.0",
+                   "package": "linux-image-6.1.0", "version": "1"},
         "initrd": {"path": "initrd", "sha256": "00", "bytes": 1},
         "kernel_args": "quiet", "memory_mib": 512, "packages": ["python3"],
+        "modules": [], "agent_sha256": "00", "input_digest": "00",
         "created": "2026-12-03T18:00:00Z"}"#;
 
     #[test]
@@ -203,15 +151,15 @@ mod tests {
     #[test]
     fn broken_images_are_invalid() {
         for (manifest, says) in [
-            ("{", "does not parse"),
+            ("{", "manifest.json"),
             (&GOOD.replace("\"format\": 1", "\"format\": 2"), "format 2"),
             (
                 &GOOD.replace("\"vmlinuz\"", "\"../vmlinuz\""),
-                "plain relative",
+                "bad file path",
             ),
             (
                 &GOOD.replace("\"initrd\", \"sha", "\"gone\", \"sha"),
-                "\"gone\"",
+                "gone: No such file",
             ),
         ] {
             let (_tmp, images) = image_dir(manifest);

@@ -42,7 +42,9 @@ pub fn cpuid_for(supported: &CpuId, index: u8) -> CpuId {
     cpuid
 }
 
-fn segment(selector: u16, descriptor: u64) -> kvm_segment {
+/// The KVM view of GDT `descriptor` loaded with `selector` (flat: base 0,
+/// 4 GiB limit).
+pub(crate) fn segment(selector: u16, descriptor: u64) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

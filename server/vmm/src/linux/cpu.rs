@@ -9,6 +9,7 @@ use kvm_ioctls::VcpuFd;
 
 use super::boot::{CODE_SELECTOR, DATA_SELECTOR, GDT};
 use super::layout;
+use crate::cpu::segment;
 use crate::error::{Result, VmmError};
 
 const CR0_PE: u64 = 1 << 0;
@@ -30,24 +31,6 @@ const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
-
-fn segment(selector: u16, descriptor: u64) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_: ((descriptor >> 40) & 0xf) as u8,
-        present: ((descriptor >> 47) & 1) as u8,
-        dpl: ((descriptor >> 45) & 3) as u8,
-        db: ((descriptor >> 54) & 1) as u8,
-        s: ((descriptor >> 44) & 1) as u8,
-        l: ((descriptor >> 53) & 1) as u8,
-        g: ((descriptor >> 55) & 1) as u8,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
 
 /// CPUID leaf 1 ECX bit 31: running under a hypervisor. Linux looks for
 /// KVM's leaves (kvm-clock, PV features) only when it is set.
