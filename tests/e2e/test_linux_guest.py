@@ -216,6 +216,23 @@ def test_eight_execs_at_once(linux: Linux) -> None:
             call.kill()
 
 
+def test_a_cancelled_call_kills_its_command(linux: Linux) -> None:
+    """The client goes away mid-command: the daemon cancels the Exec and
+    the agent kills its process group."""
+    sid = linux.ids[0]
+
+    def running() -> bool:
+        ps = linux.exec(sid, ["ps", "-eo", "args"]).stdout.decode()
+        return any(line.strip() == "sleep 1001" for line in ps.splitlines())
+
+    call = linux.client.start(EXEC, {"sandboxId": sid, "argv": ["sh", "-c", "exec sleep 1001"]})
+    try:
+        assert wait_until(running, timeout=120), "the command never started"
+    finally:
+        call.kill()
+    assert wait_until(lambda: not running(), timeout=120), "the command outlived its cancelled call"
+
+
 def test_command_not_found_is_a_clear_error(linux: Linux) -> None:
     res = linux.client.run([EXEC], {"sandboxId": linux.ids[0], "argv": ["no-such-program"]})
     assert res.code == "FAILED_PRECONDITION", res.describe()

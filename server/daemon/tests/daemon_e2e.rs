@@ -1903,8 +1903,10 @@ async fn linux_guest_reset() {
     let s = get(&mut c, &sb.id).await;
     assert_eq!(s.state, pb::SandboxState::Failed as i32);
     assert!(
-        s.exit_reason
-            .starts_with("guest reset: the guest kernel reset the machine; console tail:\n"),
+        s.exit_reason.starts_with(
+            "guest reset: the guest kernel reset the machine; Kernel panic - not syncing: \
+                 Attempted to kill init! exitcode=0x0000000b; console tail:\n"
+        ),
         "{}",
         s.exit_reason
     );
