@@ -62,6 +62,16 @@ pub(crate) fn segment(selector: u16, descriptor: u64) -> kvm_segment {
     }
 }
 
+/// The x87/SSE state at power-on: all exceptions masked.
+pub(crate) fn set_initial_fpu(vcpu: &VcpuFd) -> Result<()> {
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(VmmError::kvm("KVM_SET_FPU"))
+}
+
 /// Puts vCPU `index` in 64-bit mode at CPL3 at `entry`, with its own stack,
 /// `rdi` = vCPU index and `rsi` = boot info address.
 pub fn set_entry_state(vcpu: &VcpuFd, index: u8, entry: u64) -> Result<()> {
@@ -100,12 +110,7 @@ pub fn set_entry_state(vcpu: &VcpuFd, index: u8, entry: u64) -> Result<()> {
     vcpu.set_sregs(&sregs)
         .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
 
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(VmmError::kvm("KVM_SET_FPU"))?;
+    set_initial_fpu(vcpu)?;
 
     let regs = kvm_regs {
         rip: entry,

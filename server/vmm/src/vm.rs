@@ -1,7 +1,9 @@
 //! Creating the KVM VM: checks, memory slot, in-kernel irqchip, vCPUs, the
 //! loaded guest and its boot environment.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use crate::error::{Result, VmmError};
@@ -58,18 +60,10 @@ impl Vm {
         attach_memory(&fd, &ram)?;
 
         let entry = loader::load(&ram, image)?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let vcpu = fd
-                .create_vcpu(u64::from(index))
-                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-            cpu::set_cpuid(&vcpu, &supported, index)?;
-            cpu::set_entry_state(&vcpu, index, entry)?;
-            vcpus.push(vcpu);
-        }
+        let vcpus = create_vcpus(&kvm, &fd, config.vcpus, |vcpu, supported, index| {
+            cpu::set_cpuid(vcpu, supported, index)?;
+            cpu::set_entry_state(vcpu, index, entry)
+        })?;
         let tsc_khz = tsc_khz(&vcpus[0]);
         boot::build_environment(&ram, u32::from(config.vcpus), tsc_khz)?;
         Ok(Vm {
@@ -111,6 +105,28 @@ impl Vm {
             tsc_khz: state.tsc_khz,
         })
     }
+}
+
+/// Creates `count` vCPUs, each set up by `setup` with KVM's supported
+/// CPUID and its index.
+pub(crate) fn create_vcpus(
+    kvm: &Kvm,
+    fd: &VmFd,
+    count: u8,
+    setup: impl Fn(&VcpuFd, &CpuId, u8) -> Result<()>,
+) -> Result<Vec<VcpuFd>> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..count)
+        .map(|index| {
+            let vcpu = fd
+                .create_vcpu(u64::from(index))
+                .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
+            setup(&vcpu, &supported, index)?;
+            Ok(vcpu)
+        })
+        .collect()
 }
 
 /// Opens KVM, checks it, and creates a VM with an in-kernel irqchip.

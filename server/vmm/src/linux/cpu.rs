@@ -4,7 +4,7 @@
 //! APIC's LINT0/LINT1 wired as ExtINT/NMI and MTRRs defaulting to
 //! write-back.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use super::boot::{CODE_SELECTOR, DATA_SELECTOR, GDT};
@@ -87,12 +87,7 @@ fn set_entry_registers(vcpu: &VcpuFd, entry: u64) -> Result<()> {
     sregs.efer = EFER_LME | EFER_LMA;
     vcpu.set_sregs(&sregs)
         .map_err(VmmError::kvm("KVM_SET_SREGS"))?;
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(VmmError::kvm("KVM_SET_FPU"))?;
+    crate::cpu::set_initial_fpu(vcpu)?;
     let regs = kvm_regs {
         rip: entry,
         rsi: layout::ZERO_PAGE_ADDR,

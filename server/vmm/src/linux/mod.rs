@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 
 use crate::devices::bus::Bus;
 use crate::devices::cmos;
@@ -84,18 +84,10 @@ pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
     let rsdp = acpi::write_tables(&ram, config.vcpus, &devices)?;
     let loaded = boot::load(&ram, boot, rsdp)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(VmmError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = fd
-            .create_vcpu(u64::from(index))
-            .map_err(VmmError::kvm("KVM_CREATE_VCPU"))?;
-        cpu::set_cpuid(&vcpu, &supported, index)?;
-        cpu::setup_vcpu(&vcpu, index, loaded.entry)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = vm::create_vcpus(&kvm, &fd, config.vcpus, |vcpu, supported, index| {
+        cpu::set_cpuid(vcpu, supported, index)?;
+        cpu::setup_vcpu(vcpu, index, loaded.entry)
+    })?;
     let tsc_khz = vm::tsc_khz(&vcpus[0]);
     Ok(Vm {
         kvm,

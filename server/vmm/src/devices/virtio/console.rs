@@ -21,6 +21,8 @@ pub const DEVICE_ID_CONSOLE: u32 = 3;
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
+/// Most guest-to-host bytes taken from one transmit descriptor chain.
+pub const MAX_CHAIN_BYTES: usize = 64 << 10;
 /// Most host-to-guest bytes waiting for receive buffers.
 pub const MAX_PENDING: usize = 8 << 20;
 
@@ -86,28 +88,35 @@ impl Console {
         let Some((memory, queue, interrupt)) = self.transmit.as_mut() else {
             return;
         };
-        let mut bytes = Vec::new();
-        let mut used_any = false;
+        // One chain at a time, at most MAX_CHAIN_BYTES of it: the guest
+        // chooses descriptor lengths, and the VMM's memory must stay
+        // bounded whatever it chooses. (Linux's hvc driver writes at most a
+        // page per buffer; a guest that sends more only corrupts its own
+        // channel.)
+        let mut bytes = Vec::with_capacity(4096);
         while let Some(chain) = queue.pop_descriptor_chain(&*memory) {
             let head = chain.head_index();
+            bytes.clear();
             for desc in chain.readable() {
+                let room = MAX_CHAIN_BYTES - bytes.len();
+                let take = (desc.len() as usize).min(room);
                 let start = bytes.len();
-                bytes.resize(start + desc.len() as usize, 0);
+                bytes.resize(start + take, 0);
                 if memory.read_slice(&mut bytes[start..], desc.addr()).is_err() {
                     bytes.truncate(start);
+                }
+                if bytes.len() == MAX_CHAIN_BYTES {
+                    break;
                 }
             }
             if queue.add_used(&*memory, head, 0).is_ok() {
                 self.writes
                     .mark(queue.used_ring(), 4 + 8 * usize::from(queue.size()) + 2);
-                used_any = true;
             }
-        }
-        if used_any {
             interrupt.signal_used();
-        }
-        if !bytes.is_empty() {
-            (self.on_output)(&bytes);
+            if !bytes.is_empty() {
+                (self.on_output)(&bytes);
+            }
         }
     }
 }
