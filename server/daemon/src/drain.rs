@@ -21,6 +21,7 @@ use tower::{Layer, Service};
 
 use crate::auth::{is_exempt, BoxFuture};
 use crate::error::ApiError;
+use crate::guarded_body::GuardedBody;
 
 /// Health service names this daemon reports: the whole server and both
 /// forkd services.
@@ -179,39 +180,8 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| {
-                tonic::body::Body::new(CountedBody {
-                    inner,
-                    _guard: guard,
-                })
-            }))
+            Ok(resp.map(|inner| tonic::body::Body::new(GuardedBody::new(inner, guard))))
         })
-    }
-}
-
-/// A response body that keeps its call counted until it is dropped.
-struct CountedBody<B> {
-    inner: B,
-    _guard: InFlight,
-}
-
-impl<B: Body + Unpin> Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -14,6 +14,7 @@ mod drain;
 mod error;
 mod exec;
 mod fork;
+mod guarded_body;
 mod ids;
 mod image_cli;
 mod image_lookup;

@@ -2,16 +2,15 @@
 //! response body is dropped, so idle timeouts and evictions spare
 //! connections that are working (a long Exec stream included).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use super::io::ConnInfo;
 use super::ConnState;
 use crate::auth::BoxFuture;
+use crate::guarded_body::GuardedBody;
 
 /// The layer; connections without a [`ConnInfo`] are not counted.
 #[derive(Clone, Copy, Debug, Default)]
@@ -54,12 +53,9 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             Ok(match guard {
-                Some(guard) => resp.map(|inner| {
-                    tonic::body::Body::new(TrackedBody {
-                        inner,
-                        _guard: guard,
-                    })
-                }),
+                Some(guard) => {
+                    resp.map(|inner| tonic::body::Body::new(GuardedBody::new(inner, guard)))
+                }
                 None => resp,
             })
         })
@@ -80,31 +76,5 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         self.0.call_ended();
-    }
-}
-
-/// A response body that keeps its call in flight until it is dropped.
-struct TrackedBody<B> {
-    inner: B,
-    _guard: CallGuard,
-}
-
-impl<B: Body + Unpin> Body for TrackedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
