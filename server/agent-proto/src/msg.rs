@@ -32,6 +32,34 @@ pub enum HostMsg {
         /// Echoed back.
         id: u64,
     },
+    /// Park the channel for a snapshot: the agent answers
+    /// [`GuestMsg::Quiesced`] and then writes nothing more until
+    /// [`HostMsg::Resume`], so both directions are at a frame boundary.
+    Quiesce {
+        /// Echoed back.
+        id: u64,
+    },
+    /// Unpark the channel. In a child restored from a snapshot
+    /// (`forked`), first make it a sandbox of its own: mix `entropy` into
+    /// the kernel's pool and reseed its CRNG, step the wall clock to
+    /// `unix_ns`, set the hostname and sandbox id, and kill every exec that
+    /// was running at the snapshot (nothing more is reported about them).
+    /// Answered by [`GuestMsg::Resumed`].
+    Resume {
+        /// Echoed back.
+        id: u64,
+        /// Whether this guest is a child restored from a snapshot.
+        forked: bool,
+        /// Fresh host entropy (forked only; empty otherwise).
+        #[serde(default)]
+        entropy: Vec<u8>,
+        /// The host's wall clock, ns since the Unix epoch (0: leave it).
+        #[serde(default)]
+        unix_ns: u64,
+        /// The child's hostname and sandbox id (forked only).
+        #[serde(default)]
+        sandbox_id: Option<String>,
+    },
 }
 
 /// A message from the guest agent to the host (VMM).
@@ -76,6 +104,23 @@ pub enum GuestMsg {
     Pong {
         /// The ping's id.
         id: u64,
+    },
+    /// Answer to [`HostMsg::Quiesce`]; the last frame before the agent
+    /// parks its channel.
+    Quiesced {
+        /// The request's id.
+        id: u64,
+    },
+    /// Answer to [`HostMsg::Resume`]: the channel is live again.
+    Resumed {
+        /// The request's id.
+        id: u64,
+        /// Execs of the snapshot killed in a forked child.
+        killed: u32,
+        /// Steps of a forked resume that failed (entropy, clock, hostname);
+        /// empty when all held. The host treats any as a failed child.
+        #[serde(default)]
+        errors: Vec<String>,
     },
     /// Agent diagnostics.
     Log {

@@ -100,6 +100,7 @@ class Snapshot(_message.Message):
     CHAIN_FIELD_NUMBER: _builtins.int
     DEPENDENTS_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Unique tag: 1-64 characters of letters, digits, `.`, `_`, `-`,
     starting with a letter or digit.
@@ -122,6 +123,10 @@ class Snapshot(_message.Message):
     """Bytes allocated on disk (the memory file is sparse)."""
     failure_reason: _builtins.str
     """Why writing failed, when `status` is FAILED."""
+    image: _builtins.str
+    """The Linux image its guest booted (children run it too); empty for the
+    reference guest.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the snapshot was taken."""
@@ -155,10 +160,11 @@ class Snapshot(_message.Message):
         chain: _abc.Iterable[_builtins.str] | None = ...,
         dependents: _abc.Iterable[_builtins.str] | None = ...,
         children: _abc.Iterable[_builtins.str] | None = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "children", b"children", "create_time", b"create_time", "dependents", b"dependents", "disk_bytes", b"disk_bytes", "failure_reason", b"failure_reason", "memory_bytes", b"memory_bytes", "memory_mib", b"memory_mib", "mode", b"mode", "parent_tag", b"parent_tag", "source_sandbox_id", b"source_sandbox_id", "status", b"status", "tag", b"tag", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "children", b"children", "create_time", b"create_time", "dependents", b"dependents", "disk_bytes", b"disk_bytes", "failure_reason", b"failure_reason", "image", b"image", "memory_bytes", b"memory_bytes", "memory_mib", b"memory_mib", "mode", b"mode", "parent_tag", b"parent_tag", "source_sandbox_id", b"source_sandbox_id", "status", b"status", "tag", b"tag", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +209,7 @@ class CreateSnapshotRequest(_message.Message):
     VCPUS_FIELD_NUMBER: _builtins.int
     WARMUP_FIELD_NUMBER: _builtins.int
     KEEP_RUNNING_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Tag for the snapshot; empty means a generated one."""
     memory_mib: _builtins.int
@@ -212,6 +219,10 @@ class CreateSnapshotRequest(_message.Message):
     keep_running: _builtins.bool
     """Keep the warmed sandbox running after the snapshot instead of deleting
     it.
+    """
+    image: _builtins.str
+    """Boot this Linux image (see SpawnSandboxesRequest.image) instead of the
+    reference guest; `memory_mib` 0 then means the image's default.
     """
     @_builtins.property
     def warmup(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmupCommand]:
@@ -225,10 +236,11 @@ class CreateSnapshotRequest(_message.Message):
         vcpus: _builtins.int = ...,
         warmup: _abc.Iterable[Global___WarmupCommand] | None = ...,
         keep_running: _builtins.bool = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_running", b"keep_running", "memory_mib", b"memory_mib", "tag", b"tag", "vcpus", b"vcpus", "warmup", b"warmup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "keep_running", b"keep_running", "memory_mib", b"memory_mib", "tag", b"tag", "vcpus", b"vcpus", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
