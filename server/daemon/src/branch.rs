@@ -226,6 +226,7 @@ pub async fn start(
             memory_mib: sandbox.spec.memory_mib,
             vcpus: sandbox.spec.vcpus,
         },
+        image: sandbox.spec.image.clone(),
     };
     let t = tag.clone();
     let pending = snapshots.blocking(move |s| s.begin(&t, info)).await?;

@@ -14,6 +14,7 @@ use crate::error::{ApiError, WARMUP_SANDBOX_DELETED};
 use crate::exec;
 use crate::lifecycle::{BootPlan, Manager};
 use crate::registry::Sandbox;
+use crate::sandbox_service::LinuxGuests;
 use crate::snapshots::Snapshots;
 use crate::validate;
 use crate::vmm_process::ExecCommand;
@@ -36,6 +37,11 @@ pub struct CreatePlan {
     pub warmup: Vec<(Vec<String>, u32)>,
     /// Keep the sandbox after the snapshot.
     pub keep_running: bool,
+    /// Boot this Linux image (a checked name, resolved at create time).
+    pub image: Option<String>,
+    /// The request's `memory_mib` (0: the image's default for a Linux
+    /// image).
+    pub requested_memory_mib: u32,
 }
 
 /// Validates a CreateSnapshot request.
@@ -56,12 +62,18 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
             Ok((w.argv.clone(), timeout))
         })
         .collect::<Result<_, ApiError>>()?;
+    let image = (!req.image.is_empty()).then(|| req.image.clone());
+    if let Some(name) = &image {
+        crate::image_lookup::check_name(name)?;
+    }
     Ok(CreatePlan {
         tag,
         memory_mib: validate::memory_mib(req.memory_mib)?,
         vcpus: validate::vcpus(req.vcpus)?,
         warmup,
         keep_running: req.keep_running,
+        image,
+        requested_memory_mib: req.memory_mib,
     })
 }
 
@@ -71,6 +83,7 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
 pub async fn create(
     manager: &Arc<Manager>,
     snapshots: &Arc<Snapshots>,
+    linux: &LinuxGuests,
     plan: CreatePlan,
 ) -> Result<(Manifest, Option<String>), ApiError> {
     if let Some(tag) = &plan.tag {
@@ -83,20 +96,19 @@ pub async fn create(
             .into());
         }
     }
-    let outcome = manager
-        .spawn(
-            BootPlan {
-                n: 1,
-                memory_mib: plan.memory_mib,
-                vcpus: plan.vcpus,
-                labels: HashMap::new(),
-                live_fork: false,
-                restore: None,
-                image: None,
-            },
-            std::time::Instant::now(),
-        )
-        .await?;
+    let mut boot = BootPlan {
+        n: 1,
+        memory_mib: plan.memory_mib,
+        vcpus: plan.vcpus,
+        labels: HashMap::new(),
+        live_fork: false,
+        restore: None,
+        image: None,
+    };
+    if let Some(name) = &plan.image {
+        linux.plan(&mut boot, name, plan.requested_memory_mib)?;
+    }
+    let outcome = manager.spawn(boot, std::time::Instant::now()).await?;
     let Some(sandbox) = outcome.started.into_iter().next() else {
         let (_, first) = outcome
             .failures

@@ -75,6 +75,7 @@ pub async fn prepare(
             tag: tag.to_string(),
             dir: snapshots.store().snapshot_dir(tag),
             memory,
+            image: m.image.clone(),
         },
     })
 }

@@ -58,6 +58,19 @@ pub struct Restore {
     pub dir: PathBuf,
     /// Its sealed memory, shared by every child.
     pub memory: Arc<forkd_store::SealedMemory>,
+    /// The Linux image its guest booted; `None` for the reference guest.
+    pub image: Option<String>,
+}
+
+impl BootPlan {
+    /// The Linux image the sandboxes run (booted, or their snapshot's).
+    pub fn image_name(&self) -> Option<&str> {
+        match (&self.image, &self.restore) {
+            (Some(image), _) => Some(&image.name),
+            (None, Some(restore)) => restore.image.as_deref(),
+            (None, None) => None,
+        }
+    }
 }
 
 /// What a spawn call produced.
@@ -208,6 +221,7 @@ impl Manager {
             restore: plan.restore.as_ref().map(|r| RestoreSpec {
                 dir: &r.dir,
                 memory: &r.memory.file,
+                console_log: r.image.as_ref().map(|_| console_log.as_path()),
             }),
             copy_rate_mibps: self.copy_rate_mibps,
             watchdog: self.watchdog,
@@ -230,7 +244,7 @@ impl Manager {
             create_time,
             live_fork: plan.live_fork,
             snapshot_tag: plan.restore.as_ref().map(|r| r.tag.clone()),
-            image: plan.image.as_ref().map(|i| i.name.clone()),
+            image: plan.image_name().map(str::to_string),
         };
         let inserted = reserve().insert(index, spec, vmm.clone());
         let sandbox = match inserted {
@@ -247,7 +261,7 @@ impl Manager {
             }
         };
 
-        let boot_timeout = match plan.image {
+        let boot_timeout = match plan.image_name() {
             Some(_) => self.linux_boot_timeout,
             None => BOOT_TIMEOUT,
         };
@@ -276,7 +290,7 @@ impl Manager {
         let mut log = log_tail(&dir.join(VMM_LOG));
         // A Linux guest's console says why it hung; a failed stop's reason
         // quotes it already (see `Vmm`).
-        if plan.image.is_some() && failure.is_none() {
+        if plan.image_name().is_some() && failure.is_none() {
             log.push_str(&crate::console::exit_suffix(&dir));
         }
         remove_dir(&dir);

@@ -34,6 +34,26 @@ pub struct LinuxGuests {
     pub host: LinuxHost,
 }
 
+impl LinuxGuests {
+    /// Resolves a Linux boot into `plan`: the host must run Linux guests,
+    /// then the image must exist; its `memory_mib` is the default when
+    /// `memory_mib` is 0.
+    pub fn plan(&self, plan: &mut BootPlan, name: &str, memory_mib: u32) -> Result<(), ApiError> {
+        self.host.check()?;
+        let image = self.images.get(name)?;
+        if memory_mib == 0 {
+            plan.memory_mib = validate::memory_mib(image.memory_mib).map_err(|e| {
+                ApiError::Image(image_lookup::ImageError::Invalid {
+                    name: name.to_string(),
+                    reason: format!("its manifest's {e}"),
+                })
+            })?;
+        }
+        plan.image = Some(image);
+        Ok(())
+    }
+}
+
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
@@ -56,31 +76,24 @@ impl Sandboxes {
         }
     }
 
-    /// Resolves a Linux spawn: the host must run Linux guests, then the
-    /// image must exist; its `memory_mib` is the default.
-    fn plan_linux(&self, plan: &mut BootPlan, name: &str, memory_mib: u32) -> Result<(), ApiError> {
-        self.linux.host.check()?;
-        let image = self.linux.images.get(name)?;
-        if memory_mib == 0 {
-            plan.memory_mib = validate::memory_mib(image.memory_mib).map_err(|e| {
-                ApiError::Image(image_lookup::ImageError::Invalid {
-                    name: name.to_string(),
-                    reason: format!("its manifest's {e}"),
-                })
-            })?;
-        }
-        plan.image = Some(image);
-        Ok(())
-    }
-
     /// Validates a SpawnSandboxes request into a plan; a fork also resolves
     /// (and on first use loads) its snapshot.
     async fn plan(&self, req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
         let mut plan = boot_plan(req)?;
         if !req.image.is_empty() {
-            self.plan_linux(&mut plan, &req.image, req.memory_mib)?;
+            self.linux.plan(&mut plan, &req.image, req.memory_mib)?;
         }
         if !req.snapshot_tag.is_empty() {
+            // A Linux snapshot's children are Linux guests: a host that
+            // cannot run them says so before anything is loaded.
+            let linux_snapshot = self
+                .snapshots
+                .store()
+                .get(&req.snapshot_tag)
+                .is_ok_and(|m| m.image.is_some());
+            if linux_snapshot {
+                self.linux.host.check()?;
+            }
             let source = fork::prepare(
                 &self.snapshots,
                 &req.snapshot_tag,
@@ -106,8 +119,8 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
     if !req.image.is_empty() {
         if !req.snapshot_tag.is_empty() {
             return Err(ApiError::InvalidArgument(
-                "set image or snapshot_tag, not both: forking Linux snapshots is not supported \
-                 yet"
+                "set image or snapshot_tag, not both: children of a snapshot run the image it \
+                 was taken of"
                 .into(),
             ));
         }
@@ -282,12 +295,6 @@ impl SandboxService for Sandboxes {
             validate::snapshot_tag(tag)?;
         }
         let sandbox = self.manager.registry().get(id)?;
-        if sandbox.vmm.is_linux() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "sandbox {id} runs a Linux image; branching Linux sandboxes is not supported yet"
-            ))
-            .into());
-        }
         let plan = BranchPlan {
             tag,
             mode,

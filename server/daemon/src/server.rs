@@ -190,11 +190,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .add_service(SandboxServiceServer::new(Sandboxes::new(
             manager.clone(),
             snapshots.clone(),
-            linux,
+            linux.clone(),
         )))
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(
             manager.clone(),
             snapshots.clone(),
+            linux,
         )));
 
     let mut servers: JoinSet<(String, Result<(), tonic::transport::Error>)> = JoinSet::new();

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status as GrpcStatus};
 use crate::create_snapshot::{self, create_plan};
 use crate::error::{ApiError, CancelReason};
 use crate::lifecycle::Manager;
+use crate::sandbox_service::LinuxGuests;
 use crate::snapshot_view::{describe, status_filter, watch_message};
 use crate::snapshots::{Snapshots, WriteState};
 use crate::validate;
@@ -29,12 +30,22 @@ const DELETE_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(2
 pub struct SnapshotApi {
     manager: Arc<Manager>,
     snapshots: Arc<Snapshots>,
+    linux: Arc<LinuxGuests>,
 }
 
 impl SnapshotApi {
-    /// A service over the manager (for sandboxes) and the store.
-    pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> SnapshotApi {
-        SnapshotApi { manager, snapshots }
+    /// A service over the manager (for sandboxes), the store and the Linux
+    /// images (for CreateSnapshot of an image).
+    pub fn new(
+        manager: Arc<Manager>,
+        snapshots: Arc<Snapshots>,
+        linux: Arc<LinuxGuests>,
+    ) -> SnapshotApi {
+        SnapshotApi {
+            manager,
+            snapshots,
+            linux,
+        }
     }
 
     fn describe(&self, tag: &str) -> Result<pb::Snapshot, ApiError> {
@@ -59,9 +70,11 @@ impl SnapshotService for SnapshotApi {
         // Its own task: a caller that goes away does not leave a sandbox
         // or a WRITING snapshot behind.
         let (manager, snapshots) = (self.manager.clone(), self.snapshots.clone());
-        let (manifest, sandbox_id) =
-            tokio::spawn(async move { create_snapshot::create(&manager, &snapshots, plan).await })
-                .await
+        let linux = self.linux.clone();
+        let (manifest, sandbox_id) = tokio::spawn(async move {
+            create_snapshot::create(&manager, &snapshots, &linux, plan).await
+        })
+        .await
                 .map_err(|e| ApiError::Internal(format!("create task failed: {e}")))??;
         Ok(Response::new(pb::CreateSnapshotResponse {
             snapshot: Some(self.describe(&manifest.tag)?),

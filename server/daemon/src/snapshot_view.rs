@@ -64,6 +64,7 @@ pub fn to_proto(
         chain,
         dependents,
         children,
+        image: m.image.clone().unwrap_or_default(),
     }
 }
 
@@ -131,6 +132,7 @@ mod tests {
                 memory_mib: 256,
                 vcpus: 2,
             },
+            image: None,
             pause_us: 900,
         }
     }

@@ -306,6 +306,7 @@ mod tests {
                 memory_mib: 36,
                 vcpus: 1,
             },
+            image: None,
         };
         let pending = snapshots.store().begin("l", info).unwrap();
         let mut signal = snapshots.writing("l", true);

@@ -112,6 +112,8 @@ pub struct RestoreSpec<'a> {
     pub dir: &'a Path,
     /// The snapshot's sealed memory; the child gets it as [`MEMORY_FD`].
     pub memory: &'a File,
+    /// A Linux snapshot's child writes its serial console here.
+    pub console_log: Option<&'a Path>,
 }
 
 /// What the VMM reported for a snapshot it wrote.
@@ -408,6 +410,9 @@ impl Vmm {
                     .arg(restore.dir)
                     .arg("--memory-fd")
                     .arg(MEMORY_FD.to_string());
+                if let Some(log) = restore.console_log {
+                    cmd.arg("--console-log").arg(log);
+                }
             }
         }
         cmd.arg("--id")
@@ -466,7 +471,9 @@ impl Vmm {
             reaped,
             last_heard: Mutex::new(Instant::now()),
             reader_waiting: AtomicBool::new(false),
-            console_dir: spec.linux.map(|_| spec.dir.to_path_buf()),
+            console_dir: (spec.linux.is_some()
+                || spec.restore.is_some_and(|r| r.console_log.is_some()))
+            .then(|| spec.dir.to_path_buf()),
             guest_boot: OnceLock::new(),
         });
 

@@ -110,6 +110,10 @@ pub struct Manifest {
     pub source_sandbox: String,
     /// The guest's shape.
     pub guest: GuestConfig,
+    /// The Linux image the guest booted; absent for the reference guest.
+    /// Children restore the same kind of guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// How long the guest's vCPUs were stopped, in microseconds.
     pub pause_us: u64,
 }
@@ -144,6 +148,7 @@ impl Manifest {
             created_at: format_time(SystemTime::now()),
             source_sandbox,
             guest,
+            image: None,
             pause_us: 0,
         }
     }
@@ -210,6 +215,7 @@ mod tests {
                 memory_mib: 64,
                 vcpus: 2,
             },
+            image: Some("debian-python".into()),
             pause_us: 10,
         };
         let text = String::from_utf8(m.to_bytes()).unwrap();

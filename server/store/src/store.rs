@@ -46,6 +46,8 @@ pub struct SnapshotInfo {
     pub source_sandbox: String,
     /// The guest's shape; fixes `memory_bytes`.
     pub guest: GuestConfig,
+    /// The Linux image the guest booted; `None` for the reference guest.
+    pub image: Option<String>,
 }
 
 /// What the VMM reported once it wrote the files.
@@ -172,7 +174,7 @@ impl Store {
             })?),
             Mode::Full | Mode::Live => None,
         };
-        let manifest = Manifest::begun(
+        let mut manifest = Manifest::begun(
             tag,
             parent.clone(),
             info.mode,
@@ -180,6 +182,7 @@ impl Store {
             info.source_sandbox,
             info.guest,
         );
+        manifest.image = info.image;
         {
             let mut index = self.index();
             if let Some(e) = index.get(tag) {

@@ -24,6 +24,7 @@ fn info(mode: Mode, parent: Option<&str>) -> SnapshotInfo {
         parent: parent.map(str::to_string),
         source_sandbox: "sb-test".into(),
         guest: guest(),
+        image: None,
     }
 }
 

@@ -83,6 +83,10 @@ pub fn collect_vmstate(ctx: &VmContext) -> Result<VmState> {
         .collect_states(STOP_TIMEOUT)
         .map_err(VmmError::Snapshot)?;
     let (clock, irqchips) = state::save_vm(&ctx.vm)?;
+    let (pit, linux) = match &ctx.linux {
+        Some(devices) => (Some(state::save_pit(&ctx.vm)?), Some(devices.state())),
+        None => (None, None),
+    };
     Ok(VmState {
         version: VMSTATE_VERSION,
         memory_bytes: ctx.ram.size(),
@@ -90,6 +94,8 @@ pub fn collect_vmstate(ctx: &VmContext) -> Result<VmState> {
         clock,
         irqchips,
         vcpus,
+        pit,
+        linux,
     })
 }
 

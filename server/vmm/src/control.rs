@@ -21,6 +21,8 @@ use crate::vcpu::VmContext;
 
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a Linux guest's agent gets to park its channel for a snapshot.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads requests on its own thread: answers heartbeats at once, and hands
 /// everything else (and the end: EOF or a bad frame) to the control thread
@@ -164,61 +166,110 @@ pub fn serve(
             }
             Request::Snapshot {
                 id,
-                mode: SnapshotMode::Live,
-                dir,
-                measure_diff,
-            } => {
-                let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
-                match live::start(
-                    &ctx,
-                    &live,
-                    kick_all,
-                    Path::new(&dir),
-                    measure_diff,
-                    copy_rate,
-                ) {
-                    Ok(started) => {
-                        let c = &started.captured;
-                        ctx.sink.send(&Event::Snapshotted {
-                            id,
-                            pause_us: c.pause_us,
-                            bytes_written: c.bytes_written,
-                            dirty_pages: c.dirty_pages,
-                            memory_bytes: c.memory_bytes,
-                        });
-                        started.monitor(ctx.clone(), live.clone(), id);
-                    }
-                    Err(e) => ctx.sink.send(&Event::Error {
-                        id,
-                        message: e.to_string(),
-                    }),
-                }
-            }
-            Request::Snapshot {
-                id,
                 mode,
                 dir,
                 measure_diff,
             } => {
                 let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
-                let event =
-                    match capture::capture(&ctx, kick_all, mode, Path::new(&dir), measure_diff) {
-                        Ok(c) => Event::Snapshotted {
-                            id,
-                            pause_us: c.pause_us,
-                            bytes_written: c.bytes_written,
-                            dirty_pages: c.dirty_pages,
-                            memory_bytes: c.memory_bytes,
-                        },
-                        Err(e) => Event::Error {
-                            id,
-                            message: e.to_string(),
-                        },
-                    };
-                ctx.sink.send(&event);
+                let shot = Shot {
+                    id,
+                    mode,
+                    dir: Path::new(&dir),
+                    measure_diff,
+                };
+                match &ctx.linux {
+                    Some(devices) => {
+                        snapshot_linux(&ctx, devices, &live, kick_all, shot, copy_rate)
+                    }
+                    None => snapshot(&ctx, &live, kick_all, shot, copy_rate),
+                }
             }
         }
     }
+}
+
+/// One Snapshot request.
+struct Shot<'a> {
+    id: u64,
+    mode: SnapshotMode,
+    dir: &'a Path,
+    measure_diff: bool,
+}
+
+/// A Linux guest's snapshot: its agent parks the channel first (so the
+/// snapshot holds no half-sent frame, and a child can start a session of
+/// its own) and resumes after the vCPUs run again.
+fn snapshot_linux(
+    ctx: &Arc<VmContext>,
+    devices: &LinuxDevices,
+    live: &Arc<LiveSlot>,
+    kick_all: impl Fn(),
+    shot: Shot<'_>,
+    copy_rate: u64,
+) {
+    let id = shot.id;
+    match devices.agent.quiesce(id, QUIESCE_TIMEOUT) {
+        Ok(()) => snapshot(ctx, live, kick_all, shot, copy_rate),
+        Err(e) => ctx.sink.send(&Event::Error {
+            id,
+            message: e.to_string(),
+        }),
+    }
+    // Also after a failed quiesce: a late Quiesced parks the channel.
+    if let Err(e) = devices.agent.resume(id) {
+        eprintln!("forkd-vmm: resuming the agent after snapshot {id}: {e}");
+    }
+}
+
+/// Takes a snapshot and reports it: FULL and DIFF once written, LIVE once
+/// the vCPUs run again (its copy reports on its own).
+fn snapshot(
+    ctx: &Arc<VmContext>,
+    live: &Arc<LiveSlot>,
+    kick_all: impl Fn(),
+    shot: Shot<'_>,
+    copy_rate: u64,
+) {
+    let Shot {
+        id,
+        mode,
+        dir,
+        measure_diff,
+    } = shot;
+    if mode == SnapshotMode::Live {
+        match live::start(ctx, live, kick_all, dir, measure_diff, copy_rate) {
+            Ok(started) => {
+                let c = &started.captured;
+                ctx.sink.send(&Event::Snapshotted {
+                    id,
+                    pause_us: c.pause_us,
+                    bytes_written: c.bytes_written,
+                    dirty_pages: c.dirty_pages,
+                    memory_bytes: c.memory_bytes,
+                });
+                started.monitor(ctx.clone(), live.clone(), id);
+            }
+            Err(e) => ctx.sink.send(&Event::Error {
+                id,
+                message: e.to_string(),
+            }),
+        }
+        return;
+    }
+    let event = match capture::capture(ctx, kick_all, mode, dir, measure_diff) {
+        Ok(c) => Event::Snapshotted {
+            id,
+            pause_us: c.pause_us,
+            bytes_written: c.bytes_written,
+            dirty_pages: c.dirty_pages,
+            memory_bytes: c.memory_bytes,
+        },
+        Err(e) => Event::Error {
+            id,
+            message: e.to_string(),
+        },
+    };
+    ctx.sink.send(&event);
 }
 
 /// Stdin bytes for a Linux guest's Exec.
@@ -237,7 +288,7 @@ fn forward_input(ctx: &VmContext, id: u64, data: &[u8]) {
 }
 
 /// Requests a Linux guest's agent serves; the rest (pause, resume, stats,
-/// shutdown) are returned for the common path.
+/// snapshots, shutdown) are returned for the common path.
 fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Option<Request> {
     let sent = match request {
         Request::Exec {
@@ -249,13 +300,6 @@ fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Opt
         } => (id, devices.agent.exec(id, argv, env, cwd, stdin)),
         Request::Cancel { id } => (id, devices.agent.cancel(id)),
         Request::Ping { id } => (id, devices.agent.ping(id)),
-        Request::Snapshot { id, .. } => {
-            ctx.sink.send(&Event::Error {
-                id,
-                message: "snapshots of Linux guests are not supported yet".into(),
-            });
-            return None;
-        }
         other => return Some(other),
     };
     if let (id, Err(e)) = sent {

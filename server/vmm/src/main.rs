@@ -32,7 +32,8 @@ struct Args {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
     vcpus: u8,
-    /// Sandbox id, for logs.
+    /// Sandbox id, for logs; a Linux child restored from a snapshot takes
+    /// it as its hostname.
     #[arg(long, default_value = "-")]
     id: String,
     /// Guest ELF to run instead of the built-in reference guest.
@@ -55,9 +56,9 @@ struct Args {
     /// Words appended to the Linux guest's kernel command line.
     #[arg(long, default_value = "", requires = "kernel")]
     kernel_args: String,
-    /// Where the Linux guest's serial console goes (rotated to PATH.1 at
-    /// 512 KiB).
-    #[arg(long, requires = "kernel")]
+    /// Where a Linux guest's serial console goes (rotated to PATH.1 at
+    /// 512 KiB), booted or restored.
+    #[arg(long)]
     console_log: Option<std::path::PathBuf>,
     /// Limit the background copy of LIVE snapshots to this many MiB of
     /// guest RAM per second (0: no limit).
@@ -96,6 +97,8 @@ fn main() {
         memory_mib: args.memory_mib,
         vcpus: args.vcpus,
     };
+    // A restored Linux guest's devices continue from the snapshot's state.
+    let mut restored_linux = None;
     let vm = match (&args.restore_dir, args.memory_fd) {
         _ if linux_boot.is_some() => {
             linux::create_vm(&config, linux_boot.as_ref().expect("checked"))
@@ -104,7 +107,8 @@ fn main() {
             let path = dir.join("vmstate");
             let bytes = std::fs::read(&path)
                 .unwrap_or_else(|e| fail(format!("reading {}: {e}", path.display())));
-            let state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
+            let mut state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
+            restored_linux = state.linux.take();
             // SAFETY: the daemon passes this descriptor to us alone; we take
             // ownership of it here, once.
             let memory = unsafe { File::from_raw_fd(memory_fd) };
@@ -143,18 +147,20 @@ fn main() {
             .populated(&ram)
             .unwrap_or_else(|e| fail(e.to_string()));
     }
-    let linux_devices = match linux_boot {
-        Some(_) => Some(
-            linux::create_devices(
-                &vm_fd,
-                &ram,
-                args.console_log.as_deref(),
-                sink.clone(),
-                started,
-            )
-            .unwrap_or_else(|e| fail(e.to_string())),
-        ),
-        None => None,
+    let linux_devices = if linux_boot.is_some() || restored_linux.is_some() {
+        let devices = linux::create_devices(
+            &vm_fd,
+            &ram,
+            args.console_log.as_deref(),
+            sink.clone(),
+            started,
+            restored_linux.as_ref(),
+        )
+        .unwrap_or_else(|e| fail(e.to_string()));
+        dirty.track_device_writes(devices.device_writes.clone());
+        Some(devices)
+    } else {
+        None
     };
     let ctx = Arc::new(VmContext {
         ram,
@@ -181,6 +187,18 @@ fn main() {
                 std::process::exit(2)
             });
         threads.push(handle.as_pthread_t());
+    }
+    if let (Some(devices), Some(_)) = (&ctx.linux, &restored_linux) {
+        // A child of a Linux snapshot: its agent waits, channel parked, for
+        // this; its answer is the child's Ready.
+        if let Err(e) = devices.agent.resume_forked(&args.id) {
+            ctx.sink.exit(
+                ExitReason::VmmError {
+                    detail: format!("starting the child's agent session: {e}"),
+                },
+                1,
+            );
+        }
     }
     let copy_rate = live::rate_from_mibps(args.copy_rate_mibps);
     control::serve(stream, ctx, threads, vcpu_count as u32, copy_rate)

@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use forkd_guest_abi as abi;
 use kvm_ioctls::VmFd;
 
+use crate::devices::virtio::device_writes::DeviceWrites;
 use crate::error::{Result, VmmError};
 use crate::memory::GuestRam;
 
@@ -45,6 +46,8 @@ pub struct DirtyLog {
     /// Pages written since [`DirtyLog::start_window`], across epochs,
     /// while a window is open.
     window: Mutex<Option<Bitmap>>,
+    /// Pages a Linux guest's devices wrote through the VMM's mapping.
+    device_writes: OnceLock<DeviceWrites>,
 }
 
 impl DirtyLog {
@@ -58,6 +61,23 @@ impl DirtyLog {
             carry: Mutex::new(vec![0; words]),
             backing: OnceLock::new(),
             window: Mutex::new(None),
+            device_writes: OnceLock::new(),
+        }
+    }
+
+    /// Counts the pages in `writes` as written, like the guest's own
+    /// writes, from the next read on (a Linux guest's devices).
+    pub fn track_device_writes(&self, writes: DeviceWrites) {
+        let _ = self.device_writes.set(writes);
+    }
+
+    /// Adds the pages the VMM wrote itself to `bitmap`.
+    fn add_vmm_written(&self, bitmap: &mut [u64]) {
+        mark_vmm_written(bitmap);
+        if let Some(writes) = self.device_writes.get() {
+            for (b, w) in bitmap.iter_mut().zip(writes.take()) {
+                *b |= w;
+            }
         }
     }
 
@@ -96,7 +116,7 @@ impl DirtyLog {
         let words = self.pages.div_ceil(64) as usize;
         let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
         let mut raw = self.read_kvm(vm)?;
-        mark_vmm_written(&mut raw);
+        self.add_vmm_written(&mut raw);
         self.return_epoch(&raw);
         let mut closed = window.replace(vec![0; words]).unwrap_or_default();
         closed.resize(words, 0);
@@ -124,7 +144,7 @@ impl DirtyLog {
     /// pages the VMM writes, epoch)`. An open window collects the first.
     fn take_epoch_split(&self, vm: &VmFd) -> Result<(Bitmap, Bitmap)> {
         let mut recent = self.read_kvm(vm)?;
-        mark_vmm_written(&mut recent);
+        self.add_vmm_written(&mut recent);
         if let Some(window) = &mut *self.window.lock().unwrap_or_else(|e| e.into_inner()) {
             for (w, r) in window.iter_mut().zip(&recent) {
                 *w |= *r;

@@ -1,22 +1,29 @@
 //! Everything KVM holds for a VM that the guest needs to continue exactly
 //! where it was: per-vCPU registers and interrupt state, and the VM-wide
-//! irqchip and clock. Serialised (JSON, versioned) into a snapshot's
-//! `vmstate`; restored in the order KVM needs: clock and irqchip, then per
-//! vCPU CPUID, mp_state, regs, sregs, xsave, xcrs, debugregs, LAPIC, MSRs,
+//! irqchip, PIT and clock, and for a Linux guest the state of the VMM's own
+//! devices. Serialised (JSON, versioned) into a snapshot's `vmstate`;
+//! restored in the order KVM needs: clock, irqchip and PIT, then per vCPU
+//! CPUID, mp_state, regs, sregs, xsave, xcrs, debugregs, LAPIC, MSRs,
 //! events.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, VmmError};
+use crate::linux::device_state::LinuxDevicesState;
 
-/// Version of the `vmstate` format; bumped on any incompatible change.
-pub const VMSTATE_VERSION: u32 = 1;
+/// Version of the `vmstate` format written now; bumped on any change.
+/// Version 2 added the PIT and the Linux guest's devices.
+pub const VMSTATE_VERSION: u32 = 2;
+/// The oldest version still read (version 1 lacks only what a
+/// reference-guest VM never has: a PIT and Linux devices).
+pub const VMSTATE_OLDEST: u32 = 1;
 
 /// The saved state of one vCPU.
 #[derive(Serialize, Deserialize)]
@@ -58,6 +65,12 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
     /// One per vCPU, in index order.
     pub vcpus: Vec<VcpuState>,
+    /// KVM's PIT, for a VM that has one (Linux guests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pit: Option<kvm_pit_state2>,
+    /// The VMM's devices of a Linux guest; `None` for the reference guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linux: Option<LinuxDevicesState>,
 }
 
 impl VmState {
@@ -70,11 +83,17 @@ impl VmState {
     pub fn from_bytes(bytes: &[u8]) -> Result<VmState> {
         let state: VmState = serde_json::from_slice(bytes)
             .map_err(|e| VmmError::Restore(format!("vmstate does not parse: {e}")))?;
-        if state.version != VMSTATE_VERSION {
+        if !(VMSTATE_OLDEST..=VMSTATE_VERSION).contains(&state.version) {
             return Err(VmmError::Restore(format!(
-                "vmstate version {} is not the supported version {VMSTATE_VERSION}",
+                "vmstate version {} is not supported (this forkd-vmm reads versions \
+                 {VMSTATE_OLDEST} to {VMSTATE_VERSION})",
                 state.version
             )));
+        }
+        if state.linux.is_some() && state.pit.is_none() {
+            return Err(VmmError::Restore(
+                "vmstate has Linux devices but no PIT state".into(),
+            ));
         }
         if state.vcpus.is_empty() {
             return Err(VmmError::Restore("vmstate has no vCPUs".into()));
@@ -108,13 +127,22 @@ pub fn save_vm(vm: &VmFd) -> Result<(kvm_clock_data, Vec<kvm_irqchip>)> {
     Ok((clock, chips))
 }
 
-/// Restores the VM-wide device state (before any vCPU state).
+/// Saves KVM's PIT.
+pub fn save_pit(vm: &VmFd) -> Result<kvm_pit_state2> {
+    vm.get_pit2().map_err(VmmError::kvm("KVM_GET_PIT2"))
+}
+
+/// Restores the VM-wide device state (before any vCPU state); the VM must
+/// have a PIT when `state` has one.
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     vm.set_clock(&state.clock)
         .map_err(VmmError::kvm("KVM_SET_CLOCK"))?;
     for chip in &state.irqchips {
         vm.set_irqchip(chip)
             .map_err(VmmError::kvm("KVM_SET_IRQCHIP"))?;
+    }
+    if let Some(pit) = &state.pit {
+        vm.set_pit2(pit).map_err(VmmError::kvm("KVM_SET_PIT2"))?;
     }
     Ok(())
 }

@@ -86,6 +86,9 @@ impl Vm {
             )));
         }
         let (kvm, fd) = create_vm()?;
+        if state.pit.is_some() {
+            create_pit(&fd)?;
+        }
         let ram = GuestRam::from_snapshot(memory, state.memory_bytes)?;
         attach_memory(&fd, &ram)?;
         state::restore_vm(&fd, state)?;
@@ -141,6 +144,17 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
     fd.create_irq_chip()
         .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
     Ok((kvm, fd))
+}
+
+/// Creates KVM's PIT (a Linux guest calibrates against it); its speaker
+/// port is a dummy.
+pub(crate) fn create_pit(fd: &VmFd) -> Result<()> {
+    let pit = kvm_bindings::kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(VmmError::kvm("KVM_CREATE_PIT2"))
 }
 
 /// Hands guest RAM to KVM as slot 0, with dirty logging for DIFF snapshots.

@@ -180,6 +180,7 @@ mod tests {
                 memory_mib: 36,
                 vcpus: 1,
             },
+            image: None,
         };
         let _pending = snapshots.store().begin("w", info).unwrap();
         let mut registry = prometheus_client::registry::Registry::with_prefix("forkd");

@@ -15,6 +15,18 @@ pub struct Cmos {
     index: u8,
 }
 
+impl Cmos {
+    /// A clock with register `index` selected (a snapshot's).
+    pub fn with_index(index: u8) -> Self {
+        Cmos { index: index & 0x7f }
+    }
+
+    /// The selected register, for a snapshot.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+}
+
 fn bcd(value: u32) -> u8 {
     (((value / 10) << 4) | (value % 10)) as u8
 }

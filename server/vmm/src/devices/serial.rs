@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use super::bus::PortDevice;
@@ -35,6 +35,18 @@ impl SerialConsole {
         SerialConsole {
             uart: Serial::new(irq, log),
         }
+    }
+
+    /// A UART continuing from `state` (a snapshot's).
+    pub fn from_state(state: &SerialState, irq: IrqLine, log: SharedLog) -> Result<Self, String> {
+        Serial::from_state(state, irq, NoEvents, log)
+            .map(|uart| SerialConsole { uart })
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 }
 

@@ -3,8 +3,8 @@
 //! frames into control events and output.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use forkd_agent_proto::{self as proto, Decoder, Frame, GuestMsg, HostMsg};
 use forkd_control::{Event, ExitReason, GuestBoot, INPUT_CHUNK};
@@ -14,11 +14,24 @@ use crate::events::EventSink;
 
 /// Signal sent to a cancelled command's process group.
 const SIGKILL: i32 = 9;
+/// The id of the Resume that makes a restored child a sandbox of its own;
+/// its answer is the child's `Ready`.
+pub const FORK_RESUME_ID: u64 = u64::MAX;
+/// Bytes of host entropy a child's kernel gets before its first command.
+pub const FORK_ENTROPY_BYTES: usize = 64;
 
 /// The host side of the channel, used by the control thread.
 pub struct AgentLink {
     console: ConsoleSender,
     cancelled: Arc<Mutex<HashSet<u64>>>,
+    quiesced: Arc<QuiesceAck>,
+}
+
+/// The id of the last `Quiesced` the agent sent.
+#[derive(Default)]
+struct QuiesceAck {
+    last: Mutex<Option<u64>>,
+    arrived: Condvar,
 }
 
 /// Why a message could not go to the agent.
@@ -30,6 +43,18 @@ pub enum LinkError {
     /// The guest is not reading its channel.
     #[error("{0}")]
     Full(#[from] crate::devices::virtio::console::ChannelFull),
+    /// The agent did not park its channel in time.
+    #[error(
+        "the guest agent did not quiesce its channel within {secs} s (is the guest overloaded \
+         or its agent stuck?); the snapshot was not taken"
+    )]
+    NotQuiesced {
+        /// The limit.
+        secs: u64,
+    },
+    /// The host could not read entropy for a child.
+    #[error("reading host entropy for the child: {0}")]
+    Entropy(std::io::Error),
 }
 
 impl AgentLink {
@@ -82,9 +107,94 @@ impl AgentLink {
         self.send(&HostMsg::Ping { id })
     }
 
+    /// Parks the agent's channel for a snapshot and waits (up to
+    /// `timeout`) until its `Quiesced` arrived: then both directions are at
+    /// a frame boundary and the agent writes nothing until [`Self::resume`].
+    /// The caller sends nothing else to the agent meanwhile.
+    pub fn quiesce(&self, id: u64, timeout: Duration) -> Result<(), LinkError> {
+        *lock(&self.quiesced.last) = None;
+        self.send(&HostMsg::Quiesce { id })?;
+        let deadline = Instant::now() + timeout;
+        let mut last = lock(&self.quiesced.last);
+        while *last != Some(id) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::NotQuiesced {
+                    secs: timeout.as_secs(),
+                });
+            }
+            last = self
+                .quiesced
+                .arrived
+                .wait_timeout(last, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Unparks the agent's channel after a snapshot (in the source VM).
+    pub fn resume(&self, id: u64) -> Result<(), LinkError> {
+        self.send(&HostMsg::Resume {
+            id,
+            forked: false,
+            entropy: Vec::new(),
+            unix_ns: 0,
+            sandbox_id: None,
+        })
+    }
+
+    /// Unparks the channel of a child restored from a snapshot, making it
+    /// a sandbox of its own first: fresh host entropy, the host's wall
+    /// clock, its own id as hostname. Its `Resumed` becomes `Ready`.
+    pub fn resume_forked(&self, sandbox_id: &str) -> Result<(), LinkError> {
+        let mut entropy = vec![0u8; FORK_ENTROPY_BYTES];
+        host_entropy(&mut entropy).map_err(LinkError::Entropy)?;
+        let unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.send(&HostMsg::Resume {
+            id: FORK_RESUME_ID,
+            forked: true,
+            entropy,
+            unix_ns,
+            sandbox_id: Some(sandbox_id.to_string()),
+        })
+    }
+
     fn send(&self, msg: &HostMsg) -> Result<(), LinkError> {
         Ok(self.console.send(&proto::encode_json(msg)?)?)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Fills `buf` from the kernel's CRNG.
+fn host_entropy(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of
+        // `buf`, which we own mutably.
+        let n = unsafe {
+            libc::getrandom(
+                buf[filled..].as_mut_ptr().cast(),
+                buf.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 /// The guest side: decodes the agent's bytes and reports to the daemon.
@@ -93,12 +203,14 @@ pub struct GuestFrames {
     sink: Arc<EventSink>,
     started: Instant,
     cancelled: Arc<Mutex<HashSet<u64>>>,
+    quiesced: Arc<QuiesceAck>,
 }
 
 /// The host half before the console exists (the console needs the guest
 /// half first).
 pub struct UnconnectedLink {
     cancelled: Arc<Mutex<HashSet<u64>>>,
+    quiesced: Arc<QuiesceAck>,
 }
 
 impl UnconnectedLink {
@@ -107,6 +219,7 @@ impl UnconnectedLink {
         AgentLink {
             console,
             cancelled: self.cancelled,
+            quiesced: self.quiesced,
         }
     }
 }
@@ -114,15 +227,18 @@ impl UnconnectedLink {
 /// Builds both halves; the guest half reports through `sink`.
 pub fn link_parts(sink: Arc<EventSink>, started: Instant) -> (UnconnectedLink, GuestFrames) {
     let cancelled = Arc::new(Mutex::new(HashSet::new()));
+    let quiesced = Arc::new(QuiesceAck::default());
     (
         UnconnectedLink {
             cancelled: cancelled.clone(),
+            quiesced: quiesced.clone(),
         },
         GuestFrames {
             decoder: Decoder::new(),
             sink,
             started,
             cancelled,
+            quiesced,
         },
     )
 }
@@ -209,6 +325,33 @@ impl GuestFrames {
                 self.sink.send(&Event::Error { id, message });
             }
             GuestMsg::Pong { id } => self.sink.send(&Event::Pong { id }),
+            GuestMsg::Quiesced { id } => {
+                *lock(&self.quiesced.last) = Some(id);
+                self.quiesced.arrived.notify_all();
+            }
+            GuestMsg::Resumed { id, killed, errors } if id == FORK_RESUME_ID => {
+                if !errors.is_empty() {
+                    self.sink.exit(
+                        ExitReason::VmmError {
+                            detail: format!(
+                                "the child could not be made a sandbox of its own: {}",
+                                errors.join("; ")
+                            ),
+                        },
+                        4,
+                    );
+                }
+                eprintln!("forkd-vmm: child resumed ({killed} execs of the snapshot killed)");
+                self.sink.send(&Event::Ready {
+                    boot_us: self.started.elapsed().as_micros() as u64,
+                    guest: None,
+                });
+            }
+            GuestMsg::Resumed { errors, .. } => {
+                for e in errors {
+                    eprintln!("forkd-vmm: agent resume: {e}");
+                }
+            }
             GuestMsg::Log { message } => eprintln!("forkd-agent: {message}"),
         }
     }

@@ -7,13 +7,12 @@ pub mod acpi;
 pub mod agent_link;
 pub mod boot;
 pub mod cpu;
+pub mod device_state;
 pub mod layout;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 
 use crate::devices::bus::Bus;
 use crate::devices::cmos;
@@ -31,6 +30,7 @@ use crate::memory::GuestRam;
 use crate::vm::{self, Vm, VmConfig};
 use agent_link::AgentLink;
 use boot::LinuxBoot;
+use device_state::LinuxDevicesState;
 
 /// The agent channel is virtio-mmio device 0.
 const CONSOLE_SLOT: u32 = 0;
@@ -48,6 +48,25 @@ pub struct LinuxDevices {
     pub agent: AgentLink,
     /// Guest RAM written by devices (for DIFF snapshots).
     pub device_writes: DeviceWrites,
+    serial: Arc<Mutex<SerialConsole>>,
+    cmos: Arc<Mutex<cmos::Cmos>>,
+    console: Arc<Mutex<MmioTransport>>,
+}
+
+impl LinuxDevices {
+    /// Every device's state, for a snapshot (the vCPUs are stopped and the
+    /// agent channel is quiesced).
+    pub fn state(&self) -> LinuxDevicesState {
+        LinuxDevicesState {
+            serial: lock(&self.serial).state().into(),
+            cmos_index: lock(&self.cmos).index(),
+            console: lock(&self.console).state(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Builds a VM that boots `boot`.
@@ -67,12 +86,7 @@ pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
         )));
     }
     let (kvm, fd) = vm::create_vm()?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    fd.create_pit2(pit)
-        .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
+    vm::create_pit(&fd)?;
     let ram = GuestRam::new(memory_bytes)?;
     vm::attach_memory(&fd, &ram)?;
 
@@ -99,14 +113,22 @@ pub fn create_vm(config: &VmConfig, boot: &LinuxBoot<'_>) -> Result<Vm> {
 }
 
 /// Creates the devices of a Linux guest: COM1 logging to `console_log`,
-/// the i8042, and the agent's virtio console.
+/// the i8042, and the agent's virtio console; with `saved`, each continues
+/// from a snapshot's state.
 pub fn create_devices(
     vm_fd: &kvm_ioctls::VmFd,
     ram: &GuestRam,
     console_log: Option<&Path>,
     sink: Arc<EventSink>,
     started: Instant,
+    saved: Option<&LinuxDevicesState>,
 ) -> Result<LinuxDevices> {
+    let restore_error = |device: &'static str| {
+        move |detail: String| VmmError::Device {
+            device,
+            detail: format!("restoring from the snapshot: {detail}"),
+        }
+    };
     let log = ConsoleLog::create(console_log, DEFAULT_CAP).map_err(|e| VmmError::Device {
         device: "serial console",
         detail: format!(
@@ -118,13 +140,18 @@ pub fn create_devices(
     })?;
     let log = SharedLog(Arc::new(Mutex::new(log)));
     let mut bus = Bus::default();
-    let serial = SerialConsole::new(IrqLine::new(vm_fd, layout::COM1_GSI)?, log.clone());
-    bus.add_ports(layout::COM1_PORT, 8, Arc::new(Mutex::new(serial)));
-    bus.add_ports(
-        cmos::CMOS_PORT,
-        2,
-        Arc::new(Mutex::new(cmos::Cmos::default())),
-    );
+    let serial_irq = IrqLine::new(vm_fd, layout::COM1_GSI)?;
+    let serial = match saved {
+        Some(s) => SerialConsole::from_state(&(&s.serial).into(), serial_irq, log.clone())
+            .map_err(restore_error("serial console"))?,
+        None => SerialConsole::new(serial_irq, log.clone()),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    bus.add_ports(layout::COM1_PORT, 8, serial.clone());
+    let cmos = Arc::new(Mutex::new(
+        saved.map_or_else(cmos::Cmos::default, |s| cmos::Cmos::with_index(s.cmos_index)),
+    ));
+    bus.add_ports(cmos::CMOS_PORT, 2, cmos.clone());
     let reset = ResetFlag::default();
     bus.add_ports(
         layout::I8042_DATA_PORT,
@@ -140,11 +167,21 @@ pub fn create_devices(
     );
     let agent = unconnected.connect(console_sender);
     let interrupt = Interrupt::new(IrqLine::new(vm_fd, layout::virtio_gsi(CONSOLE_SLOT))?);
-    let transport = MmioTransport::new(Box::new(console), ram.memory().clone(), interrupt);
+    let transport = match saved {
+        Some(s) => MmioTransport::from_state(
+            Box::new(console),
+            ram.memory().clone(),
+            interrupt,
+            &s.console,
+        )
+        .map_err(restore_error("virtio console"))?,
+        None => MmioTransport::new(Box::new(console), ram.memory().clone(), interrupt),
+    };
+    let transport = Arc::new(Mutex::new(transport));
     bus.add_mmio(
         layout::virtio_mmio_addr(CONSOLE_SLOT),
         layout::MMIO_SLOT_SIZE,
-        Arc::new(Mutex::new(transport)),
+        transport.clone(),
     );
     Ok(LinuxDevices {
         bus,
@@ -152,5 +189,8 @@ pub fn create_devices(
         console_log: log,
         agent,
         device_writes,
+        serial,
+        cmos,
+        console: transport,
     })
 }

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::device_writes::DeviceWrites;
@@ -213,6 +213,14 @@ impl VirtioDevice for Console {
             RX => lock(&self.receive).fill(&self.writes),
             TX => self.drain_transmit(),
             _ => {}
+        }
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        let receive = lock(&self.receive);
+        match (receive.queue.as_ref(), self.transmit.as_ref()) {
+            (Some(rx), Some((_, tx, _))) => vec![rx.state(), tx.state()],
+            _ => Vec::new(),
         }
     }
 

@@ -2,11 +2,12 @@
 //! registers a driver uses to negotiate features, set up queues and kick
 //! them, in front of one [`VirtioDevice`].
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::MmioDevice;
+use crate::linux::device_state::{MmioTransportState, QueueRegs};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -76,6 +77,73 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             active: false,
+        }
+    }
+
+    /// A transport continuing from `state` (a snapshot's): its registers,
+    /// and for an active device its queues handed to the device again.
+    pub fn from_state(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Interrupt,
+        state: &MmioTransportState,
+    ) -> Result<Self, String> {
+        let expected = device.queue_max_sizes().len();
+        if state.queues.len() != expected {
+            return Err(format!(
+                "{} queues saved, the device has {expected}",
+                state.queues.len()
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, regs)| {
+                let queue = Queue::try_from(QueueState::from(*regs))
+                    .map_err(|e| format!("queue {i}: {e}"))?;
+                if state.active && !queue.is_valid(&memory) {
+                    return Err(format!("queue {i} does not fit guest memory"));
+                }
+                Ok(queue)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut transport = MmioTransport::new(device, memory, interrupt);
+        transport.status = state.status;
+        transport.driver_features = state.driver_features & transport.offered_features();
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.queue_sel = state.queue_sel;
+        if state.active {
+            transport.active = true;
+            transport.device.activate(
+                transport.memory.clone(),
+                queues,
+                transport.interrupt.clone(),
+            );
+        } else {
+            transport.queues = queues;
+        }
+        transport.interrupt.restore_status(state.interrupt_status);
+        Ok(transport)
+    }
+
+    /// The registers and queues, for a snapshot.
+    pub fn state(&self) -> MmioTransportState {
+        let queues = if self.active {
+            self.device.queue_states()
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        MmioTransportState {
+            status: self.status,
+            active: self.active,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: queues.into_iter().map(QueueRegs::from).collect(),
         }
     }
 

@@ -8,7 +8,7 @@ pub mod mmio;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 
 use super::irq::IrqLine;
@@ -35,6 +35,8 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: forget the queues.
     fn reset(&mut self);
+    /// The active queues' state, in index order (empty before activation).
+    fn queue_states(&self) -> Vec<QueueState>;
 }
 
 /// A device's interrupt: the status register the driver reads, and the
@@ -70,5 +72,14 @@ impl Interrupt {
     /// The driver's InterruptACK.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the InterruptStatus register (restoring a snapshot); a set bit
+    /// also raises the line, since the driver may not have seen it yet.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            let _ = self.line.raise();
+        }
     }
 }
