@@ -40,3 +40,38 @@ impl AgentError {
         }
     }
 }
+
+/// A step of a forked resume that failed; reported to the host in
+/// `Resumed.errors` as its display text.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// A forked resume came without entropy.
+    #[error("no entropy in a forked resume")]
+    NoEntropy,
+    /// The sandbox id cannot be a hostname.
+    #[error("bad sandbox id {id:?}: {why}")]
+    BadSandboxId {
+        /// The id as received.
+        id: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A system call or file operation failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// The step, e.g. "reseeding the CRNG".
+        what: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl ResumeError {
+    /// A failed step.
+    pub fn sys(what: &'static str, source: impl Into<io::Error>) -> Self {
+        ResumeError::Sys {
+            what,
+            source: source.into(),
+        }
+    }
+}

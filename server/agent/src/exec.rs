@@ -14,9 +14,9 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe2;
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Session};
 use crate::log;
-use crate::registry::{Registry, WaitStatus};
+use crate::registry::{Registry, Ticket, WaitStatus};
 use crate::spawn::{fork_exec, read_exec_error, ChildFds, Prepared};
 
 /// Stdin chunks queued per exec before the dispatcher blocks (at most
@@ -32,11 +32,16 @@ pub struct Ctx {
     pub channel: Arc<Channel>,
     /// Running execs.
     pub registry: Arc<Registry>,
+    /// Whether the agent does init duties (the real PID 1 of a guest): only
+    /// then does a forked resume touch the entropy pool, clock and hostname.
+    pub init: bool,
 }
 
 impl Ctx {
-    fn send(&self, msg: &GuestMsg) {
-        if let Err(e) = self.channel.send(msg) {
+    /// Sends a message about an exec of host session `session`; dropped if
+    /// that session is over (the exec was retired by a forked resume).
+    fn send_in(&self, session: Session, msg: &GuestMsg) {
+        if let Err(e) = self.channel.send_in(Some(session), msg) {
             log::local(format!("cannot send {msg:?}: {e}"));
         }
     }
@@ -56,36 +61,59 @@ pub struct Request {
     pub stdin: bool,
 }
 
+/// Who an exec is: the host's id, the registry's ticket and the host
+/// session every frame about it belongs to.
+#[derive(Clone, Copy)]
+struct Tag {
+    id: u64,
+    ticket: Ticket,
+    session: Session,
+}
+
 /// Registers the exec and runs it on its own thread. Stdin frames sent
 /// after the request are queued even before the fork.
 pub fn start(ctx: &Arc<Ctx>, req: Request) {
     let id = req.id;
+    // Only the dispatcher (our caller) starts sessions, so this is the
+    // session the request came in.
+    let session = ctx.channel.session();
     let (stdin_tx, stdin_rx) = if req.stdin {
         let (tx, rx) = sync_channel(STDIN_QUEUE);
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
-    let status_rx = match ctx.registry.reserve(id, stdin_tx) {
-        Ok(rx) => rx,
+    let (ticket, status_rx) = match ctx.registry.reserve(id, stdin_tx) {
+        Ok(r) => r,
         Err(_) => {
-            ctx.send(&GuestMsg::Failed {
-                id,
-                message: format!("exec id {id} is already running"),
-            });
+            ctx.send_in(
+                session,
+                &GuestMsg::Failed {
+                    id,
+                    message: format!("exec id {id} is already running"),
+                },
+            );
             return;
         }
+    };
+    let tag = Tag {
+        id,
+        ticket,
+        session,
     };
     let thread_ctx = ctx.clone();
     let spawned = thread::Builder::new()
         .name(format!("exec-{id}"))
-        .spawn(move || run(&thread_ctx, req, stdin_rx, status_rx));
+        .spawn(move || run(&thread_ctx, tag, req, stdin_rx, status_rx));
     if let Err(e) = spawned {
-        ctx.registry.remove(id);
-        ctx.send(&GuestMsg::Failed {
-            id,
-            message: format!("cannot start a thread for the exec: {e}"),
-        });
+        ctx.registry.remove(ticket);
+        ctx.send_in(
+            session,
+            &GuestMsg::Failed {
+                id,
+                message: format!("cannot start a thread for the exec: {e}"),
+            },
+        );
     }
 }
 
@@ -138,7 +166,7 @@ struct Launched {
 }
 
 /// Forks and execs the request; the error is the `Failed` message.
-fn launch(ctx: &Ctx, req: &Request) -> Result<Launched, String> {
+fn launch(ctx: &Ctx, ticket: Ticket, req: &Request) -> Result<Launched, String> {
     let prepared = Prepared::new(&req.argv, &req.env, req.cwd.as_deref())?;
     let pipes = Pipes::new(req.stdin).map_err(|e| format!("cannot create pipes: {e}"))?;
     let started = Instant::now();
@@ -150,7 +178,7 @@ fn launch(ctx: &Ctx, req: &Request) -> Result<Launched, String> {
     };
     let pid = ctx
         .registry
-        .fork_as(req.id, || fork_exec(&prepared, &fds))
+        .fork_as(ticket, || fork_exec(&prepared, &fds))
         .map_err(|e| format!("cannot fork: {e}"))?;
     let Pipes {
         child_stdin,
@@ -178,29 +206,37 @@ fn launch(ctx: &Ctx, req: &Request) -> Result<Launched, String> {
 /// Runs one exec: launch, then forward its I/O until it is reaped.
 fn run(
     ctx: &Arc<Ctx>,
+    tag: Tag,
     req: Request,
     stdin_rx: Option<Receiver<Vec<u8>>>,
     status_rx: Receiver<WaitStatus>,
 ) {
-    let id = req.id;
+    let Tag {
+        id,
+        ticket,
+        session,
+    } = tag;
     let Launched {
         pid,
         started,
         stdin: agent_stdin,
         stdout,
         stderr,
-    } = match launch(ctx, &req) {
+    } = match launch(ctx, ticket, &req) {
         Ok(l) => l,
         Err(message) => {
             // A child that failed to exec is reaped as an unknown pid.
-            ctx.registry.remove(id);
-            return ctx.send(&GuestMsg::Failed { id, message });
+            ctx.registry.remove(ticket);
+            return ctx.send_in(session, &GuestMsg::Failed { id, message });
         }
     };
-    ctx.send(&GuestMsg::Started {
-        id,
-        pid: pid as u32,
-    });
+    ctx.send_in(
+        session,
+        &GuestMsg::Started {
+            id,
+            pid: pid as u32,
+        },
+    );
 
     let stop = match pipe() {
         Ok((r, w)) => Some((Arc::new(r), w)),
@@ -229,7 +265,7 @@ fn run(
             let (ctx, stop_r) = (ctx.clone(), stop_r.clone());
             thread::Builder::new()
                 .name(format!("out-{id}-{stream}"))
-                .spawn(move || pump(&ctx, id, stream, File::from(fd), stop_r.as_deref()))
+                .spawn(move || pump(&ctx, tag, stream, File::from(fd), stop_r.as_deref()))
                 .map_err(|e| log::warn(format!("exec {id}: no output thread: {e}")))
                 .ok()
         })
@@ -242,7 +278,7 @@ fn run(
     for p in pumps {
         let _ = p.join();
     }
-    ctx.registry.remove(id);
+    ctx.registry.remove(ticket);
     let (code, signal) = match status {
         Ok(s) if libc::WIFEXITED(s) => (Some(libc::WEXITSTATUS(s)), None),
         Ok(s) if libc::WIFSIGNALED(s) => (None, Some(libc::WTERMSIG(s))),
@@ -255,12 +291,15 @@ fn run(
             (None, None)
         }
     };
-    ctx.send(&GuestMsg::Exited {
-        id,
-        code,
-        signal,
-        duration_us,
-    });
+    ctx.send_in(
+        session,
+        &GuestMsg::Exited {
+            id,
+            code,
+            signal,
+            duration_us,
+        },
+    );
 }
 
 /// Writes queued stdin chunks to the child; an empty chunk closes the pipe.
@@ -310,14 +349,16 @@ fn write_chunk(p: &mut File, mut data: &[u8], stop: Option<&OwnedFd>) -> io::Res
 /// Forwards one output pipe as data frames, each as soon as bytes arrive.
 /// Ends at EOF, or when `stop` closes (the exec was reaped): then it reads
 /// only what is already in the pipe, so a background process that keeps the
-/// pipe open does not hold the exec.
-fn pump(ctx: &Ctx, id: u64, stream: u8, mut out: File, stop: Option<&OwnedFd>) {
+/// pipe open does not hold the exec. Output of a retired exec is read and
+/// dropped.
+fn pump(ctx: &Ctx, tag: Tag, stream: u8, mut out: File, stop: Option<&OwnedFd>) {
+    let Tag { id, session, .. } = tag;
     let mut buf = vec![0u8; MAX_DATA];
     let mut channel_ok = true;
     let mut forward = |data: &[u8]| {
         // On a dead channel keep reading (and dropping), so the child is not
         // blocked on a full pipe; log that once.
-        if let Err(e) = ctx.channel.send_data(id, stream, data) {
+        if let Err(e) = ctx.channel.send_data_in(session, id, stream, data) {
             if std::mem::take(&mut channel_ok) {
                 log::local(format!("exec {id}: output dropped: {e}"));
             }

@@ -1,4 +1,5 @@
-//! PID 1 duties: filesystems, kernel modules, hostname, loopback.
+//! PID 1 duties: filesystems, kernel modules, hostname and sandbox id,
+//! loopback.
 //!
 //! Every step logs its failure and goes on: a half-set-up guest that can
 //! still run commands is more useful than a kernel panic.
@@ -13,7 +14,7 @@ use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
 use crate::config::{Cmdline, DEFAULT_HOSTNAME};
-use crate::log;
+use crate::{identity, log};
 
 /// The list of modules to load, one path (relative to `/`) per line.
 pub const MODULES_LIST: &str = "/etc/forkd/modules";
@@ -75,6 +76,9 @@ pub fn setup() -> Cmdline {
     let hostname = cmdline.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME);
     if let Err(e) = nix::unistd::sethostname(hostname) {
         log::warn(format!("sethostname {hostname:?}: {e}"));
+    }
+    if let Err(e) = identity::write_sandbox_id(hostname) {
+        log::warn(e);
     }
     if let Err(e) = loopback_up() {
         log::warn(format!("bringing up lo: {e}"));

@@ -3,8 +3,11 @@
 //! It runs as PID 1 (`/init` of the initramfs): it mounts the basic
 //! filesystems, loads the modules of `/etc/forkd/modules`, sets the hostname,
 //! brings up `lo`, opens the channel to the host (`/dev/hvc0`, raw mode),
-//! sends `Ready` and then runs the host's commands, reaping every child. The
-//! protocol is in the `forkd-agent-proto` crate; see README.md.
+//! sends `Ready` and then runs the host's commands, reaping every child. For
+//! snapshots it parks the channel on `Quiesce` and, on a forked `Resume`,
+//! reseeds the CRNG, steps the clock, takes the child's identity and kills
+//! the snapshot's execs (see `resume`). The protocol is in the
+//! `forkd-agent-proto` crate; see README.md.
 //!
 //! Flags: `--init` / `--no-init` (force init duties on or off; default: on
 //! when PID 1), `--channel PATH`, `--channel-fd N` (an inherited socket or
@@ -12,11 +15,14 @@
 
 mod channel;
 mod config;
+mod entropy;
 mod error;
 mod exec;
+mod identity;
 mod init;
 mod log;
 mod registry;
+mod resume;
 mod serve;
 mod spawn;
 
@@ -94,6 +100,7 @@ fn run(
     let ctx = Arc::new(Ctx {
         channel: channel.clone(),
         registry: registry.clone(),
+        init,
     });
     channel.send(&GuestMsg::Ready {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -108,6 +115,8 @@ fn run(
 }
 
 fn reap_forever(registry: &Registry) -> ! {
+    // Reaping must go on while the channel is parked.
+    channel::never_wait_on_this_thread();
     loop {
         // A panic is logged by the hook; reaping must go on.
         let _ = catch_unwind(AssertUnwindSafe(|| registry.reap_forever()));

@@ -5,6 +5,11 @@
 //! fork happens while the table lock is held ([`Registry::fork_as`]) and the
 //! reaper takes the lock before routing a status, so it always finds the pid
 //! of an exec that has just been forked.
+//!
+//! Each exec is named by a [`Ticket`]; host ids map to the tickets of the
+//! current execs only. A forked resume retires every current exec
+//! ([`Registry::retire_all`]): killed, its id free for reuse, but still
+//! reaped and routed to its supervisor by ticket.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -16,7 +21,14 @@ use crate::log;
 /// A raw `waitpid` status.
 pub type WaitStatus = libc::c_int;
 
+/// Names one exec for its whole life, even after a forked resume has
+/// retired it and its host id has been reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(u64);
+
 struct Entry {
+    /// The host's id for the exec.
+    id: u64,
     /// The exec's pid (and process group), once forked.
     pid: Option<libc::pid_t>,
     /// Set when the pid has been reaped; signals are no longer sent then.
@@ -29,8 +41,13 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    by_id: HashMap<u64, Entry>,
-    by_pid: HashMap<libc::pid_t, u64>,
+    /// Every exec not yet removed by its supervisor, current or retired.
+    entries: HashMap<Ticket, Entry>,
+    /// The current execs by host id; retired ones are only in `entries`.
+    by_id: HashMap<u64, Ticket>,
+    by_pid: HashMap<libc::pid_t, Ticket>,
+    /// The next ticket number.
+    next: u64,
     /// Counts forks, so the reaper can sleep while there are no children.
     forks: u64,
 }
@@ -60,6 +77,21 @@ fn signal_exec(pid: libc::pid_t, signal: i32) -> std::io::Result<()> {
     Err(std::io::Error::last_os_error())
 }
 
+/// Sends `signal` to an entry's process group if it is running, or
+/// remembers it for right after the fork; nothing once reaped (the pid may
+/// be reused). Called with the table locked, so the reaper cannot reap the
+/// pid and let it be reused before the signal is sent.
+fn signal_entry(e: &mut Entry, signal: i32) -> std::io::Result<()> {
+    match (e.pid, e.reaped) {
+        (None, _) => {
+            e.early_signal = Some(signal);
+            Ok(())
+        }
+        (Some(_), true) => Ok(()),
+        (Some(pid), false) => signal_exec(pid, signal),
+    }
+}
+
 /// The id is already in use by a running exec.
 #[derive(Debug)]
 pub struct DuplicateId;
@@ -70,20 +102,24 @@ impl Registry {
     }
 
     /// Reserves `id` before its fork, so stdin frames that follow the Exec
-    /// are queued; returns the receiver of its exit status.
+    /// are queued; returns the exec's ticket and the receiver of its exit
+    /// status.
     pub fn reserve(
         &self,
         id: u64,
         stdin_tx: Option<SyncSender<Vec<u8>>>,
-    ) -> Result<Receiver<WaitStatus>, DuplicateId> {
+    ) -> Result<(Ticket, Receiver<WaitStatus>), DuplicateId> {
         let mut st = self.lock();
         if st.by_id.contains_key(&id) {
             return Err(DuplicateId);
         }
+        let ticket = Ticket(st.next);
+        st.next += 1;
         let (status_tx, status_rx) = mpsc::channel();
-        st.by_id.insert(
-            id,
+        st.entries.insert(
+            ticket,
             Entry {
+                id,
                 pid: None,
                 reaped: false,
                 early_signal: None,
@@ -91,24 +127,27 @@ impl Registry {
                 stdin_tx,
             },
         );
-        Ok(status_rx)
+        st.by_id.insert(id, ticket);
+        Ok((ticket, status_rx))
     }
 
     /// Runs `fork` (which returns the child's pid in the parent) with the
-    /// table locked and records the pid for reserved exec `id`.
+    /// table locked and records the pid for reserved exec `ticket`.
     pub fn fork_as<E>(
         &self,
-        id: u64,
+        ticket: Ticket,
         fork: impl FnOnce() -> Result<libc::pid_t, E>,
     ) -> Result<libc::pid_t, E> {
         let mut st = self.lock();
         let pid = fork()?;
         st.forks += 1;
-        st.by_pid.insert(pid, id);
+        st.by_pid.insert(pid, ticket);
         let mut early = None;
-        if let Some(e) = st.by_id.get_mut(&id) {
+        let mut id = 0;
+        if let Some(e) = st.entries.get_mut(&ticket) {
             e.pid = Some(pid);
             early = e.early_signal.take();
+            id = e.id;
         }
         let failure = early.and_then(|sig| signal_exec(pid, sig).err().map(|e| (sig, e)));
         drop(st);
@@ -119,12 +158,16 @@ impl Registry {
         Ok(pid)
     }
 
-    /// Forgets exec `id`; its stdin queue closes.
-    pub fn remove(&self, id: u64) {
+    /// Forgets exec `ticket`; its stdin queue closes and its host id (if
+    /// still its own) is free again.
+    pub fn remove(&self, ticket: Ticket) {
         let mut st = self.lock();
-        if let Some(e) = st.by_id.remove(&id) {
+        if let Some(e) = st.entries.remove(&ticket) {
+            if st.by_id.get(&e.id) == Some(&ticket) {
+                st.by_id.remove(&e.id);
+            }
             if let Some(pid) = e.pid {
-                if st.by_pid.get(&pid) == Some(&id) {
+                if st.by_pid.get(&pid) == Some(&ticket) {
                     st.by_pid.remove(&pid);
                 }
             }
@@ -133,39 +176,60 @@ impl Registry {
 
     /// The stdin queue of exec `id`, if it takes stdin.
     pub fn stdin(&self, id: u64) -> Option<SyncSender<Vec<u8>>> {
-        self.lock().by_id.get(&id).and_then(|e| e.stdin_tx.clone())
+        let st = self.lock();
+        let ticket = st.by_id.get(&id)?;
+        st.entries.get(ticket).and_then(|e| e.stdin_tx.clone())
     }
 
     /// Sends `signal` to the process group of exec `id` if it is still
-    /// running (or right after its fork, if it has not forked yet); unknown or
-    /// finished ids are ignored.
+    /// running (or right after its fork, if it has not forked yet); unknown,
+    /// finished or retired ids are ignored.
     pub fn kill(&self, id: u64, signal: i32) {
         let mut st = self.lock();
-        let Some(e) = st.by_id.get_mut(&id) else {
+        let Some(ticket) = st.by_id.get(&id).copied() else {
             return;
         };
-        let result = match (e.pid, e.reaped) {
-            (None, _) => {
-                e.early_signal = Some(signal);
-                Ok(())
-            }
-            (Some(_), true) => Ok(()),
-            // The lock is held, so the reaper cannot reap `pid` and let it be
-            // reused before the signal is sent.
-            (Some(pid), false) => signal_exec(pid, signal),
+        let Some(e) = st.entries.get_mut(&ticket) else {
+            return;
         };
+        let result = signal_entry(e, signal);
         drop(st);
         if let Err(e) = result {
             log::warn(format!("signal {signal} to exec {id}: {e}"));
         }
     }
 
+    /// Retires every current exec (a forked resume: they belong to the
+    /// parent VM's host session): SIGKILLs their process groups (or marks
+    /// them to be killed right after their fork), closes their stdin and
+    /// frees their ids for reuse. Their supervisors still get their exit
+    /// statuses, so they are reaped and cleaned up as usual. Returns how
+    /// many were retired.
+    pub fn retire_all(&self) -> u32 {
+        let mut st = self.lock();
+        let tickets: Vec<(u64, Ticket)> = st.by_id.drain().collect();
+        let mut failures = Vec::new();
+        for (id, ticket) in &tickets {
+            if let Some(e) = st.entries.get_mut(ticket) {
+                e.stdin_tx = None;
+                if let Err(err) = signal_entry(e, libc::SIGKILL) {
+                    failures.push((*id, err));
+                }
+            }
+        }
+        drop(st);
+        for (id, err) in failures {
+            log::warn(format!("killing retired exec {id}: {err}"));
+        }
+        tickets.len() as u32
+    }
+
     fn route(&self, pid: libc::pid_t, status: WaitStatus) {
         let mut st = self.lock();
-        let Some(id) = st.by_pid.remove(&pid) else {
+        let Some(ticket) = st.by_pid.remove(&pid) else {
             return; // an orphan or a finished exec's straggler: just reaped
         };
-        if let Some(e) = st.by_id.get_mut(&id) {
+        if let Some(e) = st.entries.get_mut(&ticket) {
             e.reaped = true;
             let _ = e.status_tx.send(status);
         }
@@ -201,5 +265,29 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retired_ids_are_reusable() {
+        let reg = Registry::default();
+        let (t1, _rx1) = reg.reserve(1, None).unwrap();
+        assert!(reg.reserve(1, None).is_err());
+        assert_eq!(reg.retire_all(), 1);
+        let (t2, _rx2) = reg.reserve(1, None).unwrap();
+        assert_ne!(t1, t2);
+        // Not forked: the kill waits for the fork.
+        assert_eq!(reg.lock().entries[&t1].early_signal, Some(libc::SIGKILL));
+        // Removing the retired exec leaves the new one's id alone.
+        reg.remove(t1);
+        assert!(reg.reserve(1, None).is_err());
+        reg.remove(t2);
+        assert!(reg.reserve(1, None).is_ok());
+        assert_eq!(reg.retire_all(), 1);
+        assert_eq!(reg.retire_all(), 0);
     }
 }

@@ -6,12 +6,17 @@ use std::sync::Arc;
 
 use forkd_agent_proto::{Frame, FrameReader, GuestMsg, HostMsg, ProtoError, STREAM_STDIN};
 
+use crate::channel;
 use crate::error::AgentError;
 use crate::exec::{self, Ctx, Request};
 use crate::log;
+use crate::resume::{self, Fork};
 
 /// Serves the host until the channel ends (`Ok`) or breaks (`Err`).
+/// While the channel is parked this thread's own frames (pongs, logs) are
+/// queued, never waited on: it must go on reading to see `Resume`.
 pub fn serve(ctx: &Arc<Ctx>, input: File) -> Result<(), AgentError> {
+    channel::never_wait_on_this_thread();
     let mut frames = FrameReader::new(BufReader::with_capacity(256 * 1024, input));
     loop {
         match frames.read() {
@@ -76,6 +81,21 @@ fn handle_msg(ctx: &Arc<Ctx>, msg: HostMsg) {
             if let Err(e) = ctx.channel.send(&GuestMsg::Pong { id }) {
                 log::local(format!("cannot send pong: {e}"));
             }
+        }
+        HostMsg::Quiesce { id } => resume::quiesce(ctx, id),
+        HostMsg::Resume {
+            id,
+            forked,
+            entropy,
+            unix_ns,
+            sandbox_id,
+        } => {
+            let fork = forked.then_some(Fork {
+                entropy,
+                unix_ns,
+                sandbox_id,
+            });
+            resume::resume(ctx, id, fork)
         }
     }
 }

@@ -436,15 +436,16 @@ fn init_duties_in_namespaces() {
             "hostname; cat /sys/class/net/lo/flags; \
              for m in /proc /sys /dev /dev/pts /dev/shm /tmp /run; do \
                grep -c \" $m \" /proc/self/mounts; done; \
-             stat -c %a /tmp /dev/shm; test -c /dev/null && echo null",
+             stat -c %a /tmp /dev/shm; test -c /dev/null && echo null; \
+             cat /run/forkd/sandbox-id",
         ],
     ));
     let out = o.stdout();
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 12, "{out}\n{}", o.stderr());
+    assert_eq!(lines.len(), 13, "{out}\n{}", o.stderr());
     assert_eq!(lines[0], "forkd");
     let flags = u32::from_str_radix(lines[1].trim_start_matches("0x"), 16).unwrap();
     assert_eq!(flags & 1, 1, "lo is not up: {}", lines[1]);
     assert!(lines[2..9].iter().all(|n| *n != "0"), "{out}");
-    assert_eq!(&lines[9..], ["1777", "1777", "null"]);
+    assert_eq!(&lines[9..], ["1777", "1777", "null", "forkd"]);
 }
