@@ -79,8 +79,11 @@ MILESTONES = {
 }
 
 
+PROG = "linux_boot"  # prefix of the log lines; a script importing this module may set its own
+
+
 def log(msg: str) -> None:
-    print(f"linux_boot: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
 def _sigterm(*_: Any) -> None:
@@ -268,27 +271,41 @@ class Bench:
         return [self.exec_once(sid, argv, expect) for _ in range(n)]
 
 
-def run(args: argparse.Namespace, command: str) -> None:
-    forkd = Path(args.forkd).resolve()
-    images = Path(args.images_dir).resolve()
+def need_image(images_dir: str) -> Path:
+    """The resolved images directory; exits if it lacks IMAGE."""
+    images = Path(images_dir).resolve()
     if not (images / IMAGE / "manifest.json").is_file():
         sys.exit(
             f"{images / IMAGE} is missing: target/release/forkd image build {IMAGE} "
             f"--images-dir {images} --agent target/release/forkd-agent"
         )
+    return images
+
+
+def copy_image(host: SvmHost, images: Path) -> float:
+    """Copies IMAGE into INNER/images in the machine's tmpfs (emptying INNER
+    first); returns the seconds it took."""
+    assert host.agent is not None
+    t0 = time.monotonic()
+    r = host.agent.run(
+        ["sh", "-c", f"rm -rf {INNER} && mkdir -p {INNER}/images && cp -a {images}/{IMAGE} {INNER}/images/"],
+        timeout=900,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"copying the image in failed: {r.stderr.decode(errors='replace')}")
+    copy_s = time.monotonic() - t0
+    log(f"image copied into the machine's tmpfs in {copy_s:.0f}s")
+    return copy_s
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    forkd = Path(args.forkd).resolve()
+    images = need_image(args.images_dir)
     t_start = time.monotonic()
     with SvmHost() as host:
         assert host.agent is not None
         log(f"SVM test host up ({host.uname}), run dir {host.run_dir}")
-        t0 = time.monotonic()
-        r = host.agent.run(
-            ["sh", "-c", f"rm -rf {INNER} && mkdir -p {INNER}/images && cp -a {images}/{IMAGE} {INNER}/images/"],
-            timeout=900,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"copying the image in failed: {r.stderr.decode(errors='replace')}")
-        copy_s = time.monotonic() - t0
-        log(f"image copied into the machine's tmpfs in {copy_s:.0f}s")
+        copy_s = copy_image(host, images)
         if args.milestones:
             # The same image with a verbose console, for one diagnostic boot
             # (the VMM's base command line has `quiet`; a later loglevel=

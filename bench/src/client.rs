@@ -245,6 +245,7 @@ impl Ctx {
                 })
                 .collect(),
             keep_running: false,
+            image: String::new(),
         });
         req.set_timeout(Duration::from_secs(600));
         let start = Instant::now();

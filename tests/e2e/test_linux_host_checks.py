@@ -41,6 +41,23 @@ def test_linux_spawn_fails_fast_on_pvm(daemon):
     assert daemon.vmm_children() == []
 
 
+@pytest.mark.skipif(not host_is_pvm(), reason="needs a KVM-PVM host")
+def test_linux_create_snapshot_fails_fast_on_pvm(daemon):
+    t0 = time.monotonic()
+    res = daemon.client.expect_error(
+        "FAILED_PRECONDITION",
+        "forkd.v1.SnapshotService/CreateSnapshot",
+        {"tag": "warm-linux", "image": "debian-python", "warmup": [{"argv": ["true"]}]},
+    )
+    assert time.monotonic() - t0 < 5, res.describe()
+    assert "kvm-pvm" in res.message and "forkd doctor" in res.message, res.describe()
+    assert daemon.list() == [] and daemon.list_snapshots() == []
+    res = daemon.client.expect_error(
+        "INVALID_ARGUMENT", "forkd.v1.SnapshotService/CreateSnapshot", {"image": "../etc"}
+    )
+    assert "image name" in res.message, res.describe()
+
+
 def test_image_with_snapshot_tag_invalid(daemon):
     res = daemon.client.expect_error(
         "INVALID_ARGUMENT", SPAWN, {"n": 1, "image": "debian-python", "snapshotTag": "base"}

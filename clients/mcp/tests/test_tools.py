@@ -4,7 +4,8 @@ The tools run against a stand-in gRPC server on loopback that records the
 requests and answers with canned messages: spawn_sandboxes passes
 ``image``, exec passes ``env``/``cwd``/``stdin`` and reports ``signal``
 only when one killed the command, read_console returns the console text,
-and every tool argument is documented. (tests/e2e/test_mcp_server.py runs
+snapshots (branched, got, listed) report their ``image``, and every tool
+argument is documented. (tests/e2e/test_mcp_server.py runs
 the server over stdio against a real daemon.)
 """
 
@@ -18,12 +19,13 @@ import anyio
 import grpc
 import pytest
 
-from forkd.v1 import sandbox_pb2
+from forkd.v1 import sandbox_pb2, snapshot_pb2
 from forkd_mcp import ForkdTools, build_server
 
 
 class StandIn:
-    """Records SandboxService requests (decoded) and answers ``replies``."""
+    """Records SandboxService and SnapshotService requests (decoded) and
+    answers canned replies."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, Any]] = []
@@ -40,8 +42,17 @@ class StandIn:
             ]
         )
         console = sandbox_pb2.ReadConsoleResponse(data=b"Linux version 6.1\n\xff", truncated=True)
+        linux_snap = snapshot_pb2.Snapshot(
+            tag="deb-warm",
+            status=snapshot_pb2.SNAPSHOT_STATUS_READY,
+            source_sandbox_id="sb-linux",
+            image="debian-12",
+        )
+        ref_snap = snapshot_pb2.Snapshot(tag="ref", status=snapshot_pb2.SNAPSHOT_STATUS_READY)
+        branched = sandbox_pb2.BranchSandboxResponse(snapshot=linux_snap, pause_ms=2.5)
         handlers = {
             "SpawnSandboxes": self._unary("SpawnSandboxes", sandbox_pb2.SpawnSandboxesRequest, spawned),
+            "BranchSandbox": self._unary("BranchSandbox", sandbox_pb2.BranchSandboxRequest, branched),
             "ReadConsole": self._unary("ReadConsole", sandbox_pb2.ReadConsoleRequest, console),
             "Exec": grpc.unary_stream_rpc_method_handler(
                 self._exec,
@@ -49,8 +60,21 @@ class StandIn:
                 response_serializer=sandbox_pb2.ExecResponse.SerializeToString,
             ),
         }
+        snapshot_handlers = {
+            "GetSnapshot": self._unary(
+                "GetSnapshot", snapshot_pb2.GetSnapshotRequest, snapshot_pb2.GetSnapshotResponse(snapshot=linux_snap)
+            ),
+            "ListSnapshots": self._unary(
+                "ListSnapshots",
+                snapshot_pb2.ListSnapshotsRequest,
+                snapshot_pb2.ListSnapshotsResponse(snapshots=[ref_snap, linux_snap]),
+            ),
+        }
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),)
+            (
+                grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),
+                grpc.method_handlers_generic_handler("forkd.v1.SnapshotService", snapshot_handlers),
+            )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
@@ -112,6 +136,26 @@ def test_spawn_passes_image_and_reports_it(stand_in: StandIn) -> None:
     run(stand_in, scenario)
 
 
+def test_linux_snapshots_report_their_image(stand_in: StandIn) -> None:
+    async def scenario(tools: ForkdTools) -> None:
+        branch = await tools.branch_sandbox("sb-linux", "deb-warm")
+        assert stand_in.last("BranchSandbox").sandbox_id == "sb-linux"
+        assert branch["snapshot"]["image"] == "debian-12" and branch["snapshot"]["tag"] == "deb-warm"
+
+        got = await tools.get_snapshot("deb-warm")
+        assert (got["image"], got["status"]) == ("debian-12", "READY")
+
+        listed = await tools.list_snapshots()
+        assert [(s["tag"], s["image"]) for s in listed["snapshots"]] == [("ref", ""), ("deb-warm", "debian-12")]
+
+        # Forking a Linux snapshot sends only its tag: children run its image.
+        await tools.spawn_sandboxes("deb-warm", 2)
+        req = stand_in.last("SpawnSandboxes")
+        assert (req.snapshot_tag, req.n, req.image) == ("deb-warm", 2, "")
+
+    run(stand_in, scenario)
+
+
 def test_exec_passes_env_cwd_stdin_and_reports_the_signal(stand_in: StandIn) -> None:
     async def scenario(tools: ForkdTools) -> None:
         out = await tools.exec("sb-linux", ["sh", "-c", "cat"], env={"A": "1"}, cwd="/srv", stdin="héllo")
@@ -166,6 +210,8 @@ def test_the_new_arguments_are_in_the_schemas_and_documented() -> None:
         assert args <= set(props), (name, set(props))
         for arg in props:
             assert f"{arg}:" in (tools[name].description or ""), f"{name}: argument {arg} is not documented"
+    snapshot_schema = tools["get_snapshot"].output_schema
+    assert "image" in snapshot_schema["properties"], snapshot_schema
     assert "signal" in tools["exec"].output_schema["properties"]
     assert "signal" not in tools["exec"].output_schema.get("required", [])
     assert tools["read_console"].input_schema["properties"]["tail_bytes"]["maximum"] == 1 << 20

@@ -10,8 +10,9 @@ rules against the real daemon.)
 - mode wins over the legacy diff flag: only field 3 is sent;
 - the legacy diff flag alone sends field 5;
 - live_fork=True sends SpawnSandboxesRequest field 3; False leaves it off;
-- image (field 8), and Exec's env (4), cwd (5) and stdin (6), are sent only
-  when given, so calls without them send what older clients sent;
+- image (SpawnSandboxesRequest field 8, CreateSnapshotRequest field 6), and
+  Exec's env (4), cwd (5) and stdin (6), are sent only when given, so calls
+  without them send what older clients sent;
 - ExecExit.signal comes back as ExecResult.signal; ReadConsole sends
   sandbox_id and tail_bytes.
 """
@@ -83,8 +84,14 @@ class Capture:
             self._handler("ReadConsole", self.console.SerializeToString())
         )
         handlers["Exec"] = grpc.unary_stream_rpc_method_handler(self._exec)
+        snapshot_handlers = {
+            "CreateSnapshot": grpc.unary_unary_rpc_method_handler(self._handler("CreateSnapshot")),
+        }
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),)
+            (
+                grpc.method_handlers_generic_handler("forkd.v1.SandboxService", handlers),
+                grpc.method_handlers_generic_handler("forkd.v1.SnapshotService", snapshot_handlers),
+            )
         )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
@@ -126,6 +133,7 @@ def capture() -> Iterator[tuple[Capture, forkd.Controller]]:
 MODE, WAIT, DIFF, MEASURE = 3, 4, 5, 6
 LIVE_FORK = 3
 IMAGE = 8  # SpawnSandboxesRequest
+SNAPSHOT_IMAGE, KEEP_RUNNING = 6, 5  # CreateSnapshotRequest
 ARGV, TIMEOUT_MS, ENV, CWD, STDIN = 2, 3, 4, 5, 6  # ExecRequest
 
 
@@ -243,6 +251,22 @@ def test_image_only_when_given(capture: tuple[Capture, forkd.Controller]) -> Non
     assert IMAGE not in cap.last("SpawnSandboxes"), "an empty image is the reference guest"
 
 
+def test_create_snapshot_image_only_when_given(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.create_snapshot("deb", image="debian-12", warmup=[["apt-get", "update"]], keep_running=True)
+    f = cap.last("CreateSnapshot")
+    assert f[SNAPSHOT_IMAGE] == b"debian-12" and f[1] == b"deb" and f[KEEP_RUNNING] == 1
+    assert 2 not in f, "memory_mib None (the image's default) is not on the wire"
+    req = snapshot_pb2.CreateSnapshotRequest.FromString(cap.raw("CreateSnapshot"))
+    assert req.image == "debian-12" and [list(w.argv) for w in req.warmup] == [["apt-get", "update"]]
+
+    ctl.create_snapshot("ref", memory_mib=256)
+    f = cap.last("CreateSnapshot")
+    assert SNAPSHOT_IMAGE not in f and f == {1: b"ref", 2: 256}, "the reference guest's request, as before"
+    ctl.create_snapshot(image="")
+    assert cap.last("CreateSnapshot") == {}, "an empty image is the reference guest"
+
+
 def test_exec_env_cwd_stdin_land_in_the_request(capture: tuple[Capture, forkd.Controller]) -> None:
     cap, ctl = capture
     env = {"GREETING": "hi", "LANG": "C.UTF-8"}
@@ -290,12 +314,14 @@ def test_async_controller_sends_the_same(capture: tuple[Capture, forkd.Controlle
     async def main() -> tuple[forkd.ExecResult, forkd.ReadConsoleResponse]:
         async with forkd.AsyncController(f"127.0.0.1:{cap.port}", timeout=10) as actl:
             await actl.spawn_sandboxes(image="alpine")
+            await actl.create_snapshot("alp", image="alpine", memory_mib=128)
             res = await actl.exec("sb-2", ["cat"], env={"K": "v"}, cwd="/root", stdin="in")
             console = await actl.read_console("sb-2", 100)
             return res, console
 
     res, console = asyncio.run(main())
     assert cap.last("SpawnSandboxes")[IMAGE] == b"alpine"
+    assert cap.last("CreateSnapshot") == {1: b"alp", 2: 128, SNAPSHOT_IMAGE: b"alpine"}
     req = sandbox_pb2.ExecRequest.FromString(cap.raw("Exec"))
     assert (dict(req.env), req.cwd, req.stdin) == ({"K": "v"}, "/root", b"in")
     assert (res.exit_code, res.signal) == (137, 9)
@@ -313,6 +339,8 @@ def test_linux_arguments_are_checked_before_sending() -> None:
         wire.exec_request("sb-1", ["pwd"], None, cwd=b"/")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="image must be a string"):
         wire.spawn_request(None, 1, live_fork=False, memory_mib=None, labels=None, image=b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="image must be a string"):
+        wire.create_snapshot_request(None, None, None, (), False, image=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tail_bytes"):
         wire.read_console_request("sb-1", -1)
     assert wire.exec_request("sb-1", ["cat"], None, stdin=bytearray(b"ab")).stdin == b"ab"

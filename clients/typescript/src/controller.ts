@@ -201,7 +201,11 @@ export class Controller implements AsyncDisposable {
     return this.#unary(() => this.#sandboxes.readConsole(req, this.#callOptions));
   }
 
-  /** Boots a sandbox, runs the warm-up commands in it, and snapshots it. */
+  /**
+   * Boots a sandbox (of the reference guest, or of the Linux image `image`),
+   * runs the warm-up commands in it, and snapshots it. Children spawned
+   * from the snapshot run the same guest.
+   */
   async createSnapshot(opts: CreateSnapshotOptions = {}): Promise<CreateSnapshotResponse> {
     const req = createSnapshotRequest(opts);
     return this.#unary(() => this.#snapshots.createSnapshot(req, this.#callOptions));

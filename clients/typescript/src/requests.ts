@@ -62,7 +62,8 @@ export interface SpawnOptions {
    * instead of the reference guest; absent or empty means the reference
    * guest. Needs a host with Intel VMX or AMD SVM (elsewhere the call fails
    * with FAILED_PRECONDITION); an unknown image is NOT_FOUND, and `image`
-   * together with `tag` is INVALID_ARGUMENT.
+   * together with `tag` is INVALID_ARGUMENT: children of a snapshot run the
+   * image it was taken of (see {@link CreateSnapshotOptions.image}).
    */
   image?: string | undefined;
 }
@@ -127,7 +128,7 @@ export interface WarmupCommand {
 export interface CreateSnapshotOptions {
   /** Tag for the snapshot; absent means a server-generated one. */
   tag?: string | undefined;
-  /** Guest RAM in MiB; absent means 256. */
+  /** Guest RAM in MiB; absent means 256, or the image's default with `image`. */
   memoryMib?: number | undefined;
   /** vCPUs; absent means 2. */
   vcpus?: number | undefined;
@@ -135,6 +136,13 @@ export interface CreateSnapshotOptions {
   warmup?: ReadonlyArray<WarmupCommand | readonly string[]> | undefined;
   /** Keep the warmed sandbox running after the snapshot. Default false. */
   keepRunning?: boolean | undefined;
+  /**
+   * Name of a Linux image in the daemon's images directory to boot instead
+   * of the reference guest (as {@link SpawnOptions.image}); absent or empty
+   * means the reference guest. The snapshot records it as `image`, and the
+   * children spawned from it run it.
+   */
+  image?: string | undefined;
 }
 
 /** Options of {@link Controller.listSandboxes}. */
@@ -259,6 +267,7 @@ export function createSnapshotRequest(opts: CreateSnapshotOptions = {}): CreateS
     vcpus: checkUint32("vcpus", opts.vcpus ?? 0),
     warmup,
     keepRunning: checkBool("keepRunning", opts.keepRunning ?? false),
+    image: checkString("image", opts.image ?? ""),
   });
 }
 

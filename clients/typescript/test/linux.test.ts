@@ -2,8 +2,9 @@
  * What Linux guests added to the API, without a daemon (this project's
  * machines cannot boot a Linux guest): the request builders on encoded
  * bytes, and the Controller against Connect's in-memory router transport,
- * which checks that `image`, `env`, `cwd` and `stdin` reach the server and
- * that `signal` and the console come back.
+ * which checks that `image` (SpawnSandboxes and CreateSnapshot), `env`, `cwd`
+ * and `stdin` reach the server and that `signal`, the console and a
+ * snapshot's `image` come back.
  */
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
@@ -11,14 +12,19 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { createRouterTransport } from "@connectrpc/connect";
 import {
   Controller,
+  type CreateSnapshotRequest,
+  CreateSnapshotRequestSchema,
   type ExecRequest,
   ExecRequestSchema,
   ReadConsoleRequestSchema,
   ReadConsoleResponseSchema,
   SandboxSchema,
   SandboxService,
+  SnapshotSchema,
+  SnapshotService,
   type SpawnSandboxesRequest,
   SpawnSandboxesRequestSchema,
+  createSnapshotRequest,
   execRequest,
   readConsoleRequest,
   spawnSandboxesRequest,
@@ -27,8 +33,9 @@ import { collectExec, toExecEvent } from "../src/exec.js";
 import { ExecResponseSchema } from "../src/gen/forkd/v1/sandbox_pb.js";
 import { wireFields } from "./helpers/wire.js";
 
-// Field numbers from proto/forkd/v1/sandbox.proto.
+// Field numbers from proto/forkd/v1/sandbox.proto and snapshot.proto.
 const SPAWN_IMAGE = 8;
+const CREATE_SNAPSHOT = { tag: 1, memoryMib: 2, image: 6 } as const;
 const EXEC = { sandboxId: 1, argv: 2, timeoutMs: 3, env: 4, cwd: 5, stdin: 6 } as const;
 const utf8 = (s: string): Uint8Array => new TextEncoder().encode(s);
 
@@ -45,6 +52,24 @@ describe("request builders", () => {
     }
     const bad = { image: 7 } as unknown as { image: string };
     assert.throws(() => spawnSandboxesRequest(bad), { name: "TypeError", message: /image/ });
+  });
+
+  test("createSnapshot's image is sent as field 6 only when given", () => {
+    const f = wireFields(
+      toBinary(
+        CreateSnapshotRequestSchema,
+        createSnapshotRequest({ tag: "deb", image: "debian-12", warmup: [["apt-get", "update"]] }),
+      ),
+    );
+    assert.deepEqual(f.get(CREATE_SNAPSHOT.image), [utf8("debian-12")]);
+    assert.deepEqual(f.get(CREATE_SNAPSHOT.tag), [utf8("deb")]);
+    assert.equal(f.has(CREATE_SNAPSHOT.memoryMib), false, "absent memoryMib: the image's default");
+    for (const opts of [{}, { image: "" }, { tag: "ref", memoryMib: 256 }]) {
+      const g = wireFields(toBinary(CreateSnapshotRequestSchema, createSnapshotRequest(opts)));
+      assert.equal(g.has(CREATE_SNAPSHOT.image), false, JSON.stringify(opts));
+    }
+    const bad = { image: ["debian-12"] } as unknown as { image: string };
+    assert.throws(() => createSnapshotRequest(bad), { name: "TypeError", message: /image/ });
   });
 
   test("env, cwd and stdin are sent when given; a string stdin as UTF-8", () => {
@@ -118,10 +143,22 @@ describe("exec signal", () => {
 });
 
 describe("Controller against an in-memory server", () => {
-  function fakeServer(): { forkd: Controller; spawns: SpawnSandboxesRequest[]; execs: ExecRequest[] } {
+  function fakeServer(): {
+    forkd: Controller;
+    spawns: SpawnSandboxesRequest[];
+    execs: ExecRequest[];
+    snapshots: CreateSnapshotRequest[];
+  } {
     const spawns: SpawnSandboxesRequest[] = [];
     const execs: ExecRequest[] = [];
+    const snapshots: CreateSnapshotRequest[] = [];
     const transport = createRouterTransport(({ service }) => {
+      service(SnapshotService, {
+        createSnapshot(req) {
+          snapshots.push(req);
+          return { snapshot: create(SnapshotSchema, { tag: req.tag, image: req.image }) };
+        },
+      });
       service(SandboxService, {
         spawnSandboxes(req) {
           spawns.push(req);
@@ -145,7 +182,7 @@ describe("Controller against an in-memory server", () => {
         },
       });
     });
-    return { forkd: new Controller({ transport }), spawns, execs };
+    return { forkd: new Controller({ transport }), spawns, execs, snapshots };
   }
 
   test("spawnSandboxes sends image; the sandbox reports it and its guest boot", async () => {
@@ -156,6 +193,17 @@ describe("Controller against an in-memory server", () => {
     assert.equal(sb.image, "debian-12");
     assert.equal(sb.guestBoot?.kernelMs, 120.5);
     assert.equal(sb.guestBoot?.initMs, 3.25);
+  });
+
+  test("createSnapshot sends image; the snapshot reports it", async () => {
+    const { forkd, snapshots } = fakeServer();
+    const res = await forkd.createSnapshot({ tag: "deb", image: "debian-12", keepRunning: true });
+    assert.equal(snapshots[0]?.image, "debian-12");
+    assert.equal(snapshots[0]?.keepRunning, true);
+    assert.equal(res.snapshot?.image, "debian-12");
+    const ref = await forkd.createSnapshot({ tag: "ref" });
+    assert.equal(snapshots[1]?.image, "");
+    assert.equal(ref.snapshot?.image, "", "the reference guest's snapshot has no image");
   });
 
   test("exec and execStream send env, cwd and stdin and surface the signal", async () => {

@@ -121,7 +121,7 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
             return Err(ApiError::InvalidArgument(
                 "set image or snapshot_tag, not both: children of a snapshot run the image it \
                  was taken of"
-                .into(),
+                    .into(),
             ));
         }
         image_lookup::check_name(&req.image)?;

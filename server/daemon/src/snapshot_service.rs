@@ -75,7 +75,7 @@ impl SnapshotService for SnapshotApi {
             create_snapshot::create(&manager, &snapshots, &linux, plan).await
         })
         .await
-                .map_err(|e| ApiError::Internal(format!("create task failed: {e}")))??;
+        .map_err(|e| ApiError::Internal(format!("create task failed: {e}")))??;
         Ok(Response::new(pb::CreateSnapshotResponse {
             snapshot: Some(self.describe(&manifest.tag)?),
             sandbox_id: sandbox_id.unwrap_or_default(),

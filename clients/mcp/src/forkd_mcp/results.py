@@ -90,6 +90,9 @@ class SnapshotInfo(TypedDict):
     """DIFF snapshots taken against this one."""
     children: list[str]
     """Ids of running sandboxes forked from this one."""
+    image: str
+    """The Linux image its guest booted (children run it too); empty for the
+    reference guest."""
 
 
 @with_config(_FIELD_DOCS)
@@ -272,6 +275,7 @@ def snapshot_info(snap: snapshot_pb2.Snapshot) -> SnapshotInfo:
         chain=list(snap.chain),
         dependents=list(snap.dependents),
         children=list(snap.children),
+        image=snap.image,
     )
 
 

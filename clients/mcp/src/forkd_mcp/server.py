@@ -59,7 +59,9 @@ kill_sandbox and delete_snapshot to clean up. By default sandboxes run the
 forkd reference guest, not a Linux shell: exec ["help"] lists its
 commands. spawn_sandboxes with image boots a Linux image instead (only on
 hosts with Intel VMX or AMD SVM): there exec runs real programs, with env,
-cwd and stdin, and read_console shows the boot log. A tool error names the gRPC code (NOT_FOUND, INVALID_ARGUMENT,
+cwd and stdin, and read_console shows the boot log. Linux sandboxes branch
+and fork like any other: children of a Linux snapshot run its image. A
+tool error names the gRPC code (NOT_FOUND, INVALID_ARGUMENT,
 FAILED_PRECONDITION, ...) followed by the daemon's explanation."""
 
 _TERMINAL = frozenset({"READY", "FAILED"})
@@ -130,11 +132,13 @@ class ForkdTools:
 
         Args:
             tag: snapshot to fork the children from; omit for cold boots. The
-                snapshot must be READY (see wait_for_snapshot).
+                snapshot must be READY (see wait_for_snapshot). Children run
+                the snapshot's guest: its Linux image, if it has one.
             image: name of a Linux image (built on the daemon's host with
                 `forkd image build NAME`) to cold boot instead of the
                 reference guest; omit for the reference guest. Cold boots
-                only: not with tag. Needs a host with Intel VMX or AMD SVM,
+                only: not with tag (children of a Linux snapshot run its
+                image already). Needs a host with Intel VMX or AMD SVM,
                 elsewhere FAILED_PRECONDITION; an unknown image is NOT_FOUND.
             n: how many sandboxes to start, 1 to 1000.
             live_fork: set true when you mean to live-branch these sandboxes
@@ -256,8 +260,9 @@ class ForkdTools:
         wait: bool = True,
         measure_diff: bool = False,
     ) -> BranchResult:
-        """Capture a running sandbox as a new snapshot, which spawn_sandboxes
-        can then fork copies from. The sandbox keeps running.
+        """Capture a running sandbox (reference guest or Linux) as a new
+        snapshot, which spawn_sandboxes can then fork copies from. The
+        sandbox keeps running.
 
         Args:
             sandbox_id: the sandbox to branch.

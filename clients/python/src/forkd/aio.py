@@ -186,9 +186,10 @@ class AsyncController:
         vcpus: int | None = None,
         warmup: Sequence[Sequence[str]] = (),
         keep_running: bool = False,
+        image: str | None = None,
     ) -> snapshot_pb2.CreateSnapshotResponse:
         """See :meth:`forkd.Controller.create_snapshot`."""
-        req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running)
+        req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running, image)
         return await self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req)
 
     async def get_snapshot(self, tag: str) -> snapshot_pb2.Snapshot:

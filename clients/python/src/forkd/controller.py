@@ -131,8 +131,9 @@ class Controller:
         cold boot instead of the reference guest (None: the reference
         guest). A Linux guest needs a host with Intel VMX or AMD SVM;
         elsewhere the call raises FailedPreconditionError, and an unknown
-        image NotFoundError. ``image`` with ``tag`` is InvalidArgumentError
-        (Linux snapshots cannot be forked yet).
+        image NotFoundError. ``image`` with ``tag`` is InvalidArgumentError:
+        children of a snapshot run the image it was taken of (see
+        ``create_snapshot``).
 
         ``memory_mib`` and ``vcpus`` apply to cold boots (None: the daemon's
         256 MiB, or the image's default, and 2 vCPUs). ``labels`` go on every
@@ -265,12 +266,20 @@ class Controller:
         vcpus: int | None = None,
         warmup: Sequence[Sequence[str]] = (),
         keep_running: bool = False,
+        image: str | None = None,
     ) -> snapshot_pb2.CreateSnapshotResponse:
         """Boots a sandbox, runs each ``warmup`` argv in it, and snapshots it.
 
+        ``image`` names a Linux image in the daemon's images directory to
+        boot instead of the reference guest (None: the reference guest);
+        ``memory_mib`` None then means the image's default. The snapshot's
+        ``.image`` records it, and children spawned from the snapshot run
+        it. The same host requirements and errors as
+        :meth:`spawn_sandboxes` with ``image`` apply.
+
         ``keep_running`` keeps the warmed sandbox (its id is in the response).
         """
-        req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running)
+        req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running, image)
         return self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req)
 
     def get_snapshot(self, tag: str) -> snapshot_pb2.Snapshot:

@@ -65,6 +65,12 @@ def branch_mode_value(mode: str) -> snapshot_pb2.BranchMode.ValueType:
     raise ValueError(f"mode must be one of {choices} (or None), not {mode!r}")
 
 
+def _check_image(image: object) -> None:
+    """TypeError unless ``image`` is a Linux image name or None."""
+    if image is not None and not isinstance(image, str):
+        raise TypeError(f"image must be a string (a Linux image name) or None, not {type(image).__name__}")
+
+
 def spawn_request(
     tag: str | None,
     n: int,
@@ -78,8 +84,7 @@ def spawn_request(
 ) -> sandbox_pb2.SpawnSandboxesRequest:
     """SpawnSandboxesRequest; ``live_fork`` is present only when True,
     ``image`` only when non-empty."""
-    if image is not None and not isinstance(image, str):
-        raise TypeError(f"image must be a string (a Linux image name) or None, not {type(image).__name__}")
+    _check_image(image)
     req = sandbox_pb2.SpawnSandboxesRequest(
         snapshot_tag=tag or "",
         n=n,
@@ -172,14 +177,18 @@ def create_snapshot_request(
     vcpus: int | None,
     warmup: Sequence[Sequence[str]],
     keep_running: bool,
+    image: str | None = None,
 ) -> snapshot_pb2.CreateSnapshotRequest:
-    """CreateSnapshotRequest; each warmup entry is one argv."""
+    """CreateSnapshotRequest; each warmup entry is one argv, ``image`` is
+    on the wire only when non-empty."""
+    _check_image(image)
     return snapshot_pb2.CreateSnapshotRequest(
         tag=tag or "",
         memory_mib=memory_mib or 0,
         vcpus=vcpus or 0,
         warmup=[snapshot_pb2.WarmupCommand(argv=list(argv)) for argv in warmup],
         keep_running=keep_running,
+        image=image or "",
     )
 
 

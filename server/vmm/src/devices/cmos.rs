@@ -18,7 +18,9 @@ pub struct Cmos {
 impl Cmos {
     /// A clock with register `index` selected (a snapshot's).
     pub fn with_index(index: u8) -> Self {
-        Cmos { index: index & 0x7f }
+        Cmos {
+            index: index & 0x7f,
+        }
     }
 
     /// The selected register, for a snapshot.

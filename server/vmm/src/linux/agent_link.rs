@@ -178,13 +178,8 @@ fn host_entropy(buf: &mut [u8]) -> std::io::Result<()> {
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of
         // `buf`, which we own mutably.
-        let n = unsafe {
-            libc::getrandom(
-                buf[filled..].as_mut_ptr().cast(),
-                buf.len() - filled,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {

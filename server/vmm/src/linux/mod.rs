@@ -148,9 +148,9 @@ pub fn create_devices(
     };
     let serial = Arc::new(Mutex::new(serial));
     bus.add_ports(layout::COM1_PORT, 8, serial.clone());
-    let cmos = Arc::new(Mutex::new(
-        saved.map_or_else(cmos::Cmos::default, |s| cmos::Cmos::with_index(s.cmos_index)),
-    ));
+    let cmos = Arc::new(Mutex::new(saved.map_or_else(cmos::Cmos::default, |s| {
+        cmos::Cmos::with_index(s.cmos_index)
+    })));
     bus.add_ports(cmos::CMOS_PORT, 2, cmos.clone());
     let reset = ResetFlag::default();
     bus.add_ports(

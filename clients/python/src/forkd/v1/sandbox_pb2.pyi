@@ -251,8 +251,8 @@ class SpawnSandboxesRequest(_message.Message):
     image: _builtins.str
     """Name of a Linux image in the daemon's images directory (built with
     `forkd image build NAME`) to cold boot. Empty means the reference guest
-    (or a fork, with `snapshot_tag`). Forking Linux snapshots is not
-    supported yet: setting both is INVALID_ARGUMENT.
+    (or a fork, with `snapshot_tag`: children run the image their snapshot
+    was taken of). Setting both is INVALID_ARGUMENT.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

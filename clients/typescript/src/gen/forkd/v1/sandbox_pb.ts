@@ -222,8 +222,8 @@ export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & 
   /**
    * Name of a Linux image in the daemon's images directory (built with
    * `forkd image build NAME`) to cold boot. Empty means the reference guest
-   * (or a fork, with `snapshot_tag`). Forking Linux snapshots is not
-   * supported yet: setting both is INVALID_ARGUMENT.
+   * (or a fork, with `snapshot_tag`: children run the image their snapshot
+   * was taken of). Setting both is INVALID_ARGUMENT.
    *
    * @generated from field: string image = 8;
    */
