@@ -51,7 +51,6 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -322,22 +321,29 @@ def run(args: argparse.Namespace, command: str) -> None:
             )
             if r.returncode != 0:
                 raise RuntimeError(f"making {PRINTK_IMAGE} failed: {r.stderr.decode(errors='replace')}")
-        daemon = InnerDaemon(host, forkd, f"{INNER}/images")
-        channel = grpc.insecure_channel(f"127.0.0.1:{daemon.client_port}")
-        bench = Bench(channel, host.token)
-        try:
-            daemon.start()
-            bench.wait_serving(daemon)
-            measure(bench, args, host, copy_s, command)
-        finally:
-            try:
-                bench.delete_all()
-            except Exception as e:  # noqa: BLE001 - the daemon stop below still runs
-                log(f"cleanup: {e}")
-            finally:
-                channel.close()
-                daemon.stop()
+        with_daemon(host, forkd, Bench, lambda bench: measure(bench, args, host, copy_s, command))
     log(f"done in {time.monotonic() - t_start:.0f}s (SVM test host stopped)")
+
+
+def with_daemon(host: SvmHost, forkd: Path, bench_type: type, measure: Callable[[Any], None]) -> None:
+    """Starts the daemon inside `host`, runs `measure` with a `bench_type`
+    (a Bench) connected to it, then deletes what is left and stops the
+    daemon, whatever happens."""
+    daemon = InnerDaemon(host, forkd, f"{INNER}/images")
+    channel = grpc.insecure_channel(f"127.0.0.1:{daemon.client_port}")
+    bench = bench_type(channel, host.token)
+    try:
+        daemon.start()
+        bench.wait_serving(daemon)
+        measure(bench)
+    finally:
+        try:
+            bench.delete_all()
+        except Exception as e:  # noqa: BLE001 - the daemon stop below still runs
+            log(f"cleanup: {e}")
+        finally:
+            channel.close()
+            daemon.stop()
 
 
 def measure(bench: Bench, args: argparse.Namespace, host: SvmHost, copy_s: float, command: str) -> None:
@@ -467,12 +473,18 @@ def main() -> int:
     args = ap.parse_args()
     if args.boots < 1 or args.execs < 1 or args.python_execs < 1:
         ap.error("--boots, --execs and --python-execs must be at least 1")
+    return run_to_end(run, args, "daemon and SVM test host stopped")
+
+
+def run_to_end(run: Callable[[argparse.Namespace, str], None], args: argparse.Namespace, cleaned: str) -> int:
+    """Runs `run(args, command line)` with SIGTERM as Ctrl-C; returns the
+    exit status (130 when interrupted; `cleaned` says what was cleaned up)."""
     command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable] + sys.argv)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         run(args, command)
     except KeyboardInterrupt:
-        log("interrupted: daemon and SVM test host stopped")
+        log(f"interrupted: {cleaned}")
         return 130
     return 0
 

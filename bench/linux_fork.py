@@ -68,8 +68,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import signal
 import statistics
 import sys
 import time
@@ -421,12 +419,8 @@ def run(args: argparse.Namespace, command: str) -> None:
         assert host.agent is not None
         log(f"SVM test host up ({host.uname}), run dir {host.run_dir}")
         copy_s = lb.copy_image(host, images)
-        daemon = lb.InnerDaemon(host, forkd, f"{lb.INNER}/images")
-        channel = grpc.insecure_channel(f"127.0.0.1:{daemon.client_port}")
-        bench = ForkBench(channel, host.token)
-        try:
-            daemon.start()
-            bench.wait_serving(daemon)
+
+        def measure(bench: ForkBench) -> None:
             out(
                 "forkd Linux fork vs cold boot, LIVE vs FULL branch -- EMULATED on the SVM test host (QEMU TCG, -cpu max, 1 vCPU)",
                 f"command: {command}",
@@ -436,14 +430,8 @@ def run(args: argparse.Namespace, command: str) -> None:
             )
             fork_vs_cold(bench, args)
             live_vs_full(bench, args)
-        finally:
-            try:
-                bench.delete_all()
-            except Exception as e:  # noqa: BLE001 - the daemon stop below still runs
-                log(f"cleanup: {e}")
-            finally:
-                channel.close()
-                daemon.stop()
+
+        lb.with_daemon(host, forkd, ForkBench, measure)
     log(f"done in {time.monotonic() - t_start:.0f}s (SVM test host stopped)")
 
 
@@ -481,14 +469,7 @@ def main() -> int:
         ap.error("--reps, --rounds and --fill-mib must be at least 1")
     if args.fill_mib >= args.live_memory_mib:
         ap.error("--fill-mib must be well below --live-memory-mib")
-    command = shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable] + sys.argv)
-    signal.signal(signal.SIGTERM, lb._sigterm)
-    try:
-        run(args, command)
-    except KeyboardInterrupt:
-        log("interrupted: sandboxes, snapshots, daemon and SVM test host cleaned up")
-        return 130
-    return 0
+    return lb.run_to_end(run, args, "sandboxes, snapshots, daemon and SVM test host cleaned up")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def build_image(forkd_bin: Path) -> Path:
     return IMAGES_CACHE
 
 
+INNER_IMAGES = "/tmp/forkd-e2e-images"
+
+
+def image_in_machine(machine: Machine, forkd_bin: Path) -> str:
+    """Builds the image here (if not up to date) and copies it into the
+    machine's tmpfs (the VMM reads the initrd at every boot, and 9p reads
+    of 100 MiB are slow in the emulator); returns the images dir there."""
+    images = build_image(forkd_bin)
+    copy = f"mkdir -p {INNER_IMAGES} && rm -rf {INNER_IMAGES}/{IMAGE} && cp -a {images}/{IMAGE} {INNER_IMAGES}/"
+    r = machine.run(["sh", "-c", copy], timeout=600)
+    assert r.returncode == 0, r.stderr
+    return INNER_IMAGES
+
+
 class Linux:
     """The module's daemon (inside the SVM test host) and its sandboxes."""
 
@@ -74,12 +88,7 @@ class Linux:
 def linux(machine: Machine, forkd_bin: Path) -> Iterator[Linux]:
     if machine is LOCAL:
         pytest.skip("Linux guests need VMX or SVM: these run on the SVM test host (pytest --svm)")
-    images = build_image(forkd_bin)
-    # The image goes into the machine's tmpfs once: the VMM reads the
-    # initrd at every boot, and 9p reads of 100 MiB are slow in the emulator.
-    inner_images = "/tmp/forkd-e2e-images"
-    r = machine.run(["sh", "-c", f"rm -rf {inner_images} && mkdir -p {inner_images} && cp -a {images}/{IMAGE} {inner_images}/"], timeout=600)
-    assert r.returncode == 0, r.stderr
+    inner_images = image_in_machine(machine, forkd_bin)
     gp, hp = machine.host.take_daemon_port()
     d = Daemon(
         forkd_bin,

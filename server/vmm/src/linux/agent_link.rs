@@ -351,3 +351,51 @@ impl GuestFrames {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::devices::virtio::console::Console;
+    use crate::devices::virtio::device_writes::DeviceWrites;
+
+    /// Both halves over a console with no guest behind it, reporting into
+    /// one end of a socket pair (kept alive by the caller).
+    fn link() -> (AgentLink, GuestFrames, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let sink = Arc::new(EventSink::new(ours));
+        let (unconnected, frames) = link_parts(sink, Instant::now());
+        let (_console, sender) = Console::new(Box::new(|_: &[u8]| {}), DeviceWrites::new(1 << 20));
+        (unconnected.connect(sender), frames, theirs)
+    }
+
+    #[test]
+    fn quiesce_times_out_without_an_answer() {
+        let (agent, _frames, _peer) = link();
+        let e = agent.quiesce(7, Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(e, LinkError::NotQuiesced { .. }), "{e}");
+        assert!(e.to_string().contains("did not quiesce"), "{e}");
+    }
+
+    #[test]
+    fn quiesce_returns_once_its_own_answer_arrives() {
+        let (agent, mut frames, _peer) = link();
+        let answer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            // An answer to an older request does not count.
+            frames.receive(&proto::encode_json(&GuestMsg::Quiesced { id: 6 }).unwrap());
+            frames.receive(&proto::encode_json(&GuestMsg::Quiesced { id: 7 }).unwrap());
+        });
+        agent.quiesce(7, Duration::from_secs(30)).unwrap();
+        answer.join().unwrap();
+    }
+
+    #[test]
+    fn host_entropy_differs_between_calls() {
+        let (mut a, mut b) = ([0u8; FORK_ENTROPY_BYTES], [0u8; FORK_ENTROPY_BYTES]);
+        host_entropy(&mut a).unwrap();
+        host_entropy(&mut b).unwrap();
+        assert_ne!(a, b);
+    }
+}

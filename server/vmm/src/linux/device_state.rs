@@ -2,9 +2,8 @@
 //! KVM's state and rebuilt by a child VMM over the snapshot's memory.
 //!
 //! The upstream state types (vm-superio's `SerialState`, virtio-queue's
-//! `QueueState`) carry no serde support, and their layout is theirs to
-//! change; these structs are ours, versioned with `vmstate`, and convert to
-//! and from them.
+//! `QueueState`) carry no serde support; their on-disk form is described
+//! here with serde's remote derive, versioned with `vmstate`.
 //!
 //! Not saved, on purpose: the i8042 (its only job is the reset command,
 //! which ends the VM), the console log (a child writes its own), and the
@@ -18,71 +17,31 @@ use vm_superio::serial::SerialState;
 /// Every device of a Linux guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinuxDevicesState {
-    /// COM1.
-    pub serial: SerialRegs,
+    /// COM1: vm-superio's 8250 registers and receive FIFO.
+    #[serde(with = "SerialRegs")]
+    pub serial: SerialState,
     /// The CMOS clock's selected register.
     pub cmos_index: u8,
     /// The agent channel: virtio-mmio slot 0 with its console.
     pub console: MmioTransportState,
 }
 
-/// The 8250 UART's registers and receive FIFO.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialRegs {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable register.
-    pub interrupt_enable: u8,
-    /// Interrupt identification register.
-    pub interrupt_identification: u8,
-    /// Line control register.
-    pub line_control: u8,
-    /// Line status register.
-    pub line_status: u8,
-    /// Modem control register.
-    pub modem_control: u8,
-    /// Modem status register.
-    pub modem_status: u8,
-    /// Scratch register.
-    pub scratch: u8,
-    /// Received bytes not yet read by the guest.
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegs {
-    fn from(s: SerialState) -> Self {
-        SerialRegs {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegs> for SerialState {
-    fn from(s: &SerialRegs) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+/// The on-disk form of vm-superio's `SerialState`: the 8250's registers
+/// and its receive FIFO. (serde's remote derive: a field vm-superio adds or
+/// renames fails the build here instead of changing the format silently.)
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialRegs {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// A virtio-mmio transport's registers, and its queues.
@@ -102,62 +61,49 @@ pub struct MmioTransportState {
     pub queue_sel: u32,
     /// InterruptStatus bits not yet acknowledged.
     pub interrupt_status: u32,
-    /// Each queue, in index order.
-    pub queues: Vec<QueueRegs>,
+    /// Each queue's configuration and ring positions, in index order.
+    #[serde(with = "queue_list")]
+    pub queues: Vec<QueueState>,
 }
 
-/// A split virtqueue's configuration and ring positions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueRegs {
-    /// Largest size the device offers.
-    pub max_size: u16,
-    /// Size the driver chose.
-    pub size: u16,
-    /// Set up by the driver.
-    pub ready: bool,
-    /// Next available-ring entry the device will take.
-    pub next_avail: u16,
-    /// Next used-ring entry the device will fill.
-    pub next_used: u16,
-    /// VIRTIO_F_RING_EVENT_IDX negotiated.
-    pub event_idx: bool,
-    /// Guest address of the descriptor table.
-    pub desc_table: u64,
-    /// Guest address of the available ring.
-    pub avail_ring: u64,
-    /// Guest address of the used ring.
-    pub used_ring: u64,
+/// The on-disk form of virtio-queue's `QueueState` (remote derive, as for
+/// [`SerialRegs`]).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueRegs {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    #[serde(rename = "event_idx")]
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
 }
 
-impl From<QueueState> for QueueRegs {
-    fn from(q: QueueState) -> Self {
-        QueueRegs {
-            max_size: q.max_size,
-            size: q.size,
-            ready: q.ready,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx: q.event_idx_enabled,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
+/// A list of queues in their on-disk form.
+mod queue_list {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use virtio_queue::QueueState;
+
+    #[derive(Serialize, Deserialize)]
+    struct Queue(#[serde(with = "super::QueueRegs")] QueueState);
+
+    pub fn serialize<S: Serializer>(queues: &[QueueState], s: S) -> Result<S::Ok, S::Error> {
+        queues
+            .iter()
+            .map(|q| Queue(*q))
+            .collect::<Vec<_>>()
+            .serialize(s)
     }
-}
 
-impl From<QueueRegs> for QueueState {
-    fn from(q: QueueRegs) -> Self {
-        QueueState {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<QueueState>, D::Error> {
+        Ok(Vec::<Queue>::deserialize(d)?
+            .into_iter()
+            .map(|q| q.0)
+            .collect())
     }
 }
 
@@ -166,30 +112,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn serial_registers_round_trip_through_vm_superio() {
-        let mut upstream = SerialState {
-            line_control: 0x03,
-            scratch: 7,
-            ..Default::default()
+    fn device_state_round_trips_through_json() {
+        let state = LinuxDevicesState {
+            serial: SerialState {
+                line_control: 0x03,
+                scratch: 7,
+                in_buffer: vec![1, 2, 3],
+                ..Default::default()
+            },
+            cmos_index: 0x0b,
+            console: MmioTransportState {
+                status: 15,
+                active: true,
+                queues: vec![QueueState {
+                    max_size: 256,
+                    size: 128,
+                    ready: true,
+                    next_avail: 9,
+                    next_used: 8,
+                    desc_table: 0x10_0000,
+                    avail_ring: 0x10_1000,
+                    used_ring: 0x10_2000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
         };
-        upstream.in_buffer = vec![1, 2, 3];
-        let ours = SerialRegs::from(upstream.clone());
-        assert_eq!(SerialState::from(&ours), upstream);
-    }
-
-    #[test]
-    fn queue_registers_round_trip_through_virtio_queue() {
-        let regs = QueueRegs {
-            max_size: 256,
-            size: 128,
-            ready: true,
-            next_avail: 9,
-            next_used: 8,
-            event_idx: false,
-            desc_table: 0x10_0000,
-            avail_ring: 0x10_1000,
-            used_ring: 0x10_2000,
-        };
-        assert_eq!(QueueRegs::from(QueueState::from(regs)), regs);
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains("\"next_avail\":9"), "{json}");
+        let back: LinuxDevicesState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
     }
 }

@@ -58,7 +58,7 @@ impl LinuxDevices {
     /// agent channel is quiesced).
     pub fn state(&self) -> LinuxDevicesState {
         LinuxDevicesState {
-            serial: lock(&self.serial).state().into(),
+            serial: lock(&self.serial).state(),
             cmos_index: lock(&self.cmos).index(),
             console: lock(&self.console).state(),
         }
@@ -142,7 +142,7 @@ pub fn create_devices(
     let mut bus = Bus::default();
     let serial_irq = IrqLine::new(vm_fd, layout::COM1_GSI)?;
     let serial = match saved {
-        Some(s) => SerialConsole::from_state(&(&s.serial).into(), serial_irq, log.clone())
+        Some(s) => SerialConsole::from_state(&s.serial, serial_irq, log.clone())
             .map_err(restore_error("serial console"))?,
         None => SerialConsole::new(serial_irq, log.clone()),
     };

@@ -7,7 +7,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::MmioDevice;
-use crate::linux::device_state::{MmioTransportState, QueueRegs};
+use crate::linux::device_state::MmioTransportState;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -99,9 +99,8 @@ impl MmioTransport {
             .queues
             .iter()
             .enumerate()
-            .map(|(i, regs)| {
-                let queue = Queue::try_from(QueueState::from(*regs))
-                    .map_err(|e| format!("queue {i}: {e}"))?;
+            .map(|(i, regs): (usize, &QueueState)| {
+                let queue = Queue::try_from(*regs).map_err(|e| format!("queue {i}: {e}"))?;
                 if state.active && !queue.is_valid(&memory) {
                     return Err(format!("queue {i} does not fit guest memory"));
                 }
@@ -143,7 +142,7 @@ impl MmioTransport {
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
             interrupt_status: self.interrupt.status(),
-            queues: queues.into_iter().map(QueueRegs::from).collect(),
+            queues,
         }
     }
 
