@@ -169,7 +169,7 @@ class ForkdTools:
                 wait_for_snapshot=wait_for_snapshot,
                 image=image,
             )
-        return results.spawn_result(resp)
+        return results.spawn_result(resp.message)
 
     async def list_sandboxes(self, labels: dict[str, str] | None = None) -> SandboxList:
         """List the sandboxes, oldest first, with their state (RUNNING, EXITED,
@@ -291,7 +291,7 @@ class ForkdTools:
             resp = await self.controller().branch_sandbox(
                 sandbox_id, tag, mode=mode, wait=wait, measure_diff=measure_diff
             )
-        return results.branch_result(resp)
+        return results.branch_result(resp.message)
 
     async def kill_sandbox(self, sandbox_id: str) -> KilledSandbox:
         """Stop a sandbox's microVM and delete the sandbox; its id is gone

@@ -3,14 +3,17 @@
     import forkd
 
     with forkd.Controller("127.0.0.1:50051") as ctl:
-        sb = ctl.spawn_sandboxes(n=1).sandboxes[0]
+        sb = ctl.spawn_sandboxes(n=1)[0]                   # sb.id, or sb["id"]
         print(ctl.exec(sb.id, ["echo", "hi"]).stdout)      # b'hi\\n'
-        snap = ctl.branch_sandbox(sb.id, mode="live", wait=False).snapshot
-        for update in ctl.watch_snapshot(snap.tag):
+        branch = ctl.branch_sandbox(sb.id, mode="live", wait=False)
+        for update in ctl.watch_snapshot(branch.tag):      # or branch["tag"]
             print(forkd.status_name(update.status))   # writing ... ready
 
 The API messages (``forkd.v1.sandbox_pb2`` / ``snapshot_pb2``) are generated
 from the same .proto files as the server and the TypeScript client.
+``spawn_sandboxes``, ``branch_sandbox`` and ``create_snapshot`` return
+wrappers over them (:class:`SpawnResult`, :class:`BranchResult`,
+:class:`CreateSnapshotResult`; ``.message`` is the generated message).
 """
 
 from forkd.aio import AsyncController
@@ -26,7 +29,15 @@ from forkd.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from forkd.results import ExecEvent, ExecResult
+from forkd.results import (
+    BranchResult,
+    CreateSnapshotResult,
+    ExecEvent,
+    ExecResult,
+    MessageView,
+    SandboxView,
+    SpawnResult,
+)
 from forkd.v1.sandbox_pb2 import (
     BranchSandboxResponse,
     GuestBoot,
@@ -49,9 +60,11 @@ __all__ = [
     "AsyncController",
     "BranchMode",
     "BranchModeEnum",
+    "BranchResult",
     "BranchSandboxResponse",
     "Controller",
     "CreateSnapshotResponse",
+    "CreateSnapshotResult",
     "DEFAULT_TARGET",
     "DeadlineExceededError",
     "ExecEvent",
@@ -60,14 +73,17 @@ __all__ = [
     "ForkdError",
     "GuestBoot",
     "InvalidArgumentError",
+    "MessageView",
     "NotFoundError",
     "ReadConsoleResponse",
     "ResourceExhaustedError",
     "Sandbox",
+    "SandboxView",
     "SandboxState",
     "Snapshot",
     "SnapshotStatus",
     "SnapshotStatusName",
+    "SpawnResult",
     "SpawnSandboxesResponse",
     "UnauthenticatedError",
     "UnavailableError",

@@ -13,7 +13,14 @@ from grpc import aio
 from forkd import wire
 from forkd.controller import DEFAULT_TARGET, auth_metadata, channel_options
 from forkd.errors import from_rpc_error
-from forkd.results import ExecCollector, ExecEvent, ExecResult
+from forkd.results import (
+    BranchResult,
+    CreateSnapshotResult,
+    ExecCollector,
+    ExecEvent,
+    ExecResult,
+    SpawnResult,
+)
 from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from forkd.wire import BranchMode, SnapshotStatusName
 
@@ -94,7 +101,7 @@ class AsyncController:
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
         image: str | None = None,
-    ) -> sandbox_pb2.SpawnSandboxesResponse:
+    ) -> SpawnResult:
         """See :meth:`forkd.Controller.spawn_sandboxes`."""
         req = wire.spawn_request(
             tag,
@@ -106,7 +113,7 @@ class AsyncController:
             wait_for_snapshot=wait_for_snapshot,
             image=image,
         )
-        return await self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req)
+        return SpawnResult(await self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 
     async def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
         """See :meth:`forkd.Controller.get_sandbox`."""
@@ -166,10 +173,10 @@ class AsyncController:
         measure_diff: bool = False,
         mode: BranchMode | None = None,
         wait: bool = True,
-    ) -> sandbox_pb2.BranchSandboxResponse:
+    ) -> BranchResult:
         """See :meth:`forkd.Controller.branch_sandbox`."""
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
-        return await self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req)
+        return BranchResult(await self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req))
 
     async def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
         """See :meth:`forkd.Controller.read_console`."""
@@ -187,10 +194,10 @@ class AsyncController:
         warmup: Sequence[Sequence[str]] = (),
         keep_running: bool = False,
         image: str | None = None,
-    ) -> snapshot_pb2.CreateSnapshotResponse:
+    ) -> CreateSnapshotResult:
         """See :meth:`forkd.Controller.create_snapshot`."""
         req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running, image)
-        return await self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req)
+        return CreateSnapshotResult(await self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req))
 
     async def get_snapshot(self, tag: str) -> snapshot_pb2.Snapshot:
         """See :meth:`forkd.Controller.get_snapshot`."""

@@ -11,7 +11,14 @@ import grpc
 
 from forkd import wire
 from forkd.errors import from_rpc_error
-from forkd.results import ExecCollector, ExecEvent, ExecResult
+from forkd.results import (
+    BranchResult,
+    CreateSnapshotResult,
+    ExecCollector,
+    ExecEvent,
+    ExecResult,
+    SpawnResult,
+)
 from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from forkd.wire import BranchMode, SnapshotStatusName
 
@@ -123,7 +130,7 @@ class Controller:
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
         image: str | None = None,
-    ) -> sandbox_pb2.SpawnSandboxesResponse:
+    ) -> SpawnResult:
         """Starts ``n`` sandboxes: cold boots when ``tag`` is None, else
         children forked copy-on-write from snapshot ``tag``.
 
@@ -143,8 +150,12 @@ class Controller:
         from a snapshot that is still WRITING once it is READY instead of
         failing with FAILED_PRECONDITION.
 
-        Returns the response: ``.sandboxes`` that started and ``.failures``
-        for those that did not (the call fails only when none started).
+        Returns a :class:`forkd.SpawnResult`: a sequence of the sandboxes
+        that started (``res[0]``, ``len(res)``, ``for sb in res``; each a
+        :class:`forkd.SandboxView`, so ``res[0].id`` and ``res[0]["id"]``),
+        with ``.failures`` for those that did not (the call fails only when
+        none started), ``.elapsed_ms``, and ``.sandboxes`` and ``.message``
+        from the SpawnSandboxesResponse as before.
         """
         req = wire.spawn_request(
             tag,
@@ -156,7 +167,7 @@ class Controller:
             wait_for_snapshot=wait_for_snapshot,
             image=image,
         )
-        return self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req)
+        return SpawnResult(self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 
     def get_sandbox(self, sandbox_id: str) -> sandbox_pb2.Sandbox:
         """One sandbox by id (NotFoundError when there is none)."""
@@ -228,7 +239,7 @@ class Controller:
         measure_diff: bool = False,
         mode: BranchMode | None = None,
         wait: bool = True,
-    ) -> sandbox_pb2.BranchSandboxResponse:
+    ) -> BranchResult:
         """Captures a running sandbox as a new snapshot.
 
         ``mode``: ``"full"`` (pause, write all RAM), ``"diff"`` (write only
@@ -240,9 +251,13 @@ class Controller:
         ``wait=False`` applies to live only: return as soon as the guest runs
         again, with the snapshot still WRITING; follow it with
         :meth:`watch_snapshot`.
+
+        Returns a :class:`forkd.BranchResult`: the BranchSandboxResponse's
+        fields (``.snapshot``, ``.pause_ms``, ...) plus ``.tag``, the new
+        snapshot's tag, each also as ``res["tag"]``.
         """
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
-        return self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req)
+        return BranchResult(self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req))
 
     def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
         """The end of a Linux sandbox's serial console log (kernel messages,
@@ -267,7 +282,7 @@ class Controller:
         warmup: Sequence[Sequence[str]] = (),
         keep_running: bool = False,
         image: str | None = None,
-    ) -> snapshot_pb2.CreateSnapshotResponse:
+    ) -> CreateSnapshotResult:
         """Boots a sandbox, runs each ``warmup`` argv in it, and snapshots it.
 
         ``image`` names a Linux image in the daemon's images directory to
@@ -278,9 +293,13 @@ class Controller:
         :meth:`spawn_sandboxes` with ``image`` apply.
 
         ``keep_running`` keeps the warmed sandbox (its id is in the response).
+
+        Returns a :class:`forkd.CreateSnapshotResult`: ``.snapshot``,
+        ``.sandbox_id`` and ``.tag`` (the snapshot's), also as
+        ``res["tag"]``.
         """
         req = wire.create_snapshot_request(tag, memory_mib, vcpus, warmup, keep_running, image)
-        return self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req)
+        return CreateSnapshotResult(self._unary("CreateSnapshot", self._snapshots.CreateSnapshot, req))
 
     def get_snapshot(self, tag: str) -> snapshot_pb2.Snapshot:
         """One snapshot by tag (NotFoundError when there is none)."""
