@@ -11,15 +11,12 @@ import type { Http2SessionManager } from "@connectrpc/connect-node";
 import { ForkdError, toForkdError } from "./errors.js";
 import { type ExecEvent, type ExecResult, collectExec, toExecEvent } from "./exec.js";
 import {
-  type BranchSandboxResponse,
   type ExecRequest,
   type ReadConsoleResponse,
   type Sandbox,
   SandboxService,
-  type SpawnSandboxesResponse,
 } from "./gen/forkd/v1/sandbox_pb.js";
 import {
-  type CreateSnapshotResponse,
   type Snapshot,
   SnapshotService,
   type WatchSnapshotResponse,
@@ -42,6 +39,12 @@ import {
   readConsoleRequest,
   spawnSandboxesRequest,
 } from "./requests.js";
+import {
+  type BranchResult,
+  type CreateSnapshotResult,
+  SpawnResult,
+  withSnapshotTag,
+} from "./results.js";
 import { DEFAULT_TARGET, bearerAuth, createOwnedTransport, targetToBaseUrl } from "./transport.js";
 
 /** Options of the {@link Controller} constructor. */
@@ -118,13 +121,16 @@ export class Controller implements AsyncDisposable {
    * Starts `n` sandboxes: cold boots when `tag` is empty or absent (of the
    * reference guest, or of the Linux image `image`), else children forked
    * from snapshot `tag`. A Linux image needs a host with Intel VMX or AMD
-   * SVM (elsewhere FAILED_PRECONDITION). Resolves with the whole response:
-   * the started sandboxes, per-sandbox failures and the elapsed time (the
-   * call fails only when none started).
+   * SVM (elsewhere FAILED_PRECONDITION). Resolves with a {@link SpawnResult}:
+   * an array of the started sandboxes (`res[0]`, `res.length`, `for (const
+   * sb of res)`) that is also the whole response, with the per-sandbox
+   * `failures`, `elapsedMs` and `sandboxes` alongside (the call fails only
+   * when none started).
    */
-  async spawnSandboxes(opts: SpawnOptions = {}): Promise<SpawnSandboxesResponse> {
+  async spawnSandboxes(opts: SpawnOptions = {}): Promise<SpawnResult> {
     const req = spawnSandboxesRequest(opts);
-    return this.#unary(() => this.#sandboxes.spawnSandboxes(req, this.#callOptions));
+    const res = await this.#unary(() => this.#sandboxes.spawnSandboxes(req, this.#callOptions));
+    return new SpawnResult(res);
   }
 
   /** Returns one sandbox by id. */
@@ -179,14 +185,13 @@ export class Controller implements AsyncDisposable {
    * Captures a running sandbox as a new snapshot. `mode` wins over the
    * legacy `diff` flag (only `mode` is sent); `wait: false` (LIVE only)
    * resolves while the snapshot is still WRITING, see
-   * {@link Controller.watchSnapshot}.
+   * {@link Controller.watchSnapshot}. Resolves with the response plus
+   * `tag`, the new snapshot's tag.
    */
-  async branchSandbox(
-    sandboxId: string,
-    opts: BranchOptions = {},
-  ): Promise<BranchSandboxResponse> {
+  async branchSandbox(sandboxId: string, opts: BranchOptions = {}): Promise<BranchResult> {
     const req = branchSandboxRequest(sandboxId, opts);
-    return this.#unary(() => this.#sandboxes.branchSandbox(req, this.#callOptions));
+    const res = await this.#unary(() => this.#sandboxes.branchSandbox(req, this.#callOptions));
+    return withSnapshotTag(res);
   }
 
   /**
@@ -204,11 +209,13 @@ export class Controller implements AsyncDisposable {
   /**
    * Boots a sandbox (of the reference guest, or of the Linux image `image`),
    * runs the warm-up commands in it, and snapshots it. Children spawned
-   * from the snapshot run the same guest.
+   * from the snapshot run the same guest. Resolves with the response plus
+   * `tag`, the snapshot's tag.
    */
-  async createSnapshot(opts: CreateSnapshotOptions = {}): Promise<CreateSnapshotResponse> {
+  async createSnapshot(opts: CreateSnapshotOptions = {}): Promise<CreateSnapshotResult> {
     const req = createSnapshotRequest(opts);
-    return this.#unary(() => this.#snapshots.createSnapshot(req, this.#callOptions));
+    const res = await this.#unary(() => this.#snapshots.createSnapshot(req, this.#callOptions));
+    return withSnapshotTag(res);
   }
 
   /** Returns one snapshot by tag. */

@@ -5,7 +5,7 @@
  * ```ts
  * import { Controller } from "@forkd/client";
  * await using forkd = new Controller({ target: "127.0.0.1:50051" });
- * const { sandboxes } = await forkd.spawnSandboxes({ n: 2 });
+ * const sandboxes = await forkd.spawnSandboxes({ n: 2 });   // sandboxes[0].id, ...
  * ```
  *
  * @packageDocumentation
@@ -33,6 +33,7 @@ export type {
   WarmupCommand,
 } from "./requests.js";
 export { type ExecEvent, ExecResult } from "./exec.js";
+export { type BranchResult, type CreateSnapshotResult, SpawnResult } from "./results.js";
 export { ForkdError, grpcCodeName } from "./errors.js";
 export { DEFAULT_TARGET, bearerAuth } from "./transport.js";
 export { Code } from "@connectrpc/connect";
