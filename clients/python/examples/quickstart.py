@@ -13,7 +13,7 @@ import forkd
 
 def main(target: str) -> None:
     with forkd.Controller(target, timeout=60) as ctl:
-        sb = ctl.spawn_sandboxes(memory_mib=128, labels={"example": "quickstart"}).sandboxes[0]
+        sb = ctl.spawn_sandboxes(memory_mib=128, labels={"example": "quickstart"})[0]
         print(f"spawned {sb.id} in {sb.boot_ms:.1f} ms")
 
         ctl.exec(sb.id, ["fill", "64", "42"])  # warm state: 64 MiB of pattern
@@ -25,11 +25,11 @@ def main(target: str) -> None:
         print(f"live branch paused the guest {branch.pause_ms:.2f} ms; snapshot is {status}")
         ctl.exec(sb.id, ["fill", "64", "7"])  # the source moves on meanwhile
 
-        for update in ctl.watch_snapshot("quickstart", timeout=120):
+        for update in ctl.watch_snapshot(branch.tag, timeout=120):
             name = forkd.status_name(update.status)
             print(f"  {name}: {update.bytes_copied} of {update.bytes_total} bytes copied")
 
-        children = ctl.spawn_sandboxes("quickstart", n=3).sandboxes
+        children = ctl.spawn_sandboxes(branch.tag, n=3)
         for child in children:
             print(f"child {child.id}: checksum {ctl.exec(child.id, ['checksum']).text.strip()}")
 
@@ -40,7 +40,7 @@ def main(target: str) -> None:
 
         for s in [sb, *children]:
             ctl.delete_sandbox(s.id)
-        print("deleted:", ctl.delete_snapshot("quickstart"))
+        print("deleted:", ctl.delete_snapshot(branch["tag"]))
 
 
 if __name__ == "__main__":

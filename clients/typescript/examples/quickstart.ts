@@ -19,7 +19,7 @@ const sandboxIds: string[] = [];
 try {
   // One cold-booted sandbox with 128 MiB of guest RAM.
   const spawned = await forkd.spawnSandboxes({ memoryMib: 128, labels: { app: "quickstart" } });
-  const source = spawned.sandboxes[0]!;
+  const source = spawned[0]!; // the result is an array of the sandboxes
   sandboxIds.push(source.id);
   console.log(`spawned ${source.id} in ${spawned.elapsedMs.toFixed(1)} ms`);
 
@@ -35,16 +35,17 @@ try {
   // LIVE branch without waiting: returns while the memory is still copied.
   const branch = await forkd.branchSandbox(source.id, { tag, mode: "live", wait: false });
   console.log(
-    `branched ${tag}: ${SnapshotStatus[branch.snapshot!.status]}, paused ${branch.pauseMs.toFixed(2)} ms`,
+    `branched ${branch.tag}: ${SnapshotStatus[branch.snapshot!.status]}, paused ${branch.pauseMs.toFixed(2)} ms`,
   );
-  for await (const update of forkd.watchSnapshot(tag)) {
+  for await (const update of forkd.watchSnapshot(branch.tag)) {
     console.log(
       `  watch: ${SnapshotStatus[update.status]} ${update.bytesCopied}/${update.bytesTotal} bytes`,
     );
   }
 
   // A child forked from the snapshot starts with the source's memory.
-  const child = (await forkd.spawnSandboxes({ tag })).sandboxes[0]!;
+  const [child] = await forkd.spawnSandboxes({ tag: branch.tag });
+  if (child === undefined) throw new Error("no child started");
   sandboxIds.push(child.id);
   const childSum = (await forkd.exec(child.id, ["checksum", "64"])).stdoutText.trim();
   console.log(`child ${child.id} checksum ${childSum} (${childSum === sum ? "same" : "DIFFERENT"})`);
