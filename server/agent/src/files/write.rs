@@ -97,8 +97,14 @@ fn write(
 ) -> Result<Option<(u64, String)>, FileError> {
     let (dir_path, name) = split_for_write(&req.path)?;
     if req.parents {
-        std::fs::create_dir_all(dir_path)
-            .map_err(|e| FileError::io(format!("creating directory {dir_path}"), e))?;
+        std::fs::create_dir_all(dir_path).map_err(|e| {
+            let mut err = FileError::io(format!("creating directory {dir_path}"), e);
+            // std reports a non-directory on the way as "exists".
+            if err.kind == FileErrorKind::AlreadyExists {
+                err.kind = FileErrorKind::NotADirectory;
+            }
+            err
+        })?;
     }
     let dir = open(
         dir_path,
