@@ -15,7 +15,7 @@ pub enum ProtoError {
     /// A data frame's body is shorter than its header.
     #[error("data frame body of {0} bytes is shorter than its {hdr}-byte header", hdr = crate::DATA_HEADER)]
     ShortData(usize),
-    /// A data frame names a stream other than stdin, stdout or stderr.
+    /// A data frame names a stream other than stdin, stdout, stderr or file.
     #[error("data frame for unknown stream {0}")]
     BadStream(u8),
     /// A data frame carries more than [`crate::MAX_DATA`] bytes.

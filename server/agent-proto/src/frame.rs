@@ -6,13 +6,14 @@ use crate::ProtoError;
 
 /// Frame kind: the body is a JSON message.
 pub const KIND_JSON: u8 = 1;
-/// Frame kind: the body is `u64 LE exec id | u8 stream | data`.
+/// Frame kind: the body is `u64 LE id | u8 stream | data` (an exec id for
+/// stdin/stdout/stderr, a transfer id for [`STREAM_FILE`]).
 pub const KIND_DATA: u8 = 2;
 /// Largest body (after the kind byte) of any frame.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data payload of one data frame.
 pub const MAX_DATA: usize = 64 * 1024;
-/// Bytes of a data frame's body before its data (exec id and stream).
+/// Bytes of a data frame's body before its data (id and stream).
 pub const DATA_HEADER: usize = 9;
 /// Data stream: the exec's stdin (host to guest; empty data means EOF).
 pub const STREAM_STDIN: u8 = 0;
@@ -20,6 +21,14 @@ pub const STREAM_STDIN: u8 = 0;
 pub const STREAM_STDOUT: u8 = 1;
 /// Data stream: the exec's stderr (guest to host).
 pub const STREAM_STDERR: u8 = 2;
+/// Data stream: file bytes of a transfer (both directions): an upload's
+/// content after [`crate::HostMsg::WriteFile`] (host to guest; empty data
+/// ends it) or a download's after [`crate::GuestMsg::FileOpened`].
+pub const STREAM_FILE: u8 = 3;
+/// Bytes of an upload the host may have sent beyond the last
+/// [`crate::GuestMsg::FileCredit`] (two full data frames). The agent fails an
+/// upload that overruns it.
+pub const FILE_WRITE_WINDOW: u64 = 2 * MAX_DATA as u64;
 
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +36,13 @@ pub enum Frame {
     /// The raw JSON body; parse it with [`Frame::parse_json`] as the message
     /// type of the direction it travels.
     Json(Vec<u8>),
-    /// A chunk of an exec's stdin, stdout or stderr.
+    /// A chunk of an exec's stdin, stdout or stderr, or of a file transfer.
     Data {
-        /// Exec id.
+        /// Exec id, or transfer id on [`STREAM_FILE`].
         id: u64,
-        /// [`STREAM_STDIN`], [`STREAM_STDOUT`] or [`STREAM_STDERR`].
+        /// [`STREAM_STDIN`], [`STREAM_STDOUT`], [`STREAM_STDERR`] or [`STREAM_FILE`].
         stream: u8,
-        /// The bytes (empty on stdin means EOF).
+        /// The bytes (empty on stdin, or on an upload's file stream, means EOF).
         data: Vec<u8>,
     },
 }
@@ -58,7 +67,7 @@ impl Frame {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&body[..8]);
                 let stream = body[8];
-                if stream > STREAM_STDERR {
+                if stream > STREAM_FILE {
                     return Err(ProtoError::BadStream(stream));
                 }
                 let data = &body[DATA_HEADER..];
@@ -110,7 +119,7 @@ pub fn encode_data(id: u64, stream: u8, data: &[u8]) -> Result<Vec<u8>, ProtoErr
     if data.len() > MAX_DATA {
         return Err(ProtoError::DataTooLarge(data.len()));
     }
-    if stream > STREAM_STDERR {
+    if stream > STREAM_FILE {
         return Err(ProtoError::BadStream(stream));
     }
     Ok(frame(KIND_DATA, DATA_HEADER + data.len(), |out| {

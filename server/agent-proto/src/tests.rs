@@ -94,8 +94,8 @@ fn encode_limits() {
         Err(ProtoError::DataTooLarge(_))
     ));
     assert!(matches!(
-        encode_data(1, 3, b"x"),
-        Err(ProtoError::BadStream(3))
+        encode_data(1, 4, b"x"),
+        Err(ProtoError::BadStream(4))
     ));
     let huge = GuestMsg::Log {
         message: "x".repeat(MAX_FRAME),
@@ -236,4 +236,122 @@ fn bad_json_reports_error() {
         f.parse_json::<HostMsg>(),
         Some(Err(ProtoError::Json(_)))
     ));
+}
+
+#[test]
+fn file_messages_round_trip() {
+    let host = vec![
+        HostMsg::WriteFile {
+            id: 1,
+            path: "/a".into(),
+            mode: 0o600,
+            parents: true,
+            exclusive: true,
+        },
+        HostMsg::ReadFile {
+            id: 2,
+            path: "/a".into(),
+            offset: 3,
+            length: 4,
+            window: 65536,
+        },
+        HostMsg::FileAck { id: 2, bytes: 9 },
+        HostMsg::FileAbort { id: 2 },
+        HostMsg::StatFile {
+            id: 3,
+            path: "/".into(),
+        },
+        HostMsg::ListDir {
+            id: 4,
+            path: "/".into(),
+        },
+        HostMsg::RemoveFile {
+            id: 5,
+            path: "/a".into(),
+            recursive: true,
+        },
+    ];
+    for m in host {
+        let f = read_frame(&mut Cursor::new(encode_json(&m).unwrap()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.parse_json::<HostMsg>().unwrap().unwrap(), m);
+    }
+    let info = FileInfo {
+        name: "a".into(),
+        size: 1,
+        mode: 0o644,
+        kind: FileKind::Symlink,
+        mtime_ns: -1,
+    };
+    let guest = vec![
+        GuestMsg::FileCredit { id: 1, bytes: 2 },
+        GuestMsg::FileWritten {
+            id: 1,
+            size: 2,
+            sha256: "ab".into(),
+        },
+        GuestMsg::FileOpened { id: 2, size: 3 },
+        GuestMsg::FileRead {
+            id: 2,
+            bytes: 3,
+            sha256: "cd".into(),
+        },
+        GuestMsg::FileFailed {
+            id: 2,
+            kind: FileErrorKind::NoSpace,
+            message: "full".into(),
+        },
+        GuestMsg::FileStat {
+            id: 3,
+            info: info.clone(),
+        },
+        GuestMsg::DirListing {
+            id: 4,
+            entries: vec![info],
+            truncated: false,
+        },
+        GuestMsg::FileRemoved { id: 5 },
+    ];
+    for m in guest {
+        let f = read_frame(&mut Cursor::new(encode_json(&m).unwrap()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.parse_json::<GuestMsg>().unwrap().unwrap(), m);
+    }
+    // Wire shape: snake_case tags and kinds; defaults for optional fields.
+    let v: serde_json::Value = serde_json::to_value(GuestMsg::FileFailed {
+        id: 1,
+        kind: FileErrorKind::AlreadyExists,
+        message: String::new(),
+    })
+    .unwrap();
+    assert_eq!(v["type"], "file_failed");
+    assert_eq!(v["kind"], "already_exists");
+    let w: HostMsg = serde_json::from_str(r#"{"type":"write_file","id":1,"path":"/x"}"#).unwrap();
+    assert_eq!(
+        w,
+        HostMsg::WriteFile {
+            id: 1,
+            path: "/x".into(),
+            mode: 0,
+            parents: false,
+            exclusive: false
+        }
+    );
+}
+
+#[test]
+fn file_stream_data() {
+    let bytes = encode_data(9, STREAM_FILE, b"f").unwrap();
+    let f = read_frame(&mut Cursor::new(bytes)).unwrap().unwrap();
+    assert_eq!(
+        f,
+        Frame::Data {
+            id: 9,
+            stream: STREAM_FILE,
+            data: b"f".to_vec()
+        }
+    );
+    assert_eq!(FILE_WRITE_WINDOW, 2 * MAX_DATA as u64);
 }

@@ -15,6 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe2;
 
 use crate::channel::{Channel, Session};
+use crate::files::table::Transfers;
 use crate::log;
 use crate::registry::{Registry, Ticket, WaitStatus};
 use crate::spawn::{fork_exec, read_exec_error, ChildFds, Prepared};
@@ -32,15 +33,17 @@ pub struct Ctx {
     pub channel: Arc<Channel>,
     /// Running execs.
     pub registry: Arc<Registry>,
+    /// Running file operations.
+    pub files: Arc<Transfers>,
     /// Whether the agent does init duties (the real PID 1 of a guest): only
     /// then does a forked resume touch the entropy pool, clock and hostname.
     pub init: bool,
 }
 
 impl Ctx {
-    /// Sends a message about an exec of host session `session`; dropped if
-    /// that session is over (the exec was retired by a forked resume).
-    fn send_in(&self, session: Session, msg: &GuestMsg) {
+    /// Sends a message about an exec or file operation of host session
+    /// `session`; dropped if that session is over (retired by a forked resume).
+    pub fn send_in(&self, session: Session, msg: &GuestMsg) {
         if let Err(e) = self.channel.send_in(Some(session), msg) {
             log::local(format!("cannot send {msg:?}: {e}"));
         }

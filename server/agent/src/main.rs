@@ -6,7 +6,8 @@
 //! sends `Ready` and then runs the host's commands, reaping every child. For
 //! snapshots it parks the channel on `Quiesce` and, on a forked `Resume`,
 //! reseeds the CRNG, steps the clock, takes the child's identity and kills
-//! the snapshot's execs (see `resume`). The protocol is in the
+//! the snapshot's execs (see `resume`). It also moves files in and out
+//! for the host, flow-controlled (see `files`). The protocol is in the
 //! `forkd-agent-proto` crate; see README.md.
 //!
 //! Flags: `--init` / `--no-init` (force init duties on or off; default: on
@@ -18,6 +19,7 @@ mod config;
 mod entropy;
 mod error;
 mod exec;
+mod files;
 mod identity;
 mod init;
 mod log;
@@ -100,6 +102,7 @@ fn run(
     let ctx = Arc::new(Ctx {
         channel: channel.clone(),
         registry: registry.clone(),
+        files: Default::default(),
         init,
     });
     channel.send(&GuestMsg::Ready {

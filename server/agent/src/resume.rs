@@ -31,8 +31,8 @@ pub fn quiesce(ctx: &Ctx, id: u64) {
 
 /// Answers `Resumed{id, ..}` and unparks the channel (`Resumed` is the
 /// first frame after `Quiesced`). A forked resume first starts a new host
-/// session, freshens the guest ([`freshen`]) and retires every exec of the
-/// parent's session.
+/// session, freshens the guest ([`freshen`]) and retires every exec and
+/// file transfer of the parent's session.
 pub fn resume(ctx: &Ctx, id: u64, fork: Option<Fork>) {
     let (killed, errors) = match fork {
         None => (0, Vec::new()),
@@ -44,6 +44,12 @@ pub fn resume(ctx: &Ctx, id: u64, fork: Option<Fork>) {
                 .map(ToString::to_string)
                 .collect();
             let killed = ctx.registry.retire_all();
+            let transfers = ctx.files.retire_all();
+            if transfers > 0 {
+                log::local(format!(
+                    "forked resume: {transfers} file transfers abandoned"
+                ));
+            }
             for e in &errors {
                 log::local(format!("forked resume: {e}"));
             }

@@ -4,11 +4,14 @@ use std::fs::File;
 use std::io::BufReader;
 use std::sync::Arc;
 
-use forkd_agent_proto::{Frame, FrameReader, GuestMsg, HostMsg, ProtoError, STREAM_STDIN};
+use forkd_agent_proto::{
+    Frame, FrameReader, GuestMsg, HostMsg, ProtoError, STREAM_FILE, STREAM_STDIN,
+};
 
 use crate::channel;
 use crate::error::AgentError;
 use crate::exec::{self, Ctx, Request};
+use crate::files;
 use crate::log;
 use crate::resume::{self, Fork};
 
@@ -50,6 +53,16 @@ fn handle(ctx: &Arc<Ctx>, frame: Frame) {
             // blocks here, which pushes back on the host.
             if let Some(tx) = ctx.registry.stdin(id) {
                 let _ = tx.send(data);
+            }
+        }
+        Frame::Data {
+            id,
+            stream: STREAM_FILE,
+            data,
+        } => {
+            // Never blocks: the upload window bounds the queue.
+            if !ctx.files.data(id, data) {
+                log::warn(format!("upload {id} overran its window"));
             }
         }
         Frame::Data { id, stream, .. } => log::warn(format!(
@@ -97,5 +110,12 @@ fn handle_msg(ctx: &Arc<Ctx>, msg: HostMsg) {
             });
             resume::resume(ctx, id, fork)
         }
+        msg @ (HostMsg::WriteFile { .. }
+        | HostMsg::ReadFile { .. }
+        | HostMsg::FileAck { .. }
+        | HostMsg::FileAbort { .. }
+        | HostMsg::StatFile { .. }
+        | HostMsg::ListDir { .. }
+        | HostMsg::RemoveFile { .. }) => files::handle(ctx, msg),
     }
 }
