@@ -348,6 +348,9 @@ impl GuestFrames {
                 }
             }
             GuestMsg::Log { message } => eprintln!("forkd-agent: {message}"),
+            // The VMM requests no file transfers yet, so the agent sends
+            // none of their answers.
+            other => eprintln!("forkd-vmm: unexpected agent message: {other:?}"),
         }
     }
 }
