@@ -139,9 +139,10 @@ def env(machine: Machine, forkd_bin: Path) -> Iterator[Env]:
     try:
         d.wait_ready()
         d.client = d.client.with_options(timeout=1500)
-        # 384 MiB: the 100 MiB object, the unpacked root and the kernel fit;
-        # every snapshot's memory is hashed when first forked (slow in TCG).
-        [parent] = d.spawn(1, image=IMAGE, vcpus=1, memoryMib=384)
+        # The image's least memory (448 MiB for ~103 MiB of initramfs): the
+        # 100 MiB object fits beside the root; every snapshot's memory is
+        # hashed when first forked (slow in TCG), so no more than that.
+        [parent] = d.spawn(1, image=IMAGE, vcpus=1, memoryMib=448)
         d.client = d.client.with_options(timeout=900)
         e = Env(machine, d, parent["id"], inner_images)
         e.holder = holder  # type: ignore[attr-defined]
@@ -342,7 +343,7 @@ def test_create_snapshot_of_an_image(env: Env) -> None:
     the snapshot; its children hold what the warm-up left."""
     e = env
     req = {
-        "tag": "lx-created", "image": IMAGE, "vcpus": 1, "memoryMib": 256,
+        "tag": "lx-created", "image": IMAGE, "vcpus": 1, "memoryMib": 448,
         "warmup": [{"argv": ["sh", "-c", "echo warmed > /root/warm.txt"]}, {"argv": ["python3", "-c", "import json"]}],
     }  # fmt: skip
     resp = e.client.call("forkd.v1.SnapshotService/CreateSnapshot", req, timeout=1500)

@@ -165,6 +165,19 @@ def test_hostname_is_the_sandbox_id(linux: Linux) -> None:
         assert linux.exec(sid, ["hostname"]).stdout.decode().strip() == sid
 
 
+def test_root_filesystem_has_room_for_half_the_ram(linux: Linux) -> None:
+    """The root (a tmpfs holding the unpacked image) is sized by the agent
+    to the image plus half the RAM, as a default tmpfs: the kernel's own
+    early-boot size left a large image almost no room."""
+    sid = linux.ids[0]
+    r = linux.run(sid, "df -k / | awk 'NR==2 {print $4}'; awk '/MemTotal/ {print $2}' /proc/meminfo")
+    avail_k, ram_k = (int(x) for x in r.stdout.split())
+    assert avail_k >= ram_k * 4 // 10, (avail_k, ram_k)
+    mib = ram_k // 4 // 1024
+    r = linux.run(sid, f"dd if=/dev/zero of=/root/big bs=1M count={mib} 2>&1 && stat -c %s /root/big && rm /root/big")
+    assert r.exit_code == 0 and r.stdout.split()[-1] == str(mib << 20).encode(), r
+
+
 def test_output_streams_while_the_command_runs(linux: Linux) -> None:
     """The command prints a line every 200 ms and then waits for a file
     that only a second Exec creates after the first line arrived: if output
@@ -265,6 +278,17 @@ def test_unknown_image_is_not_found(linux: Linux) -> None:
         "NOT_FOUND", "forkd.v1.SandboxService/SpawnSandboxes", {"image": "no-such-image", "n": 1}
     )
     assert "no-such-image" in res.message and "forkd image build" in res.message, res.message
+
+
+def test_memory_below_the_image_minimum_is_invalid_argument(linux: Linux) -> None:
+    """Below ~3x its initramfs the kernel cannot unpack the image (it panics
+    with "Initramfs unpacking failed"): refused before anything boots."""
+    for method, req in [
+        ("forkd.v1.SandboxService/SpawnSandboxes", {"image": IMAGE, "n": 1, "memoryMib": 256}),
+        ("forkd.v1.SnapshotService/CreateSnapshot", {"tag": "too-small", "image": IMAGE, "memoryMib": 256}),
+    ]:
+        res = linux.client.expect_error("INVALID_ARGUMENT", method, req)
+        assert "memory_mib=256 is too small" in res.message and "memory_mib >= " in res.message, res.message
 
 
 def test_kernel_panic_fails_the_sandbox_with_the_console_tail(linux: Linux) -> None:

@@ -71,6 +71,9 @@ pub fn setup() -> Cmdline {
         }
     }
     dev_links();
+    if let Err(e) = grow_root() {
+        log::warn(format!("resizing the root filesystem: {e}"));
+    }
     let cmdline = Cmdline::read();
     load_modules();
     let hostname = cmdline.hostname.as_deref().unwrap_or(DEFAULT_HOSTNAME);
@@ -102,6 +105,43 @@ fn mount_one(mnt: &Mount) -> io::Result<()> {
         Ok(()) | Err(Errno::EBUSY) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The room the root filesystem (the kernel's tmpfs `rootfs`, holding the
+/// unpacked image) gets: what the image already uses plus half of the RAM,
+/// as a default tmpfs gets. The kernel sizes `rootfs` from the memory it
+/// sees early in boot, which leaves a large image almost no room.
+pub fn root_limits(
+    used_blocks: u64,
+    used_inodes: u64,
+    block_size: u64,
+    ram_bytes: u64,
+) -> (u64, u64) {
+    let half_ram = ram_bytes / 2;
+    let size = used_blocks
+        .saturating_mul(block_size)
+        .saturating_add(half_ram);
+    let inodes = used_inodes.saturating_add(half_ram / 4096);
+    (size, inodes)
+}
+
+/// Remounts `/` with the limits of [`root_limits`].
+fn grow_root() -> io::Result<()> {
+    let fs = nix::sys::statvfs::statvfs("/")?;
+    let block = fs.fragment_size().max(1);
+    let used_blocks = fs.blocks().saturating_sub(fs.blocks_free());
+    let used_inodes = fs.files().saturating_sub(fs.files_free());
+    let info = nix::sys::sysinfo::sysinfo()?;
+    let (size, inodes) = root_limits(used_blocks, used_inodes, block, info.ram_total());
+    let data = format!("size={size},nr_inodes={inodes}");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT,
+        Some(data.as_str()),
+    )?;
+    Ok(())
 }
 
 /// The /dev/fd and /dev/std* links devtmpfs does not create.
@@ -202,6 +242,16 @@ fn loopback_up() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_gets_the_image_plus_half_the_ram() {
+        // 103 MiB of image in 4 KiB blocks, 4,000 files, 336 MiB of RAM.
+        let (size, inodes) = root_limits(103 * 256, 4000, 4096, 336 << 20);
+        assert_eq!(size, (103 + 168) << 20);
+        assert_eq!(inodes, 4000 + (168 << 20) / 4096);
+        // Nothing overflows on absurd inputs.
+        assert_eq!(root_limits(u64::MAX, u64::MAX, 4096, u64::MAX).0, u64::MAX);
+    }
 
     #[test]
     fn modules_list() {

@@ -37,7 +37,8 @@ pub struct LinuxGuests {
 impl LinuxGuests {
     /// Resolves a Linux boot into `plan`: the host must run Linux guests,
     /// then the image must exist; its `memory_mib` is the default when
-    /// `memory_mib` is 0.
+    /// `memory_mib` is 0, and the memory must be at least what the image
+    /// boots in.
     pub fn plan(&self, plan: &mut BootPlan, name: &str, memory_mib: u32) -> Result<(), ApiError> {
         self.host.check()?;
         let image = self.images.get(name)?;
@@ -48,6 +49,20 @@ impl LinuxGuests {
                     reason: format!("its manifest's {e}"),
                 })
             })?;
+        }
+        let min = image.min_memory_mib();
+        if plan.memory_mib < min {
+            let default = if image.memory_mib >= min {
+                format!(" (or 0 for the image's default, {} MiB)", image.memory_mib)
+            } else {
+                String::new()
+            };
+            return Err(ApiError::InvalidArgument(format!(
+                "memory_mib={} is too small for image {name:?}: its {} MiB initramfs is unpacked \
+                 into RAM, which needs at least {min} MiB; ask for memory_mib >= {min}{default}",
+                plan.memory_mib,
+                image.initrd_bytes.div_ceil(1 << 20),
+            )));
         }
         plan.image = Some(image);
         Ok(())
