@@ -24,8 +24,9 @@ use forkd_api::v1::{
     DeleteSnapshotResponse, ExecExit, ExecRequest, ExecResponse, GetSandboxRequest,
     GetSandboxResponse, GetSnapshotRequest, GetSnapshotResponse, ListSandboxesRequest,
     ListSandboxesResponse, ListSnapshotsRequest, ListSnapshotsResponse, ReadConsoleRequest,
-    ReadConsoleResponse, Sandbox, SandboxState, Snapshot, SnapshotStatus, SpawnSandboxesRequest,
-    SpawnSandboxesResponse, WatchSnapshotRequest, WatchSnapshotResponse,
+    ReadConsoleResponse, Sandbox, SandboxState, SetSandboxTtlRequest, SetSandboxTtlResponse,
+    Snapshot, SnapshotStatus, SpawnSandboxesRequest, SpawnSandboxesResponse, WatchSnapshotRequest,
+    WatchSnapshotResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -164,6 +165,15 @@ impl SandboxService for Fake {
     ) -> Result<Response<ReadConsoleResponse>, Status> {
         Err(Status::failed_precondition(
             "this stand-in daemon runs no guest with a serial console",
+        ))
+    }
+
+    async fn set_sandbox_ttl(
+        &self,
+        _req: Request<SetSandboxTtlRequest>,
+    ) -> Result<Response<SetSandboxTtlResponse>, Status> {
+        Err(Status::unimplemented(
+            "this stand-in daemon keeps no sandbox lifetimes",
         ))
     }
 

@@ -24,6 +24,7 @@ def test_list_service_methods(daemon):
         "forkd.v1.SandboxService.Exec",
         "forkd.v1.SandboxService.BranchSandbox",
         "forkd.v1.SandboxService.ReadConsole",
+        "forkd.v1.SandboxService.SetSandboxTtl",
     }, res.stdout
 
 
@@ -43,6 +44,8 @@ def test_describe_message_shows_doc_comments(daemon):
     assert "How many sandboxes to start, from 1 to 1000." in text, text
     assert "uint32 n = 2;" in text, text
     assert "map<string, string> labels = 6;" in text, text
+    assert "uint64 ttl_seconds = 9;" in text, text
+    assert "0 means the daemon's `--default-ttl`" in text, text
 
 
 def test_describe_snapshot_service(daemon):

@@ -342,3 +342,37 @@ def test_async_controller(daemon) -> None:
             assert await c.list_sandboxes() == []
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=180))
+
+
+def test_ttl_sync_and_async(daemon_factory) -> None:
+    d = daemon_factory(extra_args=["--max-ttl", "600"])
+    with forkd.Controller(d.listen, timeout=60) as ctl:
+        sb = spawn_one(ctl, ttl_seconds=600)
+        assert sb.HasField("expire_time")
+        assert 590 < sb.expire_time.ToSeconds() - time.time() <= 601, sb.expire_time
+        with pytest.raises(forkd.InvalidArgumentError, match="--max-ttl 600"):
+            ctl.set_sandbox_ttl(sb.id, 601)
+        cleared = ctl.set_sandbox_ttl(sb.id, 0)
+        assert not cleared.HasField("expire_time")
+        assert not ctl.get_sandbox(sb.id).HasField("expire_time")
+        short = ctl.set_sandbox_ttl(sb.id, 1)
+        assert short.HasField("expire_time")
+        deadline = time.monotonic() + 60
+        while any(s.id == sb.id for s in ctl.list_sandboxes()):
+            assert time.monotonic() < deadline, f"{sb.id} never expired"
+            time.sleep(0.2)
+        with pytest.raises(forkd.NotFoundError):
+            ctl.set_sandbox_ttl(sb.id, 5)
+
+    async def scenario() -> None:
+        async with forkd.AsyncController(d.listen, timeout=60) as c:
+            resp = await c.spawn_sandboxes(n=1, memory_mib=MEM, ttl_seconds=300)
+            asb = resp.sandboxes[0]
+            assert asb.HasField("expire_time")
+            got = await c.set_sandbox_ttl(asb.id, 0)
+            assert not got.HasField("expire_time")
+            with pytest.raises(forkd.InvalidArgumentError):
+                await c.spawn_sandboxes(n=1, memory_mib=MEM, ttl_seconds=601)
+            await c.delete_sandbox(asb.id)
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))

@@ -40,6 +40,7 @@ TOOLS = {
     "exec",
     "kill_sandbox",
     "read_console",
+    "set_sandbox_ttl",
 }
 SCENARIO_TIMEOUT_S = 180  # a hang fails the test instead of the whole suite
 
@@ -102,7 +103,7 @@ def ctl(daemon) -> Iterator[forkd.Controller]:
 # ---- the tool list ------------------------------------------------------------
 
 
-def test_lists_the_ten_tools_with_argument_docs(daemon) -> None:
+def test_lists_the_tools_with_argument_docs(daemon) -> None:
     async def scenario(session: ClientSession) -> None:
         listed = {t.name: t for t in (await session.list_tools()).tools}
         assert TOOLS <= set(listed), f"missing tools: {TOOLS - set(listed)}"
@@ -303,6 +304,33 @@ def test_exec_output_is_capped(daemon) -> None:
         await call(session, "kill_sandbox", sandbox_id=sb["id"])
 
     run(server_params(daemon.listen, "--max-output-bytes", "4096"), scenario)
+
+
+def test_ttl_on_spawn_and_set_sandbox_ttl(daemon_factory) -> None:
+    d = daemon_factory(extra_args=["--max-ttl", "600"])
+
+    async def scenario(session: ClientSession) -> None:
+        sb = (await call(session, "spawn_sandboxes", memory_mib=MEM, ttl_seconds=600))["sandboxes"][0]
+        assert sb["expire_time"], sb
+        kept = (await call(session, "spawn_sandboxes", memory_mib=MEM))["sandboxes"][0]
+        assert kept["expire_time"] is None, kept
+        over = await call_error(session, "set_sandbox_ttl", sandbox_id=sb["id"], ttl_seconds=601)
+        assert "INVALID_ARGUMENT" in over and "--max-ttl 600" in over, over
+        short = await call(session, "set_sandbox_ttl", sandbox_id=sb["id"], ttl_seconds=1)
+        assert short["sandbox"]["expire_time"] < sb["expire_time"], (short, sb)
+
+        async def listed() -> set[str]:
+            return {s["id"] for s in (await call(session, "list_sandboxes"))["sandboxes"]}
+
+        with anyio.fail_after(60):
+            while sb["id"] in await listed():
+                await anyio.sleep(0.2)
+        assert kept["id"] in await listed()
+        missing = await call_error(session, "set_sandbox_ttl", sandbox_id=sb["id"], ttl_seconds=5)
+        assert "NOT_FOUND" in missing, missing
+        await call(session, "kill_sandbox", sandbox_id=kept["id"])
+
+    run(server_params(d.listen), scenario)
 
 
 def test_unreachable_daemon_is_unavailable() -> None:

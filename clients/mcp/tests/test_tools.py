@@ -19,6 +19,8 @@ import anyio
 import grpc
 import pytest
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from forkd.v1 import sandbox_pb2, snapshot_pb2
 from forkd_mcp import ForkdTools, build_server
 
@@ -54,6 +56,13 @@ class StandIn:
             "SpawnSandboxes": self._unary("SpawnSandboxes", sandbox_pb2.SpawnSandboxesRequest, spawned),
             "BranchSandbox": self._unary("BranchSandbox", sandbox_pb2.BranchSandboxRequest, branched),
             "ReadConsole": self._unary("ReadConsole", sandbox_pb2.ReadConsoleRequest, console),
+            "SetSandboxTtl": self._unary(
+                "SetSandboxTtl",
+                sandbox_pb2.SetSandboxTtlRequest,
+                sandbox_pb2.SetSandboxTtlResponse(
+                    sandbox=sandbox_pb2.Sandbox(id="sb-ref", expire_time=Timestamp(seconds=1_800_000_000))
+                ),
+            ),
             "Exec": grpc.unary_stream_rpc_method_handler(
                 self._exec,
                 request_deserializer=sandbox_pb2.ExecRequest.FromString,
@@ -193,18 +202,36 @@ def test_read_console(stand_in: StandIn) -> None:
     run(stand_in, scenario)
 
 
+def test_ttl_on_spawn_and_set_sandbox_ttl(stand_in: StandIn) -> None:
+    async def scenario(tools: ForkdTools) -> None:
+        res = await tools.spawn_sandboxes(n=2, ttl_seconds=300)
+        assert stand_in.last("SpawnSandboxes").ttl_seconds == 300
+        assert [sb["expire_time"] for sb in res["sandboxes"]] == [None, None]
+        await tools.spawn_sandboxes()
+        assert stand_in.last("SpawnSandboxes").ttl_seconds == 0
+
+        out = await tools.set_sandbox_ttl("sb-ref", 60)
+        req = stand_in.last("SetSandboxTtl")
+        assert (req.sandbox_id, req.ttl_seconds) == ("sb-ref", 60)
+        assert out["sandbox"]["expire_time"] == "2027-01-15T08:00:00Z"
+
+    run(stand_in, scenario)
+
+
 def test_the_new_arguments_are_in_the_schemas_and_documented() -> None:
     async def listed() -> dict[str, Any]:
         server = build_server(ForkdTools("127.0.0.1:1"))
         return {t.name: t for t in await server.list_tools()}
 
     tools = anyio.run(listed)
-    assert "read_console" in tools and len(tools) == 10
+    assert "read_console" in tools and "set_sandbox_ttl" in tools and len(tools) == 11
     assert tools["read_console"].annotations is not None and tools["read_console"].annotations.read_only_hint
     for name, args in (
         ("spawn_sandboxes", {"image"}),
         ("exec", {"env", "cwd", "stdin"}),
         ("read_console", {"sandbox_id", "tail_bytes"}),
+        ("spawn_sandboxes", {"ttl_seconds"}),
+        ("set_sandbox_ttl", {"sandbox_id", "ttl_seconds"}),
     ):
         props = tools[name].input_schema["properties"]
         assert args <= set(props), (name, set(props))
@@ -215,3 +242,7 @@ def test_the_new_arguments_are_in_the_schemas_and_documented() -> None:
     assert "signal" in tools["exec"].output_schema["properties"]
     assert "signal" not in tools["exec"].output_schema.get("required", [])
     assert tools["read_console"].input_schema["properties"]["tail_bytes"]["maximum"] == 1 << 20
+    # SandboxInfo (in $defs) carries expire_time.
+    assert "expire_time" in str(tools["set_sandbox_ttl"].output_schema)
+    annotations = tools["set_sandbox_ttl"].annotations
+    assert annotations is not None and annotations.idempotent_hint and not annotations.destructive_hint

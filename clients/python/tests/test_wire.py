@@ -78,7 +78,7 @@ class Capture:
         self.requests: list[tuple[str, bytes]] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         handlers = {}
-        for name in ("SpawnSandboxes", "BranchSandbox"):
+        for name in ("SpawnSandboxes", "BranchSandbox", "SetSandboxTtl"):
             handlers[name] = grpc.unary_unary_rpc_method_handler(self._handler(name))
         handlers["ReadConsole"] = grpc.unary_unary_rpc_method_handler(
             self._handler("ReadConsole", self.console.SerializeToString())
@@ -306,6 +306,33 @@ def test_read_console(capture: tuple[Capture, forkd.Controller]) -> None:
     assert cap.last("ReadConsole") == {1: b"sb-1", 2: 4096}
     ctl.read_console("sb-1")
     assert cap.last("ReadConsole") == {1: b"sb-1"}, "tail_bytes 0 (the server's default) is not on the wire"
+
+
+def test_ttl_seconds_on_spawn_and_set_sandbox_ttl(capture: tuple[Capture, forkd.Controller]) -> None:
+    cap, ctl = capture
+    ctl.spawn_sandboxes(n=2, ttl_seconds=30)
+    assert cap.last("SpawnSandboxes")[9] == 30, "ttl_seconds is field 9"
+    ctl.spawn_sandboxes(n=1)
+    assert 9 not in cap.last("SpawnSandboxes"), "no ttl (the daemon's default) is not on the wire"
+    got = ctl.set_sandbox_ttl("sb-1", 120)
+    assert isinstance(got, forkd.Sandbox)
+    assert cap.last("SetSandboxTtl") == {1: b"sb-1", 2: 120}
+    ctl.set_sandbox_ttl("sb-1", 0)
+    assert cap.last("SetSandboxTtl") == {1: b"sb-1"}, "0 clears the expiry"
+    for bad in (-1, 1.5, True, 2**64):
+        with pytest.raises(ValueError, match="ttl_seconds"):
+            ctl.set_sandbox_ttl("sb-1", bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="ttl_seconds"):
+            ctl.spawn_sandboxes(ttl_seconds=bad)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with forkd.AsyncController(f"127.0.0.1:{cap.port}", timeout=10) as actl:
+            await actl.spawn_sandboxes(ttl_seconds=7)
+            await actl.set_sandbox_ttl("sb-2", 9)
+
+    asyncio.run(main())
+    assert cap.last("SpawnSandboxes")[9] == 7
+    assert cap.last("SetSandboxTtl") == {1: b"sb-2", 2: 9}
 
 
 def test_async_controller_sends_the_same(capture: tuple[Capture, forkd.Controller]) -> None:

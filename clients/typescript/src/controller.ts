@@ -37,6 +37,7 @@ import {
   listSandboxesRequest,
   listSnapshotsRequest,
   readConsoleRequest,
+  setSandboxTtlRequest,
   spawnSandboxesRequest,
 } from "./requests.js";
 import {
@@ -192,6 +193,19 @@ export class Controller implements AsyncDisposable {
     const req = branchSandboxRequest(sandboxId, opts);
     const res = await this.#unary(() => this.#sandboxes.branchSandbox(req, this.#callOptions));
     return withSnapshotTag(res);
+  }
+
+  /**
+   * Sets a sandbox's lifetime to `ttlSeconds` from now, or clears it with 0
+   * (it then lives until {@link Controller.deleteSandbox}); resolves with
+   * the sandbox and its new `expireTime` (absent when cleared). Above the
+   * daemon's `--max-ttl` is INVALID_ARGUMENT, an unknown sandbox NOT_FOUND,
+   * one being deleted or stopped FAILED_PRECONDITION.
+   */
+  async setSandboxTtl(sandboxId: string, ttlSeconds: number | bigint): Promise<Sandbox> {
+    const req = setSandboxTtlRequest(sandboxId, ttlSeconds);
+    const res = await this.#unary(() => this.#sandboxes.setSandboxTtl(req, this.#callOptions));
+    return required(res.sandbox, "sandbox");
   }
 
   /**

@@ -59,6 +59,9 @@ export {
   SandboxSchema,
   SandboxService,
   SandboxState,
+  type SetSandboxTtlRequest,
+  SetSandboxTtlRequestSchema,
+  type SetSandboxTtlResponse,
   type SpawnFailure,
   type SpawnSandboxesRequest,
   SpawnSandboxesRequestSchema,
@@ -87,5 +90,6 @@ export {
   listSandboxesRequest,
   listSnapshotsRequest,
   readConsoleRequest,
+  setSandboxTtlRequest,
   spawnSandboxesRequest,
 } from "./requests.js";

@@ -28,6 +28,8 @@ import {
   ListSandboxesRequestSchema,
   type ReadConsoleRequest,
   ReadConsoleRequestSchema,
+  type SetSandboxTtlRequest,
+  SetSandboxTtlRequestSchema,
   type SpawnSandboxesRequest,
   SpawnSandboxesRequestSchema,
 } from "./gen/forkd/v1/sandbox_pb.js";
@@ -66,6 +68,14 @@ export interface SpawnOptions {
    * image it was taken of (see {@link CreateSnapshotOptions.image}).
    */
   image?: string | undefined;
+  /**
+   * Lifetime of each sandbox in seconds from when it starts: it is then
+   * deleted as {@link Controller.deleteSandbox} would (snapshots taken of it
+   * stay). Absent or 0 means the daemon's `--default-ttl` (no expiry unless
+   * set); above the daemon's `--max-ttl` is INVALID_ARGUMENT. Each
+   * sandbox's `expireTime` says when (absent: never).
+   */
+  ttlSeconds?: number | bigint | undefined;
 }
 
 /** Options of {@link Controller.branchSandbox}. */
@@ -176,6 +186,7 @@ export function spawnSandboxesRequest(opts: SpawnOptions = {}): SpawnSandboxesRe
     labels: checkLabels("labels", opts.labels),
     waitForSnapshot: checkBool("waitForSnapshot", waitForSnapshot),
     image: checkString("image", opts.image ?? ""),
+    ttlSeconds: checkUint64("ttlSeconds", opts.ttlSeconds ?? 0),
   });
   if (checkBool("liveFork", liveFork)) {
     req.liveFork = true;
@@ -236,6 +247,17 @@ export function readConsoleRequest(
   return create(ReadConsoleRequestSchema, {
     sandboxId: checkString("sandboxId", sandboxId),
     tailBytes: checkUint32("tailBytes", opts.tailBytes ?? 0),
+  });
+}
+
+/** Builds the SetSandboxTtl request; `ttlSeconds` 0 clears the expiry. */
+export function setSandboxTtlRequest(
+  sandboxId: string,
+  ttlSeconds: number | bigint,
+): SetSandboxTtlRequest {
+  return create(SetSandboxTtlRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    ttlSeconds: checkUint64("ttlSeconds", ttlSeconds),
   });
 }
 
@@ -306,6 +328,18 @@ function checkUint32(name: string, value: unknown): number {
     throw new RangeError(`${name} must be an integer from 0 to 4294967295; got ${String(value)}`);
   }
   return value;
+}
+
+const UINT64_MAX = (1n << 64n) - 1n;
+
+function checkUint64(name: string, value: unknown): bigint {
+  const ok =
+    (typeof value === "number" && Number.isSafeInteger(value) && value >= 0) ||
+    (typeof value === "bigint" && value >= 0n && value <= UINT64_MAX);
+  if (!ok) {
+    throw new RangeError(`${name} must be an integer from 0 to ${UINT64_MAX}; got ${String(value)}`);
+  }
+  return BigInt(value as number | bigint);
 }
 
 const encoder = new TextEncoder();

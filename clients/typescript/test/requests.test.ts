@@ -19,6 +19,8 @@ import {
   isBranchMode,
   listSandboxesRequest,
   listSnapshotsRequest,
+  SetSandboxTtlRequestSchema,
+  setSandboxTtlRequest,
   spawnSandboxesRequest,
   toBranchMode,
   toSnapshotStatusName,
@@ -30,7 +32,7 @@ import { type FieldValue, wireFields } from "./helpers/wire.js";
 
 // Field numbers from proto/forkd/v1/sandbox.proto.
 const BRANCH = { sandboxId: 1, tag: 2, mode: 3, wait: 4, diff: 5, measureDiff: 6 } as const;
-const SPAWN = { snapshotTag: 1, n: 2, liveFork: 3, memoryMib: 4, labels: 6, waitForSnapshot: 7 };
+const SPAWN = { snapshotTag: 1, n: 2, liveFork: 3, memoryMib: 4, labels: 6, waitForSnapshot: 7, ttlSeconds: 9 };
 
 function branchFields(...args: Parameters<typeof branchSandboxRequest>): Map<number, FieldValue[]> {
   return wireFields(toBinary(BranchSandboxRequestSchema, branchSandboxRequest(...args)));
@@ -151,6 +153,16 @@ describe("spawnSandboxesRequest", () => {
     assert.equal(spawnSandboxesRequest({ n: 0 }).n, 0);
   });
 
+  test("ttlSeconds is field 9, off the wire when absent or 0", () => {
+    assert.deepEqual(spawnFields({ ttlSeconds: 30 }).get(SPAWN.ttlSeconds), [30n]);
+    assert.deepEqual(spawnFields({ ttlSeconds: 7n }).get(SPAWN.ttlSeconds), [7n]);
+    assert.equal(spawnFields().has(SPAWN.ttlSeconds), false);
+    assert.equal(spawnFields({ ttlSeconds: 0 }).has(SPAWN.ttlSeconds), false);
+    assert.throws(() => spawnSandboxesRequest({ ttlSeconds: -1 }), RangeError);
+    assert.throws(() => spawnSandboxesRequest({ ttlSeconds: 1.5 }), RangeError);
+    assert.throws(() => spawnSandboxesRequest({ ttlSeconds: 1n << 64n }), RangeError);
+  });
+
   test("values that cannot be encoded are rejected before sending", () => {
     assert.throws(() => spawnSandboxesRequest({ n: -1 }), RangeError);
     assert.throws(() => spawnSandboxesRequest({ n: 1.5 }), RangeError);
@@ -167,6 +179,16 @@ describe("other request builders", () => {
     assert.deepEqual(req.argv, ["echo", "a b"]);
     assert.equal(req.timeoutMs, 250);
     assert.throws(() => execRequest("sb-1", "echo" as unknown as string[]), TypeError);
+  });
+
+  test("setSandboxTtlRequest carries the id and ttl; 0 (clear) is off the wire", () => {
+    const f = wireFields(toBinary(SetSandboxTtlRequestSchema, setSandboxTtlRequest("sb-1", 120)));
+    assert.deepEqual(f.get(2), [120n]);
+    const cleared = wireFields(toBinary(SetSandboxTtlRequestSchema, setSandboxTtlRequest("sb-1", 0)));
+    assert.equal(cleared.has(2), false);
+    assert.equal(setSandboxTtlRequest("sb-1", 5n).ttlSeconds, 5n);
+    assert.throws(() => setSandboxTtlRequest("sb-1", -5), RangeError);
+    assert.throws(() => setSandboxTtlRequest("sb-1", "5" as unknown as number), RangeError);
   });
 
   test("deleteSnapshotRequest carries cascade and force", () => {

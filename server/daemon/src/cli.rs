@@ -233,6 +233,16 @@ pub struct ServeArgs {
     /// ping (the reference guest gets 30).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub linux_boot_timeout: u64,
+
+    /// Lifetime in seconds of a sandbox spawned without ttl_seconds: it is
+    /// then deleted as DeleteSandbox deletes it; 0 means no expiry.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub default_ttl: u64,
+
+    /// Longest lifetime in seconds a SpawnSandboxes or SetSandboxTtl may
+    /// ask for (a longer one is INVALID_ARGUMENT); 0 means no maximum.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub max_ttl: u64,
 }
 
 /// How log lines are written.
@@ -274,6 +284,7 @@ mod tests {
         assert_eq!(a.first_call_timeout, 10);
         assert!(a.allow_uid.is_empty());
         assert_eq!((a.images_dir, a.linux_boot_timeout), (None, 120));
+        assert_eq!((a.default_ttl, a.max_ttl), (0, 0));
         assert!(a.listen_unix.is_none() && a.vmm_path.is_none() && a.token_file.is_none());
     }
 

@@ -56,6 +56,8 @@ pub struct Config {
     pub linux_boot_timeout: Duration,
     /// Whether this host's KVM can run Linux guests.
     pub linux_host: crate::linux_host::LinuxHost,
+    /// `--default-ttl` and `--max-ttl`.
+    pub ttl: crate::expiry::TtlPolicy,
 }
 
 impl Config {
@@ -118,6 +120,8 @@ impl Config {
                 "--linux-boot-timeout must be at least 1 second".into(),
             ));
         }
+        let ttl = crate::expiry::TtlPolicy::new(args.default_ttl, args.max_ttl)
+            .map_err(StartupError::Config)?;
         let linux_host = crate::linux_host::LinuxHost::detect()
             .map_err(|e| StartupError::Config(e.to_string()))?;
         let vmm_path = resolve_vmm(
@@ -150,6 +154,7 @@ impl Config {
                 .unwrap_or_else(|| args.data_dir.join(IMAGES_DIR)),
             linux_boot_timeout: Duration::from_secs(args.linux_boot_timeout),
             linux_host,
+            ttl,
         })
     }
 }

@@ -104,6 +104,8 @@ pub async fn create(
         live_fork: false,
         restore: None,
         image: None,
+        // Deleted by this call: never expires on its own.
+        ttl: None,
     };
     if let Some(name) = &plan.image {
         linux.plan(&mut boot, name, plan.requested_memory_mib)?;

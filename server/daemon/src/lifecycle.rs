@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::console::CONSOLE_LOG;
 use crate::data_dir::{DataDir, VMM_LOG};
 use crate::error::{ApiError, BootError};
+use crate::expiry::{Deadline, Expiry};
 use crate::ids::new_sandbox_id;
 use crate::image_lookup::Image;
 use crate::registry::{Registry, Reservation, Sandbox, SandboxSpec};
@@ -47,6 +48,8 @@ pub struct BootPlan {
     pub restore: Option<Restore>,
     /// Boot this Linux image instead of the reference guest.
     pub image: Option<Image>,
+    /// Lifetime of each sandbox from when it runs; `None`: no expiry.
+    pub ttl: Option<Duration>,
 }
 
 /// The snapshot children are forked from.
@@ -94,13 +97,16 @@ pub struct Manager {
     watchdog: Option<Duration>,
     linux_boot_timeout: Duration,
     boot_permits: Semaphore,
+    expiry: Arc<Expiry>,
 }
 
 impl Manager {
     /// A manager starting `vmm_path` for each sandbox, each with LIVE
     /// copies limited to `copy_rate_mibps` (0: unlimited) and watched by a
     /// `watchdog` of that bound (if any); Linux guests get
-    /// `linux_boot_timeout` to answer their first ping.
+    /// `linux_boot_timeout` to answer their first ping; lifetimes are kept
+    /// by `expiry`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
         data_dir: Arc<DataDir>,
@@ -108,6 +114,7 @@ impl Manager {
         copy_rate_mibps: u64,
         watchdog: Option<Duration>,
         linux_boot_timeout: Duration,
+        expiry: Arc<Expiry>,
     ) -> Arc<Manager> {
         Arc::new(Manager {
             registry,
@@ -117,12 +124,18 @@ impl Manager {
             watchdog,
             linux_boot_timeout,
             boot_permits: Semaphore::new(BOOT_PARALLELISM),
+            expiry,
         })
     }
 
     /// The registry.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The sandboxes' lifetimes.
+    pub fn expiry(&self) -> &Arc<Expiry> {
+        &self.expiry
     }
 
     /// The directory of sandbox `id` (its VMM's log, a Linux guest's
@@ -277,6 +290,7 @@ impl Manager {
             Ok(Ok(())) => {
                 let boot_ms = start.elapsed().as_secs_f64() * 1000.0;
                 sandbox.mark_running(boot_ms);
+                self.expiry.arm(&sandbox, plan.ttl);
                 tracing::info!(sandbox = %id, pid = vmm.pid(), boot_ms, "sandbox running");
                 return Ok(sandbox);
             }
@@ -311,10 +325,31 @@ impl Manager {
     /// directory. Returns the sandbox as it was before.
     pub async fn delete(&self, id: &str) -> Result<forkd_api::v1::Sandbox, ApiError> {
         let sandbox = self.registry.take_for_delete(id)?;
+        Ok(self.stop_taken(&sandbox).await)
+    }
+
+    /// Deletes a sandbox whose deadline is at or before `now`, as
+    /// [`Manager::delete`] does; `None` if it is gone or its lifetime was
+    /// extended or cleared since. Returns the deadline it passed and the
+    /// sandbox as it was before.
+    pub async fn expire(
+        &self,
+        id: &str,
+        now: tokio::time::Instant,
+    ) -> Option<(Deadline, forkd_api::v1::Sandbox)> {
+        let (sandbox, deadline) = self.registry.take_expired(id, now)?;
+        Some((deadline, self.stop_taken(&sandbox).await))
+    }
+
+    /// The rest of a delete once the registry gave the sandbox up: stop
+    /// its VMM (Shutdown, then SIGKILL after [`SHUTDOWN_GRACE`]), remove
+    /// its directory. Returns the sandbox as it was before.
+    async fn stop_taken(&self, sandbox: &Sandbox) -> forkd_api::v1::Sandbox {
         let before = sandbox.to_proto();
+        let id = sandbox.id();
         stop_and_remove(&sandbox.vmm, &self.data_dir.sandbox_dir(id), SHUTDOWN_GRACE).await;
         tracing::info!(sandbox = %id, "sandbox deleted");
-        Ok(before)
+        before
     }
 
     /// Stops every sandbox (concurrently) and refuses new ones; then

@@ -13,6 +13,7 @@ mod doctor;
 mod drain;
 mod error;
 mod exec;
+mod expiry;
 mod fork;
 mod guarded_body;
 mod ids;

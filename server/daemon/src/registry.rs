@@ -11,6 +11,7 @@ use forkd_store::RunningChild;
 use pb::SandboxState;
 
 use crate::error::ApiError;
+use crate::expiry::Deadline;
 use crate::sync::lock;
 use crate::validate::labels_match;
 use crate::vmm_process::{Lifecycle, Vmm};
@@ -58,9 +59,12 @@ pub struct Sandbox {
     base: Mutex<Option<String>>,
     /// True while the VMM is writing a snapshot (the vCPUs are stopped).
     snapshotting: AtomicBool,
-    /// Set once DeleteSandbox took it: calls still queued for its turns
-    /// say it was deleted.
+    /// Set once DeleteSandbox (or the expiry reaper) took it: calls still
+    /// queued for its turns say it was deleted. Set while holding
+    /// `deadline`, so a lifetime is never changed after its delete began.
     deleted: AtomicBool,
+    /// When it expires; `None`: never.
+    deadline: Mutex<Option<Deadline>>,
 }
 
 impl Sandbox {
@@ -83,6 +87,38 @@ impl Sandbox {
     /// Sets (or clears) the base snapshot.
     pub fn set_base(&self, tag: Option<String>) {
         *lock(&self.base) = tag;
+    }
+
+    /// When the sandbox expires, if ever.
+    pub fn deadline(&self) -> Option<Deadline> {
+        *lock(&self.deadline)
+    }
+
+    /// Replaces its deadline. FAILED_PRECONDITION once it is being deleted,
+    /// and, with `alive_only`, once its VMM stopped.
+    pub fn replace_deadline(
+        &self,
+        deadline: Option<Deadline>,
+        alive_only: bool,
+    ) -> Result<(), ApiError> {
+        let mut current = lock(&self.deadline);
+        let id = self.id();
+        if self.deleted.load(Ordering::SeqCst) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} is being deleted; its lifetime cannot change"
+            )));
+        }
+        if alive_only && !self.is_alive() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "sandbox {id} is {} ({}); its lifetime cannot change: delete it with DeleteSandbox",
+                self.state()
+                    .as_str_name()
+                    .trim_start_matches("SANDBOX_STATE_"),
+                self.vmm.stop().map(|s| s.reason).unwrap_or_default()
+            )));
+        }
+        *current = deadline;
+        Ok(())
     }
 
     /// Marks the VMM as writing a snapshot (state PAUSED) or done.
@@ -149,6 +185,7 @@ impl Sandbox {
                 kernel_ms: g.kernel_us as f64 / 1000.0,
                 init_ms: g.init_us as f64 / 1000.0,
             }),
+            expire_time: self.deadline().map(|d| d.wall.into()),
         }
     }
 }
@@ -310,8 +347,29 @@ impl Registry {
             )));
         }
         let sandbox = inner.map.remove(id).expect("present");
-        sandbox.deleted.store(true, Ordering::SeqCst);
+        {
+            let _deadline = lock(&sandbox.deadline);
+            sandbox.deleted.store(true, Ordering::SeqCst);
+        }
         Ok(sandbox)
+    }
+
+    /// Removes a sandbox for deletion on expiry: only if its deadline is
+    /// at or before `now` (it may have been extended, cleared or deleted
+    /// since the reaper queued it). Returns it with that deadline.
+    pub fn take_expired(
+        &self,
+        id: &str,
+        now: tokio::time::Instant,
+    ) -> Option<(Arc<Sandbox>, Deadline)> {
+        let mut inner = self.lock();
+        let sandbox = inner.map.get(id)?.clone();
+        let deadline_guard = lock(&sandbox.deadline);
+        let deadline = (*deadline_guard).filter(|d| d.at <= now)?;
+        inner.map.remove(id);
+        sandbox.deleted.store(true, Ordering::SeqCst);
+        drop(deadline_guard);
+        Some((sandbox, deadline))
     }
 
     /// Removes a sandbox whatever its state; returns it if it was there.
@@ -387,6 +445,7 @@ impl Reservation {
             base: Mutex::new(base),
             snapshotting: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
+            deadline: Mutex::new(None),
         });
         inner.map.insert(sandbox.id().to_string(), sandbox.clone());
         Ok(sandbox)

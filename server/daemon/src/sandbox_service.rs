@@ -95,6 +95,7 @@ impl Sandboxes {
     /// (and on first use loads) its snapshot.
     async fn plan(&self, req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
         let mut plan = boot_plan(req)?;
+        plan.ttl = self.manager.expiry().policy().for_spawn(req.ttl_seconds)?;
         if !req.image.is_empty() {
             self.linux.plan(&mut plan, &req.image, req.memory_mib)?;
         }
@@ -158,6 +159,7 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
         live_fork: req.live_fork == Some(true),
         restore: None,
         image: None,
+        ttl: None,
     })
 }
 
@@ -197,6 +199,7 @@ impl SandboxService for Sandboxes {
             memory_mib = plan.memory_mib,
             vcpus = plan.vcpus,
             snapshot = plan.restore.as_ref().map(|r| r.tag.as_str()),
+            ttl_secs = plan.ttl.map(|t| t.as_secs()),
             "spawning sandboxes"
         );
         // The boots run in their own task: if the caller goes away, the
@@ -350,6 +353,24 @@ impl SandboxService for Sandboxes {
             bytes_written: outcome.bytes_written,
             dirty_pages: outcome.dirty_pages,
             faults_served: outcome.faults_served,
+        }))
+    }
+
+    async fn set_sandbox_ttl(
+        &self,
+        request: Request<pb::SetSandboxTtlRequest>,
+    ) -> Result<Response<pb::SetSandboxTtlResponse>, Status> {
+        let req = request.get_ref();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let expiry = self.manager.expiry();
+        let ttl = expiry
+            .policy()
+            .check(req.ttl_seconds)
+            .map_err(ApiError::from)?;
+        let sandbox = self.manager.registry().get(id)?;
+        expiry.set(&sandbox, ttl)?;
+        Ok(Response::new(pb::SetSandboxTtlResponse {
+            sandbox: Some(sandbox.to_proto()),
         }))
     }
 

@@ -17,6 +17,7 @@ use crate::connections::{self, AcceptGate, CallLayer, ConnTable};
 use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{CancelReason, StartupError};
+use crate::expiry::{Expiry, Reaper};
 use crate::image_lookup::Images;
 use crate::lifecycle::Manager;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
@@ -127,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let (snapshots, report) = Snapshots::open(&data_dir.snapshots(), metrics.branch.clone())?;
     log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes, config.max_guest_memory_mib);
+    let expiry = Expiry::new(config.ttl, metrics.expiry.clone());
     let manager = Manager::new(
         registry,
         data_dir.clone(),
@@ -134,7 +136,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         config.live_copy_rate_mibps,
         config.vmm_watchdog,
         config.linux_boot_timeout,
+        expiry.clone(),
     );
+    let reaper = Reaper::start(expiry, manager.clone());
     let linux = Arc::new(LinuxGuests {
         images: Images::new(config.images_dir.clone()),
         host: config.linux_host,
@@ -264,6 +268,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         vmm_watchdog_secs = config.vmm_watchdog.map(|d| d.as_secs()).unwrap_or(0),
         max_sandboxes = config.max_sandboxes,
         live_copy_rate_mibps = config.live_copy_rate_mibps,
+        default_ttl_secs = config.ttl.default_secs(),
+        max_ttl_secs = config.ttl.max_secs(),
         "forkd serving"
     );
 
@@ -316,8 +322,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         );
         servers.abort_all();
     }
-    // 4. Cancel the LIVE copies still running (they end FAILED), then stop
-    //    every VMM and remove their directories.
+    // 4. No more expiries (deletes it started finish first); cancel the
+    //    LIVE copies still running (they end FAILED), then stop every VMM
+    //    and remove their directories.
+    reaper.stop().await;
     let copies = snapshots.cancel_all(CancelReason::ShuttingDown);
     if copies > 0 {
         tracing::warn!(copies, "cancelling live snapshot copies still running");

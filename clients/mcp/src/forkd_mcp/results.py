@@ -61,6 +61,8 @@ class SandboxInfo(TypedDict):
     """The Linux image it booted; empty for the reference guest."""
     guest_boot: GuestBootInfo | None
     """A Linux guest's boot split; null for the reference guest."""
+    expire_time: str | None
+    """When it expires and is deleted (RFC 3339); null: never."""
 
 
 @with_config(_FIELD_DOCS)
@@ -179,6 +181,13 @@ class DeletedSnapshots(TypedDict):
 
 
 @with_config(_FIELD_DOCS)
+class SandboxTtl(TypedDict):
+    """The sandbox set_sandbox_ttl changed, with its new expire_time."""
+
+    sandbox: SandboxInfo
+
+
+@with_config(_FIELD_DOCS)
 class KilledSandbox(TypedDict):
     """The sandbox kill_sandbox removed, as it was just before."""
 
@@ -255,6 +264,7 @@ def sandbox_info(sb: sandbox_pb2.Sandbox) -> SandboxInfo:
             if sb.HasField("guest_boot")
             else None
         ),
+        expire_time=_time(sb.HasField("expire_time"), sb.expire_time),
     )
 
 

@@ -1,4 +1,4 @@
-"""The forkd MCP server: ten tools over one forkd gRPC connection.
+"""The forkd MCP server: eleven tools over one forkd gRPC connection.
 
 :class:`ForkdTools` holds the connection (an :class:`forkd.AsyncController`
 created on the first tool call and closed when the server stops) and
@@ -32,6 +32,7 @@ from forkd_mcp.results import (
     ExecOutput,
     KilledSandbox,
     SandboxList,
+    SandboxTtl,
     SnapshotInfo,
     SnapshotList,
     SpawnResult,
@@ -55,7 +56,8 @@ INSTRUCTIONS = """\
 forkd runs KVM microVM sandboxes and snapshots them. A typical session:
 spawn_sandboxes (cold boot) -> exec commands in it -> branch_sandbox to
 capture it as a snapshot -> spawn_sandboxes with that tag to fork copies ->
-kill_sandbox and delete_snapshot to clean up. By default sandboxes run the
+kill_sandbox and delete_snapshot to clean up (or spawn with ttl_seconds,
+or set_sandbox_ttl, to have a sandbox deleted when its time is up). By default sandboxes run the
 forkd reference guest, not a Linux shell: exec ["help"] lists its
 commands. spawn_sandboxes with image boots a Linux image instead (only on
 hosts with Intel VMX or AMD SVM): there exec runs real programs, with env,
@@ -126,6 +128,7 @@ class ForkdTools:
         labels: dict[str, str] | None = None,
         wait_for_snapshot: bool = False,
         image: str | None = None,
+        ttl_seconds: Annotated[int | None, Field(ge=0)] = None,
     ) -> SpawnResult:
         """Start n microVM sandboxes: cold boots of the reference guest or of
         a Linux image, or children forked copy-on-write from a snapshot.
@@ -153,6 +156,12 @@ class ForkdTools:
             wait_for_snapshot: forking only. When the snapshot is still
                 WRITING (a live branch made with wait=false), wait until it is
                 READY instead of failing with FAILED_PRECONDITION.
+            ttl_seconds: lifetime of each sandbox in seconds: it is deleted
+                that long after it started, as kill_sandbox would (snapshots
+                taken of it stay). Omit or 0 for the daemon's default (no
+                expiry unless the daemon sets one); above the daemon's
+                maximum is INVALID_ARGUMENT. Change it later with
+                set_sandbox_ttl; each sandbox's expire_time says when.
 
         Returns the sandboxes that started (use their ids with exec,
         branch_sandbox and kill_sandbox) and failures for any that did not;
@@ -168,6 +177,7 @@ class ForkdTools:
                 labels=labels,
                 wait_for_snapshot=wait_for_snapshot,
                 image=image,
+                ttl_seconds=ttl_seconds,
             )
         return results.spawn_result(resp.message)
 
@@ -293,6 +303,27 @@ class ForkdTools:
             )
         return results.branch_result(resp.message)
 
+    async def set_sandbox_ttl(
+        self,
+        sandbox_id: str,
+        ttl_seconds: Annotated[int, Field(ge=0)],
+    ) -> SandboxTtl:
+        """Set how long a sandbox lives from now, or make it live until
+        kill_sandbox. When its time is up the sandbox is deleted as
+        kill_sandbox would; snapshots branched from it are kept.
+
+        Args:
+            sandbox_id: the sandbox.
+            ttl_seconds: seconds from now until it is deleted; 0 clears the
+                expiry. Above the daemon's maximum (--max-ttl) is
+                INVALID_ARGUMENT; a stopped sandbox is FAILED_PRECONDITION.
+
+        Returns the sandbox with its new expire_time (null: never).
+        """
+        with self._forkd_errors():
+            sandbox = await self.controller().set_sandbox_ttl(sandbox_id, ttl_seconds)
+        return SandboxTtl(sandbox=results.sandbox_info(sandbox))
+
     async def kill_sandbox(self, sandbox_id: str) -> KilledSandbox:
         """Stop a sandbox's microVM and delete the sandbox; its id is gone
         afterwards. Snapshots branched from it are kept.
@@ -404,6 +435,8 @@ _STATUS_FILTER: dict[str, forkd.SnapshotStatusName] = {"WRITING": "writing", "RE
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 _DESTRUCTIVE = ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 _CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+# Replaces the sandbox's lifetime: the same call twice gives the same state.
+_SETS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 # A command can stop or crash the guest (exit, crash, poweroff).
 _RUNS = ToolAnnotations(read_only_hint=False, open_world_hint=False)
 
@@ -413,6 +446,7 @@ def _tools(tools: ForkdTools) -> list[tuple[Callable[..., Awaitable[Any]], ToolA
         (tools.spawn_sandboxes, _CREATES),
         (tools.branch_sandbox, _CREATES),
         (tools.exec, _RUNS),
+        (tools.set_sandbox_ttl, _SETS),
         (tools.get_snapshot, _READ_ONLY),
         (tools.watch_snapshot, _READ_ONLY),
         (tools.list_snapshots, _READ_ONLY),

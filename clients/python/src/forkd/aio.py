@@ -101,6 +101,7 @@ class AsyncController:
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
         image: str | None = None,
+        ttl_seconds: int | None = None,
     ) -> SpawnResult:
         """See :meth:`forkd.Controller.spawn_sandboxes`."""
         req = wire.spawn_request(
@@ -112,6 +113,7 @@ class AsyncController:
             vcpus=vcpus,
             wait_for_snapshot=wait_for_snapshot,
             image=image,
+            ttl_seconds=ttl_seconds,
         )
         return SpawnResult(await self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 
@@ -177,6 +179,11 @@ class AsyncController:
         """See :meth:`forkd.Controller.branch_sandbox`."""
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
         return BranchResult(await self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req))
+
+    async def set_sandbox_ttl(self, sandbox_id: str, ttl_seconds: int) -> sandbox_pb2.Sandbox:
+        """See :meth:`forkd.Controller.set_sandbox_ttl`."""
+        req = wire.set_sandbox_ttl_request(sandbox_id, ttl_seconds)
+        return (await self._unary("SetSandboxTtl", self._sandboxes.SetSandboxTtl, req)).sandbox
 
     async def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
         """See :meth:`forkd.Controller.read_console`."""

@@ -130,6 +130,7 @@ class Controller:
         vcpus: int | None = None,
         wait_for_snapshot: bool = False,
         image: str | None = None,
+        ttl_seconds: int | None = None,
     ) -> SpawnResult:
         """Starts ``n`` sandboxes: cold boots when ``tag`` is None, else
         children forked copy-on-write from snapshot ``tag``.
@@ -149,6 +150,11 @@ class Controller:
         branched) and is sent only when True. ``wait_for_snapshot`` forks
         from a snapshot that is still WRITING once it is READY instead of
         failing with FAILED_PRECONDITION.
+        ``ttl_seconds`` is each sandbox's lifetime from when it starts: it is
+        then deleted as ``delete_sandbox`` would (its snapshots stay); None
+        or 0 means the daemon's ``--default-ttl`` (no expiry unless set), and
+        above the daemon's ``--max-ttl`` is InvalidArgumentError. Each
+        sandbox's ``expire_time`` says when (unset: never).
 
         Returns a :class:`forkd.SpawnResult`: a sequence of the sandboxes
         that started (``res[0]``, ``len(res)``, ``for sb in res``; each a
@@ -166,6 +172,7 @@ class Controller:
             vcpus=vcpus,
             wait_for_snapshot=wait_for_snapshot,
             image=image,
+            ttl_seconds=ttl_seconds,
         )
         return SpawnResult(self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 
@@ -258,6 +265,18 @@ class Controller:
         """
         req = wire.branch_request(sandbox_id, tag, diff, measure_diff, mode, wait)
         return BranchResult(self._unary("BranchSandbox", self._sandboxes.BranchSandbox, req))
+
+    def set_sandbox_ttl(self, sandbox_id: str, ttl_seconds: int) -> sandbox_pb2.Sandbox:
+        """Sets the sandbox's lifetime to ``ttl_seconds`` from now, or clears
+        it with 0 (it then lives until ``delete_sandbox``); returns the
+        sandbox with its new ``expire_time`` (unset when cleared).
+
+        Above the daemon's ``--max-ttl``: InvalidArgumentError; an unknown
+        sandbox: NotFoundError; one being deleted or stopped:
+        FailedPreconditionError.
+        """
+        req = wire.set_sandbox_ttl_request(sandbox_id, ttl_seconds)
+        return self._unary("SetSandboxTtl", self._sandboxes.SetSandboxTtl, req).sandbox
 
     def read_console(self, sandbox_id: str, tail_bytes: int = 0) -> sandbox_pb2.ReadConsoleResponse:
         """The end of a Linux sandbox's serial console log (kernel messages,

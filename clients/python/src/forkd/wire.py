@@ -81,10 +81,13 @@ def spawn_request(
     vcpus: int | None = None,
     wait_for_snapshot: bool = False,
     image: str | None = None,
+    ttl_seconds: int | None = None,
 ) -> sandbox_pb2.SpawnSandboxesRequest:
     """SpawnSandboxesRequest; ``live_fork`` is present only when True,
-    ``image`` only when non-empty."""
+    ``image`` only when non-empty, ``ttl_seconds`` None is 0 (the daemon's
+    ``--default-ttl``)."""
     _check_image(image)
+    ttl = check_ttl(ttl_seconds or 0)
     req = sandbox_pb2.SpawnSandboxesRequest(
         snapshot_tag=tag or "",
         n=n,
@@ -93,6 +96,7 @@ def spawn_request(
         labels=dict(labels or {}),
         wait_for_snapshot=wait_for_snapshot,
         image=image or "",
+        ttl_seconds=ttl,
     )
     if live_fork:
         req.live_fork = True
@@ -162,6 +166,19 @@ def exec_request(
         else:
             raise TypeError(f"stdin must be bytes or str (sent as UTF-8) or None, not {type(stdin).__name__}")
     return req
+
+
+def check_ttl(ttl_seconds: int) -> int:
+    """A lifetime in seconds as the wire carries it (uint64); ValueError
+    for anything else. The daemon applies its own ``--max-ttl``."""
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or not 0 <= ttl_seconds < 2**64:
+        raise ValueError(f"ttl_seconds must be an integer number of seconds from 0 up, not {ttl_seconds!r}")
+    return ttl_seconds
+
+
+def set_sandbox_ttl_request(sandbox_id: str, ttl_seconds: int) -> sandbox_pb2.SetSandboxTtlRequest:
+    """SetSandboxTtlRequest; ``ttl_seconds`` 0 clears the expiry."""
+    return sandbox_pb2.SetSandboxTtlRequest(sandbox_id=sandbox_id, ttl_seconds=check_ttl(ttl_seconds))
 
 
 def read_console_request(sandbox_id: str, tail_bytes: int) -> sandbox_pb2.ReadConsoleRequest:

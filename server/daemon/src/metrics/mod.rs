@@ -1,5 +1,5 @@
 //! Prometheus metrics: the instruments (gRPC calls, branches, LIVE
-//! copies), the gauges read at scrape time (sandboxes, snapshots), and the
+//! copies, expiries), the gauges read at scrape time (sandboxes, snapshots), and the
 //! `--metrics-listen` HTTP endpoint that serves them. Every metric name has
 //! the `forkd_` prefix; DESIGN.md lists them.
 //!
@@ -10,6 +10,7 @@
 
 mod branch;
 mod conn;
+mod expiry;
 mod exposition;
 mod http;
 mod rpc;
@@ -22,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 pub use self::branch::BranchMetrics;
 pub use self::conn::ConnMetrics;
+pub use self::expiry::ExpiryMetrics;
 pub use self::http::MetricsServer;
 pub use self::rpc::{KnownMethods, MetricsLayer, RpcMetrics};
 use self::state::StateCollector;
@@ -50,6 +52,8 @@ pub struct Metrics {
     pub branch: BranchMetrics,
     /// Connections of the gRPC listeners.
     pub conn: ConnMetrics,
+    /// Sandboxes deleted on expiry, for the reaper.
+    pub expiry: ExpiryMetrics,
 }
 
 impl Metrics {
@@ -68,11 +72,14 @@ impl Metrics {
         branch.register(&mut registry);
         let conn = ConnMetrics::default();
         conn.register(&mut registry);
+        let expiry = ExpiryMetrics::default();
+        expiry.register(&mut registry);
         Ok(Metrics {
             registry,
             rpc,
             branch,
             conn,
+            expiry,
         })
     }
 
@@ -116,6 +123,7 @@ mod tests {
                 "forkd_connections_open gauge",
                 "forkd_connections_refused_total counter",
                 "forkd_connections_closed_total counter",
+                "forkd_sandboxes_expired_total counter",
             ],
             "{text}"
         );
@@ -124,6 +132,10 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.lines().any(|l| l == version), "{text}");
+        assert!(
+            text.lines().any(|l| l == "forkd_sandboxes_expired_total 0"),
+            "{text}"
+        );
         // Every mode has its series before anything happened.
         for mode in ["full", "diff", "live"] {
             let count = format!("forkd_branch_pause_seconds_count{{mode=\"{mode}\"}} 0");

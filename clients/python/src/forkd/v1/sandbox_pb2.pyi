@@ -96,6 +96,7 @@ class Sandbox(_message.Message):
     BOOT_MS_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     GUEST_BOOT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, for example `sb-3k9x2m7q4d`."""
     state: Global___SandboxState.ValueType
@@ -138,6 +139,12 @@ class Sandbox(_message.Message):
         unset for the reference guest.
         """
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the sandbox expires and is deleted (see SpawnSandboxesRequest's
+        `ttl_seconds` and SetSandboxTtl); unset when it never expires.
+        """
+
     def __init__(
         self,
         *,
@@ -154,10 +161,11 @@ class Sandbox(_message.Message):
         boot_ms: _builtins.float = ...,
         image: _builtins.str = ...,
         guest_boot: Global___GuestBoot | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "guest_boot", b"guest_boot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "guest_boot", b"guest_boot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "guest_boot", b"guest_boot", "id", b"id", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "expire_time", b"expire_time", "guest_boot", b"guest_boot", "id", b"id", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,6 +231,7 @@ class SpawnSandboxesRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     WAIT_FOR_SNAPSHOT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
     snapshot_tag: _builtins.str
     """Snapshot to fork the children from. Empty means a cold boot (of the
     reference guest, or of `image`). Must be empty when `image` is set.
@@ -254,6 +263,14 @@ class SpawnSandboxesRequest(_message.Message):
     (or a fork, with `snapshot_tag`: children run the image their snapshot
     was taken of). Setting both is INVALID_ARGUMENT.
     """
+    ttl_seconds: _builtins.int
+    """Lifetime of every new sandbox in seconds, counted from when it started:
+    it is then deleted as DeleteSandbox deletes it (snapshots taken of it
+    stay). 0 means the daemon's `--default-ttl` (which is itself 0, no
+    expiry, unless set). Above the daemon's `--max-ttl` is
+    INVALID_ARGUMENT. Children forked from a snapshot get this lifetime,
+    not their source's. SetSandboxTtl changes it later.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels to attach to every new sandbox. Keys: 1-63 characters of
@@ -272,10 +289,11 @@ class SpawnSandboxesRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         wait_for_snapshot: _builtins.bool = ...,
         image: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "live_fork", b"live_fork"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "ttl_seconds", b"ttl_seconds", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__live_fork: _TypeAlias = _typing.Literal["live_fork"]  # noqa: Y015
     _WhichOneofArgType__live_fork: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork"]  # noqa: Y015
@@ -819,3 +837,56 @@ class ReadConsoleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadConsoleResponse: _TypeAlias = ReadConsoleResponse  # noqa: Y015
+
+@_typing.final
+class SetSandboxTtlRequest(_message.Message):
+    """SetSandboxTtlRequest sets a sandbox's lifetime."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox id."""
+    ttl_seconds: _builtins.int
+    """Seconds from now until the sandbox expires and is deleted; 0 clears
+    the expiry (the sandbox then lives until DeleteSandbox). Above the
+    daemon's `--max-ttl` is INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sandbox_id", b"sandbox_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSandboxTtlRequest: _TypeAlias = SetSandboxTtlRequest  # noqa: Y015
+
+@_typing.final
+class SetSandboxTtlResponse(_message.Message):
+    """SetSandboxTtlResponse carries the sandbox with its new expiry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sandbox(self) -> Global___Sandbox:
+        """The sandbox; `expire_time` is unset when the expiry was cleared."""
+
+    def __init__(
+        self,
+        *,
+        sandbox: Global___Sandbox | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSandboxTtlResponse: _TypeAlias = SetSandboxTtlResponse  # noqa: Y015

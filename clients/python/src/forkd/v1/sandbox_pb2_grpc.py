@@ -73,6 +73,11 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.FromString,
                 _registered_method=True)
+        self.SetSandboxTtl = channel.unary_unary(
+                '/forkd.v1.SandboxService/SetSandboxTtl',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -144,6 +149,18 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSandboxTtl(self, request, context):
+        """SetSandboxTtl sets, replaces or clears a sandbox's lifetime: it expires
+        `ttl_seconds` from now, or never when `ttl_seconds` is 0. An expired
+        sandbox is deleted as DeleteSandbox deletes it; snapshots taken of it
+        stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
+        unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
+        FAILED) FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +198,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ReadConsole,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.SerializeToString,
+            ),
+            'SetSandboxTtl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSandboxTtl,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -376,6 +398,33 @@ class SandboxService:
             '/forkd.v1.SandboxService/ReadConsole',
             forkd_dot_v1_dot_sandbox__pb2.ReadConsoleRequest.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.ReadConsoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSandboxTtl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/SetSandboxTtl',
+            forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,14 @@ class SandboxServiceStub:
     (kernel messages and early userland output). A reference-guest sandbox
     has no serial console: FAILED_PRECONDITION.
     """
+    SetSandboxTtl: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SetSandboxTtlRequest, _sandbox_pb2.SetSandboxTtlResponse]
+    """SetSandboxTtl sets, replaces or clears a sandbox's lifetime: it expires
+    `ttl_seconds` from now, or never when `ttl_seconds` is 0. An expired
+    sandbox is deleted as DeleteSandbox deletes it; snapshots taken of it
+    stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
+    unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
+    FAILED) FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -110,6 +118,14 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     """ReadConsole returns the tail of a Linux sandbox's serial console log
     (kernel messages and early userland output). A reference-guest sandbox
     has no serial console: FAILED_PRECONDITION.
+    """
+    SetSandboxTtl: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SetSandboxTtlRequest, _sandbox_pb2.SetSandboxTtlResponse]  # type: ignore[assignment]
+    """SetSandboxTtl sets, replaces or clears a sandbox's lifetime: it expires
+    `ttl_seconds` from now, or never when `ttl_seconds` is 0. An expired
+    sandbox is deleted as DeleteSandbox deletes it; snapshots taken of it
+    stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
+    unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
+    FAILED) FAILED_PRECONDITION.
     """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +207,20 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         """ReadConsole returns the tail of a Linux sandbox's serial console log
         (kernel messages and early userland output). A reference-guest sandbox
         has no serial console: FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def SetSandboxTtl(
+        self,
+        request: _sandbox_pb2.SetSandboxTtlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.SetSandboxTtlResponse, _abc.Awaitable[_sandbox_pb2.SetSandboxTtlResponse]]:
+        """SetSandboxTtl sets, replaces or clears a sandbox's lifetime: it expires
+        `ttl_seconds` from now, or never when `ttl_seconds` is 0. An expired
+        sandbox is deleted as DeleteSandbox deletes it; snapshots taken of it
+        stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
+        unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
+        FAILED) FAILED_PRECONDITION.
         """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/sandbox.proto.
  */
 export const file_forkd_v1_sandbox: GenFile = /*@__PURE__*/
-  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSKGAwoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBEg0KBWltYWdlGAwgASgJEicKCmd1ZXN0X2Jvb3QYDSABKAsyEy5mb3JrZC52MS5HdWVzdEJvb3QaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIvCglHdWVzdEJvb3QSEQoJa2VybmVsX21zGAEgASgBEg8KB2luaXRfbXMYAiABKAEilwIKFVNwYXduU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSCQoBbhgCIAEoDRIWCglsaXZlX2ZvcmsYAyABKAhIAIgBARISCgptZW1vcnlfbWliGAQgASgNEg0KBXZjcHVzGAUgASgNEjsKBmxhYmVscxgGIAMoCzIrLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIZChF3YWl0X2Zvcl9zbmFwc2hvdBgHIAEoCBINCgVpbWFnZRgIIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgwKCl9saXZlX2ZvcmsifAoWU3Bhd25TYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94EigKCGZhaWx1cmVzGAIgAygLMhYuZm9ya2QudjEuU3Bhd25GYWlsdXJlEhIKCmVsYXBzZWRfbXMYAyABKAEiPAoMU3Bhd25GYWlsdXJlEg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCSIfChFHZXRTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI4ChJHZXRTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3gilwEKFExpc3RTYW5kYm94ZXNSZXF1ZXN0EkkKDmxhYmVsX3NlbGVjdG9yGAEgAygLMjEuZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5GjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIj0KFUxpc3RTYW5kYm94ZXNSZXNwb25zZRIkCglzYW5kYm94ZXMYASADKAsyES5mb3JrZC52MS5TYW5kYm94IiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIjsKFURlbGV0ZVNhbmRib3hSZXNwb25zZRIiCgdzYW5kYm94GAEgASgLMhEuZm9ya2QudjEuU2FuZGJveCK4AQoLRXhlY1JlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRIMCgRhcmd2GAIgAygJEhIKCnRpbWVvdXRfbXMYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMGioKCEVudkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiXwoMRXhlY1Jlc3BvbnNlEhAKBnN0ZG91dBgBIAEoDEgAEhAKBnN0ZGVychgCIAEoDEgAEiIKBGV4aXQYAyABKAsyEi5mb3JrZC52MS5FeGVjRXhpdEgAQgcKBWV2ZW50IkIKCEV4ZWNFeGl0EhEKCWV4aXRfY29kZRgBIAEoBRITCgtkdXJhdGlvbl91cxgCIAEoBBIOCgZzaWduYWwYAyABKAUimwEKFEJyYW5jaFNhbmRib3hSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSCwoDdGFnGAIgASgJEiIKBG1vZGUYAyABKA4yFC5mb3JrZC52MS5CcmFuY2hNb2RlEhEKBHdhaXQYBCABKAhIAIgBARIMCgRkaWZmGAUgASgIEhQKDG1lYXN1cmVfZGlmZhgGIAEoCEIHCgVfd2FpdCKSAQoVQnJhbmNoU2FuZGJveFJlc3BvbnNlEiQKCHNuYXBzaG90GAEgASgLMhIuZm9ya2QudjEuU25hcHNob3QSEAoIcGF1c2VfbXMYAiABKAESFQoNYnl0ZXNfd3JpdHRlbhgDIAEoBBITCgtkaXJ0eV9wYWdlcxgEIAEoBBIVCg1mYXVsdHNfc2VydmVkGAUgASgEIjwKElJlYWRDb25zb2xlUmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEhIKCnRhaWxfYnl0ZXMYAiABKA0iNgoTUmVhZENvbnNvbGVSZXNwb25zZRIMCgRkYXRhGAEgASgMEhEKCXRydW5jYXRlZBgCIAEoCCqyAQoMU2FuZGJveFN0YXRlEh0KGVNBTkRCT1hfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTQU5EQk9YX1NUQVRFX1NUQVJUSU5HEAESGQoVU0FOREJPWF9TVEFURV9SVU5OSU5HEAISGAoUU0FOREJPWF9TVEFURV9QQVVTRUQQAxIYChRTQU5EQk9YX1NUQVRFX0VYSVRFRBAEEhgKFFNBTkRCT1hfU1RBVEVfRkFJTEVEEAUyqQQKDlNhbmRib3hTZXJ2aWNlElMKDlNwYXduU2FuZGJveGVzEh8uZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXF1ZXN0GiAuZm9ya2QudjEuU3Bhd25TYW5kYm94ZXNSZXNwb25zZRJHCgpHZXRTYW5kYm94EhsuZm9ya2QudjEuR2V0U2FuZGJveFJlcXVlc3QaHC5mb3JrZC52MS5HZXRTYW5kYm94UmVzcG9uc2USUAoNTGlzdFNhbmRib3hlcxIeLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0Gh8uZm9ya2QudjEuTGlzdFNhbmRib3hlc1Jlc3BvbnNlElAKDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBofLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hSZXNwb25zZRI3CgRFeGVjEhUuZm9ya2QudjEuRXhlY1JlcXVlc3QaFi5mb3JrZC52MS5FeGVjUmVzcG9uc2UwARJQCg1CcmFuY2hTYW5kYm94Eh4uZm9ya2QudjEuQnJhbmNoU2FuZGJveFJlcXVlc3QaHy5mb3JrZC52MS5CcmFuY2hTYW5kYm94UmVzcG9uc2USSgoLUmVhZENvbnNvbGUSHC5mb3JrZC52MS5SZWFkQ29uc29sZVJlcXVlc3QaHS5mb3JrZC52MS5SZWFkQ29uc29sZVJlc3BvbnNlYgZwcm90bzM", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
+  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSK3AwoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBEg0KBWltYWdlGAwgASgJEicKCmd1ZXN0X2Jvb3QYDSABKAsyEy5mb3JrZC52MS5HdWVzdEJvb3QSLwoLZXhwaXJlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiLwoJR3Vlc3RCb290EhEKCWtlcm5lbF9tcxgBIAEoARIPCgdpbml0X21zGAIgASgBIqwCChVTcGF3blNhbmRib3hlc1JlcXVlc3QSFAoMc25hcHNob3RfdGFnGAEgASgJEgkKAW4YAiABKA0SFgoJbGl2ZV9mb3JrGAMgASgISACIAQESEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRI7CgZsYWJlbHMYBiADKAsyKy5mb3JrZC52MS5TcGF3blNhbmRib3hlc1JlcXVlc3QuTGFiZWxzRW50cnkSGQoRd2FpdF9mb3Jfc25hcHNob3QYByABKAgSDQoFaW1hZ2UYCCABKAkSEwoLdHRsX3NlY29uZHMYCSABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfbGl2ZV9mb3JrInwKFlNwYXduU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveBIoCghmYWlsdXJlcxgCIAMoCzIWLmZvcmtkLnYxLlNwYXduRmFpbHVyZRISCgplbGFwc2VkX21zGAMgASgBIjwKDFNwYXduRmFpbHVyZRINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiHwoRR2V0U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkiOAoSR2V0U2FuZGJveFJlc3BvbnNlEiIKB3NhbmRib3gYASABKAsyES5mb3JrZC52MS5TYW5kYm94IpcBChRMaXN0U2FuZGJveGVzUmVxdWVzdBJJCg5sYWJlbF9zZWxlY3RvchgBIAMoCzIxLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0LkxhYmVsU2VsZWN0b3JFbnRyeRo0ChJMYWJlbFNlbGVjdG9yRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI9ChVMaXN0U2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCIiChREZWxldGVTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI7ChVEZWxldGVTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3giuAEKC0V4ZWNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSDAoEYXJndhgCIAMoCRISCgp0aW1lb3V0X21zGAMgASgNEisKA2VudhgEIAMoCzIeLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0LkVudkVudHJ5EgsKA2N3ZBgFIAEoCRINCgVzdGRpbhgGIAEoDBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl8KDEV4ZWNSZXNwb25zZRIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABIiCgRleGl0GAMgASgLMhIuZm9ya2QudjEuRXhlY0V4aXRIAEIHCgVldmVudCJCCghFeGVjRXhpdBIRCglleGl0X2NvZGUYASABKAUSEwoLZHVyYXRpb25fdXMYAiABKAQSDgoGc2lnbmFsGAMgASgFIpsBChRCcmFuY2hTYW5kYm94UmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgsKA3RhZxgCIAEoCRIiCgRtb2RlGAMgASgOMhQuZm9ya2QudjEuQnJhbmNoTW9kZRIRCgR3YWl0GAQgASgISACIAQESDAoEZGlmZhgFIAEoCBIUCgxtZWFzdXJlX2RpZmYYBiABKAhCBwoFX3dhaXQikgEKFUJyYW5jaFNhbmRib3hSZXNwb25zZRIkCghzbmFwc2hvdBgBIAEoCzISLmZvcmtkLnYxLlNuYXBzaG90EhAKCHBhdXNlX21zGAIgASgBEhUKDWJ5dGVzX3dyaXR0ZW4YAyABKAQSEwoLZGlydHlfcGFnZXMYBCABKAQSFQoNZmF1bHRzX3NlcnZlZBgFIAEoBCI8ChJSZWFkQ29uc29sZVJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRISCgp0YWlsX2J5dGVzGAIgASgNIjYKE1JlYWRDb25zb2xlUmVzcG9uc2USDAoEZGF0YRgBIAEoDBIRCgl0cnVuY2F0ZWQYAiABKAgiPwoUU2V0U2FuZGJveFR0bFJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRITCgt0dGxfc2Vjb25kcxgCIAEoBCI7ChVTZXRTYW5kYm94VHRsUmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3gqsgEKDFNhbmRib3hTdGF0ZRIdChlTQU5EQk9YX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWU0FOREJPWF9TVEFURV9TVEFSVElORxABEhkKFVNBTkRCT1hfU1RBVEVfUlVOTklORxACEhgKFFNBTkRCT1hfU1RBVEVfUEFVU0VEEAMSGAoUU0FOREJPWF9TVEFURV9FWElURUQQBBIYChRTQU5EQk9YX1NUQVRFX0ZBSUxFRBAFMvsECg5TYW5kYm94U2VydmljZRJTCg5TcGF3blNhbmRib3hlcxIfLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVxdWVzdBogLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVzcG9uc2USRwoKR2V0U2FuZGJveBIbLmZvcmtkLnYxLkdldFNhbmRib3hSZXF1ZXN0GhwuZm9ya2QudjEuR2V0U2FuZGJveFJlc3BvbnNlElAKDUxpc3RTYW5kYm94ZXMSHi5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVxdWVzdBofLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXNwb25zZRJQCg1EZWxldGVTYW5kYm94Eh4uZm9ya2QudjEuRGVsZXRlU2FuZGJveFJlcXVlc3QaHy5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVzcG9uc2USNwoERXhlYxIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlMAESUAoNQnJhbmNoU2FuZGJveBIeLmZvcmtkLnYxLkJyYW5jaFNhbmRib3hSZXF1ZXN0Gh8uZm9ya2QudjEuQnJhbmNoU2FuZGJveFJlc3BvbnNlEkoKC1JlYWRDb25zb2xlEhwuZm9ya2QudjEuUmVhZENvbnNvbGVSZXF1ZXN0Gh0uZm9ya2QudjEuUmVhZENvbnNvbGVSZXNwb25zZRJQCg1TZXRTYW5kYm94VHRsEh4uZm9ya2QudjEuU2V0U2FuZGJveFR0bFJlcXVlc3QaHy5mb3JrZC52MS5TZXRTYW5kYm94VHRsUmVzcG9uc2ViBnByb3RvMw", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
 
 /**
  * Sandbox is one microVM sandbox.
@@ -117,6 +117,14 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
    * @generated from field: forkd.v1.GuestBoot guest_boot = 13;
    */
   guestBoot?: GuestBoot | undefined;
+
+  /**
+   * When the sandbox expires and is deleted (see SpawnSandboxesRequest's
+   * `ttl_seconds` and SetSandboxTtl); unset when it never expires.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 14;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**
@@ -228,6 +236,18 @@ export type SpawnSandboxesRequest = Message<"forkd.v1.SpawnSandboxesRequest"> & 
    * @generated from field: string image = 8;
    */
   image: string;
+
+  /**
+   * Lifetime of every new sandbox in seconds, counted from when it started:
+   * it is then deleted as DeleteSandbox deletes it (snapshots taken of it
+   * stay). 0 means the daemon's `--default-ttl` (which is itself 0, no
+   * expiry, unless set). Above the daemon's `--max-ttl` is
+   * INVALID_ARGUMENT. Children forked from a snapshot get this lifetime,
+   * not their source's. SetSandboxTtl changes it later.
+   *
+   * @generated from field: uint64 ttl_seconds = 9;
+   */
+  ttlSeconds: bigint;
 };
 
 /**
@@ -761,6 +781,57 @@ export const ReadConsoleResponseSchema: GenMessage<ReadConsoleResponse> = /*@__P
   messageDesc(file_forkd_v1_sandbox, 17);
 
 /**
+ * SetSandboxTtlRequest sets a sandbox's lifetime.
+ *
+ * @generated from message forkd.v1.SetSandboxTtlRequest
+ */
+export type SetSandboxTtlRequest = Message<"forkd.v1.SetSandboxTtlRequest"> & {
+  /**
+   * The sandbox id.
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Seconds from now until the sandbox expires and is deleted; 0 clears
+   * the expiry (the sandbox then lives until DeleteSandbox). Above the
+   * daemon's `--max-ttl` is INVALID_ARGUMENT.
+   *
+   * @generated from field: uint64 ttl_seconds = 2;
+   */
+  ttlSeconds: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.SetSandboxTtlRequest.
+ * Use `create(SetSandboxTtlRequestSchema)` to create a new message.
+ */
+export const SetSandboxTtlRequestSchema: GenMessage<SetSandboxTtlRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 18);
+
+/**
+ * SetSandboxTtlResponse carries the sandbox with its new expiry.
+ *
+ * @generated from message forkd.v1.SetSandboxTtlResponse
+ */
+export type SetSandboxTtlResponse = Message<"forkd.v1.SetSandboxTtlResponse"> & {
+  /**
+   * The sandbox; `expire_time` is unset when the expiry was cleared.
+   *
+   * @generated from field: forkd.v1.Sandbox sandbox = 1;
+   */
+  sandbox?: Sandbox | undefined;
+};
+
+/**
+ * Describes the message forkd.v1.SetSandboxTtlResponse.
+ * Use `create(SetSandboxTtlResponseSchema)` to create a new message.
+ */
+export const SetSandboxTtlResponseSchema: GenMessage<SetSandboxTtlResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 19);
+
+/**
  * SandboxState is where a sandbox is in its life.
  *
  * @generated from enum forkd.v1.SandboxState
@@ -906,6 +977,21 @@ export const SandboxService: GenService<{
     methodKind: "unary";
     input: typeof ReadConsoleRequestSchema;
     output: typeof ReadConsoleResponseSchema;
+  },
+  /**
+   * SetSandboxTtl sets, replaces or clears a sandbox's lifetime: it expires
+   * `ttl_seconds` from now, or never when `ttl_seconds` is 0. An expired
+   * sandbox is deleted as DeleteSandbox deletes it; snapshots taken of it
+   * stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
+   * unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
+   * FAILED) FAILED_PRECONDITION.
+   *
+   * @generated from rpc forkd.v1.SandboxService.SetSandboxTtl
+   */
+  setSandboxTtl: {
+    methodKind: "unary";
+    input: typeof SetSandboxTtlRequestSchema;
+    output: typeof SetSandboxTtlResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_sandbox, 0);
