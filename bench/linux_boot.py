@@ -126,10 +126,11 @@ def mmm(xs: list[float], unit: str = "ms") -> list[str]:
 class InnerDaemon:
     """`forkd serve` inside the SVM test host, on a forwarded port."""
 
-    def __init__(self, host: SvmHost, forkd: Path, images_dir: str):
+    def __init__(self, host: SvmHost, forkd: Path, images_dir: str, extra_args: list[str] | None = None):
         self.host = host
         self.forkd = forkd
         self.images_dir = images_dir
+        self.extra_args = list(extra_args or [])
         self.pid: int | None = None
         self.guest_port, self.client_port = host.take_daemon_port()
 
@@ -145,6 +146,7 @@ class InnerDaemon:
             "--token-file", token_file,
             "--images-dir", self.images_dir,
             "--linux-boot-timeout", "1200",
+            *self.extra_args,
         ]  # fmt: skip
         self.pid = a.call("spawn", argv=argv, log=f"{INNER}/forkd.log", env={"RUST_BACKTRACE": "1", "NO_COLOR": "1"}, cwd=INNER)
         log(f"forkd serve pid {self.pid} inside, 127.0.0.1:{self.client_port} here")
@@ -325,11 +327,13 @@ def run(args: argparse.Namespace, command: str) -> None:
     log(f"done in {time.monotonic() - t_start:.0f}s (SVM test host stopped)")
 
 
-def with_daemon(host: SvmHost, forkd: Path, bench_type: type, measure: Callable[[Any], None]) -> None:
-    """Starts the daemon inside `host`, runs `measure` with a `bench_type`
-    (a Bench) connected to it, then deletes what is left and stops the
-    daemon, whatever happens."""
-    daemon = InnerDaemon(host, forkd, f"{INNER}/images")
+def with_daemon(
+    host: SvmHost, forkd: Path, bench_type: type, measure: Callable[[Any], None], extra_args: list[str] | None = None
+) -> None:
+    """Starts the daemon inside `host` (with `extra_args` for `forkd serve`),
+    runs `measure` with a `bench_type` (a Bench) connected to it, then
+    deletes what is left and stops the daemon, whatever happens."""
+    daemon = InnerDaemon(host, forkd, f"{INNER}/images", extra_args)
     channel = grpc.insecure_channel(f"127.0.0.1:{daemon.client_port}")
     bench = bench_type(channel, host.token)
     try:
