@@ -30,11 +30,29 @@
 //! cannot start (`cannot run "x": No such file or directory`) is answered
 //! by [`Event::Error`] with the Exec's id instead of `ExecDone`.
 //!
+//! # Files (Linux guests)
+//!
+//! [`Request::WriteFile`], [`Request::ReadFile`], [`Request::StatFile`],
+//! [`Request::ListDir`] and [`Request::RemoveFile`] are relayed to the
+//! guest agent one to one (see `forkd-agent-proto`), and so are their
+//! answers ([`Event::FileCredit`] .. [`Event::FileRemoved`]). An upload's
+//! bytes follow its request as [`KIND_FILE_DATA`] frames (`u64 LE id |
+//! data`, at most [`FILE_CHUNK`] bytes, ended by an empty one); a download's
+//! bytes come back as [`KIND_OUTPUT`] frames with stream [`STREAM_FILE`].
+//! Neither side buffers a transfer: the daemon keeps an upload within
+//! [`FILE_WRITE_WINDOW`] bytes of the agent's cumulative
+//! [`Event::FileCredit`], and acknowledges a download's bytes with
+//! [`Request::FileAck`] as its client takes them, so at most the `window`
+//! it asked for is in flight. The reference guest has no files: the VMM
+//! answers these requests with [`Event::Error`].
+//!
 //! New fields are `#[serde(default)]`, so either side may be older.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
+
+pub use forkd_agent_proto::{FileErrorKind, FileInfo, FileKind, FILE_WRITE_WINDOW};
 
 /// Frame kind of a JSON [`Request`] or [`Event`].
 pub const KIND_JSON: u8 = 1;
@@ -44,6 +62,12 @@ pub const KIND_OUTPUT: u8 = 2;
 pub const KIND_INPUT: u8 = 3;
 /// Most data bytes one input frame carries.
 pub const INPUT_CHUNK: usize = 64 << 10;
+/// Frame kind of a chunk of a file upload (daemon to VMM): `u64 LE id | data`.
+pub const KIND_FILE_DATA: u8 = 4;
+/// Most data bytes one file-data frame carries (one agent data frame).
+pub const FILE_CHUNK: usize = forkd_agent_proto::MAX_DATA;
+/// The [`Output`] stream of a download's bytes.
+pub const STREAM_FILE: u8 = forkd_agent_proto::STREAM_FILE;
 /// Bytes before a frame's body: length and kind.
 pub const HEADER_LEN: usize = 5;
 /// Largest frame body accepted (guards against a corrupt length).
@@ -67,6 +91,9 @@ pub enum ProtocolError {
     /// An input frame too short to hold its exec id.
     #[error("truncated input frame")]
     TruncatedInput,
+    /// A file-data frame too short to hold its transfer id, or too long.
+    #[error("file data frame of {0} bytes is out of range")]
+    BadFileData(usize),
     /// A JSON body that does not parse as the expected message.
     #[error("malformed control message: {0}")]
     Json(#[from] serde_json::Error),
@@ -138,6 +165,47 @@ pub enum Request {
         /// With `Full`, also count the pages dirtied in the epoch.
         measure_diff: bool,
     },
+    /// Linux: upload a file to `path`; its bytes follow as
+    /// [`KIND_FILE_DATA`] frames ended by an empty one. Answered by
+    /// [`Event::FileCredit`]s, then [`Event::FileWritten`] or
+    /// [`Event::FileFailed`].
+    WriteFile {
+        id: u64,
+        path: String,
+        /// Permission bits; 0 means 0o644.
+        mode: u32,
+        /// Create missing parent directories.
+        parents: bool,
+        /// Fail if `path` exists instead of replacing it.
+        exclusive: bool,
+    },
+    /// Linux: download `length` bytes (0: to the end) of `path` from
+    /// `offset`. Answered by [`Event::FileOpened`], output frames with
+    /// stream [`STREAM_FILE`], then [`Event::FileRead`]; or
+    /// [`Event::FileFailed`]. At most `window` bytes beyond the last
+    /// [`Request::FileAck`] are sent.
+    ReadFile {
+        id: u64,
+        path: String,
+        offset: u64,
+        length: u64,
+        window: u32,
+    },
+    /// Linux: the daemon has taken `bytes` bytes (cumulative) of download `id`.
+    FileAck { id: u64, bytes: u64 },
+    /// Linux: stop upload or download `id` (its client went away); it ends
+    /// with [`Event::FileFailed`] of kind `aborted` unless already ended.
+    FileAbort { id: u64 },
+    /// Linux: describe `path` (`lstat`): [`Event::FileStat`] or [`Event::FileFailed`].
+    StatFile { id: u64, path: String },
+    /// Linux: list a directory: [`Event::DirListing`] or [`Event::FileFailed`].
+    ListDir { id: u64, path: String },
+    /// Linux: remove a path: [`Event::FileRemoved`] or [`Event::FileFailed`].
+    RemoveFile {
+        id: u64,
+        path: String,
+        recursive: bool,
+    },
 }
 
 /// How a snapshot captures guest memory.
@@ -168,7 +236,14 @@ impl Request {
             | Request::Resume { id }
             | Request::Stats { id }
             | Request::Shutdown { id }
-            | Request::Snapshot { id, .. } => *id,
+            | Request::Snapshot { id, .. }
+            | Request::WriteFile { id, .. }
+            | Request::ReadFile { id, .. }
+            | Request::FileAck { id, .. }
+            | Request::FileAbort { id }
+            | Request::StatFile { id, .. }
+            | Request::ListDir { id, .. }
+            | Request::RemoveFile { id, .. } => *id,
         }
     }
 }
@@ -293,6 +368,69 @@ pub enum Event {
     },
     /// The VMM is exiting; always its last frame.
     Exited { reason: ExitReason },
+    /// Upload `id`'s agent has written `bytes` bytes in total (cumulative).
+    FileCredit { id: u64, bytes: u64 },
+    /// Upload `id` is complete: the file is under its final name.
+    FileWritten {
+        id: u64,
+        size: u64,
+        /// Lowercase hex.
+        sha256: String,
+    },
+    /// Download `id` is open; its data follows. `size` is the file's size
+    /// when opened.
+    FileOpened { id: u64, size: u64 },
+    /// Download `id` is complete; follows all of its data.
+    FileRead {
+        id: u64,
+        bytes: u64,
+        /// Lowercase hex.
+        sha256: String,
+    },
+    /// File request `id` failed; ends a transfer.
+    FileFailed {
+        id: u64,
+        kind: FileErrorKind,
+        message: String,
+    },
+    /// Answer to [`Request::StatFile`].
+    FileStat { id: u64, info: FileInfo },
+    /// Answer to [`Request::ListDir`].
+    DirListing {
+        id: u64,
+        entries: Vec<FileInfo>,
+        truncated: bool,
+    },
+    /// Answer to [`Request::RemoveFile`].
+    FileRemoved { id: u64 },
+}
+
+impl Event {
+    /// The id of the request the event answers (`None` for `Ready` and
+    /// `Exited`, which answer none).
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            Event::Pong { id }
+            | Event::Alive { id }
+            | Event::Paused { id, .. }
+            | Event::Resumed { id, .. }
+            | Event::Stats { id, .. }
+            | Event::Error { id, .. }
+            | Event::ExecDone { id, .. }
+            | Event::Snapshotted { id, .. }
+            | Event::CopyProgress { id, .. }
+            | Event::CopyDone { id, .. }
+            | Event::FileCredit { id, .. }
+            | Event::FileWritten { id, .. }
+            | Event::FileOpened { id, .. }
+            | Event::FileRead { id, .. }
+            | Event::FileFailed { id, .. }
+            | Event::FileStat { id, .. }
+            | Event::DirListing { id, .. }
+            | Event::FileRemoved { id } => Some(*id),
+            Event::Ready { .. } | Event::Exited { .. } => None,
+        }
+    }
 }
 
 /// Where a Linux guest's boot time went, measured by its agent.
@@ -331,6 +469,8 @@ pub enum ToVmm {
     Request(Request),
     /// A chunk of Exec `id`'s standard input; empty data is EOF.
     Input { id: u64, data: Vec<u8> },
+    /// A chunk of upload `id`'s bytes; empty data ends the file.
+    FileData { id: u64, data: Vec<u8> },
 }
 
 /// Encodes a JSON frame.
@@ -350,6 +490,13 @@ pub fn encode_output(id: u64, stream: u8, data: &[u8]) -> Vec<u8> {
 pub fn encode_input(id: u64, data: &[u8]) -> Vec<u8> {
     debug_assert!(data.len() <= INPUT_CHUNK, "input chunk too large");
     frame(KIND_INPUT, &[&id.to_le_bytes(), data])
+}
+
+/// Encodes one file-data frame of upload `id`: at most [`FILE_CHUNK`]
+/// bytes of `data`, or the end of the file when `data` is empty.
+pub fn encode_file_data(id: u64, data: &[u8]) -> Vec<u8> {
+    debug_assert!(data.len() <= FILE_CHUNK, "file chunk too large");
+    frame(KIND_FILE_DATA, &[&id.to_le_bytes(), data])
 }
 
 /// Bytes of an output frame before its data.
@@ -428,6 +575,16 @@ pub fn read_to_vmm(r: &mut impl Read) -> Result<ToVmm, ProtocolError> {
             }
             let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
             Ok(ToVmm::Input {
+                id,
+                data: body[8..].to_vec(),
+            })
+        }
+        KIND_FILE_DATA => {
+            if body.len() < 8 || body.len() > 8 + FILE_CHUNK {
+                return Err(ProtocolError::BadFileData(body.len()));
+            }
+            let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+            Ok(ToVmm::FileData {
                 id,
                 data: body[8..].to_vec(),
             })
@@ -610,6 +767,54 @@ mod tests {
             read_to_vmm(&mut r).unwrap(),
             ToVmm::Request(Request::Ping { id: 6 })
         );
+    }
+
+    #[test]
+    fn file_data_round_trips_and_is_bounded() {
+        let data = vec![9u8; FILE_CHUNK];
+        let mut stream = encode_file_data(4, &data);
+        stream.extend(encode_file_data(4, &[]));
+        let mut r = &stream[..];
+        assert_eq!(
+            read_to_vmm(&mut r).unwrap(),
+            ToVmm::FileData { id: 4, data }
+        );
+        assert_eq!(
+            read_to_vmm(&mut r).unwrap(),
+            ToVmm::FileData { id: 4, data: vec![] }
+        );
+        let too_long = frame(KIND_FILE_DATA, &[&[0; 8], &vec![0; FILE_CHUNK + 1]]);
+        assert!(matches!(
+            read_to_vmm(&mut &too_long[..]),
+            Err(ProtocolError::BadFileData(_))
+        ));
+        let too_short = frame(KIND_FILE_DATA, &[&[0; 7]]);
+        assert!(matches!(
+            read_to_vmm(&mut &too_short[..]),
+            Err(ProtocolError::BadFileData(7))
+        ));
+    }
+
+    #[test]
+    fn file_messages_round_trip() {
+        let req = Request::ReadFile {
+            id: 3,
+            path: "/etc/hostname".into(),
+            offset: 1,
+            length: 0,
+            window: 256 << 10,
+        };
+        let bytes = encode_json(&req);
+        assert_eq!(read_to_vmm(&mut &bytes[..]).unwrap(), ToVmm::Request(req));
+        let ev = Event::FileFailed {
+            id: 3,
+            kind: FileErrorKind::NoSpace,
+            message: "full".into(),
+        };
+        assert_eq!(ev.request_id(), Some(3));
+        let bytes = encode_json(&ev);
+        let (kind, body) = read_frame(&mut &bytes[..]).unwrap();
+        assert_eq!(decode_from_vmm(kind, body).unwrap(), FromVmm::Event(ev));
     }
 
     #[test]

@@ -57,6 +57,38 @@ SANDBOX_STATE_FAILED: SandboxState.ValueType  # 5
 """The guest crashed or the VMM failed; `exit_reason` says why."""
 Global___SandboxState: _TypeAlias = SandboxState  # noqa: Y015
 
+class _FileType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_TYPE_UNSPECIFIED: _FileType.ValueType  # 0
+    """Never set by the server."""
+    FILE_TYPE_FILE: _FileType.ValueType  # 1
+    """A regular file."""
+    FILE_TYPE_DIRECTORY: _FileType.ValueType  # 2
+    """A directory."""
+    FILE_TYPE_SYMLINK: _FileType.ValueType  # 3
+    """A symbolic link (described, not followed)."""
+    FILE_TYPE_OTHER: _FileType.ValueType  # 4
+    """A device, FIFO or socket."""
+
+class FileType(_FileType, metaclass=_FileTypeEnumTypeWrapper):
+    """FileType is what kind of file a path names."""
+
+FILE_TYPE_UNSPECIFIED: FileType.ValueType  # 0
+"""Never set by the server."""
+FILE_TYPE_FILE: FileType.ValueType  # 1
+"""A regular file."""
+FILE_TYPE_DIRECTORY: FileType.ValueType  # 2
+"""A directory."""
+FILE_TYPE_SYMLINK: FileType.ValueType  # 3
+"""A symbolic link (described, not followed)."""
+FILE_TYPE_OTHER: FileType.ValueType  # 4
+"""A device, FIFO or socket."""
+Global___FileType: _TypeAlias = FileType  # noqa: Y015
+
 @_typing.final
 class Sandbox(_message.Message):
     """Sandbox is one microVM sandbox."""
@@ -890,3 +922,403 @@ class SetSandboxTtlResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetSandboxTtlResponse: _TypeAlias = SetSandboxTtlResponse  # noqa: Y015
+
+@_typing.final
+class WriteFileRequest(_message.Message):
+    """WriteFileRequest is one message of a WriteFile upload: the header first,
+    then the data.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the file. A message must stay under gRPC's 4 MiB
+    limit; 1 MiB chunks are a good size. Empty chunks are skipped.
+    """
+    @_builtins.property
+    def header(self) -> Global___WriteFileHeader:
+        """Where and how to write; the first message, and only it."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___WriteFileHeader | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "data", b"data", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___WriteFileRequest: _TypeAlias = WriteFileRequest  # noqa: Y015
+
+@_typing.final
+class WriteFileHeader(_message.Message):
+    """WriteFileHeader names the file an upload creates or replaces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MAKE_PARENTS_FIELD_NUMBER: _builtins.int
+    NO_OVERWRITE_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox to write into (a Linux sandbox)."""
+    path: _builtins.str
+    """Absolute path of the file, without NUL characters."""
+    mode: _builtins.int
+    """Permission bits of the new file (for example 0755 = 493); 0 means
+    0644. Only the low 12 bits (0o7777) are used; the umask is not applied.
+    """
+    make_parents: _builtins.bool
+    """Create missing parent directories (mode 0755)."""
+    no_overwrite: _builtins.bool
+    """Fail with ALREADY_EXISTS if `path` exists (as anything) instead of
+    replacing it.
+    """
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        mode: _builtins.int = ...,
+        make_parents: _builtins.bool = ...,
+        no_overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["make_parents", b"make_parents", "mode", b"mode", "no_overwrite", b"no_overwrite", "path", b"path", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileHeader: _TypeAlias = WriteFileHeader  # noqa: Y015
+
+@_typing.final
+class WriteFileResponse(_message.Message):
+    """WriteFileResponse confirms an upload: the file is under its final name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The path written."""
+    size: _builtins.int
+    """Bytes written."""
+    sha256: _builtins.str
+    """SHA-256 of the bytes written, as computed in the guest, lowercase hex."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileResponse: _TypeAlias = WriteFileResponse  # noqa: Y015
+
+@_typing.final
+class ReadFileRequest(_message.Message):
+    """ReadFileRequest names the file (and the range of it) to download."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox to read from (a Linux sandbox)."""
+    path: _builtins.str
+    """Absolute path of a regular file (symlinks are followed), without NUL
+    characters.
+    """
+    offset: _builtins.int
+    """First byte to send; past the end of the file sends nothing."""
+    length: _builtins.int
+    """How many bytes at most; 0 means to the end of the file."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "path", b"path", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadFileRequest: _TypeAlias = ReadFileRequest  # noqa: Y015
+
+@_typing.final
+class ReadFileResponse(_message.Message):
+    """ReadFileResponse is one message of the ReadFile stream: data, then the end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the file (at most 64 KiB)."""
+    @_builtins.property
+    def end(self) -> Global___ReadFileEnd:
+        """The download is complete; always the last message."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        end: Global___ReadFileEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["data", "end"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ReadFileResponse: _TypeAlias = ReadFileResponse  # noqa: Y015
+
+@_typing.final
+class ReadFileEnd(_message.Message):
+    """ReadFileEnd closes a download."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    FILE_SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Bytes sent."""
+    sha256: _builtins.str
+    """SHA-256 of the bytes sent, as computed in the guest, lowercase hex."""
+    file_size: _builtins.int
+    """The file's size when it was opened (the bytes sent differ with
+    `offset`/`length`, for files that change while read, and for `/proc`
+    files, which report 0).
+    """
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        file_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_size", b"file_size", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadFileEnd: _TypeAlias = ReadFileEnd  # noqa: Y015
+
+@_typing.final
+class FileInfo(_message.Message):
+    """FileInfo describes one file as `lstat` sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    MODIFY_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The last component of the path (`/` for the root). A name that is not
+    UTF-8 is shown with U+FFFD in place of its bad bytes.
+    """
+    size: _builtins.int
+    """Size in bytes (a symlink's is the length of its target)."""
+    mode: _builtins.int
+    """Permission bits (`mode & 0o7777`)."""
+    type: Global___FileType.ValueType
+    """What kind of file it is."""
+    @_builtins.property
+    def modify_time(self) -> _timestamp_pb2.Timestamp:
+        """Last modification."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        mode: _builtins.int = ...,
+        type: Global___FileType.ValueType = ...,
+        modify_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["modify_time", b"modify_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "modify_time", b"modify_time", "name", b"name", "size", b"size", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileInfo: _TypeAlias = FileInfo  # noqa: Y015
+
+@_typing.final
+class StatFileRequest(_message.Message):
+    """StatFileRequest names the path to describe."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox (a Linux sandbox)."""
+    path: _builtins.str
+    """Absolute path, without NUL characters."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatFileRequest: _TypeAlias = StatFileRequest  # noqa: Y015
+
+@_typing.final
+class StatFileResponse(_message.Message):
+    """StatFileResponse describes the path."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> Global___FileInfo:
+        """The path's `lstat`."""
+
+    def __init__(
+        self,
+        *,
+        info: Global___FileInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatFileResponse: _TypeAlias = StatFileResponse  # noqa: Y015
+
+@_typing.final
+class ListDirRequest(_message.Message):
+    """ListDirRequest names the directory to list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox (a Linux sandbox)."""
+    path: _builtins.str
+    """Absolute path of a directory (a symlink to one is followed)."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDirRequest: _TypeAlias = ListDirRequest  # noqa: Y015
+
+@_typing.final
+class ListDirResponse(_message.Message):
+    """ListDirResponse lists a directory's entries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """Whether entries were left out: at most 4096 are listed (and at most
+    512 KiB of them).
+    """
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileInfo]:
+        """The entries, sorted by name (bytewise), without `.` and `..`."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___FileInfo] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDirResponse: _TypeAlias = ListDirResponse  # noqa: Y015
+
+@_typing.final
+class RemoveFileRequest(_message.Message):
+    """RemoveFileRequest names the path to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    RECURSIVE_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    """The sandbox (a Linux sandbox)."""
+    path: _builtins.str
+    """Absolute path; `/` is INVALID_ARGUMENT."""
+    recursive: _builtins.bool
+    """Remove a directory and everything in it."""
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        path: _builtins.str = ...,
+        recursive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "recursive", b"recursive", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveFileRequest: _TypeAlias = RemoveFileRequest  # noqa: Y015
+
+@_typing.final
+class RemoveFileResponse(_message.Message):
+    """RemoveFileResponse confirms the removal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveFileResponse: _TypeAlias = RemoveFileResponse  # noqa: Y015

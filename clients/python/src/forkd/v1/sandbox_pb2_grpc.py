@@ -78,6 +78,31 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.FromString,
                 _registered_method=True)
+        self.WriteFile = channel.stream_unary(
+                '/forkd.v1.SandboxService/WriteFile',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/forkd.v1.SandboxService/ReadFile',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadFileResponse.FromString,
+                _registered_method=True)
+        self.StatFile = channel.unary_unary(
+                '/forkd.v1.SandboxService/StatFile',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.StatFileRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.StatFileResponse.FromString,
+                _registered_method=True)
+        self.ListDir = channel.unary_unary(
+                '/forkd.v1.SandboxService/ListDir',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ListDirRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListDirResponse.FromString,
+                _registered_method=True)
+        self.RemoveFile = channel.unary_unary(
+                '/forkd.v1.SandboxService/RemoveFile',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -161,6 +186,69 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteFile(self, request_iterator, context):
+        """WriteFile uploads a file into a Linux sandbox. The first message is a
+        `header` (sandbox, path, mode, options); every later one carries
+        `data` (under 4 MiB per message; 1 MiB is a good size). The guest writes the
+        bytes to a temporary file beside `path` as they arrive and renames it
+        over `path` only once the client has closed its stream: an upload that
+        is cut off (client gone, error, sandbox stopped) leaves nothing under
+        `path` and removes its temporary file. The daemon holds at most a few
+        chunks whatever the file's size (the upload waits for the guest).
+
+        Errors: an empty, relative or NUL-containing path, or a first message
+        without a header, is INVALID_ARGUMENT; a missing parent directory
+        (without `make_parents`) NOT_FOUND; `path` taken with `no_overwrite`
+        ALREADY_EXISTS; a parent that is not a directory, or `path` a
+        directory, FAILED_PRECONDITION; the guest's filesystem full
+        RESOURCE_EXHAUSTED; a reference-guest sandbox FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """ReadFile downloads (part of) a file from a Linux sandbox as a stream of
+        `data` chunks (at most 64 KiB each) ended by one `end` message with the
+        byte count and SHA-256 of what was sent. Symlinks are followed. The
+        guest sends only as fast as the client reads: a slow reader holds up
+        the transfer, not the daemon's memory.
+
+        Errors: a missing file NOT_FOUND; a directory or device
+        FAILED_PRECONDITION; a bad path INVALID_ARGUMENT; a reference-guest
+        sandbox FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatFile(self, request, context):
+        """StatFile describes one path of a Linux sandbox as `lstat` does (a
+        symlink is described, not followed). A missing path is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDir(self, request, context):
+        """ListDir lists a directory of a Linux sandbox, sorted by name, without
+        `.` and `..`. A missing directory is NOT_FOUND, a path that is not a
+        directory FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveFile(self, request, context):
+        """RemoveFile removes a file, symlink or empty directory of a Linux
+        sandbox; with `recursive`, a directory and everything in it. A missing
+        path is NOT_FOUND, a non-empty directory without `recursive`
+        FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +291,31 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.SetSandboxTtl,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.SerializeToString,
+            ),
+            'WriteFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.WriteFileRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.WriteFileResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ReadFileRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ReadFileResponse.SerializeToString,
+            ),
+            'StatFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatFile,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.StatFileRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.StatFileResponse.SerializeToString,
+            ),
+            'ListDir': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDir,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListDirRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ListDirResponse.SerializeToString,
+            ),
+            'RemoveFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveFile,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -425,6 +538,141 @@ class SandboxService:
             '/forkd.v1.SandboxService/SetSandboxTtl',
             forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlRequest.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.SetSandboxTtlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/forkd.v1.SandboxService/WriteFile',
+            forkd_dot_v1_dot_sandbox__pb2.WriteFileRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ReadFile',
+            forkd_dot_v1_dot_sandbox__pb2.ReadFileRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ReadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/StatFile',
+            forkd_dot_v1_dot_sandbox__pb2.StatFileRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.StatFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDir(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ListDir',
+            forkd_dot_v1_dot_sandbox__pb2.ListDirRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ListDirResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/RemoveFile',
+            forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

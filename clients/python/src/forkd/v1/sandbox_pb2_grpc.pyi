@@ -77,6 +77,49 @@ class SandboxServiceStub:
     unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
     FAILED) FAILED_PRECONDITION.
     """
+    WriteFile: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.WriteFileRequest, _sandbox_pb2.WriteFileResponse]
+    """WriteFile uploads a file into a Linux sandbox. The first message is a
+    `header` (sandbox, path, mode, options); every later one carries
+    `data` (under 4 MiB per message; 1 MiB is a good size). The guest writes the
+    bytes to a temporary file beside `path` as they arrive and renames it
+    over `path` only once the client has closed its stream: an upload that
+    is cut off (client gone, error, sandbox stopped) leaves nothing under
+    `path` and removes its temporary file. The daemon holds at most a few
+    chunks whatever the file's size (the upload waits for the guest).
+
+    Errors: an empty, relative or NUL-containing path, or a first message
+    without a header, is INVALID_ARGUMENT; a missing parent directory
+    (without `make_parents`) NOT_FOUND; `path` taken with `no_overwrite`
+    ALREADY_EXISTS; a parent that is not a directory, or `path` a
+    directory, FAILED_PRECONDITION; the guest's filesystem full
+    RESOURCE_EXHAUSTED; a reference-guest sandbox FAILED_PRECONDITION.
+    """
+    ReadFile: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.ReadFileRequest, _sandbox_pb2.ReadFileResponse]
+    """ReadFile downloads (part of) a file from a Linux sandbox as a stream of
+    `data` chunks (at most 64 KiB each) ended by one `end` message with the
+    byte count and SHA-256 of what was sent. Symlinks are followed. The
+    guest sends only as fast as the client reads: a slow reader holds up
+    the transfer, not the daemon's memory.
+
+    Errors: a missing file NOT_FOUND; a directory or device
+    FAILED_PRECONDITION; a bad path INVALID_ARGUMENT; a reference-guest
+    sandbox FAILED_PRECONDITION.
+    """
+    StatFile: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.StatFileRequest, _sandbox_pb2.StatFileResponse]
+    """StatFile describes one path of a Linux sandbox as `lstat` does (a
+    symlink is described, not followed). A missing path is NOT_FOUND.
+    """
+    ListDir: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ListDirRequest, _sandbox_pb2.ListDirResponse]
+    """ListDir lists a directory of a Linux sandbox, sorted by name, without
+    `.` and `..`. A missing directory is NOT_FOUND, a path that is not a
+    directory FAILED_PRECONDITION.
+    """
+    RemoveFile: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.RemoveFileRequest, _sandbox_pb2.RemoveFileResponse]
+    """RemoveFile removes a file, symlink or empty directory of a Linux
+    sandbox; with `recursive`, a directory and everything in it. A missing
+    path is NOT_FOUND, a non-empty directory without `recursive`
+    FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class SandboxServiceAsyncStub(SandboxServiceStub):
@@ -126,6 +169,49 @@ class SandboxServiceAsyncStub(SandboxServiceStub):
     stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
     unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
     FAILED) FAILED_PRECONDITION.
+    """
+    WriteFile: _aio.StreamUnaryMultiCallable[_sandbox_pb2.WriteFileRequest, _sandbox_pb2.WriteFileResponse]  # type: ignore[assignment]
+    """WriteFile uploads a file into a Linux sandbox. The first message is a
+    `header` (sandbox, path, mode, options); every later one carries
+    `data` (under 4 MiB per message; 1 MiB is a good size). The guest writes the
+    bytes to a temporary file beside `path` as they arrive and renames it
+    over `path` only once the client has closed its stream: an upload that
+    is cut off (client gone, error, sandbox stopped) leaves nothing under
+    `path` and removes its temporary file. The daemon holds at most a few
+    chunks whatever the file's size (the upload waits for the guest).
+
+    Errors: an empty, relative or NUL-containing path, or a first message
+    without a header, is INVALID_ARGUMENT; a missing parent directory
+    (without `make_parents`) NOT_FOUND; `path` taken with `no_overwrite`
+    ALREADY_EXISTS; a parent that is not a directory, or `path` a
+    directory, FAILED_PRECONDITION; the guest's filesystem full
+    RESOURCE_EXHAUSTED; a reference-guest sandbox FAILED_PRECONDITION.
+    """
+    ReadFile: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ReadFileRequest, _sandbox_pb2.ReadFileResponse]  # type: ignore[assignment]
+    """ReadFile downloads (part of) a file from a Linux sandbox as a stream of
+    `data` chunks (at most 64 KiB each) ended by one `end` message with the
+    byte count and SHA-256 of what was sent. Symlinks are followed. The
+    guest sends only as fast as the client reads: a slow reader holds up
+    the transfer, not the daemon's memory.
+
+    Errors: a missing file NOT_FOUND; a directory or device
+    FAILED_PRECONDITION; a bad path INVALID_ARGUMENT; a reference-guest
+    sandbox FAILED_PRECONDITION.
+    """
+    StatFile: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.StatFileRequest, _sandbox_pb2.StatFileResponse]  # type: ignore[assignment]
+    """StatFile describes one path of a Linux sandbox as `lstat` does (a
+    symlink is described, not followed). A missing path is NOT_FOUND.
+    """
+    ListDir: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ListDirRequest, _sandbox_pb2.ListDirResponse]  # type: ignore[assignment]
+    """ListDir lists a directory of a Linux sandbox, sorted by name, without
+    `.` and `..`. A missing directory is NOT_FOUND, a path that is not a
+    directory FAILED_PRECONDITION.
+    """
+    RemoveFile: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.RemoveFileRequest, _sandbox_pb2.RemoveFileResponse]  # type: ignore[assignment]
+    """RemoveFile removes a file, symlink or empty directory of a Linux
+    sandbox; with `recursive`, a directory and everything in it. A missing
+    path is NOT_FOUND, a non-empty directory without `recursive`
+    FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
     """
 
 class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,6 +307,79 @@ class SandboxServiceServicer(metaclass=_abc_1.ABCMeta):
         stay. A ttl above the daemon's `--max-ttl` is INVALID_ARGUMENT, an
         unknown sandbox NOT_FOUND, and one being deleted or stopped (EXITED or
         FAILED) FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.WriteFileRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.WriteFileResponse, _abc.Awaitable[_sandbox_pb2.WriteFileResponse]]:
+        """WriteFile uploads a file into a Linux sandbox. The first message is a
+        `header` (sandbox, path, mode, options); every later one carries
+        `data` (under 4 MiB per message; 1 MiB is a good size). The guest writes the
+        bytes to a temporary file beside `path` as they arrive and renames it
+        over `path` only once the client has closed its stream: an upload that
+        is cut off (client gone, error, sandbox stopped) leaves nothing under
+        `path` and removes its temporary file. The daemon holds at most a few
+        chunks whatever the file's size (the upload waits for the guest).
+
+        Errors: an empty, relative or NUL-containing path, or a first message
+        without a header, is INVALID_ARGUMENT; a missing parent directory
+        (without `make_parents`) NOT_FOUND; `path` taken with `no_overwrite`
+        ALREADY_EXISTS; a parent that is not a directory, or `path` a
+        directory, FAILED_PRECONDITION; the guest's filesystem full
+        RESOURCE_EXHAUSTED; a reference-guest sandbox FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _sandbox_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ReadFileResponse], _abc.AsyncIterator[_sandbox_pb2.ReadFileResponse]]:
+        """ReadFile downloads (part of) a file from a Linux sandbox as a stream of
+        `data` chunks (at most 64 KiB each) ended by one `end` message with the
+        byte count and SHA-256 of what was sent. Symlinks are followed. The
+        guest sends only as fast as the client reads: a slow reader holds up
+        the transfer, not the daemon's memory.
+
+        Errors: a missing file NOT_FOUND; a directory or device
+        FAILED_PRECONDITION; a bad path INVALID_ARGUMENT; a reference-guest
+        sandbox FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def StatFile(
+        self,
+        request: _sandbox_pb2.StatFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.StatFileResponse, _abc.Awaitable[_sandbox_pb2.StatFileResponse]]:
+        """StatFile describes one path of a Linux sandbox as `lstat` does (a
+        symlink is described, not followed). A missing path is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDir(
+        self,
+        request: _sandbox_pb2.ListDirRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ListDirResponse, _abc.Awaitable[_sandbox_pb2.ListDirResponse]]:
+        """ListDir lists a directory of a Linux sandbox, sorted by name, without
+        `.` and `..`. A missing directory is NOT_FOUND, a path that is not a
+        directory FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveFile(
+        self,
+        request: _sandbox_pb2.RemoveFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.RemoveFileResponse, _abc.Awaitable[_sandbox_pb2.RemoveFileResponse]]:
+        """RemoveFile removes a file, symlink or empty directory of a Linux
+        sandbox; with `recursive`, a directory and everything in it. A missing
+        path is NOT_FOUND, a non-empty directory without `recursive`
+        FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
         """
 
 def add_SandboxServiceServicer_to_server(servicer: SandboxServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

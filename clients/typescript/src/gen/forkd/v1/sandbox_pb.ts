@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/sandbox.proto.
  */
 export const file_forkd_v1_sandbox: GenFile = /*@__PURE__*/
-  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSK3AwoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBEg0KBWltYWdlGAwgASgJEicKCmd1ZXN0X2Jvb3QYDSABKAsyEy5mb3JrZC52MS5HdWVzdEJvb3QSLwoLZXhwaXJlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiLwoJR3Vlc3RCb290EhEKCWtlcm5lbF9tcxgBIAEoARIPCgdpbml0X21zGAIgASgBIqwCChVTcGF3blNhbmRib3hlc1JlcXVlc3QSFAoMc25hcHNob3RfdGFnGAEgASgJEgkKAW4YAiABKA0SFgoJbGl2ZV9mb3JrGAMgASgISACIAQESEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRI7CgZsYWJlbHMYBiADKAsyKy5mb3JrZC52MS5TcGF3blNhbmRib3hlc1JlcXVlc3QuTGFiZWxzRW50cnkSGQoRd2FpdF9mb3Jfc25hcHNob3QYByABKAgSDQoFaW1hZ2UYCCABKAkSEwoLdHRsX3NlY29uZHMYCSABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfbGl2ZV9mb3JrInwKFlNwYXduU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveBIoCghmYWlsdXJlcxgCIAMoCzIWLmZvcmtkLnYxLlNwYXduRmFpbHVyZRISCgplbGFwc2VkX21zGAMgASgBIjwKDFNwYXduRmFpbHVyZRINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiHwoRR2V0U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkiOAoSR2V0U2FuZGJveFJlc3BvbnNlEiIKB3NhbmRib3gYASABKAsyES5mb3JrZC52MS5TYW5kYm94IpcBChRMaXN0U2FuZGJveGVzUmVxdWVzdBJJCg5sYWJlbF9zZWxlY3RvchgBIAMoCzIxLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0LkxhYmVsU2VsZWN0b3JFbnRyeRo0ChJMYWJlbFNlbGVjdG9yRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI9ChVMaXN0U2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCIiChREZWxldGVTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI7ChVEZWxldGVTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3giuAEKC0V4ZWNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSDAoEYXJndhgCIAMoCRISCgp0aW1lb3V0X21zGAMgASgNEisKA2VudhgEIAMoCzIeLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0LkVudkVudHJ5EgsKA2N3ZBgFIAEoCRINCgVzdGRpbhgGIAEoDBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl8KDEV4ZWNSZXNwb25zZRIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABIiCgRleGl0GAMgASgLMhIuZm9ya2QudjEuRXhlY0V4aXRIAEIHCgVldmVudCJCCghFeGVjRXhpdBIRCglleGl0X2NvZGUYASABKAUSEwoLZHVyYXRpb25fdXMYAiABKAQSDgoGc2lnbmFsGAMgASgFIpsBChRCcmFuY2hTYW5kYm94UmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgsKA3RhZxgCIAEoCRIiCgRtb2RlGAMgASgOMhQuZm9ya2QudjEuQnJhbmNoTW9kZRIRCgR3YWl0GAQgASgISACIAQESDAoEZGlmZhgFIAEoCBIUCgxtZWFzdXJlX2RpZmYYBiABKAhCBwoFX3dhaXQikgEKFUJyYW5jaFNhbmRib3hSZXNwb25zZRIkCghzbmFwc2hvdBgBIAEoCzISLmZvcmtkLnYxLlNuYXBzaG90EhAKCHBhdXNlX21zGAIgASgBEhUKDWJ5dGVzX3dyaXR0ZW4YAyABKAQSEwoLZGlydHlfcGFnZXMYBCABKAQSFQoNZmF1bHRzX3NlcnZlZBgFIAEoBCI8ChJSZWFkQ29uc29sZVJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRISCgp0YWlsX2J5dGVzGAIgASgNIjYKE1JlYWRDb25zb2xlUmVzcG9uc2USDAoEZGF0YRgBIAEoDBIRCgl0cnVuY2F0ZWQYAiABKAgiPwoUU2V0U2FuZGJveFR0bFJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRITCgt0dGxfc2Vjb25kcxgCIAEoBCI7ChVTZXRTYW5kYm94VHRsUmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3gqsgEKDFNhbmRib3hTdGF0ZRIdChlTQU5EQk9YX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWU0FOREJPWF9TVEFURV9TVEFSVElORxABEhkKFVNBTkRCT1hfU1RBVEVfUlVOTklORxACEhgKFFNBTkRCT1hfU1RBVEVfUEFVU0VEEAMSGAoUU0FOREJPWF9TVEFURV9FWElURUQQBBIYChRTQU5EQk9YX1NUQVRFX0ZBSUxFRBAFMvsECg5TYW5kYm94U2VydmljZRJTCg5TcGF3blNhbmRib3hlcxIfLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVxdWVzdBogLmZvcmtkLnYxLlNwYXduU2FuZGJveGVzUmVzcG9uc2USRwoKR2V0U2FuZGJveBIbLmZvcmtkLnYxLkdldFNhbmRib3hSZXF1ZXN0GhwuZm9ya2QudjEuR2V0U2FuZGJveFJlc3BvbnNlElAKDUxpc3RTYW5kYm94ZXMSHi5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVxdWVzdBofLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXNwb25zZRJQCg1EZWxldGVTYW5kYm94Eh4uZm9ya2QudjEuRGVsZXRlU2FuZGJveFJlcXVlc3QaHy5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVzcG9uc2USNwoERXhlYxIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlMAESUAoNQnJhbmNoU2FuZGJveBIeLmZvcmtkLnYxLkJyYW5jaFNhbmRib3hSZXF1ZXN0Gh8uZm9ya2QudjEuQnJhbmNoU2FuZGJveFJlc3BvbnNlEkoKC1JlYWRDb25zb2xlEhwuZm9ya2QudjEuUmVhZENvbnNvbGVSZXF1ZXN0Gh0uZm9ya2QudjEuUmVhZENvbnNvbGVSZXNwb25zZRJQCg1TZXRTYW5kYm94VHRsEh4uZm9ya2QudjEuU2V0U2FuZGJveFR0bFJlcXVlc3QaHy5mb3JrZC52MS5TZXRTYW5kYm94VHRsUmVzcG9uc2ViBnByb3RvMw", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
+  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSK3AwoHU2FuZGJveBIKCgJpZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmZvcmtkLnYxLlNhbmRib3hTdGF0ZRIUCgxzbmFwc2hvdF90YWcYAyABKAkSEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRItCgZsYWJlbHMYBiADKAsyHS5mb3JrZC52MS5TYW5kYm94LkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtleGl0X3JlYXNvbhgIIAEoCRIPCgd2bW1fcGlkGAkgASgNEhEKCWxpdmVfZm9yaxgKIAEoCBIPCgdib290X21zGAsgASgBEg0KBWltYWdlGAwgASgJEicKCmd1ZXN0X2Jvb3QYDSABKAsyEy5mb3JrZC52MS5HdWVzdEJvb3QSLwoLZXhwaXJlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiLwoJR3Vlc3RCb290EhEKCWtlcm5lbF9tcxgBIAEoARIPCgdpbml0X21zGAIgASgBIqwCChVTcGF3blNhbmRib3hlc1JlcXVlc3QSFAoMc25hcHNob3RfdGFnGAEgASgJEgkKAW4YAiABKA0SFgoJbGl2ZV9mb3JrGAMgASgISACIAQESEgoKbWVtb3J5X21pYhgEIAEoDRINCgV2Y3B1cxgFIAEoDRI7CgZsYWJlbHMYBiADKAsyKy5mb3JrZC52MS5TcGF3blNhbmRib3hlc1JlcXVlc3QuTGFiZWxzRW50cnkSGQoRd2FpdF9mb3Jfc25hcHNob3QYByABKAgSDQoFaW1hZ2UYCCABKAkSEwoLdHRsX3NlY29uZHMYCSABKAQaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIMCgpfbGl2ZV9mb3JrInwKFlNwYXduU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveBIoCghmYWlsdXJlcxgCIAMoCzIWLmZvcmtkLnYxLlNwYXduRmFpbHVyZRISCgplbGFwc2VkX21zGAMgASgBIjwKDFNwYXduRmFpbHVyZRINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiHwoRR2V0U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkiOAoSR2V0U2FuZGJveFJlc3BvbnNlEiIKB3NhbmRib3gYASABKAsyES5mb3JrZC52MS5TYW5kYm94IpcBChRMaXN0U2FuZGJveGVzUmVxdWVzdBJJCg5sYWJlbF9zZWxlY3RvchgBIAMoCzIxLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXF1ZXN0LkxhYmVsU2VsZWN0b3JFbnRyeRo0ChJMYWJlbFNlbGVjdG9yRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASI9ChVMaXN0U2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCIiChREZWxldGVTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCSI7ChVEZWxldGVTYW5kYm94UmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3giuAEKC0V4ZWNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSDAoEYXJndhgCIAMoCRISCgp0aW1lb3V0X21zGAMgASgNEisKA2VudhgEIAMoCzIeLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0LkVudkVudHJ5EgsKA2N3ZBgFIAEoCRINCgVzdGRpbhgGIAEoDBoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIl8KDEV4ZWNSZXNwb25zZRIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABIiCgRleGl0GAMgASgLMhIuZm9ya2QudjEuRXhlY0V4aXRIAEIHCgVldmVudCJCCghFeGVjRXhpdBIRCglleGl0X2NvZGUYASABKAUSEwoLZHVyYXRpb25fdXMYAiABKAQSDgoGc2lnbmFsGAMgASgFIpsBChRCcmFuY2hTYW5kYm94UmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgsKA3RhZxgCIAEoCRIiCgRtb2RlGAMgASgOMhQuZm9ya2QudjEuQnJhbmNoTW9kZRIRCgR3YWl0GAQgASgISACIAQESDAoEZGlmZhgFIAEoCBIUCgxtZWFzdXJlX2RpZmYYBiABKAhCBwoFX3dhaXQikgEKFUJyYW5jaFNhbmRib3hSZXNwb25zZRIkCghzbmFwc2hvdBgBIAEoCzISLmZvcmtkLnYxLlNuYXBzaG90EhAKCHBhdXNlX21zGAIgASgBEhUKDWJ5dGVzX3dyaXR0ZW4YAyABKAQSEwoLZGlydHlfcGFnZXMYBCABKAQSFQoNZmF1bHRzX3NlcnZlZBgFIAEoBCI8ChJSZWFkQ29uc29sZVJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRISCgp0YWlsX2J5dGVzGAIgASgNIjYKE1JlYWRDb25zb2xlUmVzcG9uc2USDAoEZGF0YRgBIAEoDBIRCgl0cnVuY2F0ZWQYAiABKAgiPwoUU2V0U2FuZGJveFR0bFJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRITCgt0dGxfc2Vjb25kcxgCIAEoBCI7ChVTZXRTYW5kYm94VHRsUmVzcG9uc2USIgoHc2FuZGJveBgBIAEoCzIRLmZvcmtkLnYxLlNhbmRib3giWgoQV3JpdGVGaWxlUmVxdWVzdBIrCgZoZWFkZXIYASABKAsyGS5mb3JrZC52MS5Xcml0ZUZpbGVIZWFkZXJIABIOCgRkYXRhGAIgASgMSABCCQoHY29udGVudCJtCg9Xcml0ZUZpbGVIZWFkZXISEgoKc2FuZGJveF9pZBgBIAEoCRIMCgRwYXRoGAIgASgJEgwKBG1vZGUYAyABKA0SFAoMbWFrZV9wYXJlbnRzGAQgASgIEhQKDG5vX292ZXJ3cml0ZRgFIAEoCCI/ChFXcml0ZUZpbGVSZXNwb25zZRIMCgRwYXRoGAEgASgJEgwKBHNpemUYAiABKAQSDgoGc2hhMjU2GAMgASgJIlMKD1JlYWRGaWxlUmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgwKBHBhdGgYAiABKAkSDgoGb2Zmc2V0GAMgASgEEg4KBmxlbmd0aBgEIAEoBCJRChBSZWFkRmlsZVJlc3BvbnNlEg4KBGRhdGEYASABKAxIABIkCgNlbmQYAiABKAsyFS5mb3JrZC52MS5SZWFkRmlsZUVuZEgAQgcKBWV2ZW50Ij4KC1JlYWRGaWxlRW5kEgwKBHNpemUYASABKAQSDgoGc2hhMjU2GAIgASgJEhEKCWZpbGVfc2l6ZRgDIAEoBCKHAQoIRmlsZUluZm8SDAoEbmFtZRgBIAEoCRIMCgRzaXplGAIgASgEEgwKBG1vZGUYAyABKA0SIAoEdHlwZRgEIAEoDjISLmZvcmtkLnYxLkZpbGVUeXBlEi8KC21vZGlmeV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIzCg9TdGF0RmlsZVJlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRIMCgRwYXRoGAIgASgJIjQKEFN0YXRGaWxlUmVzcG9uc2USIAoEaW5mbxgBIAEoCzISLmZvcmtkLnYxLkZpbGVJbmZvIjIKDkxpc3REaXJSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSDAoEcGF0aBgCIAEoCSJJCg9MaXN0RGlyUmVzcG9uc2USIwoHZW50cmllcxgBIAMoCzISLmZvcmtkLnYxLkZpbGVJbmZvEhEKCXRydW5jYXRlZBgCIAEoCCJIChFSZW1vdmVGaWxlUmVxdWVzdBISCgpzYW5kYm94X2lkGAEgASgJEgwKBHBhdGgYAiABKAkSEQoJcmVjdXJzaXZlGAMgASgIIhQKElJlbW92ZUZpbGVSZXNwb25zZSqyAQoMU2FuZGJveFN0YXRlEh0KGVNBTkRCT1hfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTQU5EQk9YX1NUQVRFX1NUQVJUSU5HEAESGQoVU0FOREJPWF9TVEFURV9SVU5OSU5HEAISGAoUU0FOREJPWF9TVEFURV9QQVVTRUQQAxIYChRTQU5EQk9YX1NUQVRFX0VYSVRFRBAEEhgKFFNBTkRCT1hfU1RBVEVfRkFJTEVEEAUqfgoIRmlsZVR5cGUSGQoVRklMRV9UWVBFX1VOU1BFQ0lGSUVEEAASEgoORklMRV9UWVBFX0ZJTEUQARIXChNGSUxFX1RZUEVfRElSRUNUT1JZEAISFQoRRklMRV9UWVBFX1NZTUxJTksQAxITCg9GSUxFX1RZUEVfT1RIRVIQBDLUBwoOU2FuZGJveFNlcnZpY2USUwoOU3Bhd25TYW5kYm94ZXMSHy5mb3JrZC52MS5TcGF3blNhbmRib3hlc1JlcXVlc3QaIC5mb3JrZC52MS5TcGF3blNhbmRib3hlc1Jlc3BvbnNlEkcKCkdldFNhbmRib3gSGy5mb3JrZC52MS5HZXRTYW5kYm94UmVxdWVzdBocLmZvcmtkLnYxLkdldFNhbmRib3hSZXNwb25zZRJQCg1MaXN0U2FuZGJveGVzEh4uZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVzcG9uc2USUAoNRGVsZXRlU2FuZGJveBIeLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hSZXF1ZXN0Gh8uZm9ya2QudjEuRGVsZXRlU2FuZGJveFJlc3BvbnNlEjcKBEV4ZWMSFS5mb3JrZC52MS5FeGVjUmVxdWVzdBoWLmZvcmtkLnYxLkV4ZWNSZXNwb25zZTABElAKDUJyYW5jaFNhbmRib3gSHi5mb3JrZC52MS5CcmFuY2hTYW5kYm94UmVxdWVzdBofLmZvcmtkLnYxLkJyYW5jaFNhbmRib3hSZXNwb25zZRJKCgtSZWFkQ29uc29sZRIcLmZvcmtkLnYxLlJlYWRDb25zb2xlUmVxdWVzdBodLmZvcmtkLnYxLlJlYWRDb25zb2xlUmVzcG9uc2USUAoNU2V0U2FuZGJveFR0bBIeLmZvcmtkLnYxLlNldFNhbmRib3hUdGxSZXF1ZXN0Gh8uZm9ya2QudjEuU2V0U2FuZGJveFR0bFJlc3BvbnNlEkYKCVdyaXRlRmlsZRIaLmZvcmtkLnYxLldyaXRlRmlsZVJlcXVlc3QaGy5mb3JrZC52MS5Xcml0ZUZpbGVSZXNwb25zZSgBEkMKCFJlYWRGaWxlEhkuZm9ya2QudjEuUmVhZEZpbGVSZXF1ZXN0GhouZm9ya2QudjEuUmVhZEZpbGVSZXNwb25zZTABEkEKCFN0YXRGaWxlEhkuZm9ya2QudjEuU3RhdEZpbGVSZXF1ZXN0GhouZm9ya2QudjEuU3RhdEZpbGVSZXNwb25zZRI+CgdMaXN0RGlyEhguZm9ya2QudjEuTGlzdERpclJlcXVlc3QaGS5mb3JrZC52MS5MaXN0RGlyUmVzcG9uc2USRwoKUmVtb3ZlRmlsZRIbLmZvcmtkLnYxLlJlbW92ZUZpbGVSZXF1ZXN0GhwuZm9ya2QudjEuUmVtb3ZlRmlsZVJlc3BvbnNlYgZwcm90bzM", [file_forkd_v1_snapshot, file_google_protobuf_timestamp]);
 
 /**
  * Sandbox is one microVM sandbox.
@@ -832,6 +832,454 @@ export const SetSandboxTtlResponseSchema: GenMessage<SetSandboxTtlResponse> = /*
   messageDesc(file_forkd_v1_sandbox, 19);
 
 /**
+ * WriteFileRequest is one message of a WriteFile upload: the header first,
+ * then the data.
+ *
+ * @generated from message forkd.v1.WriteFileRequest
+ */
+export type WriteFileRequest = Message<"forkd.v1.WriteFileRequest"> & {
+  /**
+   * What this message carries.
+   *
+   * @generated from oneof forkd.v1.WriteFileRequest.content
+   */
+  content: {
+    /**
+     * Where and how to write; the first message, and only it.
+     *
+     * @generated from field: forkd.v1.WriteFileHeader header = 1;
+     */
+    value: WriteFileHeader;
+    case: "header";
+  } | {
+    /**
+     * The next bytes of the file. A message must stay under gRPC's 4 MiB
+     * limit; 1 MiB chunks are a good size. Empty chunks are skipped.
+     *
+     * @generated from field: bytes data = 2;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message forkd.v1.WriteFileRequest.
+ * Use `create(WriteFileRequestSchema)` to create a new message.
+ */
+export const WriteFileRequestSchema: GenMessage<WriteFileRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 20);
+
+/**
+ * WriteFileHeader names the file an upload creates or replaces.
+ *
+ * @generated from message forkd.v1.WriteFileHeader
+ */
+export type WriteFileHeader = Message<"forkd.v1.WriteFileHeader"> & {
+  /**
+   * The sandbox to write into (a Linux sandbox).
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Absolute path of the file, without NUL characters.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * Permission bits of the new file (for example 0755 = 493); 0 means
+   * 0644. Only the low 12 bits (0o7777) are used; the umask is not applied.
+   *
+   * @generated from field: uint32 mode = 3;
+   */
+  mode: number;
+
+  /**
+   * Create missing parent directories (mode 0755).
+   *
+   * @generated from field: bool make_parents = 4;
+   */
+  makeParents: boolean;
+
+  /**
+   * Fail with ALREADY_EXISTS if `path` exists (as anything) instead of
+   * replacing it.
+   *
+   * @generated from field: bool no_overwrite = 5;
+   */
+  noOverwrite: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.WriteFileHeader.
+ * Use `create(WriteFileHeaderSchema)` to create a new message.
+ */
+export const WriteFileHeaderSchema: GenMessage<WriteFileHeader> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 21);
+
+/**
+ * WriteFileResponse confirms an upload: the file is under its final name.
+ *
+ * @generated from message forkd.v1.WriteFileResponse
+ */
+export type WriteFileResponse = Message<"forkd.v1.WriteFileResponse"> & {
+  /**
+   * The path written.
+   *
+   * @generated from field: string path = 1;
+   */
+  path: string;
+
+  /**
+   * Bytes written.
+   *
+   * @generated from field: uint64 size = 2;
+   */
+  size: bigint;
+
+  /**
+   * SHA-256 of the bytes written, as computed in the guest, lowercase hex.
+   *
+   * @generated from field: string sha256 = 3;
+   */
+  sha256: string;
+};
+
+/**
+ * Describes the message forkd.v1.WriteFileResponse.
+ * Use `create(WriteFileResponseSchema)` to create a new message.
+ */
+export const WriteFileResponseSchema: GenMessage<WriteFileResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 22);
+
+/**
+ * ReadFileRequest names the file (and the range of it) to download.
+ *
+ * @generated from message forkd.v1.ReadFileRequest
+ */
+export type ReadFileRequest = Message<"forkd.v1.ReadFileRequest"> & {
+  /**
+   * The sandbox to read from (a Linux sandbox).
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Absolute path of a regular file (symlinks are followed), without NUL
+   * characters.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * First byte to send; past the end of the file sends nothing.
+   *
+   * @generated from field: uint64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * How many bytes at most; 0 means to the end of the file.
+   *
+   * @generated from field: uint64 length = 4;
+   */
+  length: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.ReadFileRequest.
+ * Use `create(ReadFileRequestSchema)` to create a new message.
+ */
+export const ReadFileRequestSchema: GenMessage<ReadFileRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 23);
+
+/**
+ * ReadFileResponse is one message of the ReadFile stream: data, then the end.
+ *
+ * @generated from message forkd.v1.ReadFileResponse
+ */
+export type ReadFileResponse = Message<"forkd.v1.ReadFileResponse"> & {
+  /**
+   * What this message carries.
+   *
+   * @generated from oneof forkd.v1.ReadFileResponse.event
+   */
+  event: {
+    /**
+     * The next bytes of the file (at most 64 KiB).
+     *
+     * @generated from field: bytes data = 1;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | {
+    /**
+     * The download is complete; always the last message.
+     *
+     * @generated from field: forkd.v1.ReadFileEnd end = 2;
+     */
+    value: ReadFileEnd;
+    case: "end";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message forkd.v1.ReadFileResponse.
+ * Use `create(ReadFileResponseSchema)` to create a new message.
+ */
+export const ReadFileResponseSchema: GenMessage<ReadFileResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 24);
+
+/**
+ * ReadFileEnd closes a download.
+ *
+ * @generated from message forkd.v1.ReadFileEnd
+ */
+export type ReadFileEnd = Message<"forkd.v1.ReadFileEnd"> & {
+  /**
+   * Bytes sent.
+   *
+   * @generated from field: uint64 size = 1;
+   */
+  size: bigint;
+
+  /**
+   * SHA-256 of the bytes sent, as computed in the guest, lowercase hex.
+   *
+   * @generated from field: string sha256 = 2;
+   */
+  sha256: string;
+
+  /**
+   * The file's size when it was opened (the bytes sent differ with
+   * `offset`/`length`, for files that change while read, and for `/proc`
+   * files, which report 0).
+   *
+   * @generated from field: uint64 file_size = 3;
+   */
+  fileSize: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.ReadFileEnd.
+ * Use `create(ReadFileEndSchema)` to create a new message.
+ */
+export const ReadFileEndSchema: GenMessage<ReadFileEnd> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 25);
+
+/**
+ * FileInfo describes one file as `lstat` sees it.
+ *
+ * @generated from message forkd.v1.FileInfo
+ */
+export type FileInfo = Message<"forkd.v1.FileInfo"> & {
+  /**
+   * The last component of the path (`/` for the root). A name that is not
+   * UTF-8 is shown with U+FFFD in place of its bad bytes.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Size in bytes (a symlink's is the length of its target).
+   *
+   * @generated from field: uint64 size = 2;
+   */
+  size: bigint;
+
+  /**
+   * Permission bits (`mode & 0o7777`).
+   *
+   * @generated from field: uint32 mode = 3;
+   */
+  mode: number;
+
+  /**
+   * What kind of file it is.
+   *
+   * @generated from field: forkd.v1.FileType type = 4;
+   */
+  type: FileType;
+
+  /**
+   * Last modification.
+   *
+   * @generated from field: google.protobuf.Timestamp modify_time = 5;
+   */
+  modifyTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message forkd.v1.FileInfo.
+ * Use `create(FileInfoSchema)` to create a new message.
+ */
+export const FileInfoSchema: GenMessage<FileInfo> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 26);
+
+/**
+ * StatFileRequest names the path to describe.
+ *
+ * @generated from message forkd.v1.StatFileRequest
+ */
+export type StatFileRequest = Message<"forkd.v1.StatFileRequest"> & {
+  /**
+   * The sandbox (a Linux sandbox).
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Absolute path, without NUL characters.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message forkd.v1.StatFileRequest.
+ * Use `create(StatFileRequestSchema)` to create a new message.
+ */
+export const StatFileRequestSchema: GenMessage<StatFileRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 27);
+
+/**
+ * StatFileResponse describes the path.
+ *
+ * @generated from message forkd.v1.StatFileResponse
+ */
+export type StatFileResponse = Message<"forkd.v1.StatFileResponse"> & {
+  /**
+   * The path's `lstat`.
+   *
+   * @generated from field: forkd.v1.FileInfo info = 1;
+   */
+  info?: FileInfo | undefined;
+};
+
+/**
+ * Describes the message forkd.v1.StatFileResponse.
+ * Use `create(StatFileResponseSchema)` to create a new message.
+ */
+export const StatFileResponseSchema: GenMessage<StatFileResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 28);
+
+/**
+ * ListDirRequest names the directory to list.
+ *
+ * @generated from message forkd.v1.ListDirRequest
+ */
+export type ListDirRequest = Message<"forkd.v1.ListDirRequest"> & {
+  /**
+   * The sandbox (a Linux sandbox).
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Absolute path of a directory (a symlink to one is followed).
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message forkd.v1.ListDirRequest.
+ * Use `create(ListDirRequestSchema)` to create a new message.
+ */
+export const ListDirRequestSchema: GenMessage<ListDirRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 29);
+
+/**
+ * ListDirResponse lists a directory's entries.
+ *
+ * @generated from message forkd.v1.ListDirResponse
+ */
+export type ListDirResponse = Message<"forkd.v1.ListDirResponse"> & {
+  /**
+   * The entries, sorted by name (bytewise), without `.` and `..`.
+   *
+   * @generated from field: repeated forkd.v1.FileInfo entries = 1;
+   */
+  entries: FileInfo[];
+
+  /**
+   * Whether entries were left out: at most 4096 are listed (and at most
+   * 512 KiB of them).
+   *
+   * @generated from field: bool truncated = 2;
+   */
+  truncated: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.ListDirResponse.
+ * Use `create(ListDirResponseSchema)` to create a new message.
+ */
+export const ListDirResponseSchema: GenMessage<ListDirResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 30);
+
+/**
+ * RemoveFileRequest names the path to remove.
+ *
+ * @generated from message forkd.v1.RemoveFileRequest
+ */
+export type RemoveFileRequest = Message<"forkd.v1.RemoveFileRequest"> & {
+  /**
+   * The sandbox (a Linux sandbox).
+   *
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * Absolute path; `/` is INVALID_ARGUMENT.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * Remove a directory and everything in it.
+   *
+   * @generated from field: bool recursive = 3;
+   */
+  recursive: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.RemoveFileRequest.
+ * Use `create(RemoveFileRequestSchema)` to create a new message.
+ */
+export const RemoveFileRequestSchema: GenMessage<RemoveFileRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 31);
+
+/**
+ * RemoveFileResponse confirms the removal.
+ *
+ * @generated from message forkd.v1.RemoveFileResponse
+ */
+export type RemoveFileResponse = Message<"forkd.v1.RemoveFileResponse"> & {
+};
+
+/**
+ * Describes the message forkd.v1.RemoveFileResponse.
+ * Use `create(RemoveFileResponseSchema)` to create a new message.
+ */
+export const RemoveFileResponseSchema: GenMessage<RemoveFileResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 32);
+
+/**
  * SandboxState is where a sandbox is in its life.
  *
  * @generated from enum forkd.v1.SandboxState
@@ -885,6 +1333,54 @@ export enum SandboxState {
  */
 export const SandboxStateSchema: GenEnum<SandboxState> = /*@__PURE__*/
   enumDesc(file_forkd_v1_sandbox, 0);
+
+/**
+ * FileType is what kind of file a path names.
+ *
+ * @generated from enum forkd.v1.FileType
+ */
+export enum FileType {
+  /**
+   * Never set by the server.
+   *
+   * @generated from enum value: FILE_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A regular file.
+   *
+   * @generated from enum value: FILE_TYPE_FILE = 1;
+   */
+  FILE = 1,
+
+  /**
+   * A directory.
+   *
+   * @generated from enum value: FILE_TYPE_DIRECTORY = 2;
+   */
+  DIRECTORY = 2,
+
+  /**
+   * A symbolic link (described, not followed).
+   *
+   * @generated from enum value: FILE_TYPE_SYMLINK = 3;
+   */
+  SYMLINK = 3,
+
+  /**
+   * A device, FIFO or socket.
+   *
+   * @generated from enum value: FILE_TYPE_OTHER = 4;
+   */
+  OTHER = 4,
+}
+
+/**
+ * Describes the enum forkd.v1.FileType.
+ */
+export const FileTypeSchema: GenEnum<FileType> = /*@__PURE__*/
+  enumDesc(file_forkd_v1_sandbox, 1);
 
 /**
  * SandboxService boots, forks, inspects, branches and deletes microVM
@@ -992,6 +1488,84 @@ export const SandboxService: GenService<{
     methodKind: "unary";
     input: typeof SetSandboxTtlRequestSchema;
     output: typeof SetSandboxTtlResponseSchema;
+  },
+  /**
+   * WriteFile uploads a file into a Linux sandbox. The first message is a
+   * `header` (sandbox, path, mode, options); every later one carries
+   * `data` (under 4 MiB per message; 1 MiB is a good size). The guest writes the
+   * bytes to a temporary file beside `path` as they arrive and renames it
+   * over `path` only once the client has closed its stream: an upload that
+   * is cut off (client gone, error, sandbox stopped) leaves nothing under
+   * `path` and removes its temporary file. The daemon holds at most a few
+   * chunks whatever the file's size (the upload waits for the guest).
+   *
+   * Errors: an empty, relative or NUL-containing path, or a first message
+   * without a header, is INVALID_ARGUMENT; a missing parent directory
+   * (without `make_parents`) NOT_FOUND; `path` taken with `no_overwrite`
+   * ALREADY_EXISTS; a parent that is not a directory, or `path` a
+   * directory, FAILED_PRECONDITION; the guest's filesystem full
+   * RESOURCE_EXHAUSTED; a reference-guest sandbox FAILED_PRECONDITION.
+   *
+   * @generated from rpc forkd.v1.SandboxService.WriteFile
+   */
+  writeFile: {
+    methodKind: "client_streaming";
+    input: typeof WriteFileRequestSchema;
+    output: typeof WriteFileResponseSchema;
+  },
+  /**
+   * ReadFile downloads (part of) a file from a Linux sandbox as a stream of
+   * `data` chunks (at most 64 KiB each) ended by one `end` message with the
+   * byte count and SHA-256 of what was sent. Symlinks are followed. The
+   * guest sends only as fast as the client reads: a slow reader holds up
+   * the transfer, not the daemon's memory.
+   *
+   * Errors: a missing file NOT_FOUND; a directory or device
+   * FAILED_PRECONDITION; a bad path INVALID_ARGUMENT; a reference-guest
+   * sandbox FAILED_PRECONDITION.
+   *
+   * @generated from rpc forkd.v1.SandboxService.ReadFile
+   */
+  readFile: {
+    methodKind: "server_streaming";
+    input: typeof ReadFileRequestSchema;
+    output: typeof ReadFileResponseSchema;
+  },
+  /**
+   * StatFile describes one path of a Linux sandbox as `lstat` does (a
+   * symlink is described, not followed). A missing path is NOT_FOUND.
+   *
+   * @generated from rpc forkd.v1.SandboxService.StatFile
+   */
+  statFile: {
+    methodKind: "unary";
+    input: typeof StatFileRequestSchema;
+    output: typeof StatFileResponseSchema;
+  },
+  /**
+   * ListDir lists a directory of a Linux sandbox, sorted by name, without
+   * `.` and `..`. A missing directory is NOT_FOUND, a path that is not a
+   * directory FAILED_PRECONDITION.
+   *
+   * @generated from rpc forkd.v1.SandboxService.ListDir
+   */
+  listDir: {
+    methodKind: "unary";
+    input: typeof ListDirRequestSchema;
+    output: typeof ListDirResponseSchema;
+  },
+  /**
+   * RemoveFile removes a file, symlink or empty directory of a Linux
+   * sandbox; with `recursive`, a directory and everything in it. A missing
+   * path is NOT_FOUND, a non-empty directory without `recursive`
+   * FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
+   *
+   * @generated from rpc forkd.v1.SandboxService.RemoveFile
+   */
+  removeFile: {
+    methodKind: "unary";
+    input: typeof RemoveFileRequestSchema;
+    output: typeof RemoveFileResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_sandbox, 0);
