@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forkd_api::v1 as pb;
 use forkd_api::v1::sandbox_service_server::{SandboxService, SandboxServiceServer};
 use forkd_api::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
 use forkd_api::v1::{
@@ -100,6 +101,11 @@ impl Fake {
     }
 }
 
+/// This stand-in's answer to every file request.
+fn no_files() -> Status {
+    Status::failed_precondition("this stand-in daemon runs no guest with files")
+}
+
 #[tonic::async_trait]
 impl SandboxService for Fake {
     async fn spawn_sandboxes(
@@ -166,6 +172,43 @@ impl SandboxService for Fake {
         Err(Status::failed_precondition(
             "this stand-in daemon runs no guest with a serial console",
         ))
+    }
+
+    async fn write_file(
+        &self,
+        _req: Request<tonic::Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        Err(no_files())
+    }
+
+    type ReadFileStream = ReceiverStream<Result<pb::ReadFileResponse, Status>>;
+
+    async fn read_file(
+        &self,
+        _req: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        Err(no_files())
+    }
+
+    async fn stat_file(
+        &self,
+        _req: Request<pb::StatFileRequest>,
+    ) -> Result<Response<pb::StatFileResponse>, Status> {
+        Err(no_files())
+    }
+
+    async fn list_dir(
+        &self,
+        _req: Request<pb::ListDirRequest>,
+    ) -> Result<Response<pb::ListDirResponse>, Status> {
+        Err(no_files())
+    }
+
+    async fn remove_file(
+        &self,
+        _req: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        Err(no_files())
     }
 
     async fn set_sandbox_ttl(

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use forkd_control::FileErrorKind;
 use forkd_store::{ErrorKind, StoreError};
 
 use crate::image_lookup::ImageError;
@@ -183,9 +184,61 @@ pub enum ApiError {
         /// directory`.
         message: String,
     },
+    /// The guest agent could not carry out a file operation.
+    #[error("{message}{}", file_hint(*kind))]
+    File {
+        /// Why, as the agent classified it.
+        kind: FileErrorKind,
+        /// What failed, naming the step and the path.
+        message: String,
+    },
+    /// The client gave up on a call mid-way (e.g. its upload stream broke).
+    #[error("{0}")]
+    Cancelled(String),
+    /// A file request needs a Linux sandbox.
+    #[error(
+        "sandbox {0} runs the reference guest, which has no filesystem; files need a Linux \
+         sandbox (spawn one with `image`)"
+    )]
+    NoFiles(String),
     /// The daemon failed in a way the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a caller can do about a file error, after the agent's message.
+fn file_hint(kind: FileErrorKind) -> &'static str {
+    match kind {
+        FileErrorKind::NoSpace => {
+            " (the guest's filesystem is full: its root is a tmpfs of about half the sandbox's \
+             RAM; remove files or spawn with more memory_mib; nothing was left under the \
+             file's name)"
+        }
+        FileErrorKind::NotADirectory => " (a component of the path is not a directory)",
+        FileErrorKind::IsADirectory => " (the path is a directory)",
+        FileErrorKind::NotEmpty => " (the directory is not empty; set recursive to remove it)",
+        FileErrorKind::NotAFile => " (not a regular file)",
+        FileErrorKind::Busy => " (too many file transfers are running in this sandbox; retry)",
+        _ => "",
+    }
+}
+
+/// The status code of a file error the agent reported.
+pub fn file_code(kind: FileErrorKind) -> Code {
+    match kind {
+        FileErrorKind::NotFound => Code::NotFound,
+        FileErrorKind::AlreadyExists => Code::AlreadyExists,
+        FileErrorKind::NotADirectory
+        | FileErrorKind::IsADirectory
+        | FileErrorKind::NotEmpty
+        | FileErrorKind::NotAFile => Code::FailedPrecondition,
+        FileErrorKind::NoSpace => Code::ResourceExhausted,
+        FileErrorKind::PermissionDenied => Code::PermissionDenied,
+        FileErrorKind::InvalidPath => Code::InvalidArgument,
+        FileErrorKind::Busy => Code::Unavailable,
+        FileErrorKind::Aborted => Code::Cancelled,
+        FileErrorKind::Protocol | FileErrorKind::Io => Code::Internal,
+    }
 }
 
 impl ApiError {
@@ -212,6 +265,9 @@ impl ApiError {
                 ImageError::Invalid { .. } => Code::FailedPrecondition,
             },
             ApiError::LinuxHost(_) | ApiError::CommandNotStarted { .. } => Code::FailedPrecondition,
+            ApiError::File { kind, .. } => file_code(*kind),
+            ApiError::NoFiles(_) => Code::FailedPrecondition,
+            ApiError::Cancelled(_) => Code::Cancelled,
             ApiError::Vmm { .. } | ApiError::Internal(_) => Code::Internal,
         }
     }

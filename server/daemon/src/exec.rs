@@ -53,7 +53,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn stopped(sandbox: &Sandbox) -> ApiError {
+/// The error of a request to a sandbox whose VMM stopped.
+pub fn stopped(sandbox: &Sandbox) -> ApiError {
     ApiError::SandboxStopped {
         id: sandbox.id().to_string(),
         reason: sandbox

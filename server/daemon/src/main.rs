@@ -14,6 +14,7 @@ mod drain;
 mod error;
 mod exec;
 mod expiry;
+mod files;
 mod fork;
 mod guarded_body;
 mod ids;

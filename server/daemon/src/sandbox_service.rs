@@ -12,6 +12,7 @@ use crate::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
 use crate::console;
 use crate::error::{code_name, ApiError, BootError};
 use crate::exec::{self, ExecStream};
+use crate::files::{self, download::ReadStream};
 use crate::fork;
 use crate::image_lookup::{self, Images};
 use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
@@ -398,6 +399,82 @@ impl SandboxService for Sandboxes {
             data: tail.data,
             truncated: tail.truncated,
         }))
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<tonic::Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let mut body = request.into_inner();
+        let (id, target) = files::upload::header(&mut body).await?;
+        let sandbox = self.manager.registry().get(&id)?;
+        files::check(&sandbox)?;
+        Ok(Response::new(
+            files::upload::write(sandbox, target, body).await?,
+        ))
+    }
+
+    type ReadFileStream = ReadStream;
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<ReadStream>, Status> {
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let path = validate::guest_path("path", &req.path)?;
+        let sandbox = self.manager.registry().get(id)?;
+        files::check(&sandbox)?;
+        let range = files::download::Range {
+            path,
+            offset: req.offset,
+            length: req.length,
+        };
+        Ok(Response::new(files::download::start(sandbox, range)))
+    }
+
+    async fn stat_file(
+        &self,
+        request: Request<pb::StatFileRequest>,
+    ) -> Result<Response<pb::StatFileResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let path = validate::guest_path("path", &req.path)?;
+        let sandbox = self.manager.registry().get(id)?;
+        files::check(&sandbox)?;
+        let info = files::meta::stat(&sandbox, path).await?;
+        Ok(Response::new(pb::StatFileResponse { info: Some(info) }))
+    }
+
+    async fn list_dir(
+        &self,
+        request: Request<pb::ListDirRequest>,
+    ) -> Result<Response<pb::ListDirResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let path = validate::guest_path("path", &req.path)?;
+        let sandbox = self.manager.registry().get(id)?;
+        files::check(&sandbox)?;
+        Ok(Response::new(files::meta::list(&sandbox, path).await?))
+    }
+
+    async fn remove_file(
+        &self,
+        request: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
+        let path = validate::guest_path("path", &req.path)?;
+        if path.trim_end_matches('/').is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "path is the root directory '/', which cannot be removed".into(),
+            )
+            .into());
+        }
+        let sandbox = self.manager.registry().get(id)?;
+        files::check(&sandbox)?;
+        files::meta::remove(&sandbox, path, req.recursive).await?;
+        Ok(Response::new(pb::RemoveFileResponse {}))
     }
 }
 

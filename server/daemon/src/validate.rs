@@ -230,6 +230,37 @@ pub fn exec_cwd(cwd: &str) -> Result<Option<String>, ApiError> {
     Ok(Some(cwd.to_string()))
 }
 
+/// Longest guest path a file request takes, in bytes (Linux's PATH_MAX).
+pub const MAX_GUEST_PATH_BYTES: usize = 4096;
+
+/// Checks a guest path of a file request (`field` names it): non-empty,
+/// absolute, without NUL, at most [`MAX_GUEST_PATH_BYTES`].
+pub fn guest_path(field: &str, path: &str) -> Result<String, ApiError> {
+    if path.is_empty() {
+        return Err(invalid(format!(
+            "{field} is empty; give an absolute path in the guest, e.g. /root/data.csv"
+        )));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(format!(
+            "{field} {} is not absolute; give a path starting with '/'",
+            quoted(path)
+        )));
+    }
+    if path.contains('\0') {
+        return Err(invalid(format!(
+            "{field} contains a NUL character; remove it"
+        )));
+    }
+    if path.len() > MAX_GUEST_PATH_BYTES {
+        return Err(invalid(format!(
+            "{field} is {} bytes long; the limit is {MAX_GUEST_PATH_BYTES}",
+            path.len()
+        )));
+    }
+    Ok(path.to_string())
+}
+
 /// Checks the size of an Exec `stdin`.
 pub fn exec_stdin(stdin: &[u8]) -> Result<(), ApiError> {
     if stdin.len() > MAX_STDIN_BYTES {

@@ -23,6 +23,8 @@ use crate::vcpu::VmContext;
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a Linux guest's agent gets to park its channel for a snapshot.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why the reference guest refuses file requests.
+const NO_FILES: &str = "the reference guest has no filesystem; files need a Linux sandbox";
 
 /// Reads requests on its own thread: answers heartbeats at once, and hands
 /// everything else (and the end: EOF or a bad frame) to the control thread
@@ -72,6 +74,10 @@ pub fn serve(
             Ok(Ok(ToVmm::Request(r))) => r,
             Ok(Ok(ToVmm::Input { id, data })) => {
                 forward_input(&ctx, id, &data);
+                continue;
+            }
+            Ok(Ok(ToVmm::FileData { id, data })) => {
+                forward_file_data(&ctx, id, &data);
                 continue;
             }
             // The reader thread ends only after sending its error.
@@ -154,6 +160,16 @@ pub fn serve(
                 },
             }),
             Request::Shutdown { .. } => ctx.sink.exit(ExitReason::Shutdown, 0),
+            Request::WriteFile { id, .. }
+            | Request::ReadFile { id, .. }
+            | Request::StatFile { id, .. }
+            | Request::ListDir { id, .. }
+            | Request::RemoveFile { id, .. } => ctx.sink.send(&Event::Error {
+                id,
+                message: NO_FILES.into(),
+            }),
+            // Acks and aborts of transfers that cannot exist here.
+            Request::FileAck { .. } | Request::FileAbort { .. } => {}
             Request::Snapshot { id, .. } if live.running().is_some() => {
                 ctx.sink.send(&Event::Error {
                     id,
@@ -287,9 +303,25 @@ fn forward_input(ctx: &VmContext, id: u64, data: &[u8]) {
     }
 }
 
+/// Upload bytes for a Linux guest's agent.
+fn forward_file_data(ctx: &VmContext, id: u64, data: &[u8]) {
+    let Some(devices) = &ctx.linux else {
+        // File requests were refused, so this is only a stray frame.
+        return;
+    };
+    if let Err(e) = devices.agent.file_data(id, data) {
+        ctx.sink.send(&Event::FileFailed {
+            id,
+            kind: forkd_control::FileErrorKind::Io,
+            message: format!("upload data not delivered to the guest agent: {e}"),
+        });
+    }
+}
+
 /// Requests a Linux guest's agent serves; the rest (pause, resume, stats,
 /// snapshots, shutdown) are returned for the common path.
 fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Option<Request> {
+    let id = request.id();
     let sent = match request {
         Request::Exec {
             id,
@@ -300,7 +332,10 @@ fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Opt
         } => (id, devices.agent.exec(id, argv, env, cwd, stdin)),
         Request::Cancel { id } => (id, devices.agent.cancel(id)),
         Request::Ping { id } => (id, devices.agent.ping(id)),
-        other => return Some(other),
+        other => match devices.agent.file_request(other) {
+            Ok(sent) => (id, sent),
+            Err(other) => return Some(other),
+        },
     };
     if let (id, Err(e)) = sent {
         ctx.sink.send(&Event::Error {

@@ -271,6 +271,8 @@ pub fn run(sock: UnixStream, arg: &dyn Fn(&str) -> String) -> ! {
                 }
                 continue;
             }
+            // Files are exercised against the real agent (tests/e2e --svm).
+            ToVmm::FileData { .. } => continue,
             ToVmm::Request(req) => req,
         };
         match req {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use forkd_agent_proto::{self as proto, Decoder, Frame, GuestMsg, HostMsg};
-use forkd_control::{Event, ExitReason, GuestBoot, INPUT_CHUNK};
+use forkd_control::{Event, ExitReason, GuestBoot, Request, INPUT_CHUNK};
 
 use crate::devices::virtio::console::ConsoleSender;
 use crate::events::EventSink;
@@ -161,6 +161,63 @@ impl AgentLink {
             unix_ns,
             sandbox_id: Some(sandbox_id.to_string()),
         })
+    }
+
+    /// Relays a file request (upload, download, ack, abort, stat, list,
+    /// remove) to the agent. Returns the request back when it is not one.
+    pub fn file_request(&self, request: Request) -> Result<Result<(), LinkError>, Request> {
+        let msg = match request {
+            Request::WriteFile {
+                id,
+                path,
+                mode,
+                parents,
+                exclusive,
+            } => HostMsg::WriteFile {
+                id,
+                path,
+                mode,
+                parents,
+                exclusive,
+            },
+            Request::ReadFile {
+                id,
+                path,
+                offset,
+                length,
+                window,
+            } => HostMsg::ReadFile {
+                id,
+                path,
+                offset,
+                length,
+                window,
+            },
+            Request::FileAck { id, bytes } => HostMsg::FileAck { id, bytes },
+            Request::FileAbort { id } => HostMsg::FileAbort { id },
+            Request::StatFile { id, path } => HostMsg::StatFile { id, path },
+            Request::ListDir { id, path } => HostMsg::ListDir { id, path },
+            Request::RemoveFile {
+                id,
+                path,
+                recursive,
+            } => HostMsg::RemoveFile {
+                id,
+                path,
+                recursive,
+            },
+            other => return Err(other),
+        };
+        Ok(self.send(&msg))
+    }
+
+    /// Forwards bytes of upload `id` (empty: the end of the file). The
+    /// daemon keeps an upload within the agent's credit window, so this
+    /// never queues more than that window per upload.
+    pub fn file_data(&self, id: u64, data: &[u8]) -> Result<(), LinkError> {
+        Ok(self
+            .console
+            .send(&proto::encode_data(id, proto::STREAM_FILE, data)?)?)
     }
 
     fn send(&self, msg: &HostMsg) -> Result<(), LinkError> {
@@ -348,11 +405,37 @@ impl GuestFrames {
                 }
             }
             GuestMsg::Log { message } => eprintln!("forkd-agent: {message}"),
-            // The VMM requests no file transfers yet, so the agent sends
-            // none of their answers.
-            other => eprintln!("forkd-vmm: unexpected agent message: {other:?}"),
+            file => {
+                if let Some(event) = file_event(file) {
+                    self.sink.send(&event);
+                }
+            }
         }
     }
+}
+
+/// The control event relaying one of the agent's file answers (`None`
+/// for messages that are not file answers, handled elsewhere).
+fn file_event(msg: GuestMsg) -> Option<Event> {
+    Some(match msg {
+        GuestMsg::FileCredit { id, bytes } => Event::FileCredit { id, bytes },
+        GuestMsg::FileWritten { id, size, sha256 } => Event::FileWritten { id, size, sha256 },
+        GuestMsg::FileOpened { id, size } => Event::FileOpened { id, size },
+        GuestMsg::FileRead { id, bytes, sha256 } => Event::FileRead { id, bytes, sha256 },
+        GuestMsg::FileFailed { id, kind, message } => Event::FileFailed { id, kind, message },
+        GuestMsg::FileStat { id, info } => Event::FileStat { id, info },
+        GuestMsg::DirListing {
+            id,
+            entries,
+            truncated,
+        } => Event::DirListing {
+            id,
+            entries,
+            truncated,
+        },
+        GuestMsg::FileRemoved { id } => Event::FileRemoved { id },
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -392,6 +475,47 @@ mod tests {
         });
         agent.quiesce(7, Duration::from_secs(30)).unwrap();
         answer.join().unwrap();
+    }
+
+    #[test]
+    fn file_answers_become_events_with_their_ids() {
+        let answers = [
+            GuestMsg::FileCredit { id: 1, bytes: 10 },
+            GuestMsg::FileWritten {
+                id: 2,
+                size: 3,
+                sha256: "ab".into(),
+            },
+            GuestMsg::FileOpened { id: 3, size: 4 },
+            GuestMsg::FileRead {
+                id: 4,
+                bytes: 4,
+                sha256: "cd".into(),
+            },
+            GuestMsg::FileFailed {
+                id: 5,
+                kind: proto::FileErrorKind::NotFound,
+                message: "gone".into(),
+            },
+            GuestMsg::FileRemoved { id: 6 },
+        ];
+        for (n, answer) in answers.into_iter().enumerate() {
+            let event = file_event(answer).expect("a file answer");
+            assert_eq!(event.request_id(), Some(n as u64 + 1));
+        }
+        assert!(file_event(GuestMsg::Pong { id: 1 }).is_none());
+    }
+
+    #[test]
+    fn only_file_requests_are_relayed() {
+        let (agent, _frames, _peer) = link();
+        let req = Request::StatFile {
+            id: 1,
+            path: "/".into(),
+        };
+        assert!(matches!(agent.file_request(req), Ok(Ok(()))));
+        let ping = Request::Ping { id: 2 };
+        assert_eq!(agent.file_request(ping.clone()).unwrap_err(), ping);
     }
 
     #[test]

@@ -35,9 +35,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use files::FileEvent;
+
 use crate::data_dir::VMM_LOG;
 use crate::error::BootError;
 use crate::sync::lock;
+
+mod files;
 
 /// The fd number the VMM finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
@@ -323,6 +327,11 @@ struct Routes {
     /// Requests answered by several events (LIVE snapshots), until
     /// `CopyDone` or `Error`.
     streams: HashMap<u64, mpsc::UnboundedSender<Event>>,
+    /// File uploads and downloads, until their last event. Unbounded, yet
+    /// bounded by the transfer's window: the VMM sends a download's bytes
+    /// only as far as the daemon acknowledged them, and an upload's events
+    /// are a few small credits.
+    files: HashMap<u64, mpsc::UnboundedSender<FileEvent>>,
 }
 
 /// A running (or stopped) VMM and its control connection.
@@ -799,6 +808,17 @@ impl Vmm {
     /// Routes one decoded frame. Returns the stop when it was `Exited`.
     async fn dispatch(&self, msg: FromVmm) -> Option<Stop> {
         match msg {
+            FromVmm::Output(out) if out.stream == forkd_control::STREAM_FILE => {
+                let tx = lock(&self.routes).files.get(&out.id).cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(FileEvent::Data(out.data));
+                    }
+                    None => {
+                        tracing::debug!(sandbox = %self.id, transfer = out.id, "file data for no transfer")
+                    }
+                }
+            }
             FromVmm::Output(out) => {
                 let tx = lock(&self.routes).execs.get(&out.id).cloned();
                 match tx {
@@ -847,40 +867,51 @@ impl Vmm {
             }
             FromVmm::Event(Event::Exited { reason }) => return Some(Stop::from_exit(&reason)),
             FromVmm::Event(event) => {
-                let id = event_id(&event);
-                let stream = id.and_then(|id| {
-                    let mut routes = lock(&self.routes);
-                    let last = matches!(event, Event::CopyDone { .. } | Event::Error { .. });
-                    if last {
-                        routes.streams.remove(&id)
-                    } else {
-                        routes.streams.get(&id).cloned()
-                    }
-                });
-                if let Some(stream) = stream {
-                    let _ = stream.send(event);
-                    return None;
+                let id = event.request_id();
+                if let Some(event) = self.route_file_event(id, event) {
+                    return self.route_event(id, event).await;
                 }
-                let (waiter, exec) = {
-                    let mut routes = lock(&self.routes);
-                    let waiter = id.and_then(|id| routes.pending.remove(&id));
-                    let exec = match (&waiter, &event, id) {
-                        (None, Event::Error { .. }, Some(id)) => routes.execs.remove(&id),
-                        _ => None,
-                    };
-                    (waiter, exec)
-                };
-                match (waiter, exec, event) {
-                    (Some(waiter), _, event) => {
-                        let _ = waiter.send(event);
-                    }
-                    (None, Some(exec), Event::Error { message, .. }) => {
-                        self.send_to_exec(&exec, ExecEvent::Refused(message)).await;
-                    }
-                    (None, _, event) => {
-                        tracing::debug!(sandbox = %self.id, ?event, "event for no request")
-                    }
-                }
+            }
+        }
+        None
+    }
+
+
+    /// Routes an event other than the ones `dispatch` handles itself: to
+    /// a LIVE snapshot's stream, a one-answer request, or (an `Error`) a
+    /// running exec.
+    async fn route_event(&self, id: Option<u64>, event: Event) -> Option<Stop> {
+        let stream = id.and_then(|id| {
+            let mut routes = lock(&self.routes);
+            let last = matches!(event, Event::CopyDone { .. } | Event::Error { .. });
+            if last {
+                routes.streams.remove(&id)
+            } else {
+                routes.streams.get(&id).cloned()
+            }
+        });
+        if let Some(stream) = stream {
+            let _ = stream.send(event);
+            return None;
+        }
+        let (waiter, exec) = {
+            let mut routes = lock(&self.routes);
+            let waiter = id.and_then(|id| routes.pending.remove(&id));
+            let exec = match (&waiter, &event, id) {
+                (None, Event::Error { .. }, Some(id)) => routes.execs.remove(&id),
+                _ => None,
+            };
+            (waiter, exec)
+        };
+        match (waiter, exec, event) {
+            (Some(waiter), _, event) => {
+                let _ = waiter.send(event);
+            }
+            (None, Some(exec), Event::Error { message, .. }) => {
+                self.send_to_exec(&exec, ExecEvent::Refused(message)).await;
+            }
+            (None, _, event) => {
+                tracing::debug!(sandbox = %self.id, ?event, "event for no request")
             }
         }
         None
@@ -934,25 +965,11 @@ impl Vmm {
             pending: std::mem::take(&mut routes.pending),
             execs: std::mem::take(&mut routes.execs),
             streams: std::mem::take(&mut routes.streams),
+            files: std::mem::take(&mut routes.files),
         }
     }
 }
 
-fn event_id(event: &Event) -> Option<u64> {
-    match event {
-        Event::Pong { id }
-        | Event::Alive { id }
-        | Event::Paused { id, .. }
-        | Event::Resumed { id, .. }
-        | Event::Stats { id, .. }
-        | Event::Error { id, .. }
-        | Event::ExecDone { id, .. }
-        | Event::Snapshotted { id, .. }
-        | Event::CopyProgress { id, .. }
-        | Event::CopyDone { id, .. } => Some(*id),
-        Event::Ready { .. } | Event::Exited { .. } => None,
-    }
-}
 
 /// Makes `fd` the child's fd `target`, inheritable across exec. Runs
 /// between fork and exec.

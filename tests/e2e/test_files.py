@@ -1,0 +1,387 @@
+"""Files in and out of a Linux sandbox (WriteFile, ReadFile, StatFile,
+ListDir, RemoveFile) end to end on the SVM test host: grpcurl, the Python
+client and the TypeScript client on this machine, the daemon, VMM and the
+`debian-python` guest's agent inside the emulated AMD machine.
+
+One daemon and one 1 GiB Linux sandbox (its root tmpfs then has room for
+about 512 MiB) serve the module. The reference guest's refusal is checked
+here too, on a reference-guest sandbox of the same daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from conftest import DEFAULT_ARGS
+from forkd_daemon import Daemon, wait_until
+from grpcurl_client import decode_exec
+from machine import LOCAL, Machine
+from test_linux_guest import IMAGE, image_in_machine
+
+pytestmark = pytest.mark.svm
+
+SVC = "forkd.v1.SandboxService/"
+BIG = 200 << 20
+CHUNK = 1 << 20
+# The daemon's RSS may grow by less than this while a file goes through.
+RSS_BOUND = 32 << 20
+
+
+class Files:
+    """The module's daemon, its Linux sandbox and a reference-guest one."""
+
+    def __init__(self, machine: Machine, daemon: Daemon, sid: str, ref_sid: str, token: str):
+        self.machine = machine
+        self.daemon = daemon
+        self.sid = sid
+        self.ref_sid = ref_sid
+        self.token = token
+        self.client = daemon.client
+
+    def run(self, script: str) -> Any:
+        r = decode_exec(self.client.stream(SVC + "Exec", {"sandboxId": self.sid, "argv": ["sh", "-c", script]}))
+        assert r.exit_code == 0, r
+        return r.stdout.decode()
+
+    def daemon_rss(self) -> int:
+        r = self.machine.run(["sh", "-c", f"grep VmRSS /proc/{self.daemon.pid}/status"])
+        assert r.returncode == 0, r
+        return int(r.stdout.split()[1]) << 10
+
+    def target(self) -> str:
+        return f"127.0.0.1:{self.daemon.client_port}"
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")]
+
+
+@pytest.fixture(scope="module")
+def files(machine: Machine, forkd_bin: Path) -> Iterator[Files]:
+    if machine is LOCAL:
+        pytest.skip("Linux guests need VMX or SVM: these run on the SVM test host (pytest --svm)")
+    inner_images = image_in_machine(machine, forkd_bin)
+    gp, hp = machine.host.take_daemon_port()
+    d = Daemon(
+        forkd_bin,
+        machine.work_dir("files"),
+        host="0.0.0.0",
+        port=gp,
+        client_port=hp,
+        token=machine.host.token,
+        extra_args=list(DEFAULT_ARGS) + ["--images-dir", inner_images, "--linux-boot-timeout", "1200"],
+        machine=machine,
+    )
+    d.start()
+    try:
+        d.wait_ready()
+        d.client = d.client.with_options(timeout=1500)
+        resp = d.client.call(SVC + "SpawnSandboxes", {"image": IMAGE, "n": 1, "vcpus": 1, "memoryMib": 1024})
+        assert not resp.get("failures"), resp
+        [sb] = resp["sandboxes"]
+        ref = d.client.call(SVC + "SpawnSandboxes", {"n": 1})["sandboxes"][0]
+        d.client = d.client.with_options(timeout=900)
+        yield Files(machine, d, sb["id"], ref["id"], machine.host.token)
+    finally:
+        rc, leftovers = d.stop(timeout=300)
+        machine.host.release_daemon_port(gp)
+        assert not leftovers, f"VMMs left after the daemon stopped: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """200 MiB of random bytes on this machine, and their SHA-256."""
+    path = tmp_path_factory.mktemp("files") / "big.bin"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(BIG // CHUNK):
+            block = os.urandom(CHUNK)
+            h.update(block)
+            f.write(block)
+    return path, h.hexdigest()
+
+
+def grpcurl_argv(f: Files, method: str) -> list[str]:
+    return f.client._argv([SVC + method], data=True, token=f.token, max_time=None, reflection=None)
+
+
+def write_request_file(dest: Path, header: dict[str, Any], source: Path) -> None:
+    """grpcurl's input for a WriteFile: the header message, then one
+    message per MiB of `source` with its bytes in base64."""
+    with open(dest, "w") as out, open(source, "rb") as src:
+        out.write(json.dumps({"header": header}) + "\n")
+        while block := src.read(CHUNK):
+            out.write(json.dumps({"data": base64.b64encode(block).decode()}) + "\n")
+
+
+def iter_json_messages(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON messages grpcurl printed into `path`, one at a time."""
+    decoder = json.JSONDecoder()
+    text = path.read_text()
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return
+        msg, pos = decoder.raw_decode(text, pos)
+        yield msg
+
+
+def grpcurl_download(f: Files, guest_path: str, out: Path, **fields: Any) -> tuple[str, int, dict[str, Any]]:
+    """ReadFile through grpcurl: the SHA-256 and size of the decoded data
+    messages, and the `end` message."""
+    raw = out.with_suffix(".json")
+    with open(raw, "w") as stdout:
+        p = subprocess.run(
+            grpcurl_argv(f, "ReadFile"),
+            input=json.dumps({"sandboxId": f.sid, "path": guest_path, **fields}).encode(),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=1800,
+        )
+    assert p.returncode == 0, p.stderr.decode()
+    h, size, end = hashlib.sha256(), 0, None
+    for msg in iter_json_messages(raw):
+        assert end is None, "a message came after the end"
+        if "data" in msg:
+            data = base64.b64decode(msg["data"])
+            assert len(data) <= 64 << 10
+            h.update(data)
+            size += len(data)
+        else:
+            end = msg["end"]
+    raw.unlink()
+    assert end is not None, "the stream had no end message"
+    return h.hexdigest(), size, end
+
+
+def test_reference_guest_has_no_files(files: Files) -> None:
+    for method, req in [
+        ("ReadFile", {"sandboxId": files.ref_sid, "path": "/x"}),
+        ("StatFile", {"sandboxId": files.ref_sid, "path": "/x"}),
+        ("ListDir", {"sandboxId": files.ref_sid, "path": "/"}),
+        ("RemoveFile", {"sandboxId": files.ref_sid, "path": "/x"}),
+    ]:
+        res = files.client.expect_error("FAILED_PRECONDITION", SVC + method, req)
+        assert "reference guest" in res.message and "Linux" in res.message, res.message
+    res = files.client.run([SVC + "WriteFile"], {"header": {"sandboxId": files.ref_sid, "path": "/x"}})
+    assert res.code == "FAILED_PRECONDITION" and "reference guest" in res.message, res.describe()
+
+
+def test_200_mib_round_trip_through_grpcurl(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
+    src, digest = big_file
+    req = tmp_path / "write.json"
+    write_request_file(req, {"sandboxId": files.sid, "path": "/root/up/big.bin", "makeParents": True, "mode": 0o600}, src)
+    t0 = time.monotonic()
+    with open(req, "rb") as stdin:
+        p = subprocess.run(grpcurl_argv(files, "WriteFile"), stdin=stdin, capture_output=True, timeout=1800)
+    up_s = time.monotonic() - t0
+    req.unlink()
+    assert p.returncode == 0, p.stderr.decode()
+    reply = json.loads(p.stdout)
+    assert reply == {"path": "/root/up/big.bin", "size": str(BIG), "sha256": digest}, reply
+    assert files.run("sha256sum /root/up/big.bin; stat -c %a /root/up/big.bin").split() == [digest, "/root/up/big.bin", "600"]
+    t0 = time.monotonic()
+    got, size, end = grpcurl_download(files, "/root/up/big.bin", tmp_path / "down")
+    down_s = time.monotonic() - t0
+    assert (got, size) == (digest, BIG)
+    assert end == {"size": str(BIG), "sha256": digest, "fileSize": str(BIG)}, end
+    print(f"grpcurl: 200 MiB up in {up_s:.1f} s, down in {down_s:.1f} s (emulated)")
+    # A range of it.
+    got, size, end = grpcurl_download(files, "/root/up/big.bin", tmp_path / "range", offset=str(BIG - 1000), length="5000")
+    with open(src, "rb") as fh:
+        fh.seek(BIG - 1000)
+        assert got == hashlib.sha256(fh.read()).hexdigest() and size == 1000
+    files.run("rm -f /root/up/big.bin")
+
+
+def test_200_mib_round_trip_through_python(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
+    """The generated Python client; the daemon's RSS is sampled while the
+    upload runs."""
+    from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc
+
+    src, digest = big_file
+    base = files.daemon_rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            peak[0] = max(peak[0], files.daemon_rss())
+
+    def chunks() -> Iterator[sandbox_pb2.WriteFileRequest]:
+        yield sandbox_pb2.WriteFileRequest(header=sandbox_pb2.WriteFileHeader(sandbox_id=files.sid, path="/root/py.bin"))
+        with open(src, "rb") as fh:
+            while block := fh.read(CHUNK):
+                yield sandbox_pb2.WriteFileRequest(data=block)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with grpc.insecure_channel(files.target()) as ch:
+            stub = sandbox_pb2_grpc.SandboxServiceStub(ch)
+            reply = stub.WriteFile(chunks(), metadata=files.metadata(), timeout=1800)
+            assert (reply.size, reply.sha256) == (BIG, digest)
+            h, n = hashlib.sha256(), 0
+            end = None
+            for msg in stub.ReadFile(sandbox_pb2.ReadFileRequest(sandbox_id=files.sid, path="/root/py.bin"), metadata=files.metadata(), timeout=1800):
+                if msg.WhichOneof("event") == "data":
+                    h.update(msg.data)
+                    n += len(msg.data)
+                else:
+                    end = msg.end
+    finally:
+        done.set()
+        sampler.join()
+    assert (h.hexdigest(), n) == (digest, BIG)
+    assert end is not None and (end.size, end.sha256) == (BIG, digest)
+    grew = peak[0] - base
+    print(f"daemon RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB during the Python round trip")
+    assert grew < RSS_BOUND, f"the daemon's RSS grew by {grew >> 20} MiB"
+    files.run("rm -f /root/py.bin")
+
+
+def test_slow_reader_does_not_grow_the_daemon(files: Files, big_file: tuple[Path, str]) -> None:
+    """A client that sleeps between messages holds the guest up, not the
+    daemon's memory: the RSS stays within the bound while it dawdles, and
+    the bytes still arrive whole."""
+    from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc
+
+    src, digest = big_file
+    files.run(f"head -c {64 << 20} /dev/urandom > /root/slow.bin")
+    want = files.run("sha256sum /root/slow.bin").split()[0]
+    base = files.daemon_rss()
+    peak = base
+    h, n = hashlib.sha256(), 0
+    with grpc.insecure_channel(files.target()) as ch:
+        stub = sandbox_pb2_grpc.SandboxServiceStub(ch)
+        stream = stub.ReadFile(sandbox_pb2.ReadFileRequest(sandbox_id=files.sid, path="/root/slow.bin"), metadata=files.metadata(), timeout=1800)
+        for i, msg in enumerate(stream):
+            if msg.WhichOneof("event") == "data":
+                h.update(msg.data)
+                n += len(msg.data)
+            if i < 40:
+                time.sleep(0.25)
+                if i % 10 == 0:
+                    peak = max(peak, files.daemon_rss())
+            elif i % 200 == 0:
+                peak = max(peak, files.daemon_rss())
+    assert (h.hexdigest(), n) == (want, 64 << 20)
+    print(f"slow reader: daemon RSS {base >> 20} MiB before, peak {peak >> 20} MiB")
+    assert peak - base < RSS_BOUND
+    files.run("rm -f /root/slow.bin")
+
+
+def test_killed_uploader_leaves_no_file(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
+    """grpcurl is killed in the middle of an upload: nothing appears under
+    the final name, and the guest's temporary file goes away."""
+    src, _ = big_file
+    p = subprocess.Popen(grpcurl_argv(files, "WriteFile"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None
+    try:
+        p.stdin.write((json.dumps({"header": {"sandboxId": files.sid, "path": "/root/cut/killed.bin", "makeParents": True}}) + "\n").encode())
+        with open(src, "rb") as fh:
+            for _ in range(8):
+                p.stdin.write((json.dumps({"data": base64.b64encode(fh.read(CHUNK)).decode()}) + "\n").encode())
+        p.stdin.flush()
+        # The upload is under way once its temporary file holds data.
+        assert wait_until(lambda: "forkd" in files.run("ls -a /root/cut 2>/dev/null || true"), timeout=600)
+    finally:
+        p.kill()
+        p.wait()
+    assert wait_until(lambda: files.run("ls -A /root/cut").strip() == "", timeout=300), files.run("ls -la /root/cut")
+    res = files.client.expect_error("NOT_FOUND", SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/cut/killed.bin"})
+    assert "killed.bin" in res.message
+
+
+def test_stat_list_and_remove(files: Files) -> None:
+    files.run("mkdir -p /root/tree/sub && printf abc > /root/tree/a.txt && ln -s a.txt /root/tree/link && touch -d @1700000000 /root/tree/a.txt")
+    info = files.client.call(SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/tree/a.txt"})["info"]
+    assert info == {"name": "a.txt", "size": "3", "mode": 0o644, "type": "FILE_TYPE_FILE", "modifyTime": "2023-11-14T22:13:20Z"}, info
+    listing = files.client.call(SVC + "ListDir", {"sandboxId": files.sid, "path": "/root/tree"})
+    assert [(e["name"], e["type"]) for e in listing["entries"]] == [
+        ("a.txt", "FILE_TYPE_FILE"),
+        ("link", "FILE_TYPE_SYMLINK"),
+        ("sub", "FILE_TYPE_DIRECTORY"),
+    ], listing
+    assert not listing.get("truncated")
+    files.client.call(SVC + "RemoveFile", {"sandboxId": files.sid, "path": "/root/tree", "recursive": True})
+    files.client.expect_error("NOT_FOUND", SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/tree"})
+
+
+def _write_small(f: Files, header: dict[str, Any], data: bytes) -> Any:
+    msgs = [{"header": {"sandboxId": f.sid, **header}}, {"data": base64.b64encode(data).decode()}]
+    p = subprocess.run(grpcurl_argv(f, "WriteFile"), input="\n".join(json.dumps(m) for m in msgs).encode(), capture_output=True, timeout=600)
+    return f.client._result([], p.returncode, p.stdout.decode(), p.stderr.decode(), 0.0)
+
+
+def test_each_error_has_its_code(files: Files) -> None:
+    sid = files.sid
+    c = files.client
+    files.run("mkdir -p /root/e/full && printf x > /root/e/file && touch /root/e/full/x")
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("NOT_FOUND", "ReadFile", {"path": "/root/e/missing"}, "missing"),
+        ("NOT_FOUND", "StatFile", {"path": "/root/e/missing"}, "missing"),
+        ("NOT_FOUND", "ListDir", {"path": "/root/e/missing"}, "missing"),
+        ("NOT_FOUND", "RemoveFile", {"path": "/root/e/missing"}, "missing"),
+        ("FAILED_PRECONDITION", "ReadFile", {"path": "/root/e"}, "directory"),
+        ("FAILED_PRECONDITION", "ReadFile", {"path": "/dev/null"}, "regular file"),
+        ("FAILED_PRECONDITION", "ListDir", {"path": "/root/e/file"}, "not a directory"),
+        ("FAILED_PRECONDITION", "RemoveFile", {"path": "/root/e/full"}, "recursive"),
+        ("INVALID_ARGUMENT", "ReadFile", {"path": ""}, "empty"),
+        ("INVALID_ARGUMENT", "StatFile", {"path": "root/e"}, "not absolute"),
+        ("INVALID_ARGUMENT", "ListDir", {"path": "/root/\u0000x"}, "NUL"),
+        ("INVALID_ARGUMENT", "RemoveFile", {"path": "/"}, "root"),
+    ]
+    for code, method, req, words in cases:
+        res = c.expect_error(code, SVC + method, {"sandboxId": sid, **req})
+        assert words.lower() in res.message.lower(), (method, req, res.message)
+    writes: list[tuple[str, dict[str, Any], str]] = [
+        ("NOT_FOUND", {"path": "/root/e/no/such/dir/f"}, "no/such"),
+        ("ALREADY_EXISTS", {"path": "/root/e/file", "noOverwrite": True}, "/root/e/file"),
+        ("FAILED_PRECONDITION", {"path": "/root/e/file/under"}, "not a directory"),
+        ("FAILED_PRECONDITION", {"path": "/root/e/full"}, "directory"),
+        ("INVALID_ARGUMENT", {"path": ""}, "empty"),
+        ("INVALID_ARGUMENT", {"path": "relative/f"}, "not absolute"),
+        ("INVALID_ARGUMENT", {"path": "/root/e/\u0000"}, "NUL"),
+    ]
+    for code, header, words in writes:
+        res = _write_small(files, header, b"new")
+        assert res.code == code, (header, res.describe())
+        assert words.lower() in res.message.lower(), (header, res.message)
+    # Nothing was replaced or left behind by the refused writes.
+    assert files.run("cat /root/e/file; ls -A /root/e") == "xfile\nfull\n"
+    # Data before the header.
+    p = subprocess.run(grpcurl_argv(files, "WriteFile"), input=json.dumps({"data": "aGk="}).encode(), capture_output=True, timeout=600)
+    res = c._result([], p.returncode, p.stdout.decode(), p.stderr.decode(), 0.0)
+    assert res.code == "INVALID_ARGUMENT" and "header" in res.message, res.describe()
+    files.run("rm -rf /root/e")
+
+
+def test_full_disk_is_resource_exhausted_and_leaves_nothing(files: Files) -> None:
+    """The guest's root tmpfs is filled to 1 MiB from full: a 4 MiB upload
+    fails with RESOURCE_EXHAUSTED, the old file under that name is intact
+    and no temporary file is left."""
+    files.run("printf old > /root/keep.txt")
+    free_kib = int(files.run("df -k / | awk 'NR==2 {print $4}'"))
+    files.run(f"dd if=/dev/zero of=/root/filler bs=1K count={free_kib - 1024} 2>/dev/null")
+    try:
+        res = _write_small(files, {"path": "/root/keep.txt"}, os.urandom(4 << 20))
+        assert res.code == "RESOURCE_EXHAUSTED", res.describe()
+        assert "full" in res.message, res.message
+        assert files.run("cat /root/keep.txt") == "old"
+        assert not re.search(r"forkd.*\.tmp", files.run("ls -A /root")), files.run("ls -A /root")
+    finally:
+        files.run("rm -f /root/filler /root/keep.txt")
