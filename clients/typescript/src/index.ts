@@ -35,7 +35,7 @@ export type {
 export { type ExecEvent, ExecResult } from "./exec.js";
 export { type BranchResult, type CreateSnapshotResult, SpawnResult } from "./results.js";
 export { ForkdError, grpcCodeName } from "./errors.js";
-export { DEFAULT_TARGET, bearerAuth } from "./transport.js";
+export { DEFAULT_TARGET, ResettingSessionManager, bearerAuth } from "./transport.js";
 export { Code } from "@connectrpc/connect";
 
 // Generated protobuf types, schemas and services (forkd.v1). The proto enum
