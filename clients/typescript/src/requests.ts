@@ -142,8 +142,9 @@ export interface ReadConsoleOptions {
 export interface WriteFileOptions {
   /**
    * Permission bits of the new file, for example `0o755`; absent or 0 means
-   * `0o644`. Only the low 12 bits (`0o7777`) are used, so a local
-   * `fs.Stats.mode` can be passed as is; the guest's umask is not applied.
+   * `0o644`; the guest's umask is not applied. At most `0o7777`: the daemon
+   * refuses higher bits (INVALID_ARGUMENT), so pass a local file's
+   * `fs.Stats.mode` as `stats.mode & 0o7777`.
    */
   mode?: number | undefined;
   /** Create missing parent directories (mode 0755). Default false. */
