@@ -11,7 +11,16 @@ import type { Http2SessionManager } from "@connectrpc/connect-node";
 import { ForkdError, toForkdError } from "./errors.js";
 import { type ExecEvent, type ExecResult, collectExec, toExecEvent } from "./exec.js";
 import {
+  FileDownload,
+  type FileSource,
+  Upload,
+  collectDownload,
+  downloadTo,
+} from "./files.js";
+import {
   type ExecRequest,
+  type FileInfo,
+  type ListDirResponse,
   type ReadConsoleResponse,
   type Sandbox,
   SandboxService,
@@ -29,21 +38,32 @@ import {
   type ListSandboxesOptions,
   type ListSnapshotsOptions,
   type ReadConsoleOptions,
+  type ReadFileOptions,
+  type RemoveFileOptions,
   type SpawnOptions,
+  type WriteFileOptions,
   branchSandboxRequest,
   createSnapshotRequest,
   deleteSnapshotRequest,
   execRequest,
+  listDirRequest,
   listSandboxesRequest,
   listSnapshotsRequest,
   readConsoleRequest,
+  readFileRequest,
+  removeFileRequest,
   setSandboxTtlRequest,
   spawnSandboxesRequest,
+  statFileRequest,
+  uploadChunkSize,
+  writeFileHeader,
 } from "./requests.js";
 import {
   type BranchResult,
   type CreateSnapshotResult,
+  type ReadFileResult,
   SpawnResult,
+  type WriteFileResult,
   withSnapshotTag,
 } from "./results.js";
 import { DEFAULT_TARGET, bearerAuth, createOwnedTransport, targetToBaseUrl } from "./transport.js";
@@ -60,7 +80,10 @@ export interface ControllerOptions {
   /**
    * A ready-made Connect transport to use instead of connecting to `target`.
    * Excludes `target`, `token` and `interceptors`: configure those on the
-   * transport (see {@link bearerAuth}).
+   * transport (see {@link bearerAuth}). A gRPC transport of
+   * `@connectrpc/connect-node` should be given a
+   * {@link ResettingSessionManager}: with Connect's own, a cancelled
+   * `writeFile` half-closes its stream before resetting it.
    */
   transport?: Transport | undefined;
   /** Extra Connect interceptors; they run inside the one that adds the token. */
@@ -76,7 +99,9 @@ export interface ControllerOptions {
  * (streams throw it from the iterator). Arguments that cannot be encoded (a
  * wrong type, a mode outside `BranchMode`) reject with a TypeError or
  * RangeError before anything is sent (the streaming methods throw them when
- * called).
+ * called). Two exceptions: `writeFile` rejects with its source's own error
+ * when the source fails, and `readFileTo` with Node's errors for the local
+ * file.
  *
  * Call {@link Controller.close} (or use `await using`) when done to release
  * the HTTP/2 connection. An idle connection does not keep Node running.
@@ -218,6 +243,170 @@ export class Controller implements AsyncDisposable {
   async readConsole(sandboxId: string, opts: ReadConsoleOptions = {}): Promise<ReadConsoleResponse> {
     const req = readConsoleRequest(sandboxId, opts);
     return this.#unary(() => this.#sandboxes.readConsole(req, this.#callOptions));
+  }
+
+  /**
+   * Uploads a file into a Linux sandbox, creating or replacing `path` (an
+   * absolute guest path). `source` is the file's content: a `Uint8Array`,
+   * a `string` (uploaded as its UTF-8 encoding), or an iterable or async
+   * iterable of `Uint8Array` chunks, such as `fs.createReadStream(local)`
+   * (Node streams are async iterables of `Buffer`s).
+   *
+   * The source is read only as fast as the upload goes, in data messages
+   * of `chunkSize` bytes (default 1 MiB, at most 3 MiB), so memory stays
+   * bounded whatever the file's size. The guest writes to a temporary file
+   * and renames it over `path` only when the whole source has been sent:
+   * a failed upload leaves `path` as it was. Resolves with the guest's
+   * `path`, `size` (a `bigint`) and `sha256` (lowercase hex), once they
+   * have been checked against what was sent (a difference rejects with
+   * DATA_LOSS).
+   *
+   * Errors from the daemon reject with a {@link ForkdError}: a missing
+   * parent directory (without `makeParents`) NOT_FOUND, `path` taken with
+   * `noOverwrite` ALREADY_EXISTS, `path` a directory or a reference-guest
+   * sandbox FAILED_PRECONDITION, a full guest disk RESOURCE_EXHAUSTED, a
+   * bad path INVALID_ARGUMENT. When the source itself fails (a read error,
+   * a chunk that is not a `Uint8Array`), the call is cancelled, so nothing
+   * is written, and the promise rejects with the source's own error.
+   *
+   * @example
+   * ```ts
+   * import { createReadStream } from "node:fs";
+   * const res = await forkd.writeFile(sb.id, "/srv/data.bin", createReadStream("data.bin"));
+   * await forkd.writeFile(sb.id, "/etc/motd", "hello\n", { mode: 0o644 });
+   * ```
+   */
+  async writeFile(
+    sandboxId: string,
+    path: string,
+    source: FileSource,
+    opts: WriteFileOptions = {},
+  ): Promise<WriteFileResult> {
+    const upload = new Upload(source, uploadChunkSize(opts), writeFileHeader(sandboxId, path, opts));
+    try {
+      this.#checkOpen();
+      const abort = new AbortController();
+      const messages = upload.messages(() => abort.abort());
+      let res: WriteFileResult;
+      try {
+        res = await this.#sandboxes.writeFile(messages, {
+          ...this.#callOptions,
+          signal: abort.signal,
+        });
+      } catch (err) {
+        const failed = upload.sourceError;
+        throw failed === undefined ? toForkdError(err) : failed.error;
+      }
+      upload.verify(res);
+      return res;
+    } finally {
+      upload.close();
+    }
+  }
+
+  /**
+   * Downloads a file (or the part of it from `offset`, at most `length`
+   * bytes) from a Linux sandbox, as a stream of chunks of at most 64 KiB.
+   * The guest sends only as fast as they are consumed. The size and
+   * SHA-256 of the bytes received are checked against the stream's end
+   * message when it ends: a mismatch, or a stream cut short without one,
+   * throws a {@link ForkdError} DATA_LOSS from the loop after the last
+   * chunk, so treat the data as checked only once the loop has finished.
+   * Then the returned {@link FileDownload}'s `end` holds the end message
+   * (`size`, `sha256`, and `fileSize`, the file's size when opened).
+   * Breaking out of the loop cancels the call.
+   *
+   * A missing file is NOT_FOUND; a directory or device, or a
+   * reference-guest sandbox, FAILED_PRECONDITION; a bad path
+   * INVALID_ARGUMENT. Arguments that cannot be encoded throw when called.
+   *
+   * @example
+   * ```ts
+   * import { createWriteStream } from "node:fs";
+   * import { pipeline } from "node:stream/promises";
+   * const download = forkd.readFile(sb.id, "/var/log/app.log");
+   * await pipeline(download, createWriteStream("app.log"));   // see also readFileTo
+   * console.log(download.end?.size, download.end?.sha256);
+   * ```
+   */
+  readFile(sandboxId: string, path: string, opts: ReadFileOptions = {}): FileDownload {
+    const req = readFileRequest(sandboxId, path, opts);
+    return new FileDownload(
+      this.#stream((options) => this.#sandboxes.readFile(req, options)),
+      req.path,
+    );
+  }
+
+  /**
+   * {@link Controller.readFile} collected into one `Uint8Array`, after it
+   * has been checked. Meant for small files: the whole file is held in
+   * memory.
+   */
+  async readFileBytes(
+    sandboxId: string,
+    path: string,
+    opts: ReadFileOptions = {},
+  ): Promise<Uint8Array> {
+    const download = this.readFile(sandboxId, path, opts);
+    return this.#unary(() => collectDownload(download));
+  }
+
+  /**
+   * Downloads a file of a Linux sandbox into the local file `localPath`,
+   * atomically: the bytes go to a temporary file in the same directory,
+   * which is renamed over `localPath` only once the download has been
+   * checked (see {@link Controller.readFile}) and flushed to disk. On any
+   * error the temporary file is removed and `localPath` is left as it was.
+   * Resolves with the end message: `size` and `sha256` of the bytes
+   * written, and `fileSize`, the guest file's size when opened. Local
+   * file errors reject with Node's own errors (`code` `"ENOENT"`, ...).
+   */
+  async readFileTo(
+    sandboxId: string,
+    path: string,
+    localPath: string,
+    opts: ReadFileOptions = {},
+  ): Promise<ReadFileResult> {
+    const download = this.readFile(sandboxId, path, opts);
+    if (typeof localPath !== "string" || localPath === "") {
+      throw new TypeError("localPath must be a non-empty string");
+    }
+    return downloadTo(download, localPath);
+  }
+
+  /**
+   * Describes one path of a Linux sandbox as `lstat` does (a symlink is
+   * described, not followed): `name`, `size`, `mode` (permission bits),
+   * `type` (a {@link FileType}) and `modifyTime`. A missing path is
+   * NOT_FOUND.
+   */
+  async statFile(sandboxId: string, path: string): Promise<FileInfo> {
+    const req = statFileRequest(sandboxId, path);
+    const res = await this.#unary(() => this.#sandboxes.statFile(req, this.#callOptions));
+    return required(res.info, "info");
+  }
+
+  /**
+   * Lists a directory of a Linux sandbox (a symlink to one is followed):
+   * `entries`, sorted by name without `.` and `..`, each a `FileInfo`, and
+   * `truncated`, set when entries were left out (at most 4096 are listed).
+   * A missing directory is NOT_FOUND, a path that is not one
+   * FAILED_PRECONDITION.
+   */
+  async listDir(sandboxId: string, path: string): Promise<ListDirResponse> {
+    const req = listDirRequest(sandboxId, path);
+    return this.#unary(() => this.#sandboxes.listDir(req, this.#callOptions));
+  }
+
+  /**
+   * Removes a file, symlink or empty directory of a Linux sandbox; with
+   * `recursive`, a directory and everything in it. A missing path is
+   * NOT_FOUND, a non-empty directory without `recursive`
+   * FAILED_PRECONDITION, `/` INVALID_ARGUMENT.
+   */
+  async removeFile(sandboxId: string, path: string, opts: RemoveFileOptions = {}): Promise<void> {
+    const req = removeFileRequest(sandboxId, path, opts);
+    await this.#unary(() => this.#sandboxes.removeFile(req, this.#callOptions));
   }
 
   /**

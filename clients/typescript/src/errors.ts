@@ -53,6 +53,14 @@ export class ForkdError extends Error {
   }
 }
 
+/**
+ * A ForkdError raised by the client itself rather than returned by the
+ * daemon, for example DATA_LOSS when a download does not match its checksum.
+ */
+export function clientError(code: Code, message: string): ForkdError {
+  return new ForkdError(new ConnectError(message, code));
+}
+
 /** Converts anything a Connect call threw into a ForkdError. */
 export function toForkdError(err: unknown): ForkdError {
   if (err instanceof ForkdError) {

@@ -29,13 +29,24 @@ export type {
   ListSandboxesOptions,
   ListSnapshotsOptions,
   ReadConsoleOptions,
+  ReadFileOptions,
+  RemoveFileOptions,
   SpawnOptions,
   WarmupCommand,
+  WriteFileOptions,
 } from "./requests.js";
+export { DEFAULT_UPLOAD_CHUNK_SIZE, MAX_UPLOAD_CHUNK_SIZE } from "./requests.js";
 export { type ExecEvent, ExecResult } from "./exec.js";
-export { type BranchResult, type CreateSnapshotResult, SpawnResult } from "./results.js";
+export { FileDownload, type FileSource } from "./files.js";
+export {
+  type BranchResult,
+  type CreateSnapshotResult,
+  type ReadFileResult,
+  SpawnResult,
+  type WriteFileResult,
+} from "./results.js";
 export { ForkdError, grpcCodeName } from "./errors.js";
-export { DEFAULT_TARGET, bearerAuth } from "./transport.js";
+export { DEFAULT_TARGET, ResettingSessionManager, bearerAuth } from "./transport.js";
 export { Code } from "@connectrpc/connect";
 
 // Generated protobuf types, schemas and services (forkd.v1). The proto enum
@@ -50,11 +61,27 @@ export {
   type ExecRequest,
   ExecRequestSchema,
   type ExecResponse,
+  type FileInfo,
+  FileInfoSchema,
+  FileType,
   type GuestBoot,
+  type ListDirRequest,
+  ListDirRequestSchema,
+  type ListDirResponse,
+  ListDirResponseSchema,
   type ReadConsoleRequest,
   ReadConsoleRequestSchema,
   type ReadConsoleResponse,
   ReadConsoleResponseSchema,
+  type ReadFileEnd,
+  ReadFileEndSchema,
+  type ReadFileRequest,
+  ReadFileRequestSchema,
+  type ReadFileResponse,
+  ReadFileResponseSchema,
+  type RemoveFileRequest,
+  RemoveFileRequestSchema,
+  type RemoveFileResponse,
   type Sandbox,
   SandboxSchema,
   SandboxService,
@@ -67,6 +94,15 @@ export {
   SpawnSandboxesRequestSchema,
   type SpawnSandboxesResponse,
   SpawnSandboxesResponseSchema,
+  type StatFileRequest,
+  StatFileRequestSchema,
+  type StatFileResponse,
+  type WriteFileHeader,
+  WriteFileHeaderSchema,
+  type WriteFileRequest,
+  WriteFileRequestSchema,
+  type WriteFileResponse,
+  WriteFileResponseSchema,
 } from "./gen/forkd/v1/sandbox_pb.js";
 export {
   BranchMode as ProtoBranchMode,
@@ -87,9 +123,15 @@ export {
   createSnapshotRequest,
   deleteSnapshotRequest,
   execRequest,
+  listDirRequest,
   listSandboxesRequest,
   listSnapshotsRequest,
   readConsoleRequest,
+  readFileRequest,
+  removeFileRequest,
   setSandboxTtlRequest,
   spawnSandboxesRequest,
+  statFileRequest,
+  uploadChunkSize,
+  writeFileHeader,
 } from "./requests.js";

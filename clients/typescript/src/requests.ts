@@ -9,6 +9,8 @@
  * - `live_fork` is on the wire only when `liveFork` is `true`.
  * - What only Linux guests use (`image`; Exec's `env`, `cwd`, `stdin`) is
  *   on the wire only when given, so older calls send the same bytes.
+ * - The file calls (WriteFile, ReadFile, StatFile, ListDir, RemoveFile) are
+ *   new: their options map one to one onto their fields.
  *
  * Everything here is pure: no I/O, no transport.
  */
@@ -24,14 +26,24 @@ import {
   BranchSandboxRequestSchema,
   type ExecRequest,
   ExecRequestSchema,
+  type ListDirRequest,
+  ListDirRequestSchema,
   type ListSandboxesRequest,
   ListSandboxesRequestSchema,
   type ReadConsoleRequest,
   ReadConsoleRequestSchema,
+  type ReadFileRequest,
+  ReadFileRequestSchema,
+  type RemoveFileRequest,
+  RemoveFileRequestSchema,
   type SetSandboxTtlRequest,
   SetSandboxTtlRequestSchema,
   type SpawnSandboxesRequest,
   SpawnSandboxesRequestSchema,
+  type StatFileRequest,
+  StatFileRequestSchema,
+  type WriteFileHeader,
+  WriteFileHeaderSchema,
 } from "./gen/forkd/v1/sandbox_pb.js";
 import {
   type CreateSnapshotRequest,
@@ -125,6 +137,47 @@ export interface ReadConsoleOptions {
    */
   tailBytes?: number | undefined;
 }
+
+/** Options of {@link Controller.writeFile}. */
+export interface WriteFileOptions {
+  /**
+   * Permission bits of the new file, for example `0o755`; absent or 0 means
+   * `0o644`; the guest's umask is not applied. At most `0o7777`: the daemon
+   * refuses higher bits (INVALID_ARGUMENT), so pass a local file's
+   * `fs.Stats.mode` as `stats.mode & 0o7777`.
+   */
+  mode?: number | undefined;
+  /** Create missing parent directories (mode 0755). Default false. */
+  makeParents?: boolean | undefined;
+  /** Fail with ALREADY_EXISTS if the path exists instead of replacing it. Default false. */
+  noOverwrite?: boolean | undefined;
+  /**
+   * Bytes per data message: smaller source chunks are gathered up to it,
+   * larger ones split. Default 1 MiB ({@link DEFAULT_UPLOAD_CHUNK_SIZE}),
+   * at most 3 MiB ({@link MAX_UPLOAD_CHUNK_SIZE}): a gRPC message must stay
+   * under 4 MiB.
+   */
+  chunkSize?: number | undefined;
+}
+
+/** Options of {@link Controller.readFile} and the calls built on it. */
+export interface ReadFileOptions {
+  /** First byte to read; past the end of the file reads nothing. Default 0. */
+  offset?: number | bigint | undefined;
+  /** How many bytes at most; absent or 0 means to the end of the file. */
+  length?: number | bigint | undefined;
+}
+
+/** Options of {@link Controller.removeFile}. */
+export interface RemoveFileOptions {
+  /** Remove a directory and everything in it. Default false. */
+  recursive?: boolean | undefined;
+}
+
+/** The default data message size of {@link Controller.writeFile}: 1 MiB. */
+export const DEFAULT_UPLOAD_CHUNK_SIZE = 1 << 20;
+/** The largest data message size {@link WriteFileOptions.chunkSize} allows: 3 MiB. */
+export const MAX_UPLOAD_CHUNK_SIZE = 3 << 20;
 
 /** One warm-up command of {@link CreateSnapshotOptions}. */
 export interface WarmupCommand {
@@ -258,6 +311,86 @@ export function setSandboxTtlRequest(
   return create(SetSandboxTtlRequestSchema, {
     sandboxId: checkString("sandboxId", sandboxId),
     ttlSeconds: checkUint64("ttlSeconds", ttlSeconds),
+  });
+}
+
+/**
+ * Builds the header (the first message) of a WriteFile upload. The
+ * options' `chunkSize` is not part of it: see {@link uploadChunkSize}.
+ */
+export function writeFileHeader(
+  sandboxId: string,
+  path: string,
+  opts: WriteFileOptions = {},
+): WriteFileHeader {
+  return create(WriteFileHeaderSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    path: checkString("path", path),
+    mode: checkUint32("mode", opts.mode ?? 0),
+    makeParents: checkBool("makeParents", opts.makeParents ?? false),
+    noOverwrite: checkBool("noOverwrite", opts.noOverwrite ?? false),
+  });
+}
+
+/**
+ * The data message size of a WriteFile upload: `chunkSize`, an integer
+ * from 1 to {@link MAX_UPLOAD_CHUNK_SIZE}, or {@link DEFAULT_UPLOAD_CHUNK_SIZE}.
+ */
+export function uploadChunkSize(opts: WriteFileOptions = {}): number {
+  const { chunkSize = DEFAULT_UPLOAD_CHUNK_SIZE } = opts;
+  if (
+    typeof chunkSize !== "number" ||
+    !Number.isInteger(chunkSize) ||
+    chunkSize < 1 ||
+    chunkSize > MAX_UPLOAD_CHUNK_SIZE
+  ) {
+    throw new RangeError(
+      `chunkSize must be an integer from 1 to ${MAX_UPLOAD_CHUNK_SIZE}; got ${String(chunkSize)}`,
+    );
+  }
+  return chunkSize;
+}
+
+/** Builds the ReadFile request; `offset` and `length` absent mean 0 (the whole file). */
+export function readFileRequest(
+  sandboxId: string,
+  path: string,
+  opts: ReadFileOptions = {},
+): ReadFileRequest {
+  return create(ReadFileRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    path: checkString("path", path),
+    offset: checkUint64("offset", opts.offset ?? 0),
+    length: checkUint64("length", opts.length ?? 0),
+  });
+}
+
+/** Builds the StatFile request. */
+export function statFileRequest(sandboxId: string, path: string): StatFileRequest {
+  return create(StatFileRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    path: checkString("path", path),
+  });
+}
+
+/** Builds the ListDir request. */
+export function listDirRequest(sandboxId: string, path: string): ListDirRequest {
+  return create(ListDirRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    path: checkString("path", path),
+  });
+}
+
+/** Builds the RemoveFile request. */
+export function removeFileRequest(
+  sandboxId: string,
+  path: string,
+  opts: RemoveFileOptions = {},
+): RemoveFileRequest {
+  return create(RemoveFileRequestSchema, {
+    sandboxId: checkString("sandboxId", sandboxId),
+    path: checkString("path", path),
+    recursive: checkBool("recursive", opts.recursive ?? false),
   });
 }
 

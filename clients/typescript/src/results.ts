@@ -7,9 +7,11 @@
 import type { UnknownField } from "@bufbuild/protobuf";
 import type {
   BranchSandboxResponse,
+  ReadFileEnd,
   Sandbox,
   SpawnFailure,
   SpawnSandboxesResponse,
+  WriteFileResponse,
 } from "./gen/forkd/v1/sandbox_pb.js";
 import type { CreateSnapshotResponse } from "./gen/forkd/v1/snapshot_pb.js";
 
@@ -92,3 +94,18 @@ export function withSnapshotTag<R extends BranchSandboxResponse | CreateSnapshot
     configurable: true,
   }) as R & { readonly tag: string };
 }
+
+/**
+ * What `writeFile` resolves to: the WriteFileResponse, the guest's `path`,
+ * `size` (bytes written, a `bigint`) and `sha256` (lowercase hex), checked
+ * against what the client sent.
+ */
+export type WriteFileResult = WriteFileResponse;
+
+/**
+ * What `readFileTo` resolves to, and a download's `end`: the ReadFileEnd
+ * message, the `size` and `sha256` of the bytes sent (checked against what
+ * was received) and `fileSize`, the file's size when it was opened (both
+ * `bigint`).
+ */
+export type ReadFileResult = ReadFileEnd;

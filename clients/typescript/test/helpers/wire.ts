@@ -40,12 +40,27 @@ export interface CapturedCall {
   readonly messages: Uint8Array[];
 }
 
+/** One HTTP/2 frame the client sent (its header; RST_STREAM's error code). */
+export interface Http2Frame {
+  readonly streamId: number;
+  /** 0 DATA, 1 HEADERS, 3 RST_STREAM, 4 SETTINGS, ... */
+  readonly type: number;
+  readonly flags: number;
+  /** The error code of a RST_STREAM frame. */
+  readonly errorCode?: number;
+}
+
+/** HTTP/2 frame types and flags used by the tests. */
+export const H2 = { DATA: 0x0, HEADERS: 0x1, RST_STREAM: 0x3, END_STREAM: 0x1, CANCEL: 0x8 } as const;
+
 /** A recording TCP proxy in front of a gRPC server. */
 export interface WireProxy {
   /** `"127.0.0.1:PORT"` to point a client at. */
   readonly target: string;
   /** The client-to-server calls so far, in the order the client opened them. */
   calls(): CapturedCall[];
+  /** Every HTTP/2 frame the client sent so far, connection by connection. */
+  frames(): Http2Frame[];
   /** Stops listening and drops every connection. */
   close(): Promise<void>;
 }
@@ -73,6 +88,7 @@ export async function startWireProxy(upstream: string): Promise<WireProxy> {
   return {
     target: `127.0.0.1:${port}`,
     calls: () => conns.flatMap((c) => grpcCalls(http2DataByStream(Buffer.concat(c.sent)))),
+    frames: () => conns.flatMap((c) => http2Frames(Buffer.concat(c.sent))),
     close: async () => {
       conns.forEach((c) => c.sockets.forEach((s) => s.destroy()));
       server.close();
@@ -84,6 +100,28 @@ export async function startWireProxy(upstream: string): Promise<WireProxy> {
 const PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
 const FRAME_DATA = 0x0;
 const FLAG_PADDED = 0x8;
+
+/** The frames of a client's HTTP/2 byte stream, after the preface. */
+function http2Frames(bytes: Buffer): Http2Frame[] {
+  if (!bytes.subarray(0, PREFACE.length).equals(PREFACE)) {
+    throw new Error("not an HTTP/2 client connection (no preface)");
+  }
+  const frames: Http2Frame[] = [];
+  let pos = PREFACE.length;
+  while (pos + 9 <= bytes.length) {
+    const length = bytes.readUIntBE(pos, 3);
+    const type = bytes.readUInt8(pos + 3);
+    const flags = bytes.readUInt8(pos + 4);
+    const streamId = bytes.readUInt32BE(pos + 5) & 0x7fff_ffff;
+    if (type === H2.RST_STREAM && pos + 13 <= bytes.length) {
+      frames.push({ streamId, type, flags, errorCode: bytes.readUInt32BE(pos + 9) });
+    } else {
+      frames.push({ streamId, type, flags });
+    }
+    pos += 9 + length;
+  }
+  return frames;
+}
 
 /** Splits a client's HTTP/2 byte stream into the DATA payload of each stream. */
 function http2DataByStream(bytes: Buffer): Map<number, Buffer> {
