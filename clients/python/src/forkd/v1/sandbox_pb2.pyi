@@ -974,7 +974,7 @@ class WriteFileHeader(_message.Message):
     """Absolute path of the file, without NUL characters."""
     mode: _builtins.int
     """Permission bits of the new file (for example 0755 = 493); 0 means
-    0644. Only the low 12 bits (0o7777) are used; the umask is not applied.
+    0644. Bits above 07777 are INVALID_ARGUMENT; the umask is not applied.
     """
     make_parents: _builtins.bool
     """Create missing parent directories (mode 0755)."""

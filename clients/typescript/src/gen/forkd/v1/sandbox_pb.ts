@@ -892,7 +892,7 @@ export type WriteFileHeader = Message<"forkd.v1.WriteFileHeader"> & {
 
   /**
    * Permission bits of the new file (for example 0755 = 493); 0 means
-   * 0644. Only the low 12 bits (0o7777) are used; the umask is not applied.
+   * 0644. Bits above 07777 are INVALID_ARGUMENT; the umask is not applied.
    *
    * @generated from field: uint32 mode = 3;
    */
