@@ -315,7 +315,7 @@ class AsyncController:
         timeout: float | None = None,
     ) -> bytes | ReadFileResult:
         """See :meth:`forkd.Controller.read_file`. A local ``dest`` path is
-        created, written and renamed in a worker thread; a file object is
+        written, flushed and renamed in a worker thread; a file object is
         written in the event loop's thread."""
         req = wire.read_file_request(sandbox_id, path, offset, length)
         check = files.DownloadCheck(path)
@@ -327,7 +327,7 @@ class AsyncController:
             check.result()
             return bytes(data)
         if files.is_path(dest):
-            out = await asyncio.to_thread(files.AtomicFile, dest)
+            out = files.AtomicFile(dest)  # a create in the loop's thread: nothing to leak if cancelled
             try:
                 async with aclosing(self._download(req, check, timeout)) as chunks:
                     async for chunk in chunks:
