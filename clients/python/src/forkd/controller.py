@@ -324,14 +324,15 @@ class Controller:
         * an iterable of bytes chunks (a generator, say), consumed lazily;
           a chunk larger than ``chunk_size`` is split.
 
-        A file or iterable is never read whole: the source is read only as
-        fast as the call sends it (a few chunks ahead at most), in the
-        calling thread. When reading the source raises, the upload is
-        cancelled and the exception propagates.
+        A file or iterable is never read whole: the source is read in the
+        calling thread, one chunk at a time and only as fast as the call
+        sends them (as far as HTTP/2 flow control lets the data through).
+        When reading the source raises, the upload is cancelled and the
+        exception propagates.
 
         The guest writes to a temporary file beside ``path`` and renames it
         over ``path`` only once the whole upload arrived: a failed or
-        cancelled upload leaves nothing under ``path``. ``mode`` is the new
+        cancelled upload leaves ``path`` as it was. ``mode`` is the new
         file's permission bits (0: 0o644; the umask is not applied),
         ``make_parents`` creates missing parent directories (0755), and
         ``no_overwrite`` raises AlreadyExistsError when ``path`` exists.
