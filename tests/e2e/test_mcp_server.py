@@ -41,6 +41,11 @@ TOOLS = {
     "kill_sandbox",
     "read_console",
     "set_sandbox_ttl",
+    "write_file",
+    "read_file",
+    "list_dir",
+    "stat_file",
+    "remove_file",
 }
 SCENARIO_TIMEOUT_S = 180  # a hang fails the test instead of the whole suite
 

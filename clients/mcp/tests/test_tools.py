@@ -224,7 +224,7 @@ def test_the_new_arguments_are_in_the_schemas_and_documented() -> None:
         return {t.name: t for t in await server.list_tools()}
 
     tools = anyio.run(listed)
-    assert "read_console" in tools and "set_sandbox_ttl" in tools and len(tools) == 11
+    assert "read_console" in tools and "set_sandbox_ttl" in tools and len(tools) == 16
     assert tools["read_console"].annotations is not None and tools["read_console"].annotations.read_only_hint
     for name, args in (
         ("spawn_sandboxes", {"image"}),

@@ -8,7 +8,11 @@ double as each tool's published output schema.
 
 from __future__ import annotations
 
+import base64
+import codecs
+import hashlib
 from collections.abc import Iterable
+from typing import Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,6 +22,7 @@ from pydantic import ConfigDict, with_config
 # TypedDict below Python 3.12 (for nested ones too).
 from typing_extensions import NotRequired, TypedDict
 
+import forkd
 from forkd.results import ExecEvent
 from forkd.v1 import sandbox_pb2, snapshot_pb2
 
@@ -222,6 +227,84 @@ class ConsoleOutput(TypedDict):
     """True when older console output exists beyond what was returned."""
 
 
+@with_config(_FIELD_DOCS)
+class FileWritten(TypedDict):
+    """The file write_file created or replaced."""
+
+    path: str
+    size: int
+    """Bytes written."""
+    sha256: str
+    """SHA-256 of the bytes written, computed in the sandbox (lowercase hex)."""
+
+
+@with_config(_FIELD_DOCS)
+class FileContent(TypedDict):
+    """Bytes read_file read from a file."""
+
+    path: str
+    offset: int
+    """Where in the file these bytes start."""
+    encoding: Literal["utf-8", "base64"]
+    """How content is given: "utf-8" (the bytes are valid UTF-8 and content
+    is that text) or "base64" (anything else, base64-encoded)."""
+    content: str
+    size: int
+    """How many bytes content holds (decoded)."""
+    sha256: str
+    """SHA-256 of the bytes content holds (lowercase hex)."""
+    truncated: bool
+    """True when the file goes on after these bytes; read on from next_offset."""
+    next_offset: int | None
+    """Where the rest starts (offset + size) when truncated, else null."""
+    file_size: int
+    """The file's size when it was opened (0 for /proc files)."""
+
+
+@with_config(_FIELD_DOCS)
+class FileInfo(TypedDict):
+    """One file, as lstat describes it (a symlink itself, not its target)."""
+
+    name: str
+    type: str
+    """FILE, DIRECTORY, SYMLINK or OTHER (a device, FIFO or socket)."""
+    size: int
+    """Bytes (a symlink's is the length of its target)."""
+    mode: str
+    """Permission bits in octal, for example "0644"."""
+    modify_time: str | None
+    """Last modification (RFC 3339)."""
+
+
+@with_config(_FIELD_DOCS)
+class FileStat(FileInfo):
+    """What stat_file found at a path."""
+
+    path: str
+
+
+@with_config(_FIELD_DOCS)
+class DirListing(TypedDict):
+    """A directory's entries, sorted by name, without . and .."""
+
+    path: str
+    entries: list[FileInfo]
+    truncated: bool
+    """True when the directory has more entries than returned (after these,
+    or beyond what the sandbox lists at all); page with offset."""
+    entries_listed: int
+    """How many entries the sandbox listed (at most 4096), of which entries
+    holds up to 200 from offset on."""
+
+
+@with_config(_FIELD_DOCS)
+class RemovedFile(TypedDict):
+    """The path remove_file removed."""
+
+    path: str
+    recursive: bool
+
+
 def _enum_name(name_of: dict[int, str], value: int) -> str:
     return name_of.get(value, str(value))
 
@@ -365,4 +448,74 @@ def console_output(sandbox_id: str, resp: sandbox_pb2.ReadConsoleResponse) -> Co
         text=resp.data.decode("utf-8", "replace"),
         data_bytes=len(resp.data),
         truncated=resp.truncated,
+    )
+
+
+def file_written(res: forkd.WriteFileResult) -> FileWritten:
+    """A write_file result as JSON."""
+    return FileWritten(path=res.path, size=res.size, sha256=res.sha256)
+
+
+def file_content(path: str, offset: int, data: bytes, max_bytes: int, file_size: int) -> FileContent:
+    """Up to ``max_bytes`` of ``data`` (read with one byte more, to tell
+    whether the file goes on) as JSON: text when the bytes are UTF-8, else
+    base64. A cut that splits a UTF-8 character keeps the text and ends
+    before that character (the rest is read from next_offset)."""
+    truncated = len(data) > max_bytes
+    data = data[:max_bytes]
+    text: str | None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+        if truncated:
+            try:
+                whole = codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+            except UnicodeDecodeError:
+                whole = ""
+            if whole:
+                text = whole
+                data = data[: len(whole.encode("utf-8"))]
+    if text is not None:
+        encoding: Literal["utf-8", "base64"] = "utf-8"
+        content = text
+    else:
+        encoding, content = "base64", base64.b64encode(data).decode("ascii")
+    return FileContent(
+        path=path,
+        offset=offset,
+        encoding=encoding,
+        content=content,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        truncated=truncated,
+        next_offset=offset + len(data) if truncated else None,
+        file_size=file_size,
+    )
+
+
+def file_info(info: forkd.FileInfo) -> FileInfo:
+    """A FileInfo as JSON: the type's upper-case name, the mode in octal."""
+    return FileInfo(
+        name=info.name,
+        type=info.type.upper(),
+        size=info.size,
+        mode=f"{info.mode:04o}",
+        modify_time=info.modify_time.isoformat().replace("+00:00", "Z") if info.modify_time else None,
+    )
+
+
+def file_stat(path: str, info: forkd.FileInfo) -> FileStat:
+    """A stat_file result as JSON."""
+    return FileStat(path=path, **file_info(info))
+
+
+def dir_listing(path: str, listing: forkd.ListDirResult, offset: int, limit: int) -> DirListing:
+    """Up to ``limit`` entries of a listing, from ``offset`` on, as JSON."""
+    entries = listing.entries[offset : offset + limit]
+    return DirListing(
+        path=path,
+        entries=[file_info(e) for e in entries],
+        truncated=listing.truncated or offset + limit < len(listing.entries),
+        entries_listed=len(listing.entries),
     )

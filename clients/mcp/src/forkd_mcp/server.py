@@ -1,4 +1,4 @@
-"""The forkd MCP server: eleven tools over one forkd gRPC connection.
+"""The forkd MCP server: sixteen tools over one forkd gRPC connection.
 
 :class:`ForkdTools` holds the connection (an :class:`forkd.AsyncController`
 created on the first tool call and closed when the server stops) and
@@ -11,7 +11,10 @@ found``, so the model can correct its call.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import inspect
+import io
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,8 +32,13 @@ from forkd_mcp.results import (
     BranchResult,
     ConsoleOutput,
     DeletedSnapshots,
+    DirListing,
     ExecOutput,
+    FileContent,
+    FileStat,
+    FileWritten,
     KilledSandbox,
+    RemovedFile,
     SandboxList,
     SandboxTtl,
     SnapshotInfo,
@@ -48,9 +56,17 @@ DEFAULT_OUTPUT_LIMIT = 64 * 1024
 DEFAULT_WATCH_TIMEOUT_S = 120.0
 WATCH_UPDATES_KEPT = 50
 """watch_snapshot returns at most this many of the most recent updates."""
+MAX_FILE_BYTES = 1 << 20
+"""The most bytes write_file takes, and read_file returns, in one call (1 MiB)."""
+DEFAULT_READ_BYTES = 64 * 1024
+"""What read_file returns when max_bytes is not given."""
+LIST_DIR_LIMIT = 200
+"""The most entries list_dir returns in one call."""
 
 BranchModeName = Literal["full", "diff", "live"]
 StatusName = Literal["WRITING", "READY", "FAILED"]
+FileEncoding = Literal["utf-8", "base64"]
+OCTAL_MODE = r"^(0o?)?[0-7]{1,4}$"
 
 INSTRUCTIONS = """\
 forkd runs KVM microVM sandboxes and snapshots them. A typical session:
@@ -61,7 +77,10 @@ or set_sandbox_ttl, to have a sandbox deleted when its time is up). By default s
 forkd reference guest, not a Linux shell: exec ["help"] lists its
 commands. spawn_sandboxes with image boots a Linux image instead (only on
 hosts with Intel VMX or AMD SVM): there exec runs real programs, with env,
-cwd and stdin, and read_console shows the boot log. Linux sandboxes branch
+cwd and stdin, and read_console shows the boot log; write_file and
+read_file move files in and out (text or base64, up to 1 MiB a call), and
+list_dir, stat_file and remove_file manage them (Linux sandboxes only).
+Linux sandboxes branch
 and fork like any other: children of a Linux snapshot run its image. A
 tool error names the gRPC code (NOT_FOUND, INVALID_ARGUMENT,
 FAILED_PRECONDITION, ...) followed by the daemon's explanation."""
@@ -337,6 +356,146 @@ class ForkdTools:
             sandbox = await self.controller().delete_sandbox(sandbox_id)
         return KilledSandbox(sandbox=results.sandbox_info(sandbox))
 
+    # ---- files (Linux sandboxes) --------------------------------------------
+
+    async def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        content: str,
+        encoding: FileEncoding = "utf-8",
+        mode: Annotated[str | None, Field(pattern=OCTAL_MODE)] = None,
+        make_parents: bool = False,
+        no_overwrite: bool = False,
+    ) -> FileWritten:
+        """Create or replace a file in a Linux sandbox (spawned with image;
+        reference-guest sandboxes have no files: FAILED_PRECONDITION). The
+        file appears under path only once it is completely written.
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            path: absolute path of the file, for example "/root/main.py".
+            content: the file's contents: text (encoding "utf-8"), or
+                base64 for binary data (encoding "base64"). At most 1048576
+                bytes once decoded: write a bigger file as several parts
+                and join them with exec, for example ["sh", "-c", "cat
+                /tmp/p1 /tmp/p2 > /root/big && rm /tmp/p1 /tmp/p2"].
+            encoding: "utf-8" (default): content is text, written as UTF-8.
+                "base64": content is base64, written as the decoded bytes.
+            mode: permission bits as an octal string, for example "755"
+                for an executable script or "600"; omit for "644". The umask
+                does not apply.
+            make_parents: create missing parent directories (mode 755);
+                without it a missing parent is NOT_FOUND.
+            no_overwrite: fail with ALREADY_EXISTS if path exists, instead
+                of replacing it.
+
+        Returns the path, the bytes written (size) and their sha256.
+        """
+        data = _decode_content(content, encoding)
+        file_mode = int(mode.removeprefix("0o"), 8) if mode else 0
+        with self._forkd_errors():
+            res = await self.controller().write_file(
+                sandbox_id,
+                path,
+                data,
+                mode=file_mode,
+                make_parents=make_parents,
+                no_overwrite=no_overwrite,
+                timeout=self._call_timeout,
+            )
+        return results.file_written(res)
+
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        offset: Annotated[int, Field(ge=0)] = 0,
+        max_bytes: Annotated[int, Field(ge=1, le=MAX_FILE_BYTES)] = DEFAULT_READ_BYTES,
+    ) -> FileContent:
+        """Read a file of a Linux sandbox (spawned with image; symlinks are
+        followed). Returns text when the bytes are valid UTF-8, else base64.
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            path: absolute path of a regular file, for example
+                "/etc/os-release". A directory is FAILED_PRECONDITION (use
+                list_dir), a missing file NOT_FOUND.
+            offset: first byte to read (default 0); past the end returns
+                nothing.
+            max_bytes: how many bytes to return at most, 1 to 1048576
+                (default 65536). When the file goes on, truncated is true:
+                call again with offset set to next_offset for the rest.
+
+        Returns content with its encoding ("utf-8" or "base64"), size and
+        sha256 of the bytes returned, truncated and next_offset, and
+        file_size (the whole file's size; 0 for /proc files).
+        """
+        out = io.BytesIO()
+        with self._forkd_errors():
+            end = await self.controller().read_file(
+                sandbox_id, path, out, offset=offset, length=max_bytes + 1, timeout=self._call_timeout
+            )
+        return results.file_content(path, offset, out.getvalue(), max_bytes, end.file_size)
+
+    async def list_dir(
+        self,
+        sandbox_id: str,
+        path: str,
+        offset: Annotated[int, Field(ge=0)] = 0,
+    ) -> DirListing:
+        """List a directory of a Linux sandbox (spawned with image): each
+        entry's name, type (FILE, DIRECTORY, SYMLINK, OTHER), size, mode and
+        modify_time, sorted by name, at most 200 per call.
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            path: absolute path of the directory, for example "/root" (a
+                symlink to a directory is followed). A missing directory is
+                NOT_FOUND, a file FAILED_PRECONDITION.
+            offset: skip this many entries (default 0): when truncated is
+                true, call again with offset increased by 200 for the next
+                ones.
+
+        Returns the entries, truncated (more entries exist than returned)
+        and entries_listed (how many the sandbox listed; it lists at most
+        4096).
+        """
+        with self._forkd_errors():
+            listing = await self.controller().list_dir(sandbox_id, path)
+        return results.dir_listing(path, listing, offset, LIST_DIR_LIMIT)
+
+    async def stat_file(self, sandbox_id: str, path: str) -> FileStat:
+        """Describe one path of a Linux sandbox (spawned with image) as
+        lstat does: type (FILE, DIRECTORY, SYMLINK, OTHER; a symlink is
+        described, not followed), size, mode and modify_time. Use it to
+        check whether a path exists: a missing path is NOT_FOUND.
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            path: absolute path, for example "/usr/bin/python3".
+        """
+        with self._forkd_errors():
+            info = await self.controller().stat_file(sandbox_id, path)
+        return results.file_stat(path, info)
+
+    async def remove_file(self, sandbox_id: str, path: str, recursive: bool = False) -> RemovedFile:
+        """Delete a file, symlink or empty directory of a Linux sandbox
+        (spawned with image); with recursive, a directory and everything in
+        it.
+
+        Args:
+            sandbox_id: the Linux sandbox.
+            path: absolute path to remove; "/" is INVALID_ARGUMENT, a
+                missing path NOT_FOUND.
+            recursive: also remove a non-empty directory and all its
+                contents; without it a non-empty directory is
+                FAILED_PRECONDITION.
+        """
+        with self._forkd_errors():
+            await self.controller().remove_file(sandbox_id, path, recursive=recursive)
+        return RemovedFile(path=path, recursive=recursive)
+
     # ---- snapshots ----------------------------------------------------------
 
     async def get_snapshot(self, tag: str) -> SnapshotInfo:
@@ -432,6 +591,41 @@ class ForkdTools:
 
 _STATUS_FILTER: dict[str, forkd.SnapshotStatusName] = {"WRITING": "writing", "READY": "ready", "FAILED": "failed"}
 
+# base64 of MAX_FILE_BYTES bytes, without whitespace.
+_MAX_BASE64_CHARS = 4 * ((MAX_FILE_BYTES + 2) // 3)
+
+
+def _decode_content(content: str, encoding: str) -> bytes:
+    """write_file's content as bytes; a ToolError says what is wrong with it."""
+    if encoding == "base64":
+        packed = "".join(content.split())  # line breaks and spaces are allowed
+        if len(packed) > _MAX_BASE64_CHARS:
+            raise ToolError(
+                f"INVALID_ARGUMENT: content is {len(packed)} base64 characters, more than the"
+                f" {MAX_FILE_BYTES} bytes write_file takes; write parts of at most that size and join them"
+                " with exec (cat)"
+            )
+        try:
+            data = base64.b64decode(packed, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ToolError(
+                f'INVALID_ARGUMENT: content is not valid base64 ({e}); for text use encoding "utf-8"'
+            ) from None
+    else:
+        try:
+            data = content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ToolError(
+                f'INVALID_ARGUMENT: content is not valid Unicode text ({e}); send binary data with encoding "base64"'
+            ) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ToolError(
+            f"INVALID_ARGUMENT: content is {len(data)} bytes, more than the {MAX_FILE_BYTES} bytes"
+            " write_file takes; write parts of at most that size and join them with exec (cat)"
+        )
+    return data
+
+
 _READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 _DESTRUCTIVE = ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 _CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
@@ -439,6 +633,9 @@ _CREATES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_wo
 _SETS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 # A command can stop or crash the guest (exit, crash, poweroff).
 _RUNS = ToolAnnotations(read_only_hint=False, open_world_hint=False)
+# Replaces a file that exists (unless no_overwrite); the same call twice
+# leaves the same file.
+_WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False)
 
 
 def _tools(tools: ForkdTools) -> list[tuple[Callable[..., Awaitable[Any]], ToolAnnotations]]:
@@ -447,13 +644,18 @@ def _tools(tools: ForkdTools) -> list[tuple[Callable[..., Awaitable[Any]], ToolA
         (tools.branch_sandbox, _CREATES),
         (tools.exec, _RUNS),
         (tools.set_sandbox_ttl, _SETS),
+        (tools.write_file, _WRITES),
         (tools.get_snapshot, _READ_ONLY),
         (tools.watch_snapshot, _READ_ONLY),
         (tools.list_snapshots, _READ_ONLY),
         (tools.list_sandboxes, _READ_ONLY),
         (tools.read_console, _READ_ONLY),
+        (tools.read_file, _READ_ONLY),
+        (tools.list_dir, _READ_ONLY),
+        (tools.stat_file, _READ_ONLY),
         (tools.delete_snapshot, _DESTRUCTIVE),
         (tools.kill_sandbox, _DESTRUCTIVE),
+        (tools.remove_file, _DESTRUCTIVE),
     ]
 
 

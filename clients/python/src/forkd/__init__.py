@@ -9,6 +9,11 @@
         for update in ctl.watch_snapshot(branch.tag):      # or branch["tag"]
             print(forkd.status_name(update.status))   # writing ... ready
 
+In a Linux sandbox (``spawn_sandboxes(image=...)``) files move in and out
+as streams: ``write_file`` (bytes, a local path, a file object or an
+iterable of chunks), ``read_file`` / ``iter_file`` (verified against the
+guest's SHA-256), ``stat_file``, ``list_dir`` and ``remove_file``.
+
 The API messages (``forkd.v1.sandbox_pb2`` / ``snapshot_pb2``) are generated
 from the same .proto files as the server and the TypeScript client.
 ``spawn_sandboxes``, ``branch_sandbox`` and ``create_snapshot`` return
@@ -20,6 +25,7 @@ from forkd.aio import AsyncController
 from forkd.controller import DEFAULT_TARGET, Controller
 from forkd.errors import (
     AlreadyExistsError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     ForkdError,
@@ -29,14 +35,19 @@ from forkd.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from forkd.files import AsyncUploadSource, BinaryReader, BinaryWriter, UploadSource
 from forkd.results import (
     BranchResult,
     CreateSnapshotResult,
     ExecEvent,
     ExecResult,
+    FileInfo,
+    ListDirResult,
     MessageView,
+    ReadFileResult,
     SandboxView,
     SpawnResult,
+    WriteFileResult,
 )
 from forkd.v1.sandbox_pb2 import (
     BranchSandboxResponse,
@@ -53,11 +64,14 @@ from forkd.v1.snapshot_pb2 import (
     WatchSnapshotResponse,
 )
 from forkd.v1.snapshot_pb2 import BranchMode as BranchModeEnum
-from forkd.wire import BranchMode, SnapshotStatusName, mode_name, status_name
+from forkd.wire import BranchMode, FileTypeName, SnapshotStatusName, mode_name, status_name
 
 __all__ = [
     "AlreadyExistsError",
     "AsyncController",
+    "AsyncUploadSource",
+    "BinaryReader",
+    "BinaryWriter",
     "BranchMode",
     "BranchModeEnum",
     "BranchResult",
@@ -66,16 +80,21 @@ __all__ = [
     "CreateSnapshotResponse",
     "CreateSnapshotResult",
     "DEFAULT_TARGET",
+    "DataLossError",
     "DeadlineExceededError",
     "ExecEvent",
     "ExecResult",
     "FailedPreconditionError",
+    "FileInfo",
+    "FileTypeName",
     "ForkdError",
     "GuestBoot",
     "InvalidArgumentError",
+    "ListDirResult",
     "MessageView",
     "NotFoundError",
     "ReadConsoleResponse",
+    "ReadFileResult",
     "ResourceExhaustedError",
     "Sandbox",
     "SandboxView",
@@ -87,7 +106,9 @@ __all__ = [
     "SpawnSandboxesResponse",
     "UnauthenticatedError",
     "UnavailableError",
+    "UploadSource",
     "WatchSnapshotResponse",
+    "WriteFileResult",
     "mode_name",
     "status_name",
 ]

@@ -3,29 +3,75 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping, Sequence
+from contextlib import aclosing
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar, cast, overload
 
 import grpc
 from grpc import aio
 
-from forkd import wire
+from forkd import files, wire
 from forkd.controller import DEFAULT_TARGET, auth_metadata, channel_options
-from forkd.errors import from_rpc_error
+from forkd.errors import ForkdError, error_for, from_rpc_error
+from forkd.files import AsyncUploadSource, BinaryWriter, StrPath
 from forkd.results import (
     BranchResult,
     CreateSnapshotResult,
     ExecCollector,
     ExecEvent,
     ExecResult,
+    FileInfo,
+    ListDirResult,
+    ReadFileResult,
     SpawnResult,
+    WriteFileResult,
 )
 from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from forkd.wire import BranchMode, SnapshotStatusName
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+_T = TypeVar("_T")
+
+# grpc.aio reports a write that fails because the server already ended the
+# call (an upload the guest refused part-way) as INTERNAL "Internal error
+# from Core", and may record that over the status the server sent
+# (grpc/grpc#36066). write_file keeps the first status the call ended with
+# and reports that one instead.
+_CORE_WRITE_FAILURE = "Internal error from Core"
+
+
+def _now(coro: Coroutine[Any, Any, _T]) -> _T | None:
+    """The result of a coroutine that finishes without waiting, else None."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(_T, done.value)
+    coro.close()
+    return None
+
+
+def _record_status(call: aio.Call, into: list[tuple[grpc.StatusCode, str]]) -> None:
+    """Done callback: appends the status the call has just ended with (it is
+    set, so reading it does not wait)."""
+    code, details = _now(call.code()), _now(call.details())
+    if code is not None:
+        into.append((code, details or ""))
+
+
+def _write_error(err: grpc.RpcError, first_status: list[tuple[grpc.StatusCode, str]]) -> ForkdError:
+    """The ForkdError of a failed upload: the server's status rather than the
+    INTERNAL error of a write that raced with it."""
+    error = from_rpc_error(err, "WriteFile")
+    if error.code == grpc.StatusCode.INTERNAL and error.message == _CORE_WRITE_FAILURE:
+        for code, details in first_status:
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):
+                return error_for(code, details, method="WriteFile")
+    return error
 
 
 class AsyncController:
@@ -189,6 +235,159 @@ class AsyncController:
         """See :meth:`forkd.Controller.read_console`."""
         req = wire.read_console_request(sandbox_id, tail_bytes)
         return await self._unary("ReadConsole", self._sandboxes.ReadConsole, req)
+
+    # ---- files (Linux sandboxes) --------------------------------------------
+
+    async def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        source: AsyncUploadSource,
+        *,
+        mode: int = 0,
+        make_parents: bool = False,
+        no_overwrite: bool = False,
+        chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+        timeout: float | None = None,
+    ) -> WriteFileResult:
+        """See :meth:`forkd.Controller.write_file`; ``source`` may also be
+        an async iterable of bytes chunks. A local path (``str`` or
+        ``os.PathLike``) is opened and read in a worker thread; file objects
+        and iterables are consumed in the event loop's thread, one chunk per
+        message as the call sends them."""
+        header = wire.write_file_header(
+            sandbox_id, path, mode=mode, make_parents=make_parents, no_overwrite=no_overwrite
+        )
+        wire.check_chunk_size(chunk_size)
+        async with files.async_upload_chunks(source, chunk_size) as chunks:
+            call = self._sandboxes.WriteFile(timeout=timeout, metadata=self._metadata)
+            first_status: list[tuple[grpc.StatusCode, str]] = []
+            call.add_done_callback(lambda done: _record_status(done, first_status))
+            try:
+                try:
+                    await call.write(header)
+                    async for chunk in chunks:
+                        await call.write(sandbox_pb2.WriteFileRequest(data=chunk))
+                    await call.done_writing()
+                except (asyncio.InvalidStateError, grpc.RpcError):
+                    pass  # the call ended while we wrote (an error from the guest): its status follows
+                return WriteFileResult.from_message(await call)
+            except grpc.RpcError as e:
+                raise _write_error(e, first_status) from None
+            except BaseException:
+                # The source failed, or the task was cancelled: the upload
+                # is cut off, never closed as complete.
+                call.cancel()
+                raise
+
+    @overload
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: None = None,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> bytes: ...
+
+    @overload
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: StrPath | BinaryWriter,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> ReadFileResult: ...
+
+    async def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: StrPath | BinaryWriter | None = None,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> bytes | ReadFileResult:
+        """See :meth:`forkd.Controller.read_file`. A local ``dest`` path is
+        written, flushed and renamed in a worker thread; a file object is
+        written in the event loop's thread."""
+        req = wire.read_file_request(sandbox_id, path, offset, length)
+        check = files.DownloadCheck(path)
+        if dest is None:
+            data = bytearray()
+            async with aclosing(self._download(req, check, timeout)) as chunks:
+                async for chunk in chunks:
+                    data += chunk
+            check.result()
+            return bytes(data)
+        if files.is_path(dest):
+            out = files.AtomicFile(dest)  # a create in the loop's thread: nothing to leak if cancelled
+            try:
+                async with aclosing(self._download(req, check, timeout)) as chunks:
+                    async for chunk in chunks:
+                        await asyncio.to_thread(out.write, chunk)
+                result = check.result()
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(out.discard))
+                raise
+            await asyncio.shield(asyncio.to_thread(out.commit))
+            return result
+        if files.is_writer(dest):
+            async with aclosing(self._download(req, check, timeout)) as chunks:
+                async for chunk in chunks:
+                    dest.write(chunk)
+            return check.result()
+        raise files.dest_type_error(dest)
+
+    async def iter_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """See :meth:`forkd.Controller.iter_file`."""
+        req = wire.read_file_request(sandbox_id, path, offset, length)
+        check = files.DownloadCheck(path)
+        async with aclosing(self._download(req, check, timeout)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+        check.result()
+
+    async def _download(
+        self, req: sandbox_pb2.ReadFileRequest, check: files.DownloadCheck, timeout: float | None
+    ) -> AsyncGenerator[bytes, None]:
+        stream = self._stream("ReadFile", self._sandboxes.ReadFile, req, timeout)
+        try:
+            async for msg in stream:
+                chunk = check.add(msg)
+                if chunk:
+                    yield chunk
+        finally:
+            await stream.aclose()
+
+    async def stat_file(self, sandbox_id: str, path: str) -> FileInfo:
+        """See :meth:`forkd.Controller.stat_file`."""
+        req = wire.stat_file_request(sandbox_id, path)
+        return FileInfo.from_message((await self._unary("StatFile", self._sandboxes.StatFile, req)).info)
+
+    async def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
+        """See :meth:`forkd.Controller.list_dir`."""
+        req = wire.list_dir_request(sandbox_id, path)
+        return ListDirResult.from_message(await self._unary("ListDir", self._sandboxes.ListDir, req))
+
+    async def remove_file(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
+        """See :meth:`forkd.Controller.remove_file`."""
+        req = wire.remove_file_request(sandbox_id, path, recursive)
+        await self._unary("RemoveFile", self._sandboxes.RemoveFile, req)
 
     # ---- snapshots ----------------------------------------------------------
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import closing
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import grpc
 
-from forkd import wire
+from forkd import files, wire
 from forkd.errors import from_rpc_error
+from forkd.files import BinaryWriter, StrPath, UploadSource
 from forkd.results import (
     BranchResult,
     CreateSnapshotResult,
     ExecCollector,
     ExecEvent,
     ExecResult,
+    FileInfo,
+    ListDirResult,
+    ReadFileResult,
     SpawnResult,
+    WriteFileResult,
 )
 from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from forkd.wire import BranchMode, SnapshotStatusName
@@ -289,6 +294,227 @@ class Controller:
         """
         req = wire.read_console_request(sandbox_id, tail_bytes)
         return self._unary("ReadConsole", self._sandboxes.ReadConsole, req)
+
+    # ---- files (Linux sandboxes) --------------------------------------------
+
+    def write_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        source: UploadSource,
+        *,
+        mode: int = 0,
+        make_parents: bool = False,
+        no_overwrite: bool = False,
+        chunk_size: int = wire.DEFAULT_CHUNK_SIZE,
+        timeout: float | None = None,
+    ) -> WriteFileResult:
+        """Uploads a file to ``path`` (absolute) in a Linux sandbox.
+
+        ``source`` is what to upload, streamed in chunks of at most
+        ``chunk_size`` bytes (1 MiB by default, 1 byte to 3 MiB):
+
+        * ``bytes``, ``bytearray`` or ``memoryview``: the data itself;
+        * a ``str`` or ``os.PathLike`` (``pathlib.Path``): the path of a
+          LOCAL file, whose contents are uploaded. A ``str`` is never
+          uploaded as content: send text as ``text.encode()``;
+        * a binary file object (anything with ``read``, e.g.
+          ``open(p, "rb")`` or ``io.BytesIO``), read ``chunk_size`` bytes
+          at a time from where it stands, up to its end;
+        * an iterable of bytes chunks (a generator, say), consumed lazily;
+          a chunk larger than ``chunk_size`` is split.
+
+        A file or iterable is never read whole: the source is read in the
+        calling thread, one chunk at a time and only as fast as the call
+        sends them (as far as HTTP/2 flow control lets the data through).
+        When reading the source raises, the upload is cancelled and the
+        exception propagates.
+
+        The guest writes to a temporary file beside ``path`` and renames it
+        over ``path`` only once the whole upload arrived: a failed or
+        cancelled upload leaves ``path`` as it was. ``mode`` is the new
+        file's permission bits (0: 0o644; the umask is not applied),
+        ``make_parents`` creates missing parent directories (0755), and
+        ``no_overwrite`` raises AlreadyExistsError when ``path`` exists.
+        ``timeout`` (seconds) bounds the whole upload (None: no deadline;
+        the controller's per-call ``timeout`` does not apply to it).
+
+        Returns the path written, its size and the SHA-256 the guest
+        computed. Errors: a bad path, InvalidArgumentError; a missing parent
+        (without ``make_parents``), NotFoundError; a parent that is not a
+        directory, ``path`` a directory, or a reference-guest sandbox,
+        FailedPreconditionError; the guest's filesystem full,
+        ResourceExhaustedError.
+        """
+        header = wire.write_file_header(
+            sandbox_id, path, mode=mode, make_parents=make_parents, no_overwrite=no_overwrite
+        )
+        wire.check_chunk_size(chunk_size)
+        with files.upload_chunks(source, chunk_size) as chunks:
+            pipe = files.RequestPipe(header)
+            call = self._sandboxes.WriteFile.future(pipe, timeout=timeout, metadata=self._metadata)
+            # The call ending (an error from the guest, the deadline) stops
+            # the source being read, and grpcio's sending thread.
+            call.add_done_callback(lambda _: pipe.abort())
+            try:
+                for chunk in chunks:
+                    if not pipe.put(sandbox_pb2.WriteFileRequest(data=chunk)):
+                        break
+                pipe.finish()
+                return WriteFileResult.from_message(call.result())
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, "WriteFile") from None
+            except BaseException:
+                # The source failed (or the caller was interrupted): cancel
+                # first, so that the stream is never closed as complete.
+                call.cancel()
+                pipe.abort()
+                raise
+
+    @overload
+    def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: None = None,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> bytes: ...
+
+    @overload
+    def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: StrPath | BinaryWriter,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> ReadFileResult: ...
+
+    def read_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        dest: StrPath | BinaryWriter | None = None,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> bytes | ReadFileResult:
+        """Downloads the file at ``path`` (absolute; symlinks are followed)
+        from a Linux sandbox, or ``length`` bytes of it (0: to the end)
+        from ``offset`` on.
+
+        ``dest`` says where the bytes go:
+
+        * None: they are returned, as ``bytes`` (the whole download is then
+          held in memory);
+        * a ``str`` or ``os.PathLike``: a LOCAL path, written atomically:
+          the bytes go to a temporary file in the same directory, which
+          replaces ``dest`` only once the download is complete and
+          verified; on any error it is removed and ``dest`` is untouched.
+          Returns a :class:`forkd.ReadFileResult` (``size``, ``sha256``,
+          ``file_size``);
+        * a binary file object (anything with ``write``): the chunks are
+          written to it as they arrive; returns a ReadFileResult. When the
+          download fails part-way, what arrived was written already.
+
+        Every download is checked against the size and SHA-256 the guest
+        sends at its end: a mismatch, or a stream that ends without them,
+        raises :class:`forkd.DataLossError`. ``timeout`` (seconds) bounds
+        the whole download (None: no deadline). Errors: a missing file,
+        NotFoundError; a directory or device, or a reference-guest sandbox,
+        FailedPreconditionError; a bad path, InvalidArgumentError. For the
+        chunks as they come, see :meth:`iter_file`.
+        """
+        req = wire.read_file_request(sandbox_id, path, offset, length)
+        check = files.DownloadCheck(path)
+        if dest is None:
+            data = bytearray()
+            with closing(self._download(req, check, timeout)) as chunks:
+                for chunk in chunks:
+                    data += chunk
+            check.result()
+            return bytes(data)
+        if files.is_path(dest):
+            out = files.AtomicFile(dest)
+            try:
+                with closing(self._download(req, check, timeout)) as chunks:
+                    for chunk in chunks:
+                        out.write(chunk)
+                result = check.result()
+            except BaseException:
+                out.discard()
+                raise
+            out.commit()
+            return result
+        if files.is_writer(dest):
+            with closing(self._download(req, check, timeout)) as chunks:
+                for chunk in chunks:
+                    dest.write(chunk)
+            return check.result()
+        raise files.dest_type_error(dest)
+
+    def iter_file(
+        self,
+        sandbox_id: str,
+        path: str,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[bytes]:
+        """Yields the file's bytes as they arrive (chunks of at most 64
+        KiB), as :meth:`read_file` downloads them. The download is verified
+        at its end: when the size or SHA-256 do not match, or the stream
+        ends without them, the iteration raises
+        :class:`forkd.DataLossError` after the last chunk, so treat the
+        chunks as unverified until it finishes. Leaving the loop early
+        cancels the call."""
+        req = wire.read_file_request(sandbox_id, path, offset, length)
+        check = files.DownloadCheck(path)
+        with closing(self._download(req, check, timeout)) as chunks:
+            yield from chunks
+        check.result()
+
+    def _download(
+        self, req: sandbox_pb2.ReadFileRequest, check: files.DownloadCheck, timeout: float | None
+    ) -> Generator[bytes, None, None]:
+        with closing(self._stream("ReadFile", self._sandboxes.ReadFile, req, timeout)) as stream:
+            for msg in stream:
+                chunk = check.add(msg)
+                if chunk:
+                    yield chunk
+
+    def stat_file(self, sandbox_id: str, path: str) -> FileInfo:
+        """Describes ``path`` (absolute) in a Linux sandbox as ``lstat``
+        does (a symlink is described, not followed): a
+        :class:`forkd.FileInfo` with ``name``, ``size``, ``mode``, ``type``
+        and ``modify_time``. A missing path: NotFoundError."""
+        req = wire.stat_file_request(sandbox_id, path)
+        return FileInfo.from_message(self._unary("StatFile", self._sandboxes.StatFile, req).info)
+
+    def list_dir(self, sandbox_id: str, path: str) -> ListDirResult:
+        """Lists the directory ``path`` (absolute; a symlink to one is
+        followed) of a Linux sandbox: a :class:`forkd.ListDirResult` with
+        ``entries`` (each a :class:`forkd.FileInfo`), sorted by name,
+        without ``.`` and ``..``, and ``truncated`` (the daemon lists at
+        most 4096). A missing directory: NotFoundError; not a directory:
+        FailedPreconditionError."""
+        req = wire.list_dir_request(sandbox_id, path)
+        return ListDirResult.from_message(self._unary("ListDir", self._sandboxes.ListDir, req))
+
+    def remove_file(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
+        """Removes a file, symlink or empty directory of a Linux sandbox;
+        with ``recursive``, a directory and everything in it. A missing
+        path: NotFoundError; a non-empty directory without ``recursive``:
+        FailedPreconditionError; ``/``: InvalidArgumentError."""
+        req = wire.remove_file_request(sandbox_id, path, recursive)
+        self._unary("RemoveFile", self._sandboxes.RemoveFile, req)
 
     # ---- snapshots ----------------------------------------------------------
 

@@ -36,11 +36,13 @@ class InvalidArgumentError(ForkdError):
 
 
 class NotFoundError(ForkdError):
-    """NOT_FOUND: no sandbox with that id, or no snapshot with that tag."""
+    """NOT_FOUND: no sandbox with that id, no snapshot with that tag, or no such
+    file or directory in the sandbox."""
 
 
 class AlreadyExistsError(ForkdError):
-    """ALREADY_EXISTS: a snapshot with that tag exists."""
+    """ALREADY_EXISTS: a snapshot with that tag exists, or the path a
+    ``write_file(..., no_overwrite=True)`` names does."""
 
 
 class FailedPreconditionError(ForkdError):
@@ -48,7 +50,8 @@ class FailedPreconditionError(ForkdError):
 
 
 class ResourceExhaustedError(ForkdError):
-    """RESOURCE_EXHAUSTED: a daemon limit (sandboxes, memory, disk) was reached."""
+    """RESOURCE_EXHAUSTED: a daemon limit (sandboxes, memory, disk) was reached,
+    or the guest's filesystem is full."""
 
 
 class UnavailableError(ForkdError):
@@ -63,6 +66,13 @@ class UnauthenticatedError(ForkdError):
     """UNAUTHENTICATED: the daemon wants a bearer token and none, or a wrong one, was sent."""
 
 
+class DataLossError(ForkdError):
+    """DATA_LOSS: data is corrupt or incomplete: a snapshot file failing its
+    digest (from the daemon), or a download (``read_file``, ``iter_file``)
+    whose bytes do not match the size and SHA-256 the guest sent, or that
+    ended without them (raised by the client itself)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ForkdError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -72,6 +82,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ForkdError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
 }
 
 

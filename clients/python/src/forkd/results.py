@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Generic, Literal, TypeVar, overload
 
 import grpc
@@ -15,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from forkd.errors import ForkdError
 from forkd.v1 import sandbox_pb2, snapshot_pb2
+from forkd.wire import FileTypeName, file_type_name
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,118 @@ class ExecCollector:
             duration_us=self._exit.duration_us or 0,
             signal=self._exit.signal or 0,
         )
+
+
+# ---- files (Linux sandboxes) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteFileResult:
+    """A finished upload (``write_file``): the file is under its final name."""
+
+    path: str
+    """The path written, in the sandbox."""
+    size: int
+    """Bytes written."""
+    sha256: str
+    """SHA-256 of the bytes written, as the guest computed it (lowercase hex)."""
+
+    @staticmethod
+    def from_message(msg: sandbox_pb2.WriteFileResponse) -> WriteFileResult:
+        """Converts the WriteFileResponse."""
+        return WriteFileResult(path=msg.path, size=msg.size, sha256=msg.sha256)
+
+
+@dataclass(frozen=True)
+class ReadFileResult:
+    """A finished, verified download (``read_file`` into a local path or a
+    file object): the received bytes matched ``size`` and ``sha256``."""
+
+    size: int
+    """Bytes received (those of the range asked for)."""
+    sha256: str
+    """SHA-256 of the bytes received (lowercase hex), as the guest sent and the client checked it."""
+    file_size: int
+    """The file's size when the guest opened it (0 for ``/proc`` files)."""
+
+    @staticmethod
+    def from_message(end: sandbox_pb2.ReadFileEnd) -> ReadFileResult:
+        """Converts the stream's ReadFileEnd."""
+        return ReadFileResult(size=end.size, sha256=end.sha256, file_size=end.file_size)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One path of a Linux sandbox as ``lstat`` describes it (``stat_file``,
+    and each entry of ``list_dir``)."""
+
+    name: str
+    """The last component of the path (``/`` for the root); bytes that are
+    not UTF-8 show as U+FFFD."""
+    size: int
+    """Size in bytes (a symlink's is the length of its target)."""
+    mode: int
+    """Permission bits (``mode & 0o7777``); ``oct(info.mode)`` reads ``'0o644'``."""
+    type: FileTypeName
+    """``"file"``, ``"directory"``, ``"symlink"`` or ``"other"`` (a device, FIFO or socket)."""
+    modify_time: datetime | None
+    """Last modification (UTC), or None when the server sent none."""
+
+    @property
+    def is_file(self) -> bool:
+        """True for a regular file."""
+        return self.type == "file"
+
+    @property
+    def is_dir(self) -> bool:
+        """True for a directory."""
+        return self.type == "directory"
+
+    @property
+    def is_symlink(self) -> bool:
+        """True for a symbolic link (described, not followed)."""
+        return self.type == "symlink"
+
+    @staticmethod
+    def from_message(msg: sandbox_pb2.FileInfo) -> FileInfo:
+        """Converts a FileInfo message."""
+        return FileInfo(
+            name=msg.name,
+            size=msg.size,
+            mode=msg.mode,
+            type=file_type_name(msg.type),
+            modify_time=(
+                msg.modify_time.ToDatetime(tzinfo=timezone.utc) if msg.HasField("modify_time") else None
+            ),
+        )
+
+
+@dataclass
+class ListDirResult:
+    """A directory's entries (``list_dir``), sorted by name (bytewise),
+    without ``.`` and ``..``. Iterating it (and ``len``) goes over
+    ``entries``."""
+
+    entries: list[FileInfo]
+    truncated: bool = False
+    """True when entries were left out: the daemon lists at most 4096 (and
+    at most 512 KiB of them)."""
+
+    @property
+    def names(self) -> list[str]:
+        """The entries' names, in order."""
+        return [e.name for e in self.entries]
+
+    def __iter__(self) -> Iterator[FileInfo]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @staticmethod
+    def from_message(msg: sandbox_pb2.ListDirResponse) -> ListDirResult:
+        """Converts the ListDirResponse."""
+        return ListDirResult(entries=[FileInfo.from_message(e) for e in msg.entries], truncated=msg.truncated)
 
 
 # ---- results that wrap API messages -------------------------------------------

@@ -218,3 +218,100 @@ def list_snapshots_request(status: SnapshotStatusName | None) -> snapshot_pb2.Li
             return snapshot_pb2.ListSnapshotsRequest(status=value)
     choices = ", ".join(repr(s) for s in get_args(SnapshotStatusName))
     raise ValueError(f"status must be one of {choices} (or None), not {status!r}")
+
+
+# ---- files (Linux sandboxes) ---------------------------------------------------
+
+FileTypeName = Literal["file", "directory", "symlink", "other", "unspecified"]
+"""What kind of file a path names (``FileInfo.type``)."""
+
+_FILE_TYPES: dict[sandbox_pb2.FileType.ValueType, FileTypeName] = {
+    sandbox_pb2.FILE_TYPE_FILE: "file",
+    sandbox_pb2.FILE_TYPE_DIRECTORY: "directory",
+    sandbox_pb2.FILE_TYPE_SYMLINK: "symlink",
+    sandbox_pb2.FILE_TYPE_OTHER: "other",
+}
+
+
+def file_type_name(value: int) -> FileTypeName:
+    """The lowercase name of a FileType value, e.g. ``"directory"``."""
+    for number, name in _FILE_TYPES.items():
+        if number == value:
+            return name
+    return "unspecified"
+
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+"""Bytes per WriteFile data message unless told otherwise (1 MiB)."""
+MAX_CHUNK_SIZE = 3 << 20
+"""The largest chunk the client sends: a message must stay under gRPC's 4 MiB limit."""
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """``chunk_size`` if it is an integer from 1 to 3 MiB; ValueError otherwise."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(
+            f"chunk_size must be an integer from 1 to {MAX_CHUNK_SIZE} bytes (3 MiB: a gRPC message"
+            f" must stay under 4 MiB), not {chunk_size!r}"
+        )
+    return chunk_size
+
+
+def _check_path(path: object) -> str:
+    """``path`` if it is a string; the server checks the rest (absolute, no NUL)."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a string (an absolute path in the sandbox), not {type(path).__name__}")
+    return path
+
+
+def _check_u64(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be an integer from 0 up, not {value!r}")
+    return value
+
+
+def write_file_header(
+    sandbox_id: str,
+    path: str,
+    *,
+    mode: int = 0,
+    make_parents: bool = False,
+    no_overwrite: bool = False,
+) -> sandbox_pb2.WriteFileRequest:
+    """The first WriteFileRequest of an upload: its header. ``mode`` 0 means
+    0644; other values must fit the permission bits (0 to 0o7777)."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode must be permission bits from 0 to 0o7777 (e.g. 0o755; 0 means 0o644), not {mode!r}")
+    header = sandbox_pb2.WriteFileHeader(
+        sandbox_id=sandbox_id,
+        path=_check_path(path),
+        mode=mode,
+        make_parents=make_parents,
+        no_overwrite=no_overwrite,
+    )
+    return sandbox_pb2.WriteFileRequest(header=header)
+
+
+def read_file_request(sandbox_id: str, path: str, offset: int, length: int) -> sandbox_pb2.ReadFileRequest:
+    """ReadFileRequest; ``length`` 0 means to the end of the file."""
+    return sandbox_pb2.ReadFileRequest(
+        sandbox_id=sandbox_id,
+        path=_check_path(path),
+        offset=_check_u64("offset", offset),
+        length=_check_u64("length", length),
+    )
+
+
+def stat_file_request(sandbox_id: str, path: str) -> sandbox_pb2.StatFileRequest:
+    """StatFileRequest."""
+    return sandbox_pb2.StatFileRequest(sandbox_id=sandbox_id, path=_check_path(path))
+
+
+def list_dir_request(sandbox_id: str, path: str) -> sandbox_pb2.ListDirRequest:
+    """ListDirRequest."""
+    return sandbox_pb2.ListDirRequest(sandbox_id=sandbox_id, path=_check_path(path))
+
+
+def remove_file_request(sandbox_id: str, path: str, recursive: bool) -> sandbox_pb2.RemoveFileRequest:
+    """RemoveFileRequest; ``recursive`` removes a directory and its contents."""
+    return sandbox_pb2.RemoveFileRequest(sandbox_id=sandbox_id, path=_check_path(path), recursive=recursive)
