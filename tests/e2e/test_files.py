@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 import grpc
 import pytest
 
-from conftest import DEFAULT_ARGS
+from conftest import DEFAULT_ARGS, REPO_ROOT
 from forkd_daemon import Daemon, wait_until
 from grpcurl_client import decode_exec
 from machine import LOCAL, Machine
@@ -208,9 +209,9 @@ def test_200_mib_round_trip_through_grpcurl(files: Files, big_file: tuple[Path, 
 
 
 def test_200_mib_round_trip_through_python(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
-    """The generated Python client; the daemon's RSS is sampled while the
-    upload runs."""
-    from forkd.v1 import sandbox_pb2, sandbox_pb2_grpc
+    """The Python client streams a local file up and back down into a
+    local file; the daemon's RSS is sampled all along."""
+    import forkd
 
     src, digest = big_file
     base = files.daemon_rss()
@@ -221,36 +222,60 @@ def test_200_mib_round_trip_through_python(files: Files, big_file: tuple[Path, s
         while not done.wait(0.5):
             peak[0] = max(peak[0], files.daemon_rss())
 
-    def chunks() -> Iterator[sandbox_pb2.WriteFileRequest]:
-        yield sandbox_pb2.WriteFileRequest(header=sandbox_pb2.WriteFileHeader(sandbox_id=files.sid, path="/root/py.bin"))
-        with open(src, "rb") as fh:
-            while block := fh.read(CHUNK):
-                yield sandbox_pb2.WriteFileRequest(data=block)
-
     sampler = threading.Thread(target=sample)
     sampler.start()
+    t0 = time.monotonic()
     try:
-        with grpc.insecure_channel(files.target()) as ch:
-            stub = sandbox_pb2_grpc.SandboxServiceStub(ch)
-            reply = stub.WriteFile(chunks(), metadata=files.metadata(), timeout=1800)
-            assert (reply.size, reply.sha256) == (BIG, digest)
-            h, n = hashlib.sha256(), 0
-            end = None
-            for msg in stub.ReadFile(sandbox_pb2.ReadFileRequest(sandbox_id=files.sid, path="/root/py.bin"), metadata=files.metadata(), timeout=1800):
-                if msg.WhichOneof("event") == "data":
-                    h.update(msg.data)
-                    n += len(msg.data)
-                else:
-                    end = msg.end
+        with forkd.Controller(files.target(), token=files.token) as ctl:
+            up = ctl.write_file(files.sid, "/root/py.bin", src, timeout=1800)
+            t1 = time.monotonic()
+            down = ctl.read_file(files.sid, "/root/py.bin", tmp_path / "py.bin", timeout=1800)
     finally:
         done.set()
         sampler.join()
-    assert (h.hexdigest(), n) == (digest, BIG)
-    assert end is not None and (end.size, end.sha256) == (BIG, digest)
+    t2 = time.monotonic()
+    assert (up.size, up.sha256) == (BIG, digest)
+    assert (down.size, down.sha256, down.file_size) == (BIG, digest, BIG)
+    assert sha256_of(tmp_path / "py.bin") == digest
     grew = peak[0] - base
-    print(f"daemon RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB during the Python round trip")
+    print(
+        f"python: {BIG >> 20} MiB up in {t1 - t0:.1f} s, down in {t2 - t1:.1f} s (emulated); "
+        f"daemon RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB"
+    )
     assert grew < RSS_BOUND, f"the daemon's RSS grew by {grew >> 20} MiB"
     files.run("rm -f /root/py.bin")
+
+
+def test_200_mib_round_trip_through_typescript(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
+    """The TypeScript client's example streams a local file up with
+    fs.createReadStream and back down into a local file."""
+    ts = REPO_ROOT / "clients" / "typescript"
+    build = subprocess.run(["npm", "run", "build"], cwd=ts, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
+    src, digest = big_file
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["node", "dist/examples/file_roundtrip.js", files.sid, str(src), "/root/ts/big.bin", str(tmp_path / "ts.bin")],
+        cwd=ts,
+        env={**os.environ, "FORKD_TARGET": files.target(), "FORKD_TOKEN": files.token},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == {"uploaded": {"size": BIG, "sha256": digest}, "downloaded": {"size": BIG, "sha256": digest}}, out
+    assert sha256_of(tmp_path / "ts.bin") == digest
+    print(f"typescript: {BIG >> 20} MiB round trip in {time.monotonic() - t0:.1f} s (emulated)")
+    files.run("rm -rf /root/ts")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def test_slow_reader_does_not_grow_the_daemon(files: Files, big_file: tuple[Path, str]) -> None:
@@ -322,7 +347,12 @@ def test_stat_list_and_remove(files: Files) -> None:
 
 
 def _write_small(f: Files, header: dict[str, Any], data: bytes) -> Any:
-    msgs = [{"header": {"sandboxId": f.sid, **header}}, {"data": base64.b64encode(data).decode()}]
+    return _write_chunks(f, header, [data])
+
+
+def _write_chunks(f: Files, header: dict[str, Any], chunks: list[bytes]) -> Any:
+    """WriteFile through grpcurl: the header, then one message per chunk."""
+    msgs = [{"header": {"sandboxId": f.sid, **header}}] + [{"data": base64.b64encode(c).decode()} for c in chunks]
     p = subprocess.run(grpcurl_argv(f, "WriteFile"), input="\n".join(json.dumps(m) for m in msgs).encode(), capture_output=True, timeout=600)
     return f.client._result([], p.returncode, p.stdout.decode(), p.stderr.decode(), 0.0)
 
@@ -371,17 +401,64 @@ def test_each_error_has_its_code(files: Files) -> None:
 
 
 def test_full_disk_is_resource_exhausted_and_leaves_nothing(files: Files) -> None:
-    """The guest's root tmpfs is filled to 1 MiB from full: a 4 MiB upload
-    fails with RESOURCE_EXHAUSTED, the old file under that name is intact
-    and no temporary file is left."""
-    files.run("printf old > /root/keep.txt")
-    free_kib = int(files.run("df -k / | awk 'NR==2 {print $4}'"))
-    files.run(f"dd if=/dev/zero of=/root/filler bs=1K count={free_kib - 1024} 2>/dev/null")
+    """A 4 MiB upload into a full 2 MiB tmpfs of the guest fails with
+    RESOURCE_EXHAUSTED; the old file under that name is intact and no
+    temporary file is left."""
+    files.run("mkdir -p /root/small && mount -t tmpfs -o size=2m tmpfs /root/small && printf old > /root/small/keep.txt")
     try:
-        res = _write_small(files, {"path": "/root/keep.txt"}, os.urandom(4 << 20))
+        res = _write_chunks(files, {"path": "/root/small/keep.txt"}, [os.urandom(1 << 20) for _ in range(4)])
         assert res.code == "RESOURCE_EXHAUSTED", res.describe()
-        assert "full" in res.message, res.message
-        assert files.run("cat /root/keep.txt") == "old"
-        assert not re.search(r"forkd.*\.tmp", files.run("ls -A /root")), files.run("ls -A /root")
+        assert "full" in res.message and "keep.txt" in res.message, res.message
+        assert files.run("cat /root/small/keep.txt; ls -A /root/small") == "oldkeep.txt\n"
     finally:
-        files.run("rm -f /root/filler /root/keep.txt")
+        files.run("umount /root/small; rmdir /root/small")
+
+
+def test_oversized_message_is_invalid_argument(files: Files) -> None:
+    """A data message over gRPC's 4 MiB limit says how to chunk."""
+    res = _write_chunks(files, {"path": "/root/huge.bin"}, [os.urandom((4 << 20) + 1)])
+    assert res.code == "INVALID_ARGUMENT" and "chunks under 4 MiB" in res.message, res.describe()
+    files.client.expect_error("NOT_FOUND", SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/huge.bin"})
+
+
+def test_python_files_example_runs(files: Files) -> None:
+    """clients/python/examples/files.py, whose output the client's README shows."""
+    p = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "clients" / "python" / "examples" / "files.py"), files.sid, files.target()],
+        env={**os.environ, "FORKD_TOKEN": files.token},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    print(p.stdout)
+    out = p.stdout
+    assert f"hello from {files.sid}" in out
+    assert "same sha256 as here: True" in out and "identical: True" in out
+    assert "expected error: ALREADY_EXISTS" in out and "after remove_file: NOT_FOUND" in out
+
+
+def test_mcp_file_tools(files: Files) -> None:
+    """The MCP server's file tools against the Linux sandbox: write, list,
+    stat, read (capped), remove."""
+    import anyio
+    from test_mcp_server import call, call_error, mcp_session, server_params
+
+    async def scenario() -> None:
+        params = server_params(files.target(), env={"FORKD_TOKEN": files.token})
+        async with mcp_session(params) as s:
+            wrote = await call(s, "write_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", content="line one\nline two\n", make_parents=True)
+            assert wrote["size"] == 18, wrote
+            listing = await call(s, "list_dir", sandbox_id=files.sid, path="/root/mcp")
+            assert [e["name"] for e in listing["entries"]] == ["notes.txt"], listing
+            info = await call(s, "stat_file", sandbox_id=files.sid, path="/root/mcp/notes.txt")
+            assert info["size"] == 18, info
+            read = await call(s, "read_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", max_bytes=9)
+            assert read["content"] == "line one\n" and read["truncated"], read
+            print("MCP read_file:", json.dumps(read))
+            err = await call_error(s, "read_file", sandbox_id=files.sid, path="/root/mcp/missing")
+            assert "NOT_FOUND" in err, err
+            await call(s, "remove_file", sandbox_id=files.sid, path="/root/mcp", recursive=True)
+
+    with anyio.fail_after(600):
+        anyio.run(scenario)

@@ -26,9 +26,10 @@ pub const STREAM_STDERR: u8 = 2;
 /// ends it) or a download's after [`crate::GuestMsg::FileOpened`].
 pub const STREAM_FILE: u8 = 3;
 /// Bytes of an upload the host may have sent beyond the last
-/// [`crate::GuestMsg::FileCredit`] (two full data frames). The agent fails an
-/// upload that overruns it.
-pub const FILE_WRITE_WINDOW: u64 = 2 * MAX_DATA as u64;
+/// [`crate::GuestMsg::FileCredit`] (16 full data frames: enough to keep a
+/// transfer moving across the channel's round trip, small enough to be a
+/// fixed cost per upload). The agent fails an upload that overruns it.
+pub const FILE_WRITE_WINDOW: u64 = 16 * MAX_DATA as u64;
 
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -353,5 +353,5 @@ fn file_stream_data() {
             data: b"f".to_vec()
         }
     );
-    assert_eq!(FILE_WRITE_WINDOW, 2 * MAX_DATA as u64);
+    assert_eq!(FILE_WRITE_WINDOW, 16 * MAX_DATA as u64);
 }

@@ -781,7 +781,10 @@ mod tests {
         );
         assert_eq!(
             read_to_vmm(&mut r).unwrap(),
-            ToVmm::FileData { id: 4, data: vec![] }
+            ToVmm::FileData {
+                id: 4,
+                data: vec![]
+            }
         );
         let too_long = frame(KIND_FILE_DATA, &[&[0; 8], &vec![0; FILE_CHUNK + 1]]);
         assert!(matches!(

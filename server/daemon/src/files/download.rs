@@ -16,7 +16,7 @@ use crate::registry::Sandbox;
 use crate::vmm_process::FileEvent;
 
 /// Bytes the agent may send beyond what the daemon acknowledged.
-pub const READ_WINDOW: u32 = 256 << 10;
+pub const READ_WINDOW: u32 = 2 << 20;
 /// Messages buffered towards the client.
 pub const STREAM_BUFFER: usize = 4;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use forkd_api::v1::{self as pb, write_file_request::Content};
 use forkd_control::{Event, Request, FILE_CHUNK, FILE_WRITE_WINDOW};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 use super::{event_error, request_error};
 use crate::error::ApiError;
@@ -35,22 +35,21 @@ pub async fn header(
         .message()
         .await
         .map_err(|s| ApiError::InvalidArgument(format!("reading the upload: {}", s.message())))?;
-    let header = match first.and_then(|m| m.content) {
-        Some(Content::Header(h)) => h,
-        Some(Content::Data(_)) => {
-            return Err(ApiError::InvalidArgument(
+    let header =
+        match first.and_then(|m| m.content) {
+            Some(Content::Header(h)) => h,
+            Some(Content::Data(_)) => return Err(ApiError::InvalidArgument(
                 "the first WriteFile message must be a header (sandbox_id, path); data came first"
                     .into(),
-            ))
-        }
-        None => {
-            return Err(ApiError::InvalidArgument(
-                "WriteFile got no header: send one message with `header` (sandbox_id, path) \
+            )),
+            None => {
+                return Err(ApiError::InvalidArgument(
+                    "WriteFile got no header: send one message with `header` (sandbox_id, path) \
                  before the data"
-                    .into(),
-            ))
-        }
-    };
+                        .into(),
+                ))
+            }
+        };
     let id = validate::sandbox_id("header.sandbox_id", &header.sandbox_id)?.to_string();
     let path = validate::guest_path("header.path", &header.path)?;
     if path.ends_with('/') {
@@ -143,14 +142,23 @@ pub async fn write(
                     client_done = true;
                     transfer.finish_data();
                 }
-                Err(status) => return Err(cut_off(&path, sent, &status)),
+                Err(status) => return Err(broken(&path, sent, &status)),
             },
         }
     }
 }
 
-/// The error of an upload whose client stream broke.
-fn cut_off(path: &str, sent: u64, status: &Status) -> ApiError {
+/// The error of an upload whose client stream broke: a message over
+/// gRPC's size limit (the client's to fix), or a stream cut off.
+fn broken(path: &str, sent: u64, status: &Status) -> ApiError {
+    if matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted) {
+        return ApiError::InvalidArgument(format!(
+            "a WriteFile message for {} is too large ({}); send the data in chunks under 4 MiB \
+             (1 MiB is a good size); nothing was written under that name",
+            crate::public::quoted(path),
+            status.message()
+        ));
+    }
     ApiError::Cancelled(format!(
         "the upload of {} was cut off after {sent} bytes ({}); nothing was written under that \
          name",

@@ -117,7 +117,10 @@ impl Vmm {
     /// A file request answered by one event (stat, list, remove). The
     /// agent's `FileFailed` comes back as the answer; the VMM's `Error` as
     /// [`RequestError::Refused`].
-    pub async fn file_call(&self, make: impl FnOnce(u64) -> Request) -> Result<Event, RequestError> {
+    pub async fn file_call(
+        &self,
+        make: impl FnOnce(u64) -> Request,
+    ) -> Result<Event, RequestError> {
         self.call(make).await
     }
 

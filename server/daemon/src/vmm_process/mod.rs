@@ -876,7 +876,6 @@ impl Vmm {
         None
     }
 
-
     /// Routes an event other than the ones `dispatch` handles itself: to
     /// a LIVE snapshot's stream, a one-answer request, or (an `Error`) a
     /// running exec.
@@ -969,7 +968,6 @@ impl Vmm {
         }
     }
 }
-
 
 /// Makes `fd` the child's fd `target`, inheritable across exec. Runs
 /// between fork and exec.
