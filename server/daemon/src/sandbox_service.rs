@@ -405,12 +405,17 @@ impl SandboxService for Sandboxes {
         &self,
         request: Request<tonic::Streaming<pb::WriteFileRequest>>,
     ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let reset = request
+            .extensions()
+            .get::<files::reset::BodyReset>()
+            .cloned()
+            .unwrap_or_default();
         let mut body = request.into_inner();
         let (id, target) = files::upload::header(&mut body).await?;
         let sandbox = self.manager.registry().get(&id)?;
         files::check(&sandbox)?;
         Ok(Response::new(
-            files::upload::write(sandbox, target, body).await?,
+            files::upload::write(sandbox, target, body, reset).await?,
         ))
     }
 

@@ -18,6 +18,7 @@ use crate::data_dir::DataDir;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{CancelReason, StartupError};
 use crate::expiry::{Expiry, Reaper};
+use crate::files::reset::ResetLayer;
 use crate::image_lookup::Images;
 use crate::lifecycle::Manager;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
@@ -188,6 +189,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .layer(CallLayer)
         .layer(DrainLayer::new(drain.clone()))
         .layer(AuthLayer::new(config.token.clone()))
+        // Innermost: a request stream's reset is noted for WriteFile.
+        .layer(ResetLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -15,10 +15,11 @@
 //! cancelled.
 //!
 //! Started with `--kernel`, the fake boots a "Linux image" instead: see
-//! `fake_linux/mod.rs` for what it does and the programs it runs. The
-//! daemons of the Linux tests run with `FORKD_TEST_ASSUME_HYPERVISOR` so
-//! they pass (or, with `pvm`, fail) the host check whatever this machine's
-//! KVM is.
+//! `fake_linux/mod.rs` for what it does and the programs it runs, and
+//! `fake_linux/files.rs` for its in-memory filesystem, which the file RPC
+//! tests in `linux_files/mod.rs` use. The daemons of the Linux tests run
+//! with `FORKD_TEST_ASSUME_HYPERVISOR` so they pass (or, with `pvm`, fail)
+//! the host check whatever this machine's KVM is.
 //!
 //! LIVE snapshots: the fake answers `Snapshotted` at once (memory as it is
 //! at that moment is what the snapshot holds), then copies in 100 ms steps
@@ -55,6 +56,12 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 mod fake_linux;
+mod linux_files;
+
+use linux_files::{
+    linux_files_cut_off, linux_files_download_memory, linux_files_errors,
+    linux_files_upload_and_meta,
+};
 
 // ---------------------------------------------------------------- fake VMM
 
@@ -2870,6 +2877,10 @@ fn main() {
         linux_guest_reset,
         linux_host_checks,
         linux_boot_failures,
+        linux_files_upload_and_meta,
+        linux_files_download_memory,
+        linux_files_cut_off,
+        linux_files_errors,
         expiry_deletes_and_counts,
     ];
     let mut failed = 0;

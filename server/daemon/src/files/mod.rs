@@ -15,10 +15,13 @@
 //!
 //! A transfer whose client goes away is aborted in the guest (its
 //! `FileTransfer` is dropped), which removes an
-//! upload's temporary file: nothing is left under the final name.
+//! upload's temporary file: nothing is left under the final name. An
+//! upload's client that drops the call resets its stream, which tonic
+//! reports as a clean end: [`reset`] tells the two apart.
 
 pub mod download;
 pub mod meta;
+pub mod reset;
 pub mod upload;
 
 use forkd_control::Event;

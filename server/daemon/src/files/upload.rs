@@ -7,6 +7,7 @@ use forkd_api::v1::{self as pb, write_file_request::Content};
 use forkd_control::{Event, Request, FILE_CHUNK, FILE_WRITE_WINDOW};
 use tonic::{Code, Status, Streaming};
 
+use super::reset::BodyReset;
 use super::{event_error, request_error};
 use crate::error::ApiError;
 use crate::exec::stopped;
@@ -78,10 +79,13 @@ pub async fn header(
 /// Relays the rest of `body` into `target` and returns the agent's
 /// confirmation. Returning early (an error, or the caller dropping this
 /// future) aborts the upload in the guest: no file under the final name.
+/// `reset` tells a body the client reset (it dropped the call) from one it
+/// ended: only the latter commits the file.
 pub async fn write(
     sandbox: Arc<Sandbox>,
     target: Target,
     mut body: Streaming<pb::WriteFileRequest>,
+    reset: BodyReset,
 ) -> Result<pb::WriteFileResponse, ApiError> {
     let path = target.path.clone();
     let mut transfer = sandbox
@@ -138,6 +142,13 @@ pub async fn write(
                     ));
                 }
                 Ok(Some(pb::WriteFileRequest { content: None })) => {}
+                // tonic ends a reset stream as if the client had ended it.
+                Ok(None) if reset.happened() => {
+                    tracing::debug!(
+                        sandbox = %sandbox.id(), %path, sent, "upload reset by its client"
+                    );
+                    return Err(cut_off(&path, sent, "the client cancelled the call"));
+                }
                 Ok(None) => {
                     client_done = true;
                     transfer.finish_data();
@@ -159,10 +170,15 @@ fn broken(path: &str, sent: u64, status: &Status) -> ApiError {
             status.message()
         ));
     }
+    cut_off(path, sent, status.message())
+}
+
+/// The error of an upload whose client stream was cut off.
+fn cut_off(path: &str, sent: u64, why: &str) -> ApiError {
     ApiError::Cancelled(format!(
         "the upload of {} was cut off after {sent} bytes ({}); nothing was written under that \
          name",
         crate::public::quoted(path),
-        status.message()
+        why
     ))
 }

@@ -20,6 +20,11 @@
 //!   `GuestReset`;
 //! - anything else: `Event::Error` "cannot run ...: No such file or
 //!   directory".
+//!
+//! File requests and upload data go to an in-memory filesystem: see
+//! `files.rs`.
+
+mod files;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -255,6 +260,7 @@ pub fn run(sock: UnixStream, arg: &dyn Fn(&str) -> String) -> ! {
     let gates = Arc::new(Gates::default());
     let mut stdins: HashMap<u64, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let files = files::Files::new(out.clone());
     loop {
         let msg = match read_to_vmm(&mut input) {
             Ok(m) => m,
@@ -271,9 +277,14 @@ pub fn run(sock: UnixStream, arg: &dyn Fn(&str) -> String) -> ! {
                 }
                 continue;
             }
-            // Files are exercised against the real agent (tests/e2e --svm).
-            ToVmm::FileData { .. } => continue,
-            ToVmm::Request(req) => req,
+            ToVmm::FileData { id, data } => {
+                files.data(id, data);
+                continue;
+            }
+            ToVmm::Request(req) => match files.request(req) {
+                Some(req) => req,
+                None => continue,
+            },
         };
         match req {
             Request::Ping { id } => send(&out, &encode_json(&Event::Pong { id })),
