@@ -14,160 +14,34 @@ import base64
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import grpc
 import pytest
 
-from conftest import DEFAULT_ARGS, REPO_ROOT
-from forkd_daemon import Daemon, wait_until
-from grpcurl_client import decode_exec
-from machine import LOCAL, Machine
-from test_linux_guest import IMAGE, image_in_machine
+from conftest import REPO_ROOT
+from files_env import (
+    BIG,
+    CHUNK,
+    RSS_BOUND,
+    SVC,
+    Files,
+    big_file,
+    files,
+    grpcurl_argv,
+    grpcurl_download,
+    sha256_of,
+    write_chunks,
+    write_request_file,
+    write_small,
+)
+from forkd_daemon import wait_until
 
 pytestmark = pytest.mark.svm
-
-SVC = "forkd.v1.SandboxService/"
-BIG = 200 << 20
-CHUNK = 1 << 20
-# The daemon's RSS may grow by less than this while a file goes through.
-RSS_BOUND = 32 << 20
-
-
-class Files:
-    """The module's daemon, its Linux sandbox and a reference-guest one."""
-
-    def __init__(self, machine: Machine, daemon: Daemon, sid: str, ref_sid: str, token: str):
-        self.machine = machine
-        self.daemon = daemon
-        self.sid = sid
-        self.ref_sid = ref_sid
-        self.token = token
-        self.client = daemon.client
-
-    def run(self, script: str) -> Any:
-        r = decode_exec(self.client.stream(SVC + "Exec", {"sandboxId": self.sid, "argv": ["sh", "-c", script]}))
-        assert r.exit_code == 0, r
-        return r.stdout.decode()
-
-    def daemon_rss(self) -> int:
-        """The daemon's VmRSS, read by the machine's agent (no process is
-        started: sampling must not take the emulated CPU from the transfer)."""
-        status = self.machine.path(f"/proc/{self.daemon.pid}/status").read_text()
-        [line] = [l for l in status.splitlines() if l.startswith("VmRSS:")]
-        return int(line.split()[1]) << 10
-
-    def target(self) -> str:
-        return f"127.0.0.1:{self.daemon.client_port}"
-
-    def metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token}")]
-
-
-@pytest.fixture(scope="module")
-def files(machine: Machine, forkd_bin: Path) -> Iterator[Files]:
-    if machine is LOCAL:
-        pytest.skip("Linux guests need VMX or SVM: these run on the SVM test host (pytest --svm)")
-    inner_images = image_in_machine(machine, forkd_bin)
-    gp, hp = machine.host.take_daemon_port()
-    d = Daemon(
-        forkd_bin,
-        machine.work_dir("files"),
-        host="0.0.0.0",
-        port=gp,
-        client_port=hp,
-        token=machine.host.token,
-        extra_args=list(DEFAULT_ARGS) + ["--images-dir", inner_images, "--linux-boot-timeout", "1200"],
-        machine=machine,
-    )
-    d.start()
-    try:
-        d.wait_ready()
-        d.client = d.client.with_options(timeout=1500)
-        resp = d.client.call(SVC + "SpawnSandboxes", {"image": IMAGE, "n": 1, "vcpus": 1, "memoryMib": 1024})
-        assert not resp.get("failures"), resp
-        [sb] = resp["sandboxes"]
-        ref = d.client.call(SVC + "SpawnSandboxes", {"n": 1})["sandboxes"][0]
-        d.client = d.client.with_options(timeout=900)
-        yield Files(machine, d, sb["id"], ref["id"], machine.host.token)
-    finally:
-        rc, leftovers = d.stop(timeout=300)
-        machine.host.release_daemon_port(gp)
-        assert not leftovers, f"VMMs left after the daemon stopped: {leftovers}"
-
-
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """200 MiB of random bytes on this machine, and their SHA-256."""
-    path = tmp_path_factory.mktemp("files") / "big.bin"
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for _ in range(BIG // CHUNK):
-            block = os.urandom(CHUNK)
-            h.update(block)
-            f.write(block)
-    return path, h.hexdigest()
-
-
-def grpcurl_argv(f: Files, method: str) -> list[str]:
-    return f.client._argv([SVC + method], data=True, token=f.token, max_time=None, reflection=None)
-
-
-def write_request_file(dest: Path, header: dict[str, Any], source: Path) -> None:
-    """grpcurl's input for a WriteFile: the header message, then one
-    message per MiB of `source` with its bytes in base64."""
-    with open(dest, "w") as out, open(source, "rb") as src:
-        out.write(json.dumps({"header": header}) + "\n")
-        while block := src.read(CHUNK):
-            out.write(json.dumps({"data": base64.b64encode(block).decode()}) + "\n")
-
-
-def iter_json_messages(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON messages grpcurl printed into `path`, one at a time."""
-    decoder = json.JSONDecoder()
-    text = path.read_text()
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            return
-        msg, pos = decoder.raw_decode(text, pos)
-        yield msg
-
-
-def grpcurl_download(f: Files, guest_path: str, out: Path, **fields: Any) -> tuple[str, int, dict[str, Any]]:
-    """ReadFile through grpcurl: the SHA-256 and size of the decoded data
-    messages, and the `end` message."""
-    raw = out.with_suffix(".json")
-    with open(raw, "w") as stdout:
-        p = subprocess.run(
-            grpcurl_argv(f, "ReadFile"),
-            input=json.dumps({"sandboxId": f.sid, "path": guest_path, **fields}).encode(),
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            timeout=1800,
-        )
-    assert p.returncode == 0, p.stderr.decode()
-    h, size, end = hashlib.sha256(), 0, None
-    for msg in iter_json_messages(raw):
-        assert end is None, "a message came after the end"
-        if "data" in msg:
-            data = base64.b64decode(msg["data"])
-            assert len(data) <= 64 << 10
-            h.update(data)
-            size += len(data)
-        else:
-            end = msg["end"]
-    raw.unlink()
-    assert end is not None, "the stream had no end message"
-    return h.hexdigest(), size, end
+__all__ = ["big_file", "files"]  # module-scoped fixtures, used by name
 
 
 def test_reference_guest_has_no_files(files: Files) -> None:
@@ -210,44 +84,6 @@ def test_200_mib_round_trip_through_grpcurl(files: Files, big_file: tuple[Path, 
     files.run("rm -f /root/up/big.bin")
 
 
-def test_200_mib_round_trip_through_python(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
-    """The Python client streams a local file up and back down into a
-    local file; the daemon's RSS is sampled all along."""
-    import forkd
-
-    src, digest = big_file
-    base = files.daemon_rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(2.0):
-            peak[0] = max(peak[0], files.daemon_rss())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    t0 = time.monotonic()
-    try:
-        with forkd.Controller(files.target(), token=files.token) as ctl:
-            up = ctl.write_file(files.sid, "/root/py.bin", src, timeout=1800)
-            t1 = time.monotonic()
-            down = ctl.read_file(files.sid, "/root/py.bin", tmp_path / "py.bin", timeout=1800)
-    finally:
-        done.set()
-        sampler.join()
-    t2 = time.monotonic()
-    assert (up.size, up.sha256) == (BIG, digest)
-    assert (down.size, down.sha256, down.file_size) == (BIG, digest, BIG)
-    assert sha256_of(tmp_path / "py.bin") == digest
-    grew = peak[0] - base
-    print(
-        f"python: {BIG >> 20} MiB up in {t1 - t0:.1f} s, down in {t2 - t1:.1f} s (emulated); "
-        f"daemon RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB"
-    )
-    assert grew < RSS_BOUND, f"the daemon's RSS grew by {grew >> 20} MiB"
-    files.run("rm -f /root/py.bin")
-
-
 def test_200_mib_round_trip_through_typescript(files: Files, big_file: tuple[Path, str], tmp_path: Path) -> None:
     """The TypeScript client's example streams a local file up with
     fs.createReadStream and back down into a local file."""
@@ -270,14 +106,6 @@ def test_200_mib_round_trip_through_typescript(files: Files, big_file: tuple[Pat
     assert sha256_of(tmp_path / "ts.bin") == digest
     print(f"typescript: {BIG >> 20} MiB round trip in {time.monotonic() - t0:.1f} s (emulated)")
     files.run("rm -rf /root/ts")
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def test_slow_reader_does_not_grow_the_daemon(files: Files, big_file: tuple[Path, str]) -> None:
@@ -348,17 +176,6 @@ def test_stat_list_and_remove(files: Files) -> None:
     files.client.expect_error("NOT_FOUND", SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/tree"})
 
 
-def _write_small(f: Files, header: dict[str, Any], data: bytes) -> Any:
-    return _write_chunks(f, header, [data])
-
-
-def _write_chunks(f: Files, header: dict[str, Any], chunks: list[bytes]) -> Any:
-    """WriteFile through grpcurl: the header, then one message per chunk."""
-    msgs = [{"header": {"sandboxId": f.sid, **header}}] + [{"data": base64.b64encode(c).decode()} for c in chunks]
-    p = subprocess.run(grpcurl_argv(f, "WriteFile"), input="\n".join(json.dumps(m) for m in msgs).encode(), capture_output=True, timeout=600)
-    return f.client._result([], p.returncode, p.stdout.decode(), p.stderr.decode(), 0.0)
-
-
 def test_each_error_has_its_code(files: Files) -> None:
     sid = files.sid
     c = files.client
@@ -390,7 +207,7 @@ def test_each_error_has_its_code(files: Files) -> None:
         ("INVALID_ARGUMENT", {"path": "/root/e/\u0000"}, "NUL"),
     ]
     for code, header, words in writes:
-        res = _write_small(files, header, b"new")
+        res = write_small(files, header, b"new")
         assert res.code == code, (header, res.describe())
         assert words.lower() in res.message.lower(), (header, res.message)
     # Nothing was replaced or left behind by the refused writes.
@@ -408,7 +225,7 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(files: Files) -> Non
     temporary file is left."""
     files.run("mkdir -p /root/small && mount -t tmpfs -o size=2m tmpfs /root/small && printf old > /root/small/keep.txt")
     try:
-        res = _write_chunks(files, {"path": "/root/small/keep.txt"}, [os.urandom(1 << 20) for _ in range(4)])
+        res = write_chunks(files, {"path": "/root/small/keep.txt"}, [os.urandom(1 << 20) for _ in range(4)])
         assert res.code == "RESOURCE_EXHAUSTED", res.describe()
         assert "full" in res.message and "keep.txt" in res.message, res.message
         assert files.run("cat /root/small/keep.txt; ls -A /root/small") == "oldkeep.txt\n"
@@ -418,7 +235,7 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(files: Files) -> Non
 
 def test_oversized_message_is_invalid_argument(files: Files) -> None:
     """A data message over gRPC's 4 MiB limit says how to chunk."""
-    res = _write_chunks(files, {"path": "/root/huge.bin"}, [os.urandom((4 << 20) + 1)])
+    res = write_chunks(files, {"path": "/root/huge.bin"}, [os.urandom((4 << 20) + 1)])
     assert res.code == "INVALID_ARGUMENT" and "chunks under 4 MiB" in res.message, res.describe()
     files.client.expect_error("NOT_FOUND", SVC + "StatFile", {"sandboxId": files.sid, "path": "/root/huge.bin"})
 
