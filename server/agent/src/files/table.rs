@@ -301,14 +301,16 @@ mod tests {
         let t = Arc::new(Transfers::default());
         let up = t.start_upload(1).unwrap();
         assert_eq!(t.start_download(1).err(), Some(StartError::Duplicate(1)));
-        assert!(t.data(1, vec![1; MAX_DATA]));
-        assert!(t.data(1, vec![2; MAX_DATA]));
-        // A third full chunk with nothing written overruns the window.
+        let frames = (FILE_WRITE_WINDOW / MAX_DATA as u64) as usize;
+        for i in 0..frames {
+            assert!(t.data(1, vec![i as u8; MAX_DATA]));
+        }
+        // One more full chunk with nothing written overruns the window.
         assert!(!t.data(1, vec![3; MAX_DATA]));
         assert!(t.data(1, vec![4])); // dropped
         let got: Vec<_> = up.rx.try_iter().collect();
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[2], WriteMsg::Overrun);
+        assert_eq!(got.len(), frames + 1);
+        assert_eq!(got[frames], WriteMsg::Overrun);
         drop(up);
         assert_eq!(t.active(), 0);
 
