@@ -17,11 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import DEFAULT_ARGS
 from forkd_daemon import Daemon
 from grpcurl_client import decode_exec
-from machine import LOCAL, Machine
-from test_linux_guest import IMAGE, image_in_machine
+from machine import Machine
+from test_linux_guest import IMAGE, linux_daemon
 
 SVC = "forkd.v1.SandboxService/"
 BIG = 200 << 20
@@ -62,34 +61,13 @@ class Files:
 
 @pytest.fixture(scope="module")
 def files(machine: Machine, forkd_bin: Path) -> Iterator[Files]:
-    if machine is LOCAL:
-        pytest.skip("Linux guests need VMX or SVM: these run on the SVM test host (pytest --svm)")
-    inner_images = image_in_machine(machine, forkd_bin)
-    gp, hp = machine.host.take_daemon_port()
-    d = Daemon(
-        forkd_bin,
-        machine.work_dir("files"),
-        host="0.0.0.0",
-        port=gp,
-        client_port=hp,
-        token=machine.host.token,
-        extra_args=list(DEFAULT_ARGS) + ["--images-dir", inner_images, "--linux-boot-timeout", "1200"],
-        machine=machine,
-    )
-    d.start()
-    try:
-        d.wait_ready()
-        d.client = d.client.with_options(timeout=1500)
+    with linux_daemon(machine, forkd_bin, "files") as d:
         resp = d.client.call(SVC + "SpawnSandboxes", {"image": IMAGE, "n": 1, "vcpus": 1, "memoryMib": 1024})
         assert not resp.get("failures"), resp
         [sb] = resp["sandboxes"]
         ref = d.client.call(SVC + "SpawnSandboxes", {"n": 1})["sandboxes"][0]
         d.client = d.client.with_options(timeout=900)
         yield Files(machine, d, sb["id"], ref["id"], machine.host.token)
-    finally:
-        rc, leftovers = d.stop(timeout=300)
-        machine.host.release_daemon_port(gp)
-        assert not leftovers, f"VMMs left after the daemon stopped: {leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,11 @@ def test_list_service_methods(daemon):
         "forkd.v1.SandboxService.BranchSandbox",
         "forkd.v1.SandboxService.ReadConsole",
         "forkd.v1.SandboxService.SetSandboxTtl",
+        "forkd.v1.SandboxService.WriteFile",
+        "forkd.v1.SandboxService.ReadFile",
+        "forkd.v1.SandboxService.StatFile",
+        "forkd.v1.SandboxService.ListDir",
+        "forkd.v1.SandboxService.RemoveFile",
     }, res.stdout
 
 
@@ -36,6 +41,7 @@ def test_describe_service_shows_doc_comments(daemon):
     assert "In a reference-guest sandbox commands run one at a time, in arrival" in text, text
     assert "a Linux sandbox runs several commands at once." in text, text
     assert "returns ( stream .forkd.v1.ExecResponse )" in text, text
+    assert "rpc WriteFile ( stream .forkd.v1.WriteFileRequest )" in text, text
 
 
 def test_describe_message_shows_doc_comments(daemon):

@@ -267,24 +267,21 @@ def test_python_files_example_runs(files: Files) -> None:
 def test_mcp_file_tools(files: Files) -> None:
     """The MCP server's file tools against the Linux sandbox: write, list,
     stat, read (capped), remove."""
-    import anyio
-    from test_mcp_server import call, call_error, mcp_session, server_params
+    from mcp import ClientSession
+    from test_mcp_server import call, call_error, run, server_params
 
-    async def scenario() -> None:
-        params = server_params(files.target(), env={"FORKD_TOKEN": files.token})
-        async with mcp_session(params) as s:
-            wrote = await call(s, "write_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", content="line one\nline two\n", make_parents=True)
-            assert wrote["size"] == 18, wrote
-            listing = await call(s, "list_dir", sandbox_id=files.sid, path="/root/mcp")
-            assert [e["name"] for e in listing["entries"]] == ["notes.txt"], listing
-            info = await call(s, "stat_file", sandbox_id=files.sid, path="/root/mcp/notes.txt")
-            assert info["size"] == 18, info
-            read = await call(s, "read_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", max_bytes=9)
-            assert read["content"] == "line one\n" and read["truncated"], read
-            print("MCP read_file:", json.dumps(read))
-            err = await call_error(s, "read_file", sandbox_id=files.sid, path="/root/mcp/missing")
-            assert "NOT_FOUND" in err, err
-            await call(s, "remove_file", sandbox_id=files.sid, path="/root/mcp", recursive=True)
+    async def scenario(s: ClientSession) -> None:
+        wrote = await call(s, "write_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", content="line one\nline two\n", make_parents=True)
+        assert wrote["size"] == 18, wrote
+        listing = await call(s, "list_dir", sandbox_id=files.sid, path="/root/mcp")
+        assert [e["name"] for e in listing["entries"]] == ["notes.txt"], listing
+        info = await call(s, "stat_file", sandbox_id=files.sid, path="/root/mcp/notes.txt")
+        assert info["size"] == 18, info
+        read = await call(s, "read_file", sandbox_id=files.sid, path="/root/mcp/notes.txt", max_bytes=9)
+        assert read["content"] == "line one\n" and read["truncated"], read
+        print("MCP read_file:", json.dumps(read))
+        err = await call_error(s, "read_file", sandbox_id=files.sid, path="/root/mcp/missing")
+        assert "NOT_FOUND" in err, err
+        await call(s, "remove_file", sandbox_id=files.sid, path="/root/mcp", recursive=True)
 
-    with anyio.fail_after(600):
-        anyio.run(scenario)
+    run(server_params(files.target(), env={"FORKD_TOKEN": files.token}), scenario)

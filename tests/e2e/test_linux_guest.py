@@ -14,6 +14,7 @@ the delete) come last.
 from __future__ import annotations
 
 import base64
+import contextlib
 import concurrent.futures
 import os
 import subprocess
@@ -84,15 +85,18 @@ class Linux:
         return self.exec(sid, ["sh", "-c", script], **fields)
 
 
-@pytest.fixture(scope="module")
-def linux(machine: Machine, forkd_bin: Path) -> Iterator[Linux]:
+@contextlib.contextmanager
+def linux_daemon(machine: Machine, forkd_bin: Path, label: str) -> Iterator[Daemon]:
+    """A daemon inside the SVM test host that serves the image (copied into
+    the machine first), with a call timeout for cold boots; stopped at the
+    end, which must leave no VMM behind. Skips on this KVM-PVM machine."""
     if machine is LOCAL:
         pytest.skip("Linux guests need VMX or SVM: these run on the SVM test host (pytest --svm)")
     inner_images = image_in_machine(machine, forkd_bin)
     gp, hp = machine.host.take_daemon_port()
     d = Daemon(
         forkd_bin,
-        machine.work_dir("linux-guest"),
+        machine.work_dir(label),
         host="0.0.0.0",
         port=gp,
         client_port=hp,
@@ -104,6 +108,16 @@ def linux(machine: Machine, forkd_bin: Path) -> Iterator[Linux]:
     try:
         d.wait_ready()
         d.client = d.client.with_options(timeout=1500)
+        yield d
+    finally:
+        rc, leftovers = d.stop(timeout=300)
+        machine.host.release_daemon_port(gp)
+        assert not leftovers, f"VMMs left after the daemon stopped: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def linux(machine: Machine, forkd_bin: Path) -> Iterator[Linux]:
+    with linux_daemon(machine, forkd_bin, "linux-guest") as d:
         t0 = time.monotonic()
         resp = d.client.call("forkd.v1.SandboxService/SpawnSandboxes", {"image": IMAGE, "n": 2, "vcpus": 1})
         assert not resp.get("failures"), resp
@@ -113,10 +127,6 @@ def linux(machine: Machine, forkd_bin: Path) -> Iterator[Linux]:
         print(f"2 debian-python sandboxes RUNNING after {time.monotonic() - t0:.0f}s (emulated)")
         d.client = d.client.with_options(timeout=600)
         yield Linux(d, [s["id"] for s in sbs], machine.host.token)
-    finally:
-        rc, leftovers = d.stop(timeout=300)
-        machine.host.release_daemon_port(gp)
-        assert not leftovers, f"VMMs left after the daemon stopped: {leftovers}"
 
 
 def test_spawn_reports_the_guest_boot(linux: Linux) -> None:
