@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::auth::BearerToken;
+use crate::api::error::StartupError;
 use crate::cli::ServeArgs;
-use crate::error::StartupError;
+use crate::serve::auth::BearerToken;
 
 /// Name of the VMM binary looked up next to `forkd` and on `$PATH`.
 pub const VMM_BINARY: &str = "forkd-vmm";
@@ -46,7 +46,7 @@ pub struct Config {
     /// watchdog.
     pub vmm_watchdog: Option<Duration>,
     /// Connection limits and timeouts of the gRPC listeners.
-    pub connections: crate::connections::Limits,
+    pub connections: crate::serve::connections::Limits,
     /// Local users accepted besides the daemon's own and root, when no
     /// token is set.
     pub allow_uids: Vec<u32>,
@@ -55,9 +55,9 @@ pub struct Config {
     /// Time a Linux guest gets to answer its first ping.
     pub linux_boot_timeout: Duration,
     /// Whether this host's KVM can run Linux guests.
-    pub linux_host: crate::linux_host::LinuxHost,
+    pub linux_host: crate::sandbox::linux_host::LinuxHost,
     /// `--default-ttl` and `--max-ttl`.
-    pub ttl: crate::expiry::TtlPolicy,
+    pub ttl: crate::sandbox::expiry::TtlPolicy,
 }
 
 impl Config {
@@ -120,9 +120,9 @@ impl Config {
                 "--linux-boot-timeout must be at least 1 second".into(),
             ));
         }
-        let ttl = crate::expiry::TtlPolicy::new(args.default_ttl, args.max_ttl)
+        let ttl = crate::sandbox::expiry::TtlPolicy::new(args.default_ttl, args.max_ttl)
             .map_err(StartupError::Config)?;
-        let linux_host = crate::linux_host::LinuxHost::detect()
+        let linux_host = crate::sandbox::linux_host::LinuxHost::detect()
             .map_err(|e| StartupError::Config(e.to_string()))?;
         let vmm_path = resolve_vmm(
             args.vmm_path.as_deref(),
@@ -142,7 +142,7 @@ impl Config {
             metrics_listen: args.metrics_listen,
             max_guest_memory_mib,
             vmm_watchdog: (args.vmm_watchdog > 0).then(|| Duration::from_secs(args.vmm_watchdog)),
-            connections: crate::connections::Limits {
+            connections: crate::serve::connections::Limits {
                 max_connections: args.max_connections,
                 idle_timeout: Duration::from_secs(args.idle_timeout),
                 first_call_timeout: Duration::from_secs(args.first_call_timeout),

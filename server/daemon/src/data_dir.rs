@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::error::StartupError;
+use crate::api::error::StartupError;
 
 /// Name of the lock file.
 pub const LOCK_FILE: &str = "forkd.lock";

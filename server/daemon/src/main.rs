@@ -1,41 +1,19 @@
 //! `forkd`: the daemon that runs KVM microVM sandboxes behind a gRPC API.
 //! See DESIGN.md next to Cargo.toml for the module map.
 
-mod auth;
-mod branch;
+mod api;
 mod cli;
 mod config;
-mod connections;
-mod console;
-mod create_snapshot;
 mod data_dir;
 mod doctor;
-mod drain;
-mod error;
-mod exec;
-mod expiry;
-mod files;
-mod fork;
-mod guarded_body;
-mod ids;
 mod image_cli;
-mod image_lookup;
-mod lifecycle;
-mod linux_host;
-mod live_copy;
 mod logging;
 mod metrics;
-mod peer;
-mod public;
-mod registry;
 mod rlimit;
-mod sandbox_service;
-mod server;
-mod snapshot_service;
-mod snapshot_view;
-mod snapshots;
+mod sandbox;
+mod serve;
+mod snapshot;
 mod sync;
-mod validate;
 mod vmm_process;
 
 use std::process::ExitCode;
@@ -80,7 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(server::run(config)) {
+    match runtime.block_on(serve::server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

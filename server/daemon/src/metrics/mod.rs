@@ -27,8 +27,8 @@ pub use self::expiry::ExpiryMetrics;
 pub use self::http::MetricsServer;
 pub use self::rpc::{KnownMethods, MetricsLayer, RpcMetrics};
 use self::state::StateCollector;
-use crate::registry::Registry as Sandboxes;
-use crate::snapshots::Snapshots;
+use crate::sandbox::registry::Registry as Sandboxes;
+use crate::snapshot::store::Snapshots;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "forkd";

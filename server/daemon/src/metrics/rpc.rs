@@ -24,8 +24,8 @@ use prost::Message;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use crate::auth::BoxFuture;
-use crate::error::code_name;
+use crate::api::error::code_name;
+use crate::serve::auth::BoxFuture;
 
 /// `method` label of paths that are no method of this server, so clients
 /// cannot grow the label set.

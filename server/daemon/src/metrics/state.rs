@@ -11,8 +11,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::registry::Registry;
-use crate::snapshots::Snapshots;
+use crate::sandbox::registry::Registry;
+use crate::snapshot::store::Snapshots;
 
 /// Sandbox states, each always reported (zeros included).
 const STATES: [SandboxState; 5] = [

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use files::FileEvent;
 
+use crate::api::error::BootError;
 use crate::data_dir::VMM_LOG;
-use crate::error::BootError;
 use crate::sync::lock;
 
 mod files;
@@ -936,7 +936,8 @@ impl Vmm {
     /// (what the kernel said before it died); other stops unchanged.
     fn with_console(&self, mut stop: Stop) -> Stop {
         if let (true, Some(dir)) = (stop.failed, &self.console_dir) {
-            stop.reason.push_str(&crate::console::exit_suffix(dir));
+            stop.reason
+                .push_str(&crate::sandbox::console::exit_suffix(dir));
         }
         stop
     }

@@ -9,14 +9,14 @@ use forkd_store::{Manifest, Mode, StoreError};
 use pb::exec_response::Event as ExecEvent;
 use tokio_stream::StreamExt;
 
-use crate::branch::{self, BranchPlan};
-use crate::error::{ApiError, WARMUP_SANDBOX_DELETED};
-use crate::exec;
-use crate::lifecycle::{BootPlan, Manager};
-use crate::registry::Sandbox;
-use crate::sandbox_service::LinuxGuests;
-use crate::snapshots::Snapshots;
-use crate::validate;
+use crate::api::error::{ApiError, WARMUP_SANDBOX_DELETED};
+use crate::api::sandbox_service::LinuxGuests;
+use crate::api::validate;
+use crate::sandbox::exec;
+use crate::sandbox::lifecycle::{BootPlan, Manager};
+use crate::sandbox::registry::Sandbox;
+use crate::snapshot::branch::{self, BranchPlan};
+use crate::snapshot::store::Snapshots;
 use crate::vmm_process::ExecCommand;
 
 /// Time limit of a warm-up command whose `timeout_ms` is 0.
@@ -64,7 +64,7 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
         .collect::<Result<_, ApiError>>()?;
     let image = (!req.image.is_empty()).then(|| req.image.clone());
     if let Some(name) = &image {
-        crate::image_lookup::check_name(name)?;
+        crate::sandbox::image_lookup::check_name(name)?;
     }
     Ok(CreatePlan {
         tag,
@@ -80,7 +80,7 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
 /// Runs CreateSnapshot. Returns the snapshot and, with `keep_running`, the
 /// sandbox id. On failure the sandbox is deleted; a failed warm-up leaves
 /// nothing in the store. Run it in its own task so it always cleans up.
-pub async fn create(
+pub async fn create_snapshot(
     manager: &Arc<Manager>,
     snapshots: &Arc<Snapshots>,
     linux: &LinuxGuests,

@@ -8,18 +8,18 @@ use pb::sandbox_service_server::SandboxService;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use crate::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
-use crate::console;
-use crate::error::{code_name, ApiError, BootError};
-use crate::exec::{self, ExecStream};
-use crate::files::{self, download::ReadStream};
-use crate::fork;
-use crate::image_lookup::{self, Images};
-use crate::lifecycle::{BootPlan, Manager, SpawnOutcome};
-use crate::linux_host::LinuxHost;
-use crate::snapshot_view::describe;
-use crate::snapshots::Snapshots;
-use crate::validate;
+use crate::api::error::{code_name, ApiError, BootError};
+use crate::api::snapshot_view::describe;
+use crate::api::validate;
+use crate::sandbox::console;
+use crate::sandbox::exec::{self, ExecStream};
+use crate::sandbox::files::{self, download::ReadStream};
+use crate::sandbox::image_lookup::{self, Images};
+use crate::sandbox::lifecycle::{BootPlan, Manager, SpawnOutcome};
+use crate::sandbox::linux_host::LinuxHost;
+use crate::snapshot::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
+use crate::snapshot::fork;
+use crate::snapshot::store::Snapshots;
 use crate::vmm_process::ExecCommand;
 
 /// What a reference-guest sandbox answers to Linux-only Exec fields.
@@ -179,7 +179,7 @@ fn into_response(outcome: &SpawnOutcome) -> Result<pb::SpawnSandboxesResponse, A
             .map(|(index, e)| pb::SpawnFailure {
                 index: *index as u32,
                 code: code_name(e.code()).to_string(),
-                message: crate::public::status_message(&e.to_string()),
+                message: crate::api::public::status_message(&e.to_string()),
             })
             .collect(),
         elapsed_ms: outcome.elapsed.as_secs_f64() * 1000.0,

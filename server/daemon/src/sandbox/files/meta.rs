@@ -4,8 +4,8 @@ use forkd_api::v1 as pb;
 use forkd_control::{Event, FileInfo, FileKind, Request};
 
 use super::{event_error, request_error};
-use crate::error::ApiError;
-use crate::registry::Sandbox;
+use crate::api::error::ApiError;
+use crate::sandbox::registry::Sandbox;
 
 /// Describes `path` (`lstat`).
 pub async fn stat(sandbox: &Sandbox, path: String) -> Result<pb::FileInfo, ApiError> {

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::console::CONSOLE_LOG;
+use crate::api::error::{ApiError, BootError};
 use crate::data_dir::{DataDir, VMM_LOG};
-use crate::error::{ApiError, BootError};
-use crate::expiry::{Deadline, Expiry};
-use crate::ids::new_sandbox_id;
-use crate::image_lookup::Image;
-use crate::registry::{Registry, Reservation, Sandbox, SandboxSpec};
+use crate::sandbox::console::CONSOLE_LOG;
+use crate::sandbox::expiry::{Deadline, Expiry};
+use crate::sandbox::ids::new_sandbox_id;
+use crate::sandbox::image_lookup::Image;
+use crate::sandbox::registry::{Registry, Reservation, Sandbox, SandboxSpec};
 use crate::vmm_process::{LinuxBoot, RequestError, RestoreSpec, Vmm, VmmSpec};
 
 /// Most VMMs booting at the same time, across all calls.
@@ -305,7 +305,7 @@ impl Manager {
         // A Linux guest's console says why it hung; a failed stop's reason
         // quotes it already (see `Vmm`).
         if plan.image_name().is_some() && failure.is_none() {
-            log.push_str(&crate::console::exit_suffix(&dir));
+            log.push_str(&crate::sandbox::console::exit_suffix(&dir));
         }
         remove_dir(&dir);
         let err = match failure {

@@ -10,9 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{event_error, request_error};
-use crate::error::ApiError;
-use crate::exec::stopped;
-use crate::registry::Sandbox;
+use crate::api::error::ApiError;
+use crate::sandbox::exec::stopped;
+use crate::sandbox::registry::Sandbox;
 use crate::vmm_process::FileEvent;
 
 /// Bytes the agent may send beyond what the daemon acknowledged.

@@ -122,7 +122,7 @@ pub fn check_name(name: &str) -> Result<(), ImageError> {
         Ok(())
     } else {
         Err(ImageError::BadName {
-            shown: crate::public::quoted(name),
+            shown: crate::api::public::quoted(name),
         })
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use forkd_control::FileErrorKind;
 use forkd_store::{ErrorKind, StoreError};
 
-use crate::image_lookup::ImageError;
+use crate::sandbox::image_lookup::ImageError;
 use tonic::{Code, Status};
 
 /// An error answered to a gRPC caller. Every variant knows its status code
@@ -171,10 +171,10 @@ pub enum ApiError {
     },
     /// A Linux image cannot be used (bad name, not built, broken).
     #[error(transparent)]
-    Image(#[from] crate::image_lookup::ImageError),
+    Image(#[from] crate::sandbox::image_lookup::ImageError),
     /// This host cannot boot Linux guests.
     #[error(transparent)]
-    LinuxHost(#[from] crate::linux_host::LinuxHostError),
+    LinuxHost(#[from] crate::sandbox::linux_host::LinuxHostError),
     /// A Linux guest's agent could not start the command.
     #[error("command could not be started in sandbox {id}: {message}")]
     CommandNotStarted {
@@ -326,7 +326,9 @@ impl LiveFailure {
                 Code::Aborted
             }
             LiveFailure::Cancelled(CancelReason::ShuttingDown) => Code::Unavailable,
-            LiveFailure::Copy(e) if crate::public::text_is_no_space(e) => Code::ResourceExhausted,
+            LiveFailure::Copy(e) if crate::api::public::text_is_no_space(e) => {
+                Code::ResourceExhausted
+            }
             LiveFailure::Copy(_) => Code::Internal,
         }
     }
@@ -346,7 +348,7 @@ pub fn store_code(kind: ErrorKind) -> Code {
 
 impl From<ApiError> for Status {
     /// The status a client gets: the error's code, and its text without
-    /// server paths and capped in length (see [`crate::public`]). Internal
+    /// server paths and capped in length (see [`crate::api::public`]). Internal
     /// errors are logged here in full (paths included).
     fn from(err: ApiError) -> Status {
         let code = err.code();
@@ -357,7 +359,7 @@ impl From<ApiError> for Status {
         ) {
             tracing::warn!(code = code_name(code), error = %text, "call failed");
         }
-        Status::new(code, crate::public::status_message(&text))
+        Status::new(code, crate::api::public::status_message(&text))
     }
 }
 
@@ -366,8 +368,10 @@ impl ApiError {
     /// error caused by a full file system (`area`, at `dir`).
     pub fn or_no_space(self, area: &'static str, dir: &std::path::Path) -> ApiError {
         let full = match &self {
-            ApiError::Vmm { message, .. } => crate::public::text_is_no_space(message),
-            ApiError::Store(StoreError::Io { source, .. }) => crate::public::is_no_space(source),
+            ApiError::Vmm { message, .. } => crate::api::public::text_is_no_space(message),
+            ApiError::Store(StoreError::Io { source, .. }) => {
+                crate::api::public::is_no_space(source)
+            }
             _ => false,
         };
         if !full {
@@ -376,7 +380,7 @@ impl ApiError {
         ApiError::NoSpace {
             what: self.to_string(),
             area,
-            fs: crate::public::describe_fs(dir),
+            fs: crate::api::public::describe_fs(dir),
         }
     }
 }
@@ -436,7 +440,7 @@ impl BootError {
             BootError::Timeout { .. } => Code::DeadlineExceeded,
             BootError::ShuttingDown => Code::Unavailable,
             BootError::SnapshotDeleted { .. } => Code::Aborted,
-            BootError::SandboxDir { source, .. } if crate::public::is_no_space(source) => {
+            BootError::SandboxDir { source, .. } if crate::api::public::is_no_space(source) => {
                 Code::ResourceExhausted
             }
             BootError::SandboxDir { .. } | BootError::Launch { .. } | BootError::Exited { .. } => {
@@ -450,12 +454,12 @@ impl BootError {
 /// its size.
 fn argv_text(argv: &[String]) -> String {
     let text = format!("{argv:?}");
-    if text.len() <= crate::public::MAX_QUOTED_BYTES {
+    if text.len() <= crate::api::public::MAX_QUOTED_BYTES {
         return text;
     }
     let first = argv
         .first()
-        .map(|a| crate::public::quoted(a))
+        .map(|a| crate::api::public::quoted(a))
         .unwrap_or_default();
     let bytes: usize = argv.iter().map(String::len).sum();
     format!("[{first}, ...] ({} arguments, {bytes} bytes)", argv.len())
@@ -467,11 +471,11 @@ pub const WARMUP_SANDBOX_DELETED: &str = "the sandbox was deleted";
 /// "; the file system holding forkd's data directory is full (...)" for
 /// ENOSPC/EDQUOT, else empty.
 fn no_space_note(e: &std::io::Error) -> String {
-    if !crate::public::is_no_space(e) {
+    if !crate::api::public::is_no_space(e) {
         return String::new();
     }
-    let fs = crate::public::data_dir()
-        .map(|d| format!(" ({})", crate::public::describe_fs(&d)))
+    let fs = crate::api::public::data_dir()
+        .map(|d| format!(" ({})", crate::api::public::describe_fs(&d)))
         .unwrap_or_default();
     format!(
         "; the file system holding forkd's data directory is full{fs}: free space there and retry"
@@ -800,7 +804,7 @@ mod tests {
     fn long_messages_are_capped() {
         let status = Status::from(ApiError::InvalidArgument("x".repeat(1 << 20)));
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().len() <= crate::public::MAX_MESSAGE_BYTES);
+        assert!(status.message().len() <= crate::api::public::MAX_MESSAGE_BYTES);
         let status = Status::from(ApiError::SandboxDeleted("sb-1".into()));
         assert_eq!(status.code(), Code::Aborted);
         assert!(status.message().contains("was deleted"));

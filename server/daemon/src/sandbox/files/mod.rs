@@ -26,9 +26,9 @@ pub mod upload;
 
 use forkd_control::Event;
 
-use crate::error::ApiError;
-use crate::exec::stopped;
-use crate::registry::Sandbox;
+use crate::api::error::ApiError;
+use crate::sandbox::exec::stopped;
+use crate::sandbox::registry::Sandbox;
 use crate::vmm_process::RequestError;
 
 /// Checks that `sandbox` can take a file request now.

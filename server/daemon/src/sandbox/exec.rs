@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::error::ApiError;
-use crate::registry::Sandbox;
+use crate::api::error::ApiError;
+use crate::sandbox::registry::Sandbox;
 use crate::vmm_process::{ExecCommand, ExecEvent};
 
 /// Time the guest gets to end a command after Cancel.

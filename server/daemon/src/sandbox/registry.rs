@@ -10,10 +10,10 @@ use forkd_api::v1 as pb;
 use forkd_store::RunningChild;
 use pb::SandboxState;
 
-use crate::error::ApiError;
-use crate::expiry::Deadline;
+use crate::api::error::ApiError;
+use crate::api::validate::labels_match;
+use crate::sandbox::expiry::Deadline;
 use crate::sync::lock;
-use crate::validate::labels_match;
 use crate::vmm_process::{Lifecycle, Vmm};
 
 /// Fields of a sandbox fixed at spawn time.
@@ -173,9 +173,9 @@ impl Sandbox {
             vcpus: self.spec.vcpus,
             labels: self.spec.labels.clone(),
             create_time: Some(self.spec.create_time.into()),
-            exit_reason: crate::public::cap(
-                crate::public::redact(&self.vmm.stop().map(|s| s.reason).unwrap_or_default()),
-                crate::public::MAX_EXIT_REASON_BYTES,
+            exit_reason: crate::api::public::cap(
+                crate::api::public::redact(&self.vmm.stop().map(|s| s.reason).unwrap_or_default()),
+                crate::api::public::MAX_EXIT_REASON_BYTES,
             ),
             vmm_pid: self.vmm.pid(),
             live_fork: self.spec.live_fork,

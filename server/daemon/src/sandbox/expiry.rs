@@ -12,10 +12,10 @@ use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::error::ApiError;
-use crate::lifecycle::Manager;
+use crate::api::error::ApiError;
 use crate::metrics::ExpiryMetrics;
-use crate::registry::Sandbox;
+use crate::sandbox::lifecycle::Manager;
+use crate::sandbox::registry::Sandbox;
 use crate::sync::lock;
 
 /// Longest lifetime anyone may ask for, whatever `--max-ttl` says: ten

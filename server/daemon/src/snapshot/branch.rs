@@ -3,24 +3,24 @@
 //! `store.begin` → `Request::Snapshot` to the VMM (under the sandbox's exec
 //! turn: between commands, vCPUs PAUSED) → for FULL and DIFF
 //! `store.commit`; for LIVE the vCPUs run again at once and the copy
-//! continues in a [`LiveCopy`] (see `live_copy.rs`). The sandbox's base
-//! snapshot becomes the new tag. Any failure fails the snapshot (a FAILED
-//! tombstone with the reason) and the sandbox keeps running.
+//! continues in a [`BackgroundCopy`] (see `live_copy.rs`). The snapshot's
+//! status changes only in [`WritingSnapshot`] (`writing.rs`): READY moves
+//! the sandbox's base to the new tag; any failure fails the snapshot (a
+//! FAILED tombstone with the reason) and the sandbox keeps running.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use forkd_api::v1::BranchMode;
 use forkd_control::SnapshotMode;
-use forkd_store::{
-    generate_tag, validate_tag, Manifest, Mode, Pending, SnapshotInfo, StoreError, Written,
-};
+use forkd_store::{generate_tag, validate_tag, Manifest, Mode, SnapshotInfo, StoreError, Written};
 
-use crate::error::{ApiError, LiveFailure};
-use crate::live_copy::LiveCopy;
-use crate::registry::Sandbox;
-use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
-use crate::vmm_process::{CopyProgress, LiveSnapshot, RequestError, Snapshotted};
+use crate::api::error::{ApiError, LiveFailure};
+use crate::sandbox::registry::Sandbox;
+use crate::snapshot::live_copy::BackgroundCopy;
+use crate::snapshot::store::{CancelSignal, Snapshots, SNAPSHOT_STORE};
+use crate::snapshot::writing::{Epoch, WritingSnapshot};
+use crate::vmm_process::{LiveSnapshot, RequestError, Snapshotted};
 
 /// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
 /// to use and whether to wait for READY: `mode` wins; UNSPECIFIED means
@@ -84,12 +84,12 @@ pub enum Started {
     /// FULL or DIFF: the snapshot is READY.
     Done(BranchOutcome),
     /// LIVE: the vCPUs run again; `outcome` holds the WRITING snapshot and
-    /// `copy` must be driven to its end ([`LiveCopy::finish`]).
+    /// `copy` must be driven to its end ([`BackgroundCopy::finish`]).
     Live {
         /// The snapshot as the vCPUs resumed.
         outcome: BranchOutcome,
         /// The background copy.
-        copy: LiveCopy,
+        copy: BackgroundCopy,
     },
 }
 
@@ -228,14 +228,11 @@ pub async fn start(
         },
         image: sandbox.spec.image.clone(),
     };
-    let t = tag.clone();
-    let pending = snapshots.blocking(move |s| s.begin(&t, info)).await?;
-    // Read before registering, so no early return leaves watchers waiting.
-    let begun = snapshots.store().get(&tag)?;
-    let mut cancel = snapshots.writing(&tag, plan.mode == Mode::Live);
+    let (writing, begun, mut cancel) =
+        WritingSnapshot::begin(snapshots, sandbox, &tag, info).await?;
     tracing::info!(sandbox = %sandbox.id(), %tag, mode = ?plan.mode, "branching");
 
-    match take(sandbox, &tag, &plan, pending.dir(), &mut cancel).await {
+    match take(sandbox, &tag, &plan, writing.dir(), &mut cancel).await {
         Ok(Answer::Live(live)) => {
             let s = live.snapshotted;
             snapshots.metrics().paused(Mode::Live, s.pause_us);
@@ -250,21 +247,25 @@ pub async fn start(
                 pause_us: s.pause_us,
                 faults_served: 0,
             };
-            let copy = LiveCopy::new(
-                snapshots.clone(),
-                sandbox.clone(),
-                pending,
-                live,
-                cancel,
-                branch_turn,
-            );
+            let copy = BackgroundCopy::new(writing, sandbox.clone(), live, cancel, branch_turn);
             Ok(Started::Live { outcome, copy })
         }
         Ok(Answer::Written(w)) => {
             snapshots.metrics().paused(plan.mode, w.pause_us);
-            commit(snapshots, sandbox, plan.mode, pending, w)
-                .await
-                .map(Started::Done)
+            let written = Written {
+                memory_bytes: w.memory_bytes,
+                data_bytes: w.bytes_written,
+                dirty_pages: w.dirty_pages,
+                pause_us: w.pause_us,
+            };
+            let manifest = writing.commit(written, None).await?;
+            Ok(Started::Done(BranchOutcome {
+                manifest,
+                bytes_written: w.bytes_written,
+                dirty_pages: w.dirty_pages,
+                pause_us: w.pause_us,
+                faults_served: 0,
+            }))
         }
         Err(err) => {
             let err = err.or_no_space(SNAPSHOT_STORE, snapshots.store().root());
@@ -275,9 +276,7 @@ pub async fn start(
                 ApiError::LiveFailed { failure, .. } => failure.to_string(),
                 other => other.to_string(),
             };
-            fail(snapshots, pending, &reason, None).await;
-            snapshots.metrics().failed(plan.mode);
-            tracing::warn!(sandbox = %sandbox.id(), %tag, error = %err, "snapshot FAILED");
+            writing.fail(&reason, Epoch::Kept, None).await;
             Err(err)
         }
     }
@@ -292,81 +291,6 @@ pub async fn branch(
     match start(snapshots, sandbox, plan).await? {
         Started::Done(outcome) => Ok(outcome),
         Started::Live { copy, .. } => copy.finish().await,
-    }
-}
-
-/// Fails `pending` with `reason` and tells watchers (with a LIVE copy's
-/// last figures, if any).
-pub async fn fail(
-    snapshots: &Snapshots,
-    pending: Pending,
-    reason: &str,
-    progress: Option<CopyProgress>,
-) {
-    let tag = pending.tag().to_string();
-    let reason = reason.to_string();
-    let failed = match snapshots.blocking(move |s| s.fail(pending, &reason)).await {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(%tag, error = %e, "could not record the failed snapshot");
-            snapshots.store().get(&tag).ok()
-        }
-    };
-    if let Some(m) = &failed {
-        snapshots.finished(m, progress);
-    }
-}
-
-/// Commits a FULL or DIFF snapshot the VMM wrote; the base moves to it. If
-/// the commit fails, the VMM's dirty-tracking epoch has ended anyway, so a
-/// later DIFF against the old base would miss this epoch's pages: the base
-/// is cleared and the sandbox needs a FULL branch first.
-async fn commit(
-    snapshots: &Snapshots,
-    sandbox: &Sandbox,
-    mode: Mode,
-    pending: Pending,
-    w: Snapshotted,
-) -> Result<BranchOutcome, ApiError> {
-    let tag = pending.tag().to_string();
-    let written = Written {
-        memory_bytes: w.memory_bytes,
-        data_bytes: w.bytes_written,
-        dirty_pages: w.dirty_pages,
-        pause_us: w.pause_us,
-    };
-    // On error, commit itself leaves the snapshot FAILED.
-    let result = snapshots
-        .blocking(move |s| s.commit(pending, written))
-        .await;
-    if let Ok(m) = snapshots.store().get(&tag) {
-        snapshots.finished(&m, None);
-    }
-    match result {
-        Ok(manifest) => {
-            sandbox.set_base(Some(tag.clone()));
-            snapshots.metrics().ready(mode, w.bytes_written);
-            tracing::info!(
-                sandbox = %sandbox.id(), %tag,
-                pause_us = w.pause_us,
-                bytes_written = w.bytes_written,
-                dirty_pages = w.dirty_pages,
-                "snapshot READY"
-            );
-            Ok(BranchOutcome {
-                manifest,
-                bytes_written: w.bytes_written,
-                dirty_pages: w.dirty_pages,
-                pause_us: w.pause_us,
-                faults_served: 0,
-            })
-        }
-        Err(e) => {
-            sandbox.set_base(None);
-            snapshots.metrics().failed(mode);
-            tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "snapshot FAILED");
-            Err(e)
-        }
     }
 }
 

@@ -19,9 +19,9 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tower::{Layer, Service};
 
-use crate::auth::{is_exempt, BoxFuture};
-use crate::error::ApiError;
-use crate::guarded_body::GuardedBody;
+use crate::api::error::ApiError;
+use crate::serve::auth::{is_exempt, BoxFuture};
+use crate::serve::guarded_body::GuardedBody;
 
 /// Health service names this daemon reports: the whole server and both
 /// forkd services.

@@ -9,8 +9,8 @@ use tower::{Layer, Service};
 
 use super::io::ConnInfo;
 use super::ConnState;
-use crate::auth::BoxFuture;
-use crate::guarded_body::GuardedBody;
+use crate::serve::auth::BoxFuture;
+use crate::serve::guarded_body::GuardedBody;
 
 /// The layer; connections without a [`ConnInfo`] are not counted.
 #[derive(Clone, Copy, Debug, Default)]

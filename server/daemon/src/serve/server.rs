@@ -11,22 +11,22 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
 use tonic::transport::Server;
 
-use crate::auth::AuthLayer;
+use crate::api::error::{CancelReason, StartupError};
+use crate::api::sandbox_service::{LinuxGuests, Sandboxes};
+use crate::api::snapshot_service::SnapshotApi;
 use crate::config::Config;
-use crate::connections::{self, AcceptGate, CallLayer, ConnTable};
 use crate::data_dir::DataDir;
-use crate::drain::{Drain, DrainLayer};
-use crate::error::{CancelReason, StartupError};
-use crate::expiry::{Expiry, Reaper};
-use crate::files::reset::ResetLayer;
-use crate::image_lookup::Images;
-use crate::lifecycle::Manager;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
-use crate::peer::LocalUsers;
-use crate::registry::Registry;
-use crate::sandbox_service::{LinuxGuests, Sandboxes};
-use crate::snapshot_service::SnapshotApi;
-use crate::snapshots::Snapshots;
+use crate::sandbox::expiry::{Expiry, Reaper};
+use crate::sandbox::files::reset::ResetLayer;
+use crate::sandbox::image_lookup::Images;
+use crate::sandbox::lifecycle::Manager;
+use crate::sandbox::registry::Registry;
+use crate::serve::auth::AuthLayer;
+use crate::serve::connections::{self, AcceptGate, CallLayer, ConnTable};
+use crate::serve::drain::{Drain, DrainLayer};
+use crate::serve::peer::LocalUsers;
+use crate::snapshot::store::Snapshots;
 
 /// Bound on waiting at shutdown for cancelled LIVE copies to end (each
 /// ends within `live_copy::CANCEL_WAIT`, or its VMM is killed).
@@ -123,7 +123,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         check_unix_path(path)?;
     }
     let data_dir = Arc::new(DataDir::open(&config.data_dir)?);
-    crate::public::set_data_dir(&config.data_dir, data_dir.root());
+    crate::api::public::set_data_dir(&config.data_dir, data_dir.root());
     let mut metrics = Metrics::new(&DESCRIPTOR_SETS)
         .map_err(|e| StartupError::Config(format!("metrics: {e}")))?;
     let (snapshots, report) = Snapshots::open(&data_dir.snapshots(), metrics.branch.clone())?;
@@ -146,7 +146,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     });
     if config.linux_host.assumed() {
         tracing::warn!(
-            env = crate::linux_host::ASSUME_ENV,
+            env = crate::sandbox::linux_host::ASSUME_ENV,
             backend = config.linux_host.backend().map(|b| b.id()),
             "hypervisor taken from the environment, not detected: for forkd's own tests only"
         );

@@ -10,13 +10,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status as GrpcStatus};
 
-use crate::create_snapshot::{self, create_plan};
-use crate::error::{ApiError, CancelReason};
-use crate::lifecycle::Manager;
-use crate::sandbox_service::LinuxGuests;
-use crate::snapshot_view::{describe, status_filter, watch_message};
-use crate::snapshots::{Snapshots, WriteState};
-use crate::validate;
+use crate::api::error::{ApiError, CancelReason};
+use crate::api::sandbox_service::LinuxGuests;
+use crate::api::snapshot_view::{describe, status_filter, watch_message};
+use crate::api::validate;
+use crate::sandbox::lifecycle::Manager;
+use crate::snapshot::create::{self, create_plan};
+use crate::snapshot::store::{Snapshots, WriteState};
 
 /// How often WatchSnapshot polls a snapshot it cannot subscribe to.
 const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(50);
@@ -72,7 +72,7 @@ impl SnapshotService for SnapshotApi {
         let (manager, snapshots) = (self.manager.clone(), self.snapshots.clone());
         let linux = self.linux.clone();
         let (manifest, sandbox_id) = tokio::spawn(async move {
-            create_snapshot::create(&manager, &snapshots, &linux, plan).await
+            create::create_snapshot(&manager, &snapshots, &linux, plan).await
         })
         .await
         .map_err(|e| ApiError::Internal(format!("create task failed: {e}")))??;

@@ -8,14 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_store::{Mode, Pending, Written};
+use forkd_store::Written;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
-use crate::branch::{self, BranchOutcome};
-use crate::error::{ApiError, CancelReason, LiveFailure};
-use crate::registry::Sandbox;
-use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
+use crate::api::error::{ApiError, CancelReason, LiveFailure};
+use crate::sandbox::registry::Sandbox;
+use crate::snapshot::branch::BranchOutcome;
+use crate::snapshot::store::{CancelSignal, SNAPSHOT_STORE};
+use crate::snapshot::writing::{Epoch, WritingSnapshot};
 use crate::vmm_process::{CopyEvent, CopyProgress, LiveSnapshot};
 
 /// Time the VMM gets to end a copy after Cancel before it is treated as
@@ -26,12 +27,13 @@ pub const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// files are removed.
 const REAP_WAIT: Duration = Duration::from_secs(10);
 
-/// A LIVE snapshot whose memory the VMM is copying.
+/// A LIVE snapshot whose memory the VMM is copying, followed by the
+/// daemon (not to be confused with `forkd_uffd::LiveCopy`, the VMM's side
+/// that does the copying).
 #[derive(Debug)]
-pub struct LiveCopy {
-    snapshots: Arc<Snapshots>,
+pub struct BackgroundCopy {
+    writing: WritingSnapshot,
     sandbox: Arc<Sandbox>,
-    pending: Pending,
     live: LiveSnapshot,
     cancel: CancelSignal,
     /// The sandbox's branch turn, held until the copy ends.
@@ -46,20 +48,18 @@ struct CopyEnd {
     progress: Option<CopyProgress>,
 }
 
-impl LiveCopy {
+impl BackgroundCopy {
     /// A copy to follow; `branch_turn` is released when it ends.
     pub fn new(
-        snapshots: Arc<Snapshots>,
+        writing: WritingSnapshot,
         sandbox: Arc<Sandbox>,
-        pending: Pending,
         live: LiveSnapshot,
         cancel: CancelSignal,
         branch_turn: OwnedMutexGuard<()>,
-    ) -> LiveCopy {
-        LiveCopy {
-            snapshots,
+    ) -> BackgroundCopy {
+        BackgroundCopy {
+            writing,
             sandbox,
-            pending,
             live,
             cancel,
             _branch_turn: branch_turn,
@@ -70,11 +70,10 @@ impl LiveCopy {
     /// becomes this snapshot) or fails (FAILED with the reason; the base is
     /// cleared, since the VMM's dirty epoch ended at the pause).
     pub async fn finish(mut self) -> Result<BranchOutcome, ApiError> {
-        let tag = self.pending.tag().to_string();
+        let tag = self.writing.tag().to_string();
         let end = self.follow(&tag).await;
         let snap = self.live.snapshotted;
-        let (snapshots, sandbox) = (&self.snapshots, &self.sandbox);
-        let result = match end.result {
+        match end.result {
             Ok(bytes_written) => {
                 let written = Written {
                     memory_bytes: snap.memory_bytes,
@@ -82,15 +81,8 @@ impl LiveCopy {
                     dirty_pages: snap.dirty_pages,
                     pause_us: snap.pause_us,
                 };
-                let pending = self.pending;
-                // On error, commit itself leaves the snapshot FAILED.
-                let committed = snapshots
-                    .blocking(move |s| s.commit(pending, written))
-                    .await;
-                if let Ok(m) = snapshots.store().get(&tag) {
-                    snapshots.finished(&m, end.progress);
-                }
-                committed.map(|manifest| BranchOutcome {
+                let manifest = self.writing.commit(written, end.progress).await?;
+                Ok(BranchOutcome {
                     manifest,
                     bytes_written,
                     dirty_pages: snap.dirty_pages,
@@ -99,32 +91,11 @@ impl LiveCopy {
                 })
             }
             Err(failure) => {
-                branch::fail(snapshots, self.pending, &failure.to_string(), end.progress).await;
-                Err(ApiError::LiveFailed {
-                    tag: tag.clone(),
-                    failure,
-                })
-            }
-        };
-        match &result {
-            Ok(outcome) => {
-                sandbox.set_base(Some(tag.clone()));
-                snapshots.metrics().ready(Mode::Live, outcome.bytes_written);
-                tracing::info!(
-                    sandbox = %sandbox.id(), %tag,
-                    pause_us = outcome.pause_us,
-                    bytes_written = outcome.bytes_written,
-                    faults_served = outcome.faults_served,
-                    "live snapshot READY"
-                );
-            }
-            Err(e) => {
-                sandbox.set_base(None);
-                snapshots.metrics().failed(Mode::Live);
-                tracing::warn!(sandbox = %sandbox.id(), %tag, error = %e, "live snapshot FAILED");
+                let reason = failure.to_string();
+                self.writing.fail(&reason, Epoch::Ended, end.progress).await;
+                Err(ApiError::LiveFailed { tag, failure })
             }
         }
-        result
     }
 
     /// Relays progress until the copy ends, the VMM stops, or a cancel is
@@ -132,10 +103,10 @@ impl LiveCopy {
     /// The VMM's copy error, with the full file system named when the
     /// error is ENOSPC/EDQUOT (the caller then gets RESOURCE_EXHAUSTED).
     fn no_space_note(&self, error: String) -> String {
-        if !crate::public::text_is_no_space(&error) {
+        if !crate::api::public::text_is_no_space(&error) {
             return error;
         }
-        let fs = crate::public::describe_fs(self.snapshots.store().root());
+        let fs = crate::api::public::describe_fs(self.writing.snapshots().store().root());
         format!("{error}; no space left on the file system holding forkd's {SNAPSHOT_STORE} ({fs})")
     }
 
@@ -148,12 +119,12 @@ impl LiveCopy {
             tokio::select! {
                 event = self.live.events.next() => match event {
                     Some(CopyEvent::Progress(p)) => {
-                        self.snapshots.metrics().copy_progress(progress.as_ref(), &p);
+                        self.writing.snapshots().metrics().copy_progress(progress.as_ref(), &p);
                         progress = Some(p);
-                        self.snapshots.progress(tag, p);
+                        self.writing.snapshots().progress(tag, p);
                     }
                     Some(CopyEvent::Done { progress: p, bytes_written, copy_us, error }) => {
-                        self.snapshots.metrics().copy_progress(progress.as_ref(), &p);
+                        self.writing.snapshots().metrics().copy_progress(progress.as_ref(), &p);
                         progress = Some(p);
                         tracing::debug!(%tag, copy_us, ?error, "live copy ended");
                         // A copy that completed as the cancel crossed it is

@@ -4,7 +4,7 @@
 use forkd_api::v1 as pb;
 use forkd_store::{Manifest, Mode, RunningChild, Status, Store};
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::vmm_process::CopyProgress;
 
 /// The API status of a store status.
@@ -58,7 +58,7 @@ pub fn to_proto(
         memory_bytes: m.data_bytes,
         disk_bytes: m.disk_bytes,
         create_time: m.created().map(Into::into),
-        failure_reason: crate::public::status_message(
+        failure_reason: crate::api::public::status_message(
             m.failure_reason.as_deref().unwrap_or_default(),
         ),
         chain,
@@ -98,7 +98,7 @@ pub fn watch_message(m: &Manifest, progress: Option<&CopyProgress>) -> pb::Watch
         bytes_copied,
         bytes_total,
         faults_served,
-        failure_reason: crate::public::status_message(
+        failure_reason: crate::api::public::status_message(
             m.failure_reason.as_deref().unwrap_or_default(),
         ),
     }

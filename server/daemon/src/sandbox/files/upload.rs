@@ -9,10 +9,10 @@ use tonic::{Code, Status, Streaming};
 
 use super::reset::BodyReset;
 use super::{event_error, request_error};
-use crate::error::ApiError;
-use crate::exec::stopped;
-use crate::registry::Sandbox;
-use crate::validate;
+use crate::api::error::ApiError;
+use crate::api::validate;
+use crate::sandbox::exec::stopped;
+use crate::sandbox::registry::Sandbox;
 use crate::vmm_process::FileEvent;
 
 /// Where and how to write, from the upload's first message.
@@ -56,7 +56,7 @@ pub async fn header(
     if path.ends_with('/') {
         return Err(ApiError::InvalidArgument(format!(
             "header.path {} ends with '/': name the file to write",
-            crate::public::quoted(&path)
+            crate::api::public::quoted(&path)
         )));
     }
     if header.mode > 0o7777 {
@@ -166,7 +166,7 @@ fn broken(path: &str, sent: u64, status: &Status) -> ApiError {
         return ApiError::InvalidArgument(format!(
             "a WriteFile message for {} is too large ({}); send the data in chunks under 4 MiB \
              (1 MiB is a good size); nothing was written under that name",
-            crate::public::quoted(path),
+            crate::api::public::quoted(path),
             status.message()
         ));
     }
@@ -178,7 +178,7 @@ fn cut_off(path: &str, sent: u64, why: &str) -> ApiError {
     ApiError::Cancelled(format!(
         "the upload of {} was cut off after {sent} bytes ({}); nothing was written under that \
          name",
-        crate::public::quoted(path),
+        crate::api::public::quoted(path),
         why
     ))
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{CloseReason, ConnTable, Guarded};
-use crate::peer::{tcp_peer_uid, LocalUsers};
+use crate::serve::peer::{tcp_peer_uid, LocalUsers};
 
 /// How long to stop accepting after an accept error such as EMFILE, so a
 /// full fd table does not turn the loop into a spin.

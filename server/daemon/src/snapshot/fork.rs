@@ -3,10 +3,10 @@
 
 use forkd_store::{Status, StoreError};
 
-use crate::error::ApiError;
-use crate::lifecycle::Restore;
-use crate::snapshots::Snapshots;
-use crate::validate;
+use crate::api::error::ApiError;
+use crate::api::validate;
+use crate::sandbox::lifecycle::Restore;
+use crate::snapshot::store::Snapshots;
 
 /// What children of one snapshot start from.
 #[derive(Debug)]

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::error::ApiError;
-use crate::public::quoted;
+use crate::api::error::ApiError;
+use crate::api::public::quoted;
 
 /// Most sandboxes one SpawnSandboxes call may ask for.
 pub const MAX_SPAWN: u32 = 1000;
@@ -274,7 +274,7 @@ pub fn exec_stdin(stdin: &[u8]) -> Result<(), ApiError> {
 
 /// Resolves ReadConsole's `tail_bytes` (0 means the default).
 pub fn tail_bytes(n: u32) -> Result<usize, ApiError> {
-    use crate::console::{DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES};
+    use crate::sandbox::console::{DEFAULT_TAIL_BYTES, MAX_TAIL_BYTES};
     match n {
         0 => Ok(DEFAULT_TAIL_BYTES as usize),
         n if n <= MAX_TAIL_BYTES => Ok(n as usize),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use forkd_store::{Manifest, RecoveryReport, SealedMemory, Status, Store, StoreError};
 use tokio::sync::{watch, OnceCell};
 
-use crate::error::{ApiError, CancelReason, StartupError};
+use crate::api::error::{ApiError, CancelReason, StartupError};
 use crate::metrics::BranchMetrics;
 use crate::sync::lock;
 use crate::vmm_process::CopyProgress;

@@ -1,0 +1,13 @@
+//! Sandboxes: the registry of every sandbox, starting and stopping them,
+//! their ids, lifetimes and console logs, Exec and file transfer, and the
+//! Linux images and host check a Linux boot needs.
+
+pub mod console;
+pub mod exec;
+pub mod expiry;
+pub mod files;
+pub mod ids;
+pub mod image_lookup;
+pub mod lifecycle;
+pub mod linux_host;
+pub mod registry;
