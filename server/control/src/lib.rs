@@ -132,22 +132,15 @@ pub enum Request {
     /// If `id` is a LIVE snapshot whose memory is still being copied, the
     /// copy stops and ends with [`Event::CopyDone`] carrying an error.
     Cancel { id: u64 },
-    /// Stop the vCPUs; answered by [`Event::Paused`].
-    Pause { id: u64 },
-    /// Run the vCPUs again; answered by [`Event::Resumed`].
-    Resume { id: u64 },
-    /// Report resource use; answered by [`Event::Stats`].
-    Stats { id: u64 },
     /// Stop the guest and exit; answered by [`Event::Exited`].
     Shutdown { id: u64 },
     /// Capture the VM into `dir` (which must exist and be empty); answered
-    /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs (unless already
-    /// paused), writes `dir/vmstate` and `dir/memory` (a sparse file the
-    /// size of guest RAM; holes are zero pages), and for
-    /// [`SnapshotMode::Diff`] also `dir/pages` (a bitmap, bit `i` of byte
-    /// `i / 8`, LSB first, set for every page the diff holds; a set bit over
-    /// a hole means a zero page). Then it starts a new dirty-tracking epoch
-    /// and resumes, unless it was paused before the request. The files are
+    /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs, writes
+    /// `dir/vmstate` and `dir/memory` (a sparse file the size of guest RAM;
+    /// holes are zero pages), and for [`SnapshotMode::Diff`] also
+    /// `dir/pages` (a bitmap, bit `i` of byte `i / 8`, LSB first, set for
+    /// every page the diff holds; a set bit over a hole means a zero page).
+    /// Then it starts a new dirty-tracking epoch and resumes. The files are
     /// written but not fsynced: the daemon fsyncs when it commits.
     ///
     /// With [`SnapshotMode::Live`], `Snapshotted` comes as soon as the vCPUs
@@ -232,9 +225,6 @@ impl Request {
             | Request::Heartbeat { id }
             | Request::Exec { id, .. }
             | Request::Cancel { id }
-            | Request::Pause { id }
-            | Request::Resume { id }
-            | Request::Stats { id }
             | Request::Shutdown { id }
             | Request::Snapshot { id, .. }
             | Request::WriteFile { id, .. }
@@ -276,19 +266,6 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
-/// Resource use of one VMM.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmmStats {
-    /// Bytes of guest RAM.
-    pub memory_bytes: u64,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// VM exits handled since boot, all vCPUs.
-    pub exits: u64,
-    /// Requests served by the agent.
-    pub requests: u64,
-}
-
 /// An event from the VMM to the daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -316,12 +293,6 @@ pub enum Event {
         #[serde(default)]
         signal: Option<i32>,
     },
-    /// The vCPUs are stopped; `pause_us` is how long stopping took.
-    Paused { id: u64, pause_us: u64 },
-    /// The vCPUs run again; `paused_us` is how long they were stopped.
-    Resumed { id: u64, paused_us: u64 },
-    /// Answer to [`Request::Stats`].
-    Stats { id: u64, stats: VmmStats },
     /// Request `id` could not be carried out.
     Error { id: u64, message: String },
     /// Answer to [`Request::Snapshot`]: the files are written.
@@ -412,9 +383,6 @@ impl Event {
         match self {
             Event::Pong { id }
             | Event::Alive { id }
-            | Event::Paused { id, .. }
-            | Event::Resumed { id, .. }
-            | Event::Stats { id, .. }
             | Event::Error { id, .. }
             | Event::ExecDone { id, .. }
             | Event::Snapshotted { id, .. }

@@ -18,8 +18,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a capture wrote.
 #[derive(Debug)]
 pub struct Captured {
-    /// From the stop request until the vCPUs ran again (0 if the VM was
-    /// already paused by the daemon, which then owns the pause).
+    /// From the stop request until the vCPUs ran again.
     pub pause_us: u64,
     /// Bytes of memory data written.
     pub bytes_written: u64,
@@ -49,31 +48,21 @@ pub fn capture(
     })
 }
 
-/// Runs `f` with the vCPUs stopped, pausing and resuming them unless the
-/// daemon had paused the VM already. Returns `f`'s result and the pause in
-/// µs (from the stop request until the vCPUs run again; 0 if the daemon
-/// owns the pause).
+/// Runs `f` with the vCPUs stopped: pauses them, runs `f`, resumes them.
+/// Returns `f`'s result and the pause in µs (from the stop request until
+/// the vCPUs run again).
 pub fn while_stopped<T>(
     ctx: &VmContext,
     kick_all: impl Fn(),
     f: impl FnOnce() -> T,
 ) -> Result<(T, u64)> {
     let started = Instant::now();
-    let paused_here = !ctx.coord.is_paused();
-    if paused_here {
-        ctx.coord
-            .pause(kick_all, STOP_TIMEOUT)
-            .map_err(VmmError::Snapshot)?;
-    }
+    ctx.coord
+        .pause(kick_all, STOP_TIMEOUT)
+        .map_err(VmmError::Snapshot)?;
     let result = f();
-    let pause_us = if paused_here {
-        // Cannot fail: we paused it above and hold the only control thread.
-        let _ = ctx.coord.resume();
-        started.elapsed().as_micros() as u64
-    } else {
-        0
-    };
-    Ok((result, pause_us))
+    ctx.coord.resume();
+    Ok((result, started.elapsed().as_micros() as u64))
 }
 
 /// The stopped vCPUs' and the VM's device state.

@@ -4,7 +4,6 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -166,8 +165,6 @@ fn main() {
         ram,
         coord: Coordinator::new(vcpu_count),
         sink,
-        exits: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
         started,
         tsc_khz,
         vm: vm_fd,
@@ -201,5 +198,5 @@ fn main() {
         }
     }
     let copy_rate = live::rate_from_mibps(args.copy_rate_mibps);
-    control::serve(stream, ctx, threads, vcpu_count as u32, copy_rate)
+    control::serve(stream, ctx, threads, copy_rate)
 }
