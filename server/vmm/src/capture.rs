@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use forkd_control::SnapshotMode;
+use forkd_snapshot_format::{MEMORY, PAGES, VMSTATE};
 
 use crate::error::{Result, VmmError};
 use crate::snapshot;
@@ -90,7 +91,7 @@ pub fn collect_vmstate(ctx: &VmContext) -> Result<VmState> {
 
 /// Writes `state` to `dir/vmstate`.
 pub fn save_vmstate(state: &VmState, dir: &Path) -> Result<()> {
-    let path = dir.join("vmstate");
+    let path = dir.join(VMSTATE);
     std::fs::write(&path, state.to_bytes())
         .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", path.display())))
 }
@@ -111,7 +112,7 @@ fn write_while_stopped(
     let result = match mode {
         SnapshotMode::Full => {
             let since_start = ctx.dirty.since_start();
-            snapshot::write_full(&ctx.ram, &since_start, &dir.join("memory")).map(|bytes| {
+            snapshot::write_full(&ctx.ram, &since_start, &dir.join(MEMORY)).map(|bytes| {
                 let measured = if measure_diff {
                     snapshot::count(&epoch)
                 } else {
@@ -121,7 +122,7 @@ fn write_while_stopped(
             })
         }
         SnapshotMode::Diff => {
-            snapshot::write_diff(&ctx.ram, &epoch, &dir.join("memory"), &dir.join("pages"))
+            snapshot::write_diff(&ctx.ram, &epoch, &dir.join(MEMORY), &dir.join(PAGES))
                 .map(|bytes| (bytes, snapshot::count(&epoch)))
         }
         SnapshotMode::Live => Err(VmmError::Snapshot(

@@ -103,7 +103,7 @@ fn main() {
             linux::create_vm(&config, linux_boot.as_ref().expect("checked"))
         }
         (Some(dir), Some(memory_fd)) => {
-            let path = dir.join("vmstate");
+            let path = dir.join(forkd_snapshot_format::VMSTATE);
             let bytes = std::fs::read(&path)
                 .unwrap_or_else(|e| fail(format!("reading {}: {e}", path.display())));
             let mut state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
