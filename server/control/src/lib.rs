@@ -16,8 +16,18 @@
 //! frame, ended by a frame with no data (EOF).
 //!
 //! Requests carry an `id`; the VMM answers each with events carrying the
-//! same id. [`Event::Exited`] is unsolicited and is always the VMM's last
-//! frame.
+//! same id. Which events those are, and which one is the last, is the
+//! request's [`Reply`] ([`Request::reply`]): the daemon routes by it.
+//! [`Event::Exited`] is unsolicited and is always the VMM's last frame.
+//!
+//! # Versions
+//!
+//! The VMM's first frame is always [`Event::Hello`], carrying the
+//! [`PROTOCOL_VERSION`] it was built with; the daemon checks it with
+//! [`check_hello`] and refuses a VMM that speaks another version (or none:
+//! one that predates versioning). A new field marked `#[serde(default)]`
+//! needs no new version, since older JSON still parses; any other change
+//! does (a request or event added or removed, a meaning changed).
 //!
 //! # Guests
 //!
@@ -46,13 +56,19 @@
 //! it asked for is in flight. The reference guest has no files: the VMM
 //! answers these requests with [`Event::Error`].
 //!
-//! New fields are `#[serde(default)]`, so either side may be older.
+//! New fields are `#[serde(default)]`, so messages of an older build of
+//! the same protocol version still parse.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 pub use forkd_agent_proto::{FileErrorKind, FileInfo, FileKind, FILE_WRITE_WINDOW};
+pub use handshake::{check_hello, HandshakeError, Hello, PROTOCOL_VERSION};
+pub use reply::Reply;
+
+mod handshake;
+mod reply;
 
 /// Frame kind of a JSON [`Request`] or [`Event`].
 pub const KIND_JSON: u8 = 1;
@@ -270,6 +286,16 @@ impl std::fmt::Display for ExitReason {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// The VMM's first frame, sent once at start, before the VM is built.
+    /// Its `type` and `protocol` never change, so any daemon can read them
+    /// (see [`check_hello`]).
+    Hello {
+        /// The [`PROTOCOL_VERSION`] the VMM speaks.
+        protocol: u32,
+        /// The VMM's own version (its crate version), for messages.
+        #[serde(default)]
+        vmm_version: String,
+    },
     /// The guest is up and waiting for requests. Sent once, unsolicited.
     Ready {
         boot_us: u64,
@@ -377,8 +403,17 @@ pub enum Event {
 }
 
 impl Event {
-    /// The id of the request the event answers (`None` for `Ready` and
-    /// `Exited`, which answer none).
+    /// The VMM's first frame: [`Event::Hello`] with this crate's
+    /// [`PROTOCOL_VERSION`] and the VMM's version.
+    pub fn hello(vmm_version: impl Into<String>) -> Event {
+        Event::Hello {
+            protocol: PROTOCOL_VERSION,
+            vmm_version: vmm_version.into(),
+        }
+    }
+
+    /// The id of the request the event answers (`None` for `Hello`,
+    /// `Ready` and `Exited`, which answer none).
     pub fn request_id(&self) -> Option<u64> {
         match self {
             Event::Pong { id }
@@ -396,7 +431,7 @@ impl Event {
             | Event::FileStat { id, .. }
             | Event::DirListing { id, .. }
             | Event::FileRemoved { id } => Some(*id),
-            Event::Ready { .. } | Event::Exited { .. } => None,
+            Event::Hello { .. } | Event::Ready { .. } | Event::Exited { .. } => None,
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::error::{ApiError, LiveFailure};
 use crate::live_copy::LiveCopy;
 use crate::registry::Sandbox;
 use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
-use crate::vmm_process::{CopyProgress, LiveSnapshot, RequestError, Snapshotted};
+use crate::vmm::{CopyProgress, LiveSnapshot, RequestError, Snapshotted};
 
 /// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
 /// to use and whether to wait for READY: `mode` wins; UNSPECIFIED means

@@ -17,7 +17,7 @@ use crate::registry::Sandbox;
 use crate::sandbox_service::LinuxGuests;
 use crate::snapshots::Snapshots;
 use crate::validate;
-use crate::vmm_process::ExecCommand;
+use crate::vmm::ExecCommand;
 
 /// Time limit of a warm-up command whose `timeout_ms` is 0.
 pub const DEFAULT_WARMUP_TIMEOUT_MS: u32 = 60_000;

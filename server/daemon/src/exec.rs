@@ -14,7 +14,7 @@ use tonic::Status;
 
 use crate::error::ApiError;
 use crate::registry::Sandbox;
-use crate::vmm_process::{ExecCommand, ExecEvent};
+use crate::vmm::{ExecCommand, ExecEvent};
 
 /// Time the guest gets to end a command after Cancel.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);

@@ -16,7 +16,7 @@ use crate::branch::{self, BranchOutcome};
 use crate::error::{ApiError, CancelReason, LiveFailure};
 use crate::registry::Sandbox;
 use crate::snapshots::{CancelSignal, Snapshots, SNAPSHOT_STORE};
-use crate::vmm_process::{CopyEvent, CopyProgress, LiveSnapshot};
+use crate::vmm::{CopyEvent, CopyProgress, LiveSnapshot};
 
 /// Time the VMM gets to end a copy after Cancel before it is treated as
 /// broken: the sandbox is failed and its VMM killed (as for an Exec whose

@@ -36,7 +36,7 @@ mod snapshot_view;
 mod snapshots;
 mod sync;
 mod validate;
-mod vmm_process;
+mod vmm;
 
 use std::process::ExitCode;
 

@@ -14,7 +14,7 @@ use crate::error::ApiError;
 use crate::expiry::Deadline;
 use crate::sync::lock;
 use crate::validate::labels_match;
-use crate::vmm_process::{Lifecycle, Vmm};
+use crate::vmm::{Lifecycle, Vmm};
 
 /// Fields of a sandbox fixed at spawn time.
 #[derive(Debug)]

@@ -20,7 +20,7 @@ use crate::linux_host::LinuxHost;
 use crate::snapshot_view::describe;
 use crate::snapshots::Snapshots;
 use crate::validate;
-use crate::vmm_process::ExecCommand;
+use crate::vmm::ExecCommand;
 
 /// What a reference-guest sandbox answers to Linux-only Exec fields.
 pub const BUILTINS_ONLY: &str =

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use forkd_control::ExitReason;
+use forkd_control::{Event, ExitReason};
 use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
 use forkd_vmm::linux::{self, boot::LinuxBoot};
@@ -82,6 +82,8 @@ fn main() {
         }
     };
     let sink = Arc::new(EventSink::new(writer));
+    // The handshake: the first frame, before anything can fail.
+    sink.send(&Event::hello(env!("CARGO_PKG_VERSION")));
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
 
     let linux_boot = match (&args.kernel, &args.initrd) {

@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::exec::stopped;
 use crate::registry::Sandbox;
 use crate::validate;
-use crate::vmm_process::FileEvent;
+use crate::vmm::FileEvent;
 
 /// Where and how to write, from the upload's first message.
 #[derive(Debug)]
