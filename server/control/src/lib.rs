@@ -16,8 +16,18 @@
 //! frame, ended by a frame with no data (EOF).
 //!
 //! Requests carry an `id`; the VMM answers each with events carrying the
-//! same id. [`Event::Exited`] is unsolicited and is always the VMM's last
-//! frame.
+//! same id. Which events those are, and which one is the last, is the
+//! request's [`Reply`] ([`Request::reply`]): the daemon routes by it.
+//! [`Event::Exited`] is unsolicited and is always the VMM's last frame.
+//!
+//! # Versions
+//!
+//! The VMM's first frame is always [`Event::Hello`], carrying the
+//! [`PROTOCOL_VERSION`] it was built with; the daemon checks it with
+//! [`check_hello`] and refuses a VMM that speaks another version (or none:
+//! one that predates versioning). A new field marked `#[serde(default)]`
+//! needs no new version, since older JSON still parses; any other change
+//! does (a request or event added or removed, a meaning changed).
 //!
 //! # Guests
 //!
@@ -46,13 +56,19 @@
 //! it asked for is in flight. The reference guest has no files: the VMM
 //! answers these requests with [`Event::Error`].
 //!
-//! New fields are `#[serde(default)]`, so either side may be older.
+//! New fields are `#[serde(default)]`, so messages of an older build of
+//! the same protocol version still parse.
 
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 pub use forkd_agent_proto::{FileErrorKind, FileInfo, FileKind, FILE_WRITE_WINDOW};
+pub use handshake::{check_hello, HandshakeError, Hello, PROTOCOL_VERSION};
+pub use reply::Reply;
+
+mod handshake;
+mod reply;
 
 /// Frame kind of a JSON [`Request`] or [`Event`].
 pub const KIND_JSON: u8 = 1;
@@ -132,22 +148,15 @@ pub enum Request {
     /// If `id` is a LIVE snapshot whose memory is still being copied, the
     /// copy stops and ends with [`Event::CopyDone`] carrying an error.
     Cancel { id: u64 },
-    /// Stop the vCPUs; answered by [`Event::Paused`].
-    Pause { id: u64 },
-    /// Run the vCPUs again; answered by [`Event::Resumed`].
-    Resume { id: u64 },
-    /// Report resource use; answered by [`Event::Stats`].
-    Stats { id: u64 },
     /// Stop the guest and exit; answered by [`Event::Exited`].
     Shutdown { id: u64 },
     /// Capture the VM into `dir` (which must exist and be empty); answered
-    /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs (unless already
-    /// paused), writes `dir/vmstate` and `dir/memory` (a sparse file the
-    /// size of guest RAM; holes are zero pages), and for
-    /// [`SnapshotMode::Diff`] also `dir/pages` (a bitmap, bit `i` of byte
-    /// `i / 8`, LSB first, set for every page the diff holds; a set bit over
-    /// a hole means a zero page). Then it starts a new dirty-tracking epoch
-    /// and resumes, unless it was paused before the request. The files are
+    /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs, writes
+    /// `dir/vmstate` and `dir/memory` (a sparse file the size of guest RAM;
+    /// holes are zero pages), and for [`SnapshotMode::Diff`] also
+    /// `dir/pages` (a bitmap, bit `i` of byte `i / 8`, LSB first, set for
+    /// every page the diff holds; a set bit over a hole means a zero page).
+    /// Then it starts a new dirty-tracking epoch and resumes. The files are
     /// written but not fsynced: the daemon fsyncs when it commits.
     ///
     /// With [`SnapshotMode::Live`], `Snapshotted` comes as soon as the vCPUs
@@ -232,9 +241,6 @@ impl Request {
             | Request::Heartbeat { id }
             | Request::Exec { id, .. }
             | Request::Cancel { id }
-            | Request::Pause { id }
-            | Request::Resume { id }
-            | Request::Stats { id }
             | Request::Shutdown { id }
             | Request::Snapshot { id, .. }
             | Request::WriteFile { id, .. }
@@ -276,23 +282,20 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
-/// Resource use of one VMM.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmmStats {
-    /// Bytes of guest RAM.
-    pub memory_bytes: u64,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// VM exits handled since boot, all vCPUs.
-    pub exits: u64,
-    /// Requests served by the agent.
-    pub requests: u64,
-}
-
 /// An event from the VMM to the daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// The VMM's first frame, sent once at start, before the VM is built.
+    /// Its `type` and `protocol` never change, so any daemon can read them
+    /// (see [`check_hello`]).
+    Hello {
+        /// The [`PROTOCOL_VERSION`] the VMM speaks.
+        protocol: u32,
+        /// The VMM's own version (its crate version), for messages.
+        #[serde(default)]
+        vmm_version: String,
+    },
     /// The guest is up and waiting for requests. Sent once, unsolicited.
     Ready {
         boot_us: u64,
@@ -316,12 +319,6 @@ pub enum Event {
         #[serde(default)]
         signal: Option<i32>,
     },
-    /// The vCPUs are stopped; `pause_us` is how long stopping took.
-    Paused { id: u64, pause_us: u64 },
-    /// The vCPUs run again; `paused_us` is how long they were stopped.
-    Resumed { id: u64, paused_us: u64 },
-    /// Answer to [`Request::Stats`].
-    Stats { id: u64, stats: VmmStats },
     /// Request `id` could not be carried out.
     Error { id: u64, message: String },
     /// Answer to [`Request::Snapshot`]: the files are written.
@@ -406,15 +403,21 @@ pub enum Event {
 }
 
 impl Event {
-    /// The id of the request the event answers (`None` for `Ready` and
-    /// `Exited`, which answer none).
+    /// The VMM's first frame: [`Event::Hello`] with this crate's
+    /// [`PROTOCOL_VERSION`] and the VMM's version.
+    pub fn hello(vmm_version: impl Into<String>) -> Event {
+        Event::Hello {
+            protocol: PROTOCOL_VERSION,
+            vmm_version: vmm_version.into(),
+        }
+    }
+
+    /// The id of the request the event answers (`None` for `Hello`,
+    /// `Ready` and `Exited`, which answer none).
     pub fn request_id(&self) -> Option<u64> {
         match self {
             Event::Pong { id }
             | Event::Alive { id }
-            | Event::Paused { id, .. }
-            | Event::Resumed { id, .. }
-            | Event::Stats { id, .. }
             | Event::Error { id, .. }
             | Event::ExecDone { id, .. }
             | Event::Snapshotted { id, .. }
@@ -428,7 +431,7 @@ impl Event {
             | Event::FileStat { id, .. }
             | Event::DirListing { id, .. }
             | Event::FileRemoved { id } => Some(*id),
-            Event::Ready { .. } | Event::Exited { .. } => None,
+            Event::Hello { .. } | Event::Ready { .. } | Event::Exited { .. } => None,
         }
     }
 }

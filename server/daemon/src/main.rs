@@ -14,7 +14,7 @@ mod sandbox;
 mod serve;
 mod snapshot;
 mod sync;
-mod vmm_process;
+mod vmm;
 
 use std::process::ExitCode;
 

@@ -245,9 +245,13 @@ fn fake_vmm(args: &[String]) -> ! {
     };
     let fd: i32 = arg("--control-fd").parse().unwrap();
     assert_eq!(fd, 3, "the daemon passes fd 3");
+    // SAFETY: fd 3 is the control socket the daemon handed us.
+    let sock = unsafe { UnixStream::from_raw_fd(fd) };
+    // The handshake: every VMM's first frame.
+    (&sock)
+        .write_all(&encode_json(&Event::hello("fake")))
+        .unwrap();
     if args.iter().any(|a| a == "--kernel") {
-        // SAFETY: fd 3 is the control socket the daemon handed us.
-        let sock = unsafe { UnixStream::from_raw_fd(fd) };
         fake_linux::run(sock, &arg);
     }
     let id = arg("--id");
@@ -272,8 +276,6 @@ fn fake_vmm(args: &[String]) -> ! {
             ..Default::default()
         }))
     };
-    // SAFETY: fd 3 is the control socket the daemon handed us.
-    let sock = unsafe { UnixStream::from_raw_fd(fd) };
     let out: Out = Arc::new(Mutex::new(sock.try_clone().unwrap()));
     let mut input = sock;
     eprintln!("fake-vmm {id}: starting");

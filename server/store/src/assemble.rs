@@ -12,11 +12,10 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::digest::{chunk_digest, par_chunks, sha256_hex, Chunk, ZeroDigests};
 use crate::error::{Result, StoreError};
-use crate::manifest::{Manifest, Mode, Status, PAGE_SIZE};
+use crate::manifest::{Manifest, Mode, Status};
 use crate::recovery::chain_problem;
-use crate::store::{
-    mark_failed_keeping_data, write_failed_keeping_data, Store, MANIFEST, MEMORY, PAGES, VMSTATE,
-};
+use crate::store::{mark_failed_keeping_data, write_failed_keeping_data, Store};
+use forkd_snapshot_format::{bitmap_has, MANIFEST, MEMORY, PAGES, PAGE_SIZE, VMSTATE};
 
 /// A snapshot's memory in a sealed memfd: size, contents and seals can no
 /// longer change. Map it `MAP_PRIVATE` for copy-on-write.
@@ -353,10 +352,8 @@ fn apply_chunk(
     let apply = |out: &mut Runs<'_>| -> std::io::Result<()> {
         for i in 0..chunk.len.div_ceil(PAGE_SIZE) {
             let page = first_page + i;
-            if let Some(bits) = bitmap {
-                if bits[(page / 8) as usize] & (1 << (page % 8)) == 0 {
-                    continue;
-                }
+            if bitmap.is_some_and(|bits| !bitmap_has(bits, page)) {
+                continue;
             }
             let start = (i * PAGE_SIZE) as usize;
             let end = (chunk.len as usize).min(start + PAGE_SIZE as usize);

@@ -9,6 +9,9 @@
 //! <root>/.<tag>.deleting/      a snapshot being deleted
 //! ```
 //!
+//! The files of a snapshot directory, the page size and the bitmap's
+//! layout are `forkd-snapshot-format`'s: the VMM writes by the same rules.
+//!
 //! A snapshot is begun ([`Store::begin`]), written by the VMM into
 //! [`Pending::dir`], then committed ([`Store::commit`]: digests, fsync,
 //! one rename publishes it READY) or failed ([`Store::fail`]: a FAILED
@@ -29,14 +32,9 @@ mod tag;
 
 pub use assemble::SealedMemory;
 pub use error::{ErrorKind, Result, StoreError};
-pub use manifest::{
-    bitmap_bytes, GuestConfig, Manifest, Mode, Status, CHUNK_SIZE, FORMAT_VERSION, PAGE_SIZE,
-};
+pub use manifest::{GuestConfig, Manifest, Mode, Status, CHUNK_SIZE, FORMAT_VERSION};
 pub use recovery::{RecoveryReport, STOPPED_WHILE_WRITING};
-pub use store::{
-    Pending, RunningChild, SnapshotInfo, Store, Written, MANIFEST, MEMORY, ORIGINAL_MANIFEST,
-    PAGES, VMSTATE,
-};
+pub use store::{Pending, RunningChild, SnapshotInfo, Store, Written};
 pub use tag::{generate_tag, validate_tag, MAX_TAG_LEN};
 
 #[cfg(test)]

@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes covered by one entry of [`Manifest::memory_chunks`].
 pub const CHUNK_SIZE: u64 = 4 << 20;
-/// Page size of diffs and of the `pages` bitmap.
-pub const PAGE_SIZE: u64 = 4096;
 
 /// How a snapshot captured guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +163,7 @@ impl Manifest {
 
     /// Bytes of the `pages` bitmap for this guest.
     pub fn bitmap_bytes(&self) -> u64 {
-        bitmap_bytes(self.memory_bytes)
+        forkd_snapshot_format::bitmap_bytes(self.memory_bytes)
     }
 
     /// Serializes the manifest as written to disk.
@@ -174,11 +172,6 @@ impl Manifest {
         bytes.push(b'\n');
         bytes
     }
-}
-
-/// Bytes of a page bitmap covering `memory_bytes` of RAM.
-pub fn bitmap_bytes(memory_bytes: u64) -> u64 {
-    memory_bytes.div_ceil(PAGE_SIZE).div_ceil(8)
 }
 
 /// `t` as RFC 3339 UTC with microseconds (fixed width, so these strings

@@ -15,9 +15,9 @@ use crate::fsio::sync_dir;
 use crate::manifest::{GuestConfig, Manifest, Mode, Status, FORMAT_VERSION};
 use crate::store::{
     mark_failed, mark_failed_keeping_data, write_failed_keeping_data, write_tombstone, Entry,
-    MANIFEST, MEMORY, PAGES, VMSTATE,
 };
 use crate::tag::validate_tag;
+use forkd_snapshot_format::{MANIFEST, MEMORY, PAGES, VMSTATE};
 
 /// The reason given to snapshots found half-written.
 pub const STOPPED_WHILE_WRITING: &str = "daemon stopped while writing";

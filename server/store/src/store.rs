@@ -12,18 +12,7 @@ use crate::fsio::{remove_all_but, sync_dir, sync_file, write_atomic};
 use crate::manifest::{GuestConfig, Manifest, Mode, Status};
 use crate::recovery::{recover, RecoveryReport};
 use crate::tag::validate_tag;
-
-/// Name of the manifest inside a snapshot directory.
-pub const MANIFEST: &str = "manifest.json";
-/// The VMM's saved vCPU/device state.
-pub const VMSTATE: &str = "vmstate";
-/// Guest memory: a sparse file the size of guest RAM.
-pub const MEMORY: &str = "memory";
-/// A diff's page bitmap.
-pub const PAGES: &str = "pages";
-/// A committed snapshot's manifest as it was before the store marked the
-/// snapshot FAILED (kept for inspection next to its data).
-pub const ORIGINAL_MANIFEST: &str = "manifest.orig.json";
+use forkd_snapshot_format::{MANIFEST, MEMORY, ORIGINAL_MANIFEST, PAGES, VMSTATE};
 
 /// A snapshot in the index: its manifest and the digest of the manifest's
 /// bytes on disk (what a diff's `parent_digest` must equal).

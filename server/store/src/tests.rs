@@ -6,6 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::*;
+use forkd_snapshot_format::{
+    bitmap_bytes, bitmap_set, MANIFEST, MEMORY, ORIGINAL_MANIFEST, PAGES, PAGE_SIZE, VMSTATE,
+};
 
 /// 10 MiB: two full 4 MiB chunks and a short last one.
 const MIB: u32 = 10;
@@ -42,7 +45,7 @@ fn write_files(dir: &Path, mode: Mode, pages: &[(u64, u8)]) -> Written {
                 .unwrap();
             data += PAGE;
         }
-        bitmap[(page / 8) as usize] |= 1 << (page % 8);
+        bitmap_set(&mut bitmap, page);
     }
     std::fs::write(dir.join(VMSTATE), format!("vmstate of {}", dir.display())).unwrap();
     if mode == Mode::Diff {

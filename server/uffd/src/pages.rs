@@ -2,8 +2,9 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Page size of the copy.
-pub const PAGE_SIZE: usize = 4096;
+/// Page size of the copy: the snapshot format's page (the host's base
+/// page, the unit userfaultfd write-protects).
+pub const PAGE_SIZE: usize = forkd_snapshot_format::PAGE_SIZE as usize;
 
 const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use forkd_control::SnapshotMode;
+use forkd_snapshot_format::{MEMORY, PAGES, VMSTATE};
 
 use crate::error::{Result, VmmError};
 use crate::snapshot;
@@ -18,8 +19,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a capture wrote.
 #[derive(Debug)]
 pub struct Captured {
-    /// From the stop request until the vCPUs ran again (0 if the VM was
-    /// already paused by the daemon, which then owns the pause).
+    /// From the stop request until the vCPUs ran again.
     pub pause_us: u64,
     /// Bytes of memory data written.
     pub bytes_written: u64,
@@ -49,31 +49,21 @@ pub fn capture(
     })
 }
 
-/// Runs `f` with the vCPUs stopped, pausing and resuming them unless the
-/// daemon had paused the VM already. Returns `f`'s result and the pause in
-/// µs (from the stop request until the vCPUs run again; 0 if the daemon
-/// owns the pause).
+/// Runs `f` with the vCPUs stopped: pauses them, runs `f`, resumes them.
+/// Returns `f`'s result and the pause in µs (from the stop request until
+/// the vCPUs run again).
 pub fn while_stopped<T>(
     ctx: &VmContext,
     kick_all: impl Fn(),
     f: impl FnOnce() -> T,
 ) -> Result<(T, u64)> {
     let started = Instant::now();
-    let paused_here = !ctx.coord.is_paused();
-    if paused_here {
-        ctx.coord
-            .pause(kick_all, STOP_TIMEOUT)
-            .map_err(VmmError::Snapshot)?;
-    }
+    ctx.coord
+        .pause(kick_all, STOP_TIMEOUT)
+        .map_err(VmmError::Snapshot)?;
     let result = f();
-    let pause_us = if paused_here {
-        // Cannot fail: we paused it above and hold the only control thread.
-        let _ = ctx.coord.resume();
-        started.elapsed().as_micros() as u64
-    } else {
-        0
-    };
-    Ok((result, pause_us))
+    ctx.coord.resume();
+    Ok((result, started.elapsed().as_micros() as u64))
 }
 
 /// The stopped vCPUs' and the VM's device state.
@@ -101,7 +91,7 @@ pub fn collect_vmstate(ctx: &VmContext) -> Result<VmState> {
 
 /// Writes `state` to `dir/vmstate`.
 pub fn save_vmstate(state: &VmState, dir: &Path) -> Result<()> {
-    let path = dir.join("vmstate");
+    let path = dir.join(VMSTATE);
     std::fs::write(&path, state.to_bytes())
         .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", path.display())))
 }
@@ -122,7 +112,7 @@ fn write_while_stopped(
     let result = match mode {
         SnapshotMode::Full => {
             let since_start = ctx.dirty.since_start();
-            snapshot::write_full(&ctx.ram, &since_start, &dir.join("memory")).map(|bytes| {
+            snapshot::write_full(&ctx.ram, &since_start, &dir.join(MEMORY)).map(|bytes| {
                 let measured = if measure_diff {
                     snapshot::count(&epoch)
                 } else {
@@ -132,7 +122,7 @@ fn write_while_stopped(
             })
         }
         SnapshotMode::Diff => {
-            snapshot::write_diff(&ctx.ram, &epoch, &dir.join("memory"), &dir.join("pages"))
+            snapshot::write_diff(&ctx.ram, &epoch, &dir.join(MEMORY), &dir.join(PAGES))
                 .map(|bytes| (bytes, snapshot::count(&epoch)))
         }
         SnapshotMode::Live => Err(VmmError::Snapshot(

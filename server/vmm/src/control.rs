@@ -2,13 +2,10 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use forkd_control::{
-    read_to_vmm, Event, ExitReason, ProtocolError, Request, SnapshotMode, ToVmm, VmmStats,
-};
+use forkd_control::{read_to_vmm, Event, ExitReason, ProtocolError, Request, SnapshotMode, ToVmm};
 use forkd_guest_abi as abi;
 
 use crate::agent;
@@ -19,8 +16,6 @@ use crate::linux::LinuxDevices;
 use crate::live::{self, LiveSlot};
 use crate::vcpu::VmContext;
 
-/// How long a pause may take before it is reported as failed.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a Linux guest's agent gets to park its channel for a snapshot.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the reference guest refuses file requests.
@@ -52,7 +47,6 @@ pub fn serve(
     stream: UnixStream,
     ctx: Arc<VmContext>,
     vcpu_threads: Vec<libc::pthread_t>,
-    vcpus: u32,
     copy_rate: u64,
 ) -> ! {
     let live = Arc::new(LiveSlot::default());
@@ -133,32 +127,6 @@ pub fn serve(
                 }),
                 Cancelled::Unknown => {}
             },
-            Request::Pause { id } => {
-                let kick_all = || vcpu_threads.iter().for_each(|t| kick::kick(*t));
-                match ctx.coord.pause(kick_all, PAUSE_TIMEOUT) {
-                    Ok(took) => ctx.sink.send(&Event::Paused {
-                        id,
-                        pause_us: took.as_micros() as u64,
-                    }),
-                    Err(message) => ctx.sink.send(&Event::Error { id, message }),
-                }
-            }
-            Request::Resume { id } => match ctx.coord.resume() {
-                Ok(paused) => ctx.sink.send(&Event::Resumed {
-                    id,
-                    paused_us: paused.as_micros() as u64,
-                }),
-                Err(message) => ctx.sink.send(&Event::Error { id, message }),
-            },
-            Request::Stats { id } => ctx.sink.send(&Event::Stats {
-                id,
-                stats: VmmStats {
-                    memory_bytes: ctx.ram.size(),
-                    vcpus,
-                    exits: ctx.exits.load(Ordering::Relaxed),
-                    requests: ctx.requests.load(Ordering::Relaxed),
-                },
-            }),
             Request::Shutdown { .. } => ctx.sink.exit(ExitReason::Shutdown, 0),
             Request::WriteFile { id, .. }
             | Request::ReadFile { id, .. }
@@ -318,8 +286,8 @@ fn forward_file_data(ctx: &VmContext, id: u64, data: &[u8]) {
     }
 }
 
-/// Requests a Linux guest's agent serves; the rest (pause, resume, stats,
-/// snapshots, shutdown) are returned for the common path.
+/// Requests a Linux guest's agent serves; the rest (heartbeats, snapshots,
+/// shutdown) are returned for the common path.
 fn serve_linux(ctx: &VmContext, devices: &LinuxDevices, request: Request) -> Option<Request> {
     let id = request.id();
     let sent = match request {

@@ -52,7 +52,6 @@ struct State {
     current: Option<Job>,
     next_seq: u32,
     kicks: Vec<bool>,
-    paused_at: Option<Instant>,
     /// Set while the control thread collects vCPU states.
     save_requested: bool,
     saved: Vec<Option<Result<VcpuState, String>>>,
@@ -76,7 +75,6 @@ impl Coordinator {
                 current: None,
                 next_seq: 0,
                 kicks: vec![false; vcpus],
-                paused_at: None,
                 save_requested: false,
                 saved: (0..vcpus).map(|_| None).collect(),
             }),
@@ -183,11 +181,6 @@ impl Coordinator {
         self.lock().mode == Mode::Paused
     }
 
-    /// Whether the VM is paused.
-    pub fn is_paused(&self) -> bool {
-        self.lock().mode == Mode::Paused
-    }
-
     /// vCPU thread `index`: parks until the VM runs again; while parked,
     /// saves its state with `save` whenever the control thread asks.
     pub fn park(&self, index: usize, mut save: impl FnMut() -> Result<VcpuState, String>) {
@@ -243,8 +236,7 @@ impl Coordinator {
 
     /// Stops every vCPU: asks them to park, calls `kick` to interrupt
     /// KVM_RUN, and waits until all are parked or `timeout` passes.
-    /// Returns how long stopping took.
-    pub fn pause(&self, kick: impl Fn(), timeout: Duration) -> Result<Duration, String> {
+    pub fn pause(&self, kick: impl Fn(), timeout: Duration) -> Result<(), String> {
         let started = Instant::now();
         let mut st = self.lock();
         if st.mode == Mode::Paused {
@@ -272,21 +264,13 @@ impl Coordinator {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        st.paused_at = Some(Instant::now());
-        Ok(started.elapsed())
+        Ok(())
     }
 
-    /// Runs the vCPUs again; returns how long they were stopped.
-    pub fn resume(&self) -> Result<Duration, String> {
-        let mut st = self.lock();
-        if st.mode != Mode::Paused {
-            return Err("the VM is not paused".into());
-        }
-        st.mode = Mode::Running;
-        let paused = st.paused_at.take().map(|t| t.elapsed()).unwrap_or_default();
-        drop(st);
+    /// Runs the vCPUs again (after [`Coordinator::pause`]).
+    pub fn resume(&self) {
+        self.lock().mode = Mode::Running;
         self.cv.notify_all();
-        Ok(paused)
     }
 }
 
@@ -347,9 +331,8 @@ mod tests {
                 }
             }));
         }
-        let took = c.pause(|| {}, Duration::from_secs(5)).unwrap();
-        assert!(took < Duration::from_secs(5));
-        c.resume().unwrap();
+        c.pause(|| {}, Duration::from_secs(5)).unwrap();
+        c.resume();
         for t in threads {
             t.join().unwrap();
         }

@@ -1,5 +1,6 @@
 //! The VMM's side of the control socket's outgoing direction: events and
-//! output frames to the daemon, and the single final `Exited`.
+//! output frames to the daemon (the first is the `Hello` that `main` sends),
+//! and the single final `Exited`.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;

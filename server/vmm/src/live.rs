@@ -128,7 +128,7 @@ pub fn start(
     measure_diff: bool,
     rate: u64,
 ) -> Result<Started> {
-    let memory = snapshot::create(&dir.join("memory"), ctx.ram.size())?;
+    let memory = snapshot::create(&dir.join(forkd_snapshot_format::MEMORY), ctx.ram.size())?;
     let armed = match slot.take_armed() {
         // Armed when the previous copy ended (the dirty-log window started
         // then too): only what was let through since needs protecting.

@@ -4,12 +4,11 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use forkd_control::ExitReason;
+use forkd_control::{Event, ExitReason};
 use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
 use forkd_vmm::linux::{self, boot::LinuxBoot};
@@ -83,6 +82,8 @@ fn main() {
         }
     };
     let sink = Arc::new(EventSink::new(writer));
+    // The handshake: the first frame, before anything can fail.
+    sink.send(&Event::hello(env!("CARGO_PKG_VERSION")));
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
 
     let linux_boot = match (&args.kernel, &args.initrd) {
@@ -104,7 +105,7 @@ fn main() {
             linux::create_vm(&config, linux_boot.as_ref().expect("checked"))
         }
         (Some(dir), Some(memory_fd)) => {
-            let path = dir.join("vmstate");
+            let path = dir.join(forkd_snapshot_format::VMSTATE);
             let bytes = std::fs::read(&path)
                 .unwrap_or_else(|e| fail(format!("reading {}: {e}", path.display())));
             let mut state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
@@ -166,8 +167,6 @@ fn main() {
         ram,
         coord: Coordinator::new(vcpu_count),
         sink,
-        exits: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
         started,
         tsc_khz,
         vm: vm_fd,
@@ -201,5 +200,5 @@ fn main() {
         }
     }
     let copy_rate = live::rate_from_mibps(args.copy_rate_mibps);
-    control::serve(stream, ctx, threads, vcpu_count as u32, copy_rate)
+    control::serve(stream, ctx, threads, copy_rate)
 }

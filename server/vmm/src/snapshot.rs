@@ -8,14 +8,12 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use forkd_guest_abi as abi;
+use forkd_snapshot_format::{bitmap_from_words, PAGE_SIZE};
 use kvm_ioctls::VmFd;
 
 use crate::devices::virtio::device_writes::DeviceWrites;
 use crate::error::{Result, VmmError};
 use crate::memory::GuestRam;
-
-/// Page size of snapshots and dirty tracking.
-pub const PAGE: u64 = 4096;
 
 /// A page bitmap: bit `i % 64` of word `i / 64` is page `i`.
 pub type Bitmap = Vec<u64>;
@@ -27,7 +25,7 @@ fn set(bitmap: &mut [u64], page: u64) {
 /// Pages the VMM itself writes (the agent's request area): KVM's dirty log
 /// does not see writes made through the VMM's mapping.
 fn mark_vmm_written(bitmap: &mut [u64]) {
-    for page in abi::MAILBOX_ADDR / PAGE..(abi::REQUEST_ADDR + abi::REQUEST_MAX) / PAGE {
+    for page in abi::MAILBOX_ADDR / PAGE_SIZE..(abi::REQUEST_ADDR + abi::REQUEST_MAX) / PAGE_SIZE {
         set(bitmap, page);
     }
 }
@@ -53,7 +51,7 @@ pub struct DirtyLog {
 impl DirtyLog {
     /// Tracking for `memory_bytes` of RAM.
     pub fn new(memory_bytes: u64) -> Self {
-        let pages = memory_bytes / PAGE;
+        let pages = memory_bytes / PAGE_SIZE;
         let words = pages.div_ceil(64) as usize;
         DirtyLog {
             pages,
@@ -84,7 +82,7 @@ impl DirtyLog {
     /// KVM's dirty bitmap since the last read (KVM clears its copy).
     fn read_kvm(&self, vm: &VmFd) -> Result<Bitmap> {
         let mut bitmap = vm
-            .get_dirty_log(0, (self.pages * PAGE) as usize)
+            .get_dirty_log(0, (self.pages * PAGE_SIZE) as usize)
             .map_err(VmmError::kvm("KVM_GET_DIRTY_LOG"))?;
         bitmap.resize(self.pages.div_ceil(64) as usize, 0);
         Ok(bitmap)
@@ -255,20 +253,20 @@ fn write_pages(ram: &GuestRam, candidates: &[u64], file: &File, path: &Path) -> 
     let mut run: Option<(u64, u64)> = None; // (first page, page count)
     let flush = |run: (u64, u64)| -> Result<u64> {
         let (first, n) = run;
-        let bytes = ram.host_slice(first * PAGE, (n * PAGE) as usize);
-        file.write_all_at(bytes, first * PAGE)
+        let bytes = ram.host_slice(first * PAGE_SIZE, (n * PAGE_SIZE) as usize);
+        file.write_all_at(bytes, first * PAGE_SIZE)
             .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", path.display())))?;
-        Ok(n * PAGE)
+        Ok(n * PAGE_SIZE)
     };
     for (w, &word) in candidates.iter().enumerate() {
         let mut bits = word;
         while bits != 0 {
             let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
             bits &= bits - 1;
-            if page * PAGE >= ram.size() {
+            if page * PAGE_SIZE >= ram.size() {
                 break;
             }
-            if is_zero(ram.host_slice(page * PAGE, PAGE as usize)) {
+            if is_zero(ram.host_slice(page * PAGE_SIZE, PAGE_SIZE as usize)) {
                 continue;
             }
             run = match run {
@@ -290,10 +288,10 @@ fn write_pages(ram: &GuestRam, candidates: &[u64], file: &File, path: &Path) -> 
 /// Pages that may hold data: the backing memfd's data ranges, plus (for a
 /// private view of a snapshot) every page the VM wrote since it started.
 pub fn populated(ram: &GuestRam, since_start: &[u64]) -> Result<Bitmap> {
-    let pages = ram.size() / PAGE;
+    let pages = ram.size() / PAGE_SIZE;
     let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
     for (start, end) in ram.backing_data_ranges()? {
-        for page in start / PAGE..end.div_ceil(PAGE).min(pages) {
+        for page in start / PAGE_SIZE..end.div_ceil(PAGE_SIZE).min(pages) {
             set(&mut bitmap, page);
         }
     }
@@ -312,8 +310,8 @@ pub fn write_full(ram: &GuestRam, since_start: &[u64], path: &Path) -> Result<u6
 }
 
 /// DIFF: writes the pages of `dirty` to `memory_path` (zero pages stay
-/// holes) and the page bitmap to `pages_path` (LSB-first bytes). Returns
-/// bytes written.
+/// holes) and the page bitmap to `pages_path` (the snapshot format's
+/// LSB-first bytes). Returns bytes written.
 pub fn write_diff(
     ram: &GuestRam,
     dirty: &[u64],
@@ -322,9 +320,7 @@ pub fn write_diff(
 ) -> Result<u64> {
     let file = create(memory_path, ram.size())?;
     let written = write_pages(ram, dirty, &file, memory_path)?;
-    let bytes: Vec<u8> = dirty.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let pages_bytes = (ram.size() / PAGE).div_ceil(8) as usize;
-    std::fs::write(pages_path, &bytes[..pages_bytes.min(bytes.len())])
+    std::fs::write(pages_path, bitmap_from_words(dirty, ram.size()))
         .map_err(|e| VmmError::Snapshot(format!("writing {}: {e}", pages_path.display())))?;
     Ok(written)
 }
@@ -341,10 +337,10 @@ mod tests {
         ram.write(0x20_0000, &[7u8; 8192]).unwrap();
         let dir = std::env::temp_dir().join(format!("forkd-snap-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("memory");
+        let path = dir.join(forkd_snapshot_format::MEMORY);
         let _ = std::fs::remove_file(&path);
         let written = write_full(&ram, &[], &path).unwrap();
-        assert_eq!(written, 3 * PAGE);
+        assert_eq!(written, 3 * PAGE_SIZE);
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len() as u64, ram.size());
         assert_eq!(&data[0x3000..0x3005], b"hello");
@@ -355,18 +351,21 @@ mod tests {
     #[test]
     fn diff_writes_bitmap_with_zero_pages_as_holes() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        ram.write(5 * PAGE, &[1u8; 4096]).unwrap();
-        let mut dirty = vec![0u64; (ram.size() / PAGE / 64) as usize];
+        ram.write(5 * PAGE_SIZE, &[1u8; 4096]).unwrap();
+        let mut dirty = vec![0u64; (ram.size() / PAGE_SIZE / 64) as usize];
         set(&mut dirty, 5);
         set(&mut dirty, 9); // dirty but zero now
         let dir = std::env::temp_dir().join(format!("forkd-diff-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (m, p) = (dir.join("memory"), dir.join("pages"));
+        let (m, p) = (
+            dir.join(forkd_snapshot_format::MEMORY),
+            dir.join(forkd_snapshot_format::PAGES),
+        );
         let _ = std::fs::remove_file(&m);
         let _ = std::fs::remove_file(&p);
-        assert_eq!(write_diff(&ram, &dirty, &m, &p).unwrap(), PAGE);
+        assert_eq!(write_diff(&ram, &dirty, &m, &p).unwrap(), PAGE_SIZE);
         let bits = std::fs::read(&p).unwrap();
-        assert_eq!(bits.len() as u64, ram.size() / PAGE / 8);
+        assert_eq!(bits.len() as u64, ram.size() / PAGE_SIZE / 8);
         assert_eq!(bits[0], 1 << 5);
         assert_eq!(bits[1], 1 << 1);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -388,7 +387,7 @@ mod tests {
         mark_vmm_written(&mut bitmap);
         assert_eq!(
             count(&bitmap),
-            (abi::REQUEST_ADDR + abi::REQUEST_MAX - abi::MAILBOX_ADDR) / PAGE
+            (abi::REQUEST_ADDR + abi::REQUEST_MAX - abi::MAILBOX_ADDR) / PAGE_SIZE
         );
     }
 }

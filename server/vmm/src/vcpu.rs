@@ -1,6 +1,5 @@
 //! One vCPU thread: run the guest, handle its exits, park when asked.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,10 +25,6 @@ pub struct VmContext {
     pub coord: Coordinator,
     /// Events to the daemon.
     pub sink: Arc<EventSink>,
-    /// VM exits handled, all vCPUs.
-    pub exits: AtomicU64,
-    /// Agent requests completed.
-    pub requests: AtomicU64,
     /// When the VMM process started (for the boot time).
     pub started: Instant,
     /// TSC frequency the guest uses.
@@ -69,13 +64,10 @@ pub fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VmContext>) -> ! {
             continue;
         }
         let next = match fd.run() {
-            Ok(exit) => {
-                ctx.exits.fetch_add(1, Ordering::Relaxed);
-                match &ctx.linux {
-                    Some(devices) => handle_linux_exit(exit, devices),
-                    None => handle_exit(index, exit, &ctx, &mut ready_sent),
-                }
-            }
+            Ok(exit) => match &ctx.linux {
+                Some(devices) => handle_linux_exit(exit, devices),
+                None => handle_exit(index, exit, &ctx, &mut ready_sent),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
                 Next::Continue
@@ -191,7 +183,6 @@ fn finish_request(ctx: &VmContext) {
     let Some(job) = ctx.coord.finish() else {
         return;
     };
-    ctx.requests.fetch_add(1, Ordering::Relaxed);
     let (exit_code, ticks) = agent::result(&ctx.ram);
     let event = match job.kind {
         JobKind::Ping => Event::Pong { id: job.id },

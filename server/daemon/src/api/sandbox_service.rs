@@ -20,7 +20,7 @@ use crate::sandbox::linux_host::LinuxHost;
 use crate::snapshot::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
 use crate::snapshot::fork;
 use crate::snapshot::store::Snapshots;
-use crate::vmm_process::ExecCommand;
+use crate::vmm::ExecCommand;
 
 /// What a reference-guest sandbox answers to Linux-only Exec fields.
 pub const BUILTINS_ONLY: &str =

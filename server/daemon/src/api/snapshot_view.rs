@@ -5,7 +5,7 @@ use forkd_api::v1 as pb;
 use forkd_store::{Manifest, Mode, RunningChild, Status, Store};
 
 use crate::api::error::ApiError;
-use crate::vmm_process::CopyProgress;
+use crate::vmm::CopyProgress;
 
 /// The API status of a store status.
 pub fn status_to_proto(s: Status) -> pb::SnapshotStatus {

@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::vmm_process::CopyProgress;
+use crate::vmm::CopyProgress;
 
 /// Upper bounds (seconds) of `forkd_branch_pause_seconds`: 0.1 ms to 10 s.
 /// A LIVE pause is well under a millisecond; FULL/DIFF pauses write memory

@@ -14,7 +14,7 @@ use tonic::Status;
 
 use crate::api::error::ApiError;
 use crate::sandbox::registry::Sandbox;
-use crate::vmm_process::{ExecCommand, ExecEvent};
+use crate::vmm::{ExecCommand, ExecEvent};
 
 /// Time the guest gets to end a command after Cancel.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(5);

@@ -17,7 +17,7 @@ use crate::sandbox::expiry::{Deadline, Expiry};
 use crate::sandbox::ids::new_sandbox_id;
 use crate::sandbox::image_lookup::Image;
 use crate::sandbox::registry::{Registry, Reservation, Sandbox, SandboxSpec};
-use crate::vmm_process::{LinuxBoot, RequestError, RestoreSpec, Vmm, VmmSpec};
+use crate::vmm::{LinuxBoot, RequestError, RestoreSpec, Vmm, VmmSpec};
 
 /// Most VMMs booting at the same time, across all calls.
 pub const BOOT_PARALLELISM: usize = 16;

@@ -14,7 +14,7 @@ use crate::api::error::ApiError;
 use crate::api::validate::labels_match;
 use crate::sandbox::expiry::Deadline;
 use crate::sync::lock;
-use crate::vmm_process::{Lifecycle, Vmm};
+use crate::vmm::{Lifecycle, Vmm};
 
 /// Fields of a sandbox fixed at spawn time.
 #[derive(Debug)]

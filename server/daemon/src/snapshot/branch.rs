@@ -20,7 +20,7 @@ use crate::sandbox::registry::Sandbox;
 use crate::snapshot::live_copy::BackgroundCopy;
 use crate::snapshot::store::{CancelSignal, Snapshots, SNAPSHOT_STORE};
 use crate::snapshot::writing::{Epoch, WritingSnapshot};
-use crate::vmm_process::{LiveSnapshot, RequestError, Snapshotted};
+use crate::vmm::{LiveSnapshot, RequestError, Snapshotted};
 
 /// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
 /// to use and whether to wait for READY: `mode` wins; UNSPECIFIED means

@@ -17,7 +17,7 @@ use crate::sandbox::lifecycle::{BootPlan, Manager};
 use crate::sandbox::registry::Sandbox;
 use crate::snapshot::branch::{self, BranchPlan};
 use crate::snapshot::store::Snapshots;
-use crate::vmm_process::ExecCommand;
+use crate::vmm::ExecCommand;
 
 /// Time limit of a warm-up command whose `timeout_ms` is 0.
 pub const DEFAULT_WARMUP_TIMEOUT_MS: u32 = 60_000;

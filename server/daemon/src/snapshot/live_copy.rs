@@ -17,7 +17,7 @@ use crate::sandbox::registry::Sandbox;
 use crate::snapshot::branch::BranchOutcome;
 use crate::snapshot::store::{CancelSignal, SNAPSHOT_STORE};
 use crate::snapshot::writing::{Epoch, WritingSnapshot};
-use crate::vmm_process::{CopyEvent, CopyProgress, LiveSnapshot};
+use crate::vmm::{CopyEvent, CopyProgress, LiveSnapshot};
 
 /// Time the VMM gets to end a copy after Cancel before it is treated as
 /// broken: the sandbox is failed and its VMM killed (as for an Exec whose

@@ -14,7 +14,7 @@ use tokio::sync::{watch, OnceCell};
 use crate::api::error::{ApiError, CancelReason, StartupError};
 use crate::metrics::BranchMetrics;
 use crate::sync::lock;
-use crate::vmm_process::CopyProgress;
+use crate::vmm::CopyProgress;
 
 /// How often a waiter looks for a snapshot begun but not yet registered.
 const WRITING_POLL: std::time::Duration = std::time::Duration::from_millis(50);

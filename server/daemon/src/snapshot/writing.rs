@@ -17,7 +17,7 @@ use forkd_store::{Manifest, Mode, Pending, SnapshotInfo, Written};
 use crate::api::error::ApiError;
 use crate::sandbox::registry::Sandbox;
 use crate::snapshot::store::{CancelSignal, Snapshots};
-use crate::vmm_process::CopyProgress;
+use crate::vmm::CopyProgress;
 
 /// What a failure means for the sandbox's base snapshot (the one a later
 /// DIFF is taken against).

@@ -13,7 +13,7 @@ use super::{event_error, request_error};
 use crate::api::error::ApiError;
 use crate::sandbox::exec::stopped;
 use crate::sandbox::registry::Sandbox;
-use crate::vmm_process::FileEvent;
+use crate::vmm::FileEvent;
 
 /// Bytes the agent may send beyond what the daemon acknowledged.
 pub const READ_WINDOW: u32 = 2 << 20;

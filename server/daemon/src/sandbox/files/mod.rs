@@ -29,7 +29,7 @@ use forkd_control::Event;
 use crate::api::error::ApiError;
 use crate::sandbox::exec::stopped;
 use crate::sandbox::registry::Sandbox;
-use crate::vmm_process::RequestError;
+use crate::vmm::RequestError;
 
 /// Checks that `sandbox` can take a file request now.
 pub fn check(sandbox: &Sandbox) -> Result<(), ApiError> {

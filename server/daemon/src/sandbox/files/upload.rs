@@ -13,7 +13,7 @@ use crate::api::error::ApiError;
 use crate::api::validate;
 use crate::sandbox::exec::stopped;
 use crate::sandbox::registry::Sandbox;
-use crate::vmm_process::FileEvent;
+use crate::vmm::FileEvent;
 
 /// Where and how to write, from the upload's first message.
 #[derive(Debug)]

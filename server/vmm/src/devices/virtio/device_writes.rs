@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// A page bitmap, one bit per 4 KiB page, set from any thread.
+use forkd_snapshot_format::{page_count, PAGE_SIZE};
+
+/// A page bitmap, one bit per snapshot page, set from any thread.
 #[derive(Clone, Debug)]
 pub struct DeviceWrites {
     bits: Arc<Vec<AtomicU64>>,
@@ -15,7 +17,7 @@ pub struct DeviceWrites {
 impl DeviceWrites {
     /// A bitmap covering `memory_bytes` of RAM.
     pub fn new(memory_bytes: u64) -> Self {
-        let pages = memory_bytes.div_ceil(4096);
+        let pages = page_count(memory_bytes);
         let words = pages.div_ceil(64) as usize;
         DeviceWrites {
             bits: Arc::new((0..words).map(|_| AtomicU64::new(0)).collect()),
@@ -27,8 +29,8 @@ impl DeviceWrites {
         if len == 0 {
             return;
         }
-        let first = addr / 4096;
-        let last = (addr + len as u64 - 1) / 4096;
+        let first = addr / PAGE_SIZE;
+        let last = (addr + len as u64 - 1) / PAGE_SIZE;
         for page in first..=last {
             if let Some(word) = self.bits.get((page / 64) as usize) {
                 word.fetch_or(1 << (page % 64), Ordering::Relaxed);

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use forkd_control::{encode_file_data, encode_json, Event, Request, FILE_CHUNK};
+use forkd_control::{encode_file_data, encode_json, Event, Reply, Request, FILE_CHUNK};
 use tokio::sync::mpsc;
 
+use super::routes::Sink;
 use super::{RequestError, Vmm};
 use crate::sync::lock;
 
@@ -18,17 +19,6 @@ pub enum FileEvent {
     /// An event of the transfer (credit, opened, written, read, failed,
     /// or the VMM's `Error`).
     Event(Event),
-}
-
-/// Whether `event` is the last one of its transfer.
-fn ends_transfer(event: &Event) -> bool {
-    matches!(
-        event,
-        Event::FileWritten { .. }
-            | Event::FileRead { .. }
-            | Event::FileFailed { .. }
-            | Event::Error { .. }
-    )
 }
 
 /// One running upload or download. Dropping it before its last event
@@ -47,7 +37,7 @@ impl FileTransfer {
     pub async fn next(&mut self) -> Option<FileEvent> {
         let next = self.events.recv().await;
         match &next {
-            Some(FileEvent::Event(event)) if ends_transfer(event) => self.ended = true,
+            Some(FileEvent::Event(event)) if Reply::Transfer.ends_with(event) => self.ended = true,
             None => self.ended = true,
             _ => {}
         }
@@ -78,7 +68,7 @@ impl FileTransfer {
 
 impl Drop for FileTransfer {
     fn drop(&mut self) {
-        lock(&self.vmm.routes).files.remove(&self.id);
+        lock(&self.vmm.routes).remove(self.id);
         if !self.ended {
             tracing::debug!(sandbox = %self.vmm.id, transfer = self.id, "aborting file transfer");
             let _ = self
@@ -98,14 +88,9 @@ impl Vmm {
     ) -> Result<FileTransfer, RequestError> {
         let id = self.next_id();
         let (tx, events) = mpsc::unbounded_channel();
-        {
-            let mut routes = lock(&self.routes);
-            if routes.closed {
-                return Err(RequestError::Stopped(self.stop_or_unknown()));
-            }
-            routes.files.insert(id, tx);
-        }
-        self.send(&make(id));
+        let request = make(id);
+        self.open_and_send(&request, Sink::File(tx))
+            .map_err(RequestError::Stopped)?;
         Ok(FileTransfer {
             vmm: self.clone(),
             id,
@@ -122,24 +107,5 @@ impl Vmm {
         make: impl FnOnce(u64) -> Request,
     ) -> Result<Event, RequestError> {
         self.call(make).await
-    }
-
-    /// Hands a transfer's event to its route; returns events that belong to
-    /// no transfer, for the other routes.
-    pub(super) fn route_file_event(&self, id: Option<u64>, event: Event) -> Option<Event> {
-        let Some(id) = id else { return Some(event) };
-        let mut routes = lock(&self.routes);
-        let tx = if ends_transfer(&event) {
-            routes.files.remove(&id)
-        } else {
-            routes.files.get(&id).cloned()
-        };
-        match tx {
-            Some(tx) => {
-                let _ = tx.send(FileEvent::Event(event));
-                None
-            }
-            None => Some(event),
-        }
     }
 }
