@@ -52,6 +52,16 @@ pub struct ExecResult {
     pub status: Option<Status>,
 }
 
+impl ExecResult {
+    /// The status the call failed with as `Err`, else the result.
+    pub fn into_result(self) -> Result<ExecResult, Status> {
+        match self.status {
+            Some(s) => Err(s),
+            None => Ok(self),
+        }
+    }
+}
+
 /// The call's status code (`Ok` when it ended normally).
 pub fn code_of(r: &ExecResult) -> Code {
     r.status.as_ref().map(|s| s.code()).unwrap_or(Code::Ok)

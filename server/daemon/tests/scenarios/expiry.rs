@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use forkd_api::v1 as pb;
 use tonic::Code;
 
-use crate::harness::{alive, free_port, get, spawn, Daemon};
+use crate::harness::{alive, assert_status, free_port, get, spawn, Daemon};
 
 /// `forkd_sandboxes_expired_total` from a `--metrics-listen` endpoint.
 fn expired_total(port: u16) -> u64 {
@@ -68,23 +68,24 @@ pub async fn expiry_deletes_and_counts() {
     // The default applies to a spawn without a ttl; the maximum is enforced.
     let defaulted = spawn(&mut c, 1).await.remove(0);
     assert!(defaulted.expire_time.is_some());
-    let e = c
-        .set_sandbox_ttl(pb::SetSandboxTtlRequest {
+    assert_status(
+        c.set_sandbox_ttl(pb::SetSandboxTtlRequest {
             sandbox_id: kept.id.clone(),
             ttl_seconds: 31,
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("--max-ttl 30"), "{}", e.message());
-    let e = c
-        .set_sandbox_ttl(pb::SetSandboxTtlRequest {
+        .await,
+        Code::InvalidArgument,
+        &["--max-ttl 30"],
+    );
+    assert_status(
+        c.set_sandbox_ttl(pb::SetSandboxTtlRequest {
             sandbox_id: "sb-0000000000".into(),
             ttl_seconds: 5,
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+        .await,
+        Code::NotFound,
+        &[],
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

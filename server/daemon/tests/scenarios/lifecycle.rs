@@ -12,7 +12,9 @@ use pb::snapshot_service_client::SnapshotServiceClient;
 use pb::BranchMode;
 use tonic::Code;
 
-use crate::harness::{alive, code_of, exec, health, spawn, Daemon};
+use crate::harness::{
+    alive, assert_status, assert_status_eq, code_of, exec, health, spawn, Daemon,
+};
 
 pub async fn lifecycle_and_exec() {
     let d = Daemon::start(&[], &[]).await;
@@ -85,10 +87,10 @@ pub async fn lifecycle_and_exec() {
     // Timeout: cancelled, DEADLINE_EXCEEDED, sandbox still usable.
     let t = Instant::now();
     let r = exec(&mut c, &id, &["sleep", "10000"], 100).await;
-    assert_eq!(code_of(&r), Code::DeadlineExceeded);
-    assert_eq!(
-        r.status.unwrap().message(),
-        "command exceeded timeout_ms=100 and was stopped; the sandbox is still usable"
+    assert_status_eq(
+        r.into_result(),
+        Code::DeadlineExceeded,
+        "command exceeded timeout_ms=100 and was stopped; the sandbox is still usable",
     );
     assert!(t.elapsed() < Duration::from_secs(3));
     assert_eq!(exec(&mut c, &id, &["echo", "ok"], 0).await.stdout, b"ok\n");
@@ -150,14 +152,13 @@ pub async fn lifecycle_and_exec() {
     // Crash: in-flight exec ABORTED, sandbox FAILED, no process left.
     let victim = resp.sandboxes[1].clone();
     let r = exec(&mut c, &victim.id, &["crash"], 0).await;
-    assert_eq!(code_of(&r), Code::Aborted);
-    let msg = r.status.unwrap().message().to_string();
-    assert_eq!(
-        msg,
-        format!(
+    assert_status_eq(
+        r.into_result(),
+        Code::Aborted,
+        &format!(
             "sandbox {} stopped: guest crashed: #PF page fault at rip=0x201234 cr2=0x0",
             victim.id
-        )
+        ),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let got = loop {
@@ -183,8 +184,11 @@ pub async fn lifecycle_and_exec() {
     );
     assert!(!alive(victim.vmm_pid));
     let r = exec(&mut c, &victim.id, &["echo"], 0).await;
-    assert_eq!(code_of(&r), Code::FailedPrecondition);
-    assert!(r.status.unwrap().message().contains("DeleteSandbox"));
+    assert_status(
+        r.into_result(),
+        Code::FailedPrecondition,
+        &["DeleteSandbox"],
+    );
     let gone = c
         .delete_sandbox(pb::DeleteSandboxRequest {
             id: victim.id.clone(),
@@ -211,88 +215,83 @@ pub async fn lifecycle_and_exec() {
     assert_eq!(gone.state, pb::SandboxState::Running as i32);
     assert!(!alive(target.vmm_pid));
     assert!(!d.data.join("sandboxes").join(&target.id).exists());
-    let err = c
+    let r = c
         .get_sandbox(pb::GetSandboxRequest {
             id: target.id.clone(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(err.message(), format!("sandbox {} not found", target.id));
-    let err = c
+        .await;
+    assert_status_eq(
+        r,
+        Code::NotFound,
+        &format!("sandbox {} not found", target.id),
+    );
+    let r = c
         .delete_sandbox(pb::DeleteSandboxRequest {
             id: target.id.clone(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+        .await;
+    assert_status(r, Code::NotFound, &[]);
 }
 
 pub async fn validation() {
     let d = Daemon::start(&["--max-sandboxes", "2"], &[]).await;
     let mut c = d.sandboxes().await;
-    let spawn_err = |req: pb::SpawnSandboxesRequest| {
+    let try_spawn = |req: pb::SpawnSandboxesRequest| {
         let mut c = c.clone();
-        async move { c.spawn_sandboxes(req).await.unwrap_err() }
+        async move { c.spawn_sandboxes(req).await }
     };
     let base = || pb::SpawnSandboxesRequest {
         n: 1,
         ..Default::default()
     };
-    let e = spawn_err(pb::SpawnSandboxesRequest { n: 0, ..base() }).await;
-    assert_eq!(
-        (e.code(), e.message()),
-        (Code::InvalidArgument, "n must be between 1 and 1000, got 0")
+    let r = try_spawn(pb::SpawnSandboxesRequest { n: 0, ..base() }).await;
+    assert_status_eq(
+        r,
+        Code::InvalidArgument,
+        "n must be between 1 and 1000, got 0",
     );
-    let e = spawn_err(pb::SpawnSandboxesRequest {
+    let r = try_spawn(pb::SpawnSandboxesRequest {
         memory_mib: 1,
         ..base()
     })
     .await;
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = spawn_err(pb::SpawnSandboxesRequest { vcpus: 9, ..base() }).await;
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = spawn_err(pb::SpawnSandboxesRequest {
+    assert_status(r, Code::InvalidArgument, &[]);
+    let r = try_spawn(pb::SpawnSandboxesRequest { vcpus: 9, ..base() }).await;
+    assert_status(r, Code::InvalidArgument, &[]);
+    let r = try_spawn(pb::SpawnSandboxesRequest {
         labels: [("Bad".to_string(), "v".to_string())].into(),
         ..base()
     })
     .await;
-    assert!(e.code() == Code::InvalidArgument && e.message().contains("\"Bad\""));
-    let e = spawn_err(pb::SpawnSandboxesRequest {
+    assert_status(r, Code::InvalidArgument, &["\"Bad\""]);
+    let r = try_spawn(pb::SpawnSandboxesRequest {
         snapshot_tag: "base".into(),
         ..base()
     })
     .await;
-    assert_eq!(
-        (e.code(), e.message()),
-        (Code::NotFound, "snapshot base not found")
-    );
-    let e = spawn_err(pb::SpawnSandboxesRequest { n: 3, ..base() }).await;
-    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_status_eq(r, Code::NotFound, "snapshot base not found");
+    let r = try_spawn(pb::SpawnSandboxesRequest { n: 3, ..base() }).await;
+    assert_status(r, Code::ResourceExhausted, &[]);
 
-    let e = c
-        .get_sandbox(pb::GetSandboxRequest { id: "".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+    let r = c.get_sandbox(pb::GetSandboxRequest { id: "".into() }).await;
+    assert_status(r, Code::InvalidArgument, &[]);
     let r = exec(&mut c, "sb-nope", &["echo"], 0).await;
-    assert_eq!(code_of(&r), Code::NotFound);
+    assert_status(r.into_result(), Code::NotFound, &[]);
     let sb = spawn(&mut c, 1).await.remove(0);
     let r = exec(&mut c, &sb.id, &[], 0).await;
-    assert_eq!(code_of(&r), Code::InvalidArgument);
+    assert_status(r.into_result(), Code::InvalidArgument, &[]);
     let big = "x".repeat(70_000);
     let r = exec(&mut c, &sb.id, &["echo", &big], 0).await;
-    assert_eq!(code_of(&r), Code::InvalidArgument);
-    let e = c
+    assert_status(r.into_result(), Code::InvalidArgument, &[]);
+    let r = c
         .branch_sandbox(pb::BranchSandboxRequest {
             sandbox_id: sb.id.clone(),
             mode: BranchMode::Live as i32,
             diff: true,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+        .await;
+    assert_status(r, Code::InvalidArgument, &[]);
     let mut snaps = SnapshotServiceClient::new(d.channel().await);
     assert!(snaps
         .list_snapshots(pb::ListSnapshotsRequest::default())
@@ -308,8 +307,11 @@ pub async fn ignored_cancel_fails_the_sandbox() {
     let mut c = d.sandboxes().await;
     let sb = spawn(&mut c, 1).await.remove(0);
     let r = exec(&mut c, &sb.id, &["stubborn"], 50).await;
-    assert_eq!(code_of(&r), Code::DeadlineExceeded);
-    assert!(r.status.unwrap().message().contains("did not honor cancel"));
+    assert_status(
+        r.into_result(),
+        Code::DeadlineExceeded,
+        &["did not honor cancel"],
+    );
     let s = c
         .get_sandbox(pb::GetSandboxRequest { id: sb.id.clone() })
         .await
@@ -324,20 +326,17 @@ pub async fn ignored_cancel_fails_the_sandbox() {
 pub async fn boot_failure() {
     let d = Daemon::start(&[], &[("FORKD_FAKE_VMM", "boot_fail")]).await;
     let mut c = d.sandboxes().await;
-    let e = c
+    let r = c
         .spawn_sandboxes(pb::SpawnSandboxesRequest {
             n: 2,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Internal);
-    assert!(
-        e.message().contains("VMM failed: cannot open /dev/kvm"),
-        "{}",
-        e.message()
+        .await;
+    assert_status(
+        r,
+        Code::Internal,
+        &["VMM failed: cannot open /dev/kvm", "vmm.log: fake-vmm"],
     );
-    assert!(e.message().contains("vmm.log: fake-vmm"), "{}", e.message());
     assert!(d.sandbox_dirs().is_empty());
     assert!(c
         .list_sandboxes(pb::ListSandboxesRequest::default())

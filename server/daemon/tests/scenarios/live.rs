@@ -13,8 +13,8 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::harness::{
-    alive, branch, branch_waiting, code_of, exec, fork, get_snapshot, peek, poke, spawn_small,
-    Daemon,
+    alive, assert_status, assert_status_eq, branch, branch_waiting, exec, fork, get_snapshot, peek,
+    poke, spawn_small, Daemon,
 };
 
 /// 36 MiB guests copy in about 1 s at 36 MiB/s, 3 s at 12 MiB/s.
@@ -159,8 +159,11 @@ pub async fn live_branch_flow() {
         .snapshots;
     assert_eq!(writing.len(), 1);
     assert_eq!(writing[0].tag, "l2");
-    let e = fork_waiting(&mut c, "l2", false).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = assert_status(
+        fork_waiting(&mut c, "l2", false).await,
+        Code::FailedPrecondition,
+        &[],
+    );
     assert!(
         // "(NN% copied)" appears once the first progress report is in.
         e.message().starts_with("snapshot l2 is still WRITING")
@@ -241,11 +244,12 @@ pub async fn live_cancel_and_source_death() {
     let deleted = s.delete_snapshot(del("c1")).await.unwrap().into_inner();
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(deleted.deleted_tags, ["c1"]);
-    let e = s
-        .get_snapshot(pb::GetSnapshotRequest { tag: "c1".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_status(
+        s.get_snapshot(pb::GetSnapshotRequest { tag: "c1".into() })
+            .await,
+        Code::NotFound,
+        &[],
+    );
     assert!(!d.data.join("snapshots/c1").exists());
     assert!(!d.data.join("snapshots/.c1.writing").exists());
     let msgs = watcher.await.unwrap();
@@ -267,21 +271,15 @@ pub async fn live_cancel_and_source_death() {
     let fork = tokio::spawn(async move { fork_waiting(&mut c2, "c2", true).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     s.delete_snapshot(del("c2")).await.unwrap();
-    let e = waiting.await.unwrap().unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::Aborted,
-            "snapshot c2 is FAILED: cancelled: snapshot deleted"
-        )
+    assert_status_eq(
+        waiting.await.unwrap(),
+        Code::Aborted,
+        "snapshot c2 is FAILED: cancelled: snapshot deleted",
     );
-    let e = fork.await.unwrap().unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(
-        e.message()
-            .contains("c2 is FAILED (cancelled: snapshot deleted)"),
-        "{}",
-        e.message()
+    assert_status(
+        fork.await.unwrap(),
+        Code::FailedPrecondition,
+        &["c2 is FAILED (cancelled: snapshot deleted)"],
     );
     // The sandbox's epoch ended at the pause: no DIFF before a FULL.
     let e = branch(&mut c, &id, "", BranchMode::Diff).await.unwrap_err();
@@ -292,18 +290,16 @@ pub async fn live_cancel_and_source_death() {
     let waiting = tokio::spawn(async move { live(&mut c1, &id1, "k1", None).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = exec(&mut c, &id, &["crash"], 0).await;
-    assert_eq!(code_of(&r), Code::Aborted);
-    let e = waiting.await.unwrap().unwrap_err();
+    assert_status(r.into_result(), Code::Aborted, &[]);
+    let r = waiting.await.unwrap();
     let reason = format!(
         "source sandbox {id} stopped during the live copy: guest crashed: #PF page fault at \
          rip=0x201234 cr2=0x0"
     );
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::Aborted,
-            format!("snapshot k1 is FAILED: {reason}").as_str()
-        )
+    assert_status_eq(
+        r,
+        Code::Aborted,
+        &format!("snapshot k1 is FAILED: {reason}"),
     );
     let k1 = get_snapshot(&mut s, "k1").await;
     assert_eq!(
@@ -356,14 +352,11 @@ pub async fn live_copy_failures() {
     let mut c = d.sandboxes().await;
     let mut s = SnapshotServiceClient::new(d.channel().await);
     let id = spawn_small(&mut c).await.id;
-    let e = live(&mut c, &id, "bad", None).await.unwrap_err();
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::Internal,
-            "snapshot bad is FAILED: the VMM could not copy memory: writing memory: No space left \
-             on device"
-        )
+    assert_status_eq(
+        live(&mut c, &id, "bad", None).await,
+        Code::Internal,
+        "snapshot bad is FAILED: the VMM could not copy memory: writing memory: No space left on \
+         device",
     );
     let bad = get_snapshot(&mut s, "bad").await;
     assert_eq!(bad.status, SnapshotStatus::Failed as i32);

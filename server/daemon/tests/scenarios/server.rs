@@ -8,25 +8,21 @@ use forkd_api::v1 as pb;
 use pb::sandbox_service_client::SandboxServiceClient;
 use tonic::Code;
 
-use crate::harness::{exec, free_port, health, spawn, Daemon};
+use crate::harness::{assert_status, exec, free_port, health, spawn, Daemon};
 
 pub async fn auth() {
     let d = Daemon::start(&[], &[("FORKD_TOKEN", "t0ken")]).await;
     let mut c = d.sandboxes().await;
-    let e = c
-        .list_sandboxes(pb::ListSandboxesRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated);
-    assert!(e.message().contains("authorization: Bearer <token>"));
+    assert_status(
+        c.list_sandboxes(pb::ListSandboxesRequest::default()).await,
+        Code::Unauthenticated,
+        &["authorization: Bearer <token>"],
+    );
     assert_eq!(health(d.channel().await, "").await, Some(1));
     let mut req = tonic::Request::new(pb::ListSandboxesRequest::default());
     req.metadata_mut()
         .insert("authorization", "Bearer wrong".parse().unwrap());
-    assert_eq!(
-        c.list_sandboxes(req).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    assert_status(c.list_sandboxes(req).await, Code::Unauthenticated, &[]);
     let mut req = tonic::Request::new(pb::ListSandboxesRequest::default());
     req.metadata_mut()
         .insert("authorization", "Bearer t0ken".parse().unwrap());

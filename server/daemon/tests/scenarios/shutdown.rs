@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use forkd_api::v1 as pb;
 use tonic::Code;
 
-use crate::harness::{alive, code_of, exec, health, spawn, Daemon};
+use crate::harness::{
+    alive, assert_status, assert_status_eq, code_of, exec, health, spawn, Daemon,
+};
 
 pub async fn graceful_shutdown() {
     let mut d = Daemon::start(&["--drain-grace", "1"], &[]).await;
@@ -30,14 +32,10 @@ pub async fn graceful_shutdown() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Draining: health says NOT_SERVING, new calls are refused.
     assert_eq!(health(d.channel().await, "").await, Some(2));
-    let e = c
-        .list_sandboxes(pb::ListSandboxesRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable);
-    assert_eq!(
-        e.message(),
-        "forkd is shutting down; retry on another instance"
+    assert_status_eq(
+        c.list_sandboxes(pb::ListSandboxesRequest::default()).await,
+        Code::Unavailable,
+        "forkd is shutting down; retry on another instance",
     );
     // The in-flight exec finishes normally.
     let r = running.await.unwrap();
@@ -46,8 +44,7 @@ pub async fn graceful_shutdown() {
     // The health Watch saw NOT_SERVING, then ended: it does not hold the
     // shutdown up.
     assert_eq!(watch.message().await.unwrap().unwrap().status, 2);
-    let end = watch.message().await.unwrap_err();
-    assert_eq!(end.code(), Code::Unavailable);
+    assert_status(watch.message().await, Code::Unavailable, &[]);
     assert_eq!(d.wait(Duration::from_secs(5)), 0, "{}", d.log_text());
     for pid in pids {
         assert!(!alive(pid), "VMM {pid} survived");

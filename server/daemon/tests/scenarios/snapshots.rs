@@ -13,7 +13,10 @@ use pb::{BranchMode, SnapshotStatus};
 use tonic::Code;
 
 use crate::fake_vmm::PAGE;
-use crate::harness::{branch, exec, fork, get_snapshot, peek, poke, spawn_small, Daemon};
+use crate::harness::{
+    assert_status, assert_status_eq, branch, exec, fork, get_snapshot, peek, poke, spawn_small,
+    Daemon,
+};
 
 pub async fn branch_fork_and_chains() {
     let d = Daemon::start(&[], &[]).await;
@@ -23,38 +26,36 @@ pub async fn branch_fork_and_chains() {
     let pid = parent.id.clone();
 
     // DIFF needs a base; a cold-booted sandbox has none.
-    let e = branch(&mut c, &pid, "", BranchMode::Diff)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert_eq!(
-        e.message(),
-        format!("sandbox {pid} has no base snapshot: take a FULL branch first")
+    assert_status_eq(
+        branch(&mut c, &pid, "", BranchMode::Diff).await,
+        Code::FailedPrecondition,
+        &format!("sandbox {pid} has no base snapshot: take a FULL branch first"),
     );
     // Contradictions and bad tags.
-    let e = c
-        .branch_sandbox(pb::BranchSandboxRequest {
+    assert_status(
+        c.branch_sandbox(pb::BranchSandboxRequest {
             sandbox_id: pid.clone(),
             mode: BranchMode::Full as i32,
             diff: true,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    let e = c
+        .await,
+        Code::InvalidArgument,
+        &[],
+    );
+    let r = c
         .branch_sandbox(pb::BranchSandboxRequest {
             sandbox_id: pid.clone(),
             wait: Some(false),
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert!(e.code() == Code::InvalidArgument && e.message().contains("LIVE only"));
-    let e = branch(&mut c, &pid, "../x", BranchMode::Full)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+        .await;
+    assert_status(r, Code::InvalidArgument, &["LIVE only"]);
+    assert_status(
+        branch(&mut c, &pid, "../x", BranchMode::Full).await,
+        Code::InvalidArgument,
+        &[],
+    );
 
     // FULL: the fork sees the parent's memory.
     poke(&mut c, &pid, 3, 7).await;
@@ -69,10 +70,11 @@ pub async fn branch_fork_and_chains() {
     assert_eq!(snap.chain, ["base"]);
     assert_eq!((r.bytes_written, r.pause_ms), (4096, 0.25));
     assert!(d.data.join("snapshots/base/manifest.json").is_file());
-    let e = branch(&mut c, &pid, "base", BranchMode::Full)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_status(
+        branch(&mut c, &pid, "base", BranchMode::Full).await,
+        Code::AlreadyExists,
+        &[],
+    );
 
     let kids = fork(&mut c, "base", 3).await.unwrap();
     for k in &kids {
@@ -135,20 +137,16 @@ pub async fn branch_fork_and_chains() {
     assert_eq!(r.dirty_pages, 0);
 
     // Spawn checks.
-    let e = c
-        .spawn_sandboxes(pb::SpawnSandboxesRequest {
+    assert_status(
+        c.spawn_sandboxes(pb::SpawnSandboxesRequest {
             snapshot_tag: "base".into(),
             n: 1,
             memory_mib: 256,
             ..Default::default()
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("memory_mib must be 0 or 36"),
-        "{}",
-        e.message()
+        .await,
+        Code::InvalidArgument,
+        &["memory_mib must be 0 or 36"],
     );
 
     // Get / List / Watch.
@@ -185,11 +183,12 @@ pub async fn branch_fork_and_chains() {
         w.message().await.unwrap().is_none(),
         "one message, then the end"
     );
-    let e = s
-        .watch_snapshot(pb::WatchSnapshotRequest { tag: "nope".into() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_status(
+        s.watch_snapshot(pb::WatchSnapshotRequest { tag: "nope".into() })
+            .await,
+        Code::NotFound,
+        &[],
+    );
 
     // Delete rules.
     let del = |tag: &str, cascade: bool, force: bool| pb::DeleteSnapshotRequest {
@@ -197,22 +196,16 @@ pub async fn branch_fork_and_chains() {
         cascade,
         force,
     };
-    let e = s
-        .delete_snapshot(del("base", false, false))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(
-        e.message().contains("dependent diff snapshots (d1)"),
-        "{}",
-        e.message()
+    assert_status(
+        s.delete_snapshot(del("base", false, false)).await,
+        Code::FailedPrecondition,
+        &["dependent diff snapshots (d1)"],
     );
-    let e = s
-        .delete_snapshot(del("base", true, false))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("running children"), "{}", e.message());
+    assert_status(
+        s.delete_snapshot(del("base", true, false)).await,
+        Code::FailedPrecondition,
+        &["running children"],
+    );
     let deleted = s
         .delete_snapshot(del(&gen.tag, false, false))
         .await
@@ -228,16 +221,15 @@ pub async fn branch_fork_and_chains() {
         .deleted_tags;
     assert_eq!(deleted, ["d3", "d2", "d1", "base"]);
     assert!(!d.data.join("snapshots/base").exists());
-    let e = fork(&mut c, "base", 1).await.unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+    assert_status(fork(&mut c, "base", 1).await, Code::NotFound, &[]);
     // Children keep running on their own memory.
     assert_eq!(peek(&mut c, &kids[1].id, 3).await, 7);
     // A DIFF against a deleted base is refused.
-    let e = branch(&mut c, &pid, "", BranchMode::Diff)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("was deleted"), "{}", e.message());
+    assert_status(
+        branch(&mut c, &pid, "", BranchMode::Diff).await,
+        Code::FailedPrecondition,
+        &["was deleted"],
+    );
 }
 
 pub async fn create_snapshot_and_data_loss() {
@@ -283,29 +275,27 @@ pub async fn create_snapshot_and_data_loss() {
     assert_eq!(peek(&mut c, &r.sandbox_id, 2).await, 4);
 
     // A failing warm-up: FAILED_PRECONDITION, nothing left behind.
-    let e = s
-        .create_snapshot(warm("broken", &["fail"], false))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert_eq!(
-        e.message(),
+    assert_status_eq(
+        s.create_snapshot(warm("broken", &["fail"], false)).await,
+        Code::FailedPrecondition,
         "warm-up command [\"fail\"] exited with code 3; stderr: warm-up broke; the sandbox was \
-         deleted and no snapshot was taken"
+         deleted and no snapshot was taken",
     );
-    let e = s
-        .get_snapshot(pb::GetSnapshotRequest {
+    assert_status(
+        s.get_snapshot(pb::GetSnapshotRequest {
             tag: "broken".into(),
         })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
+        .await,
+        Code::NotFound,
+        &[],
+    );
     assert!(!d.data.join("snapshots/broken").exists());
-    let e = s
-        .create_snapshot(warm("warm", &["poke", "1", "1"], false))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_status(
+        s.create_snapshot(warm("warm", &["poke", "1", "1"], false))
+            .await,
+        Code::AlreadyExists,
+        &[],
+    );
 
     // One flipped byte: DATA_LOSS, and no child starts.
     s.create_snapshot(warm("flip", &["poke", "2", "8"], false))
@@ -321,13 +311,10 @@ pub async fn create_snapshot_and_data_loss() {
         .into_inner()
         .sandboxes
         .len();
-    let e = fork(&mut c, "flip", 5).await.unwrap_err();
-    assert_eq!(e.code(), Code::DataLoss);
-    assert!(
-        e.message()
-            .contains("snapshot flip is corrupt: memory chunk 0"),
-        "{}",
-        e.message()
+    assert_status(
+        fork(&mut c, "flip", 5).await,
+        Code::DataLoss,
+        &["snapshot flip is corrupt: memory chunk 0"],
     );
     let after = c
         .list_sandboxes(pb::ListSandboxesRequest::default())
@@ -363,11 +350,11 @@ pub async fn restart_recovers_the_store() {
     assert_eq!(torn.status, SnapshotStatus::Failed as i32);
     assert_eq!(torn.failure_reason, "daemon stopped while writing");
     assert!(!d.data.join("snapshots/torn/memory").exists());
-    let e = fork(&mut c, "torn", 1).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e
-        .message()
-        .contains("is FAILED (daemon stopped while writing)"));
+    assert_status(
+        fork(&mut c, "torn", 1).await,
+        Code::FailedPrecondition,
+        &["is FAILED (daemon stopped while writing)"],
+    );
     let ready = s
         .list_snapshots(pb::ListSnapshotsRequest {
             status: SnapshotStatus::Ready as i32,
@@ -387,11 +374,11 @@ pub async fn failed_branch_keeps_the_sandbox() {
     let mut c = d.sandboxes().await;
     let mut s = SnapshotServiceClient::new(d.channel().await);
     let sb = spawn_small(&mut c).await;
-    let e = branch(&mut c, &sb.id, "x", BranchMode::Full)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Internal);
-    assert!(e.message().contains("disk full"), "{}", e.message());
+    assert_status(
+        branch(&mut c, &sb.id, "x", BranchMode::Full).await,
+        Code::Internal,
+        &["disk full"],
+    );
     let snap = get_snapshot(&mut s, "x").await;
     assert_eq!(snap.status, SnapshotStatus::Failed as i32);
     assert!(snap.failure_reason.contains("disk full"));
