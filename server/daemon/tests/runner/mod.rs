@@ -1,9 +1,16 @@
 //! Runs the selected scenarios one after the other on one Tokio runtime,
-//! printing `ok`/`FAILED` and the time of each.
+//! the way libtest would: `test NAME ... ok` (or `FAILED`) with the time
+//! of each, then the failures and a `test result:` summary; the exit code
+//! is 101 when any failed. [`args`] reads the command line.
+
+mod args;
 
 use std::future::Future;
+use std::io::Write;
 use std::pin::Pin;
 use std::time::Instant;
+
+use args::{Args, USAGE};
 
 /// One scenario: its name and its body.
 pub struct Scenario {
@@ -13,29 +20,68 @@ pub struct Scenario {
 
 /// Runs `scenarios` as `args` (the command line after the program) say.
 pub fn main(args: &[String], scenarios: &[Scenario]) -> ! {
-    let filter = args.first().filter(|a| !a.starts_with('-')).cloned();
+    let args = match Args::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            std::process::exit(101);
+        }
+    };
+    if args.help {
+        print!("{USAGE}");
+        std::process::exit(0);
+    }
+    for flag in &args.unknown {
+        eprintln!("warning: ignoring unknown flag {flag}");
+    }
+    let selected: Vec<&Scenario> = scenarios.iter().filter(|s| args.selects(s.name)).collect();
+    let filtered_out = scenarios.len() - selected.len();
+    if args.list {
+        for s in &selected {
+            println!("{}: test", s.name);
+        }
+        if !args.quiet {
+            println!("\n{} tests, 0 benchmarks", selected.len());
+        }
+        std::process::exit(0);
+    }
+
+    println!("\nrunning {} tests", selected.len());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut failed = 0;
-    for scenario in scenarios {
-        let name = scenario.name;
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
+    let start = Instant::now();
+    let mut failed = Vec::new();
+    for s in &selected {
         let t = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            rt.block_on((scenario.run)())
-        }));
-        match result {
-            Ok(()) => println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64()),
-            Err(_) => {
-                println!("test {name} ... FAILED");
-                failed += 1;
-            }
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on((s.run)())));
+        let secs = t.elapsed().as_secs_f64();
+        let ok = result.is_ok();
+        if !ok {
+            failed.push(s.name);
+        }
+        match (args.quiet, ok) {
+            (true, true) => print!("."),
+            (true, false) => print!("F"),
+            (false, true) => println!("test {} ... ok ({secs:.1} s)", s.name),
+            (false, false) => println!("test {} ... FAILED ({secs:.1} s)", s.name),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    if args.quiet {
+        println!();
+    }
+    if !failed.is_empty() {
+        println!("\nfailures:");
+        for name in &failed {
+            println!("    {name}");
         }
     }
-    if failed > 0 {
-        println!("{failed} test(s) failed");
-        std::process::exit(1);
-    }
-    std::process::exit(0)
+    println!(
+        "\ntest result: {}. {} passed; {} failed; {filtered_out} filtered out; finished in {:.1} s\n",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        selected.len() - failed.len(),
+        failed.len(),
+        start.elapsed().as_secs_f64(),
+    );
+    std::process::exit(if failed.is_empty() { 0 } else { 101 })
 }
