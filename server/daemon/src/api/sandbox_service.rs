@@ -1,5 +1,5 @@
 //! `forkd.v1.SandboxService`: validates each request and hands it to the
-//! lifecycle manager, the registry or an Exec task.
+//! lifecycle lifecycle, the registry or an Exec task.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::sandbox::console;
 use crate::sandbox::exec::{self, ExecStream};
 use crate::sandbox::files::{self, download::ReadStream};
 use crate::sandbox::image_lookup::{self, Images};
-use crate::sandbox::lifecycle::{BootPlan, Manager, SpawnOutcome};
+use crate::sandbox::lifecycle::{BootPlan, Lifecycle, SpawnOutcome};
 use crate::sandbox::linux_host::LinuxHost;
 use crate::snapshot::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
 use crate::snapshot::fork;
@@ -73,20 +73,20 @@ impl LinuxGuests {
 /// The SandboxService implementation.
 #[derive(Debug, Clone)]
 pub struct Sandboxes {
-    manager: Arc<Manager>,
+    lifecycle: Arc<Lifecycle>,
     snapshots: Arc<Snapshots>,
     linux: Arc<LinuxGuests>,
 }
 
 impl Sandboxes {
-    /// A service over `manager`, the snapshot store and the Linux images.
+    /// A service over `lifecycle`, the snapshot store and the Linux images.
     pub fn new(
-        manager: Arc<Manager>,
+        lifecycle: Arc<Lifecycle>,
         snapshots: Arc<Snapshots>,
         linux: Arc<LinuxGuests>,
     ) -> Sandboxes {
         Sandboxes {
-            manager,
+            lifecycle,
             snapshots,
             linux,
         }
@@ -96,7 +96,11 @@ impl Sandboxes {
     /// (and on first use loads) its snapshot.
     async fn plan(&self, req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> {
         let mut plan = boot_plan(req)?;
-        plan.ttl = self.manager.expiry().policy().for_spawn(req.ttl_seconds)?;
+        plan.ttl = self
+            .lifecycle
+            .expiry()
+            .policy()
+            .for_spawn(req.ttl_seconds)?;
         if !req.image.is_empty() {
             self.linux.plan(&mut plan, &req.image, req.memory_mib)?;
         }
@@ -206,11 +210,11 @@ impl SandboxService for Sandboxes {
         // The boots run in their own task: if the caller goes away, the
         // sandboxes that started are deleted again instead of leaking.
         let (tx, rx) = oneshot::channel();
-        let manager = self.manager.clone();
+        let lifecycle = self.lifecycle.clone();
         let snapshot_tag = plan.restore.as_ref().map(|r| r.tag.clone());
         let snapshots = self.snapshots.clone();
         tokio::spawn(async move {
-            let mut outcome = manager.spawn(plan, requested).await;
+            let mut outcome = lifecycle.spawn(plan, requested).await;
             if let (Ok(outcome), Some(tag)) = (&mut outcome, snapshot_tag) {
                 // A force delete of the snapshot can race the boots: their
                 // VMMs then fail to read it. Say so instead of what the VMM
@@ -224,7 +228,7 @@ impl SandboxService for Sandboxes {
             if let Err(Ok(abandoned)) = tx.send(outcome) {
                 for sandbox in &abandoned.started {
                     tracing::info!(sandbox = %sandbox.id(), "caller went away; deleting");
-                    let _ = manager.delete(sandbox.id()).await;
+                    let _ = lifecycle.delete(sandbox.id()).await;
                 }
             }
         });
@@ -239,7 +243,7 @@ impl SandboxService for Sandboxes {
         request: Request<pb::GetSandboxRequest>,
     ) -> Result<Response<pb::GetSandboxResponse>, Status> {
         let id = validate::sandbox_id("id", &request.get_ref().id)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         Ok(Response::new(pb::GetSandboxResponse {
             sandbox: Some(sandbox.to_proto()),
         }))
@@ -251,7 +255,7 @@ impl SandboxService for Sandboxes {
     ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
         let selector = &request.get_ref().label_selector;
         let sandboxes = self
-            .manager
+            .lifecycle
             .registry()
             .list(selector)
             .iter()
@@ -266,8 +270,8 @@ impl SandboxService for Sandboxes {
     ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
         let id = validate::sandbox_id("id", &request.get_ref().id)?.to_string();
         // Run to completion even if the caller goes away.
-        let manager = self.manager.clone();
-        let sandbox = tokio::spawn(async move { manager.delete(&id).await })
+        let lifecycle = self.lifecycle.clone();
+        let sandbox = tokio::spawn(async move { lifecycle.delete(&id).await })
             .await
             .map_err(|e| ApiError::Internal(format!("delete task failed: {e}")))??;
         Ok(Response::new(pb::DeleteSandboxResponse {
@@ -287,7 +291,7 @@ impl SandboxService for Sandboxes {
         let env = validate::exec_env(&req.env)?;
         let cwd = validate::exec_cwd(&req.cwd)?;
         validate::exec_stdin(&req.stdin)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         let linux_only = !env.is_empty() || cwd.is_some() || !req.stdin.is_empty();
         if linux_only && !sandbox.vmm.is_linux() {
             return Err(ApiError::FailedPrecondition(BUILTINS_ONLY.into()).into());
@@ -313,7 +317,7 @@ impl SandboxService for Sandboxes {
         if let Some(tag) = &tag {
             validate::snapshot_tag(tag)?;
         }
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         let plan = BranchPlan {
             tag,
             mode,
@@ -346,7 +350,7 @@ impl SandboxService for Sandboxes {
         let snapshot = describe(
             self.snapshots.store(),
             &outcome.manifest,
-            &self.manager.registry().snapshot_children(),
+            &self.lifecycle.registry().snapshot_children(),
         );
         Ok(Response::new(pb::BranchSandboxResponse {
             snapshot: Some(snapshot),
@@ -363,12 +367,12 @@ impl SandboxService for Sandboxes {
     ) -> Result<Response<pb::SetSandboxTtlResponse>, Status> {
         let req = request.get_ref();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
-        let expiry = self.manager.expiry();
+        let expiry = self.lifecycle.expiry();
         let ttl = expiry
             .policy()
             .check(req.ttl_seconds)
             .map_err(ApiError::from)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         expiry.set(&sandbox, ttl)?;
         Ok(Response::new(pb::SetSandboxTtlResponse {
             sandbox: Some(sandbox.to_proto()),
@@ -382,7 +386,7 @@ impl SandboxService for Sandboxes {
         let req = request.get_ref();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
         let max = validate::tail_bytes(req.tail_bytes)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         if !sandbox.vmm.is_linux() {
             return Err(ApiError::FailedPrecondition(format!(
                 "sandbox {id} runs the reference guest, which has no serial console; \
@@ -390,7 +394,7 @@ impl SandboxService for Sandboxes {
             ))
             .into());
         }
-        let dir = self.manager.sandbox_dir(id);
+        let dir = self.lifecycle.sandbox_dir(id);
         let tail = tokio::task::spawn_blocking(move || console::read_tail(&dir, max))
             .await
             .map_err(|e| ApiError::Internal(format!("console read task failed: {e}")))?
@@ -412,7 +416,7 @@ impl SandboxService for Sandboxes {
             .unwrap_or_default();
         let mut body = request.into_inner();
         let (id, target) = files::upload::header(&mut body).await?;
-        let sandbox = self.manager.registry().get(&id)?;
+        let sandbox = self.lifecycle.registry().get(&id)?;
         files::check(&sandbox)?;
         Ok(Response::new(
             files::upload::write(sandbox, target, body, reset).await?,
@@ -428,7 +432,7 @@ impl SandboxService for Sandboxes {
         let req = request.into_inner();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
         let path = validate::guest_path("path", &req.path)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         files::check(&sandbox)?;
         let range = files::download::Range {
             path,
@@ -445,7 +449,7 @@ impl SandboxService for Sandboxes {
         let req = request.into_inner();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
         let path = validate::guest_path("path", &req.path)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         files::check(&sandbox)?;
         let info = files::meta::stat(&sandbox, path).await?;
         Ok(Response::new(pb::StatFileResponse { info: Some(info) }))
@@ -458,7 +462,7 @@ impl SandboxService for Sandboxes {
         let req = request.into_inner();
         let id = validate::sandbox_id("sandbox_id", &req.sandbox_id)?;
         let path = validate::guest_path("path", &req.path)?;
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         files::check(&sandbox)?;
         Ok(Response::new(files::meta::list(&sandbox, path).await?))
     }
@@ -476,7 +480,7 @@ impl SandboxService for Sandboxes {
             )
             .into());
         }
-        let sandbox = self.manager.registry().get(id)?;
+        let sandbox = self.lifecycle.registry().get(id)?;
         files::check(&sandbox)?;
         files::meta::remove(&sandbox, path, req.recursive).await?;
         Ok(Response::new(pb::RemoveFileResponse {}))

@@ -14,7 +14,7 @@ use crate::api::error::{ApiError, CancelReason};
 use crate::api::sandbox_service::LinuxGuests;
 use crate::api::snapshot_view::{describe, status_filter, watch_message};
 use crate::api::validate;
-use crate::sandbox::lifecycle::Manager;
+use crate::sandbox::lifecycle::Lifecycle;
 use crate::snapshot::create::{self, create_plan};
 use crate::snapshot::store::{Snapshots, WriteState};
 
@@ -28,21 +28,21 @@ const DELETE_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(2
 /// The SnapshotService implementation.
 #[derive(Debug, Clone)]
 pub struct SnapshotApi {
-    manager: Arc<Manager>,
+    lifecycle: Arc<Lifecycle>,
     snapshots: Arc<Snapshots>,
     linux: Arc<LinuxGuests>,
 }
 
 impl SnapshotApi {
-    /// A service over the manager (for sandboxes), the store and the Linux
+    /// A service over the lifecycle (for sandboxes), the store and the Linux
     /// images (for CreateSnapshot of an image).
     pub fn new(
-        manager: Arc<Manager>,
+        lifecycle: Arc<Lifecycle>,
         snapshots: Arc<Snapshots>,
         linux: Arc<LinuxGuests>,
     ) -> SnapshotApi {
         SnapshotApi {
-            manager,
+            lifecycle,
             snapshots,
             linux,
         }
@@ -54,7 +54,7 @@ impl SnapshotApi {
         Ok(describe(
             store,
             &m,
-            &self.manager.registry().snapshot_children(),
+            &self.lifecycle.registry().snapshot_children(),
         ))
     }
 }
@@ -69,10 +69,10 @@ impl SnapshotService for SnapshotApi {
         tracing::info!(tag = ?plan.tag, memory_mib = plan.memory_mib, "creating a snapshot");
         // Its own task: a caller that goes away does not leave a sandbox
         // or a WRITING snapshot behind.
-        let (manager, snapshots) = (self.manager.clone(), self.snapshots.clone());
+        let (lifecycle, snapshots) = (self.lifecycle.clone(), self.snapshots.clone());
         let linux = self.linux.clone();
         let (manifest, sandbox_id) = tokio::spawn(async move {
-            create::create_snapshot(&manager, &snapshots, &linux, plan).await
+            create::create_snapshot(&lifecycle, &snapshots, &linux, plan).await
         })
         .await
         .map_err(|e| ApiError::Internal(format!("create task failed: {e}")))??;
@@ -99,7 +99,7 @@ impl SnapshotService for SnapshotApi {
     ) -> Result<Response<pb::ListSnapshotsResponse>, GrpcStatus> {
         let filter = status_filter(request.get_ref().status)?;
         let store = self.snapshots.store();
-        let running = self.manager.registry().snapshot_children();
+        let running = self.lifecycle.registry().snapshot_children();
         let snapshots = store
             .list()
             .iter()
@@ -117,7 +117,7 @@ impl SnapshotService for SnapshotApi {
         validate::snapshot_tag(&req.tag)?;
         // Its own task: once a LIVE copy is cancelled, the delete goes
         // through even if the caller goes away.
-        let (manager, snapshots) = (self.manager.clone(), self.snapshots.clone());
+        let (lifecycle, snapshots) = (self.lifecycle.clone(), self.snapshots.clone());
         let tag = req.tag.clone();
         let deleted = tokio::spawn(async move {
             // A LIVE snapshot being written: cancel its copy and wait until
@@ -132,7 +132,7 @@ impl SnapshotService for SnapshotApi {
                     tracing::warn!(%tag, "live copy did not end after its cancel");
                 }
             }
-            let running = manager.registry().snapshot_children();
+            let running = lifecycle.registry().snapshot_children();
             let t = tag.clone();
             let deleted = snapshots
                 .blocking(move |s| s.delete(&t, req.cascade, req.force, &running))

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::api::error::ApiError;
 use crate::metrics::ExpiryMetrics;
-use crate::sandbox::lifecycle::Manager;
+use crate::sandbox::lifecycle::Lifecycle;
 use crate::sandbox::registry::Sandbox;
 use crate::sync::lock;
 
@@ -240,10 +240,10 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Starts deleting `manager`'s sandboxes as their deadlines pass.
-    pub fn start(expiry: Arc<Expiry>, manager: Arc<Manager>) -> Reaper {
+    /// Starts deleting `lifecycle`'s sandboxes as their deadlines pass.
+    pub fn start(expiry: Arc<Expiry>, lifecycle: Arc<Lifecycle>) -> Reaper {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(reap(expiry, manager, stopped));
+        let task = tokio::spawn(reap(expiry, lifecycle, stopped));
         Reaper { stop, task }
     }
 
@@ -256,16 +256,16 @@ impl Reaper {
     }
 }
 
-async fn reap(expiry: Arc<Expiry>, manager: Arc<Manager>, mut stopped: watch::Receiver<bool>) {
+async fn reap(expiry: Arc<Expiry>, lifecycle: Arc<Lifecycle>, mut stopped: watch::Receiver<bool>) {
     let mut deletes = JoinSet::new();
     loop {
         let now = Instant::now();
         let (due, next) = expiry.due(now);
         for id in due {
-            let manager = manager.clone();
+            let lifecycle = lifecycle.clone();
             let expiry = expiry.clone();
             deletes.spawn(async move {
-                let Some((deadline, before)) = manager.expire(&id, now).await else {
+                let Some((deadline, before)) = lifecycle.expire(&id, now).await else {
                     return; // stale: extended, cleared or deleted since
                 };
                 expiry.metrics.expired();

@@ -89,7 +89,7 @@ pub struct SpawnOutcome {
 
 /// Owns the sandboxes' processes and directories.
 #[derive(Debug)]
-pub struct Manager {
+pub struct Lifecycle {
     registry: Arc<Registry>,
     data_dir: Arc<DataDir>,
     vmm_path: PathBuf,
@@ -100,8 +100,8 @@ pub struct Manager {
     expiry: Arc<Expiry>,
 }
 
-impl Manager {
-    /// A manager starting `vmm_path` for each sandbox, each with LIVE
+impl Lifecycle {
+    /// A lifecycle starting `vmm_path` for each sandbox, each with LIVE
     /// copies limited to `copy_rate_mibps` (0: unlimited) and watched by a
     /// `watchdog` of that bound (if any); Linux guests get
     /// `linux_boot_timeout` to answer their first ping; lifetimes are kept
@@ -115,8 +115,8 @@ impl Manager {
         watchdog: Option<Duration>,
         linux_boot_timeout: Duration,
         expiry: Arc<Expiry>,
-    ) -> Arc<Manager> {
-        Arc::new(Manager {
+    ) -> Arc<Lifecycle> {
+        Arc::new(Lifecycle {
             registry,
             data_dir,
             vmm_path,
@@ -329,7 +329,7 @@ impl Manager {
     }
 
     /// Deletes a sandbox whose deadline is at or before `now`, as
-    /// [`Manager::delete`] does; `None` if it is gone or its lifetime was
+    /// [`Lifecycle::delete`] does; `None` if it is gone or its lifetime was
     /// extended or cleared since. Returns the deadline it passed and the
     /// sandbox as it was before.
     pub async fn expire(

@@ -14,7 +14,7 @@ use crate::api::error::ApiError;
 use crate::api::validate::labels_match;
 use crate::sandbox::expiry::Deadline;
 use crate::sync::lock;
-use crate::vmm::{Lifecycle, Vmm};
+use crate::vmm::{Vmm, VmmPhase};
 
 /// Fields of a sandbox fixed at spawn time.
 #[derive(Debug)]
@@ -128,9 +128,9 @@ impl Sandbox {
 
     /// The current state.
     pub fn state(&self) -> SandboxState {
-        match self.vmm.lifecycle() {
-            Lifecycle::Stopped(stop) if stop.failed => SandboxState::Failed,
-            Lifecycle::Stopped(_) => SandboxState::Exited,
+        match self.vmm.phase() {
+            VmmPhase::Stopped(stop) if stop.failed => SandboxState::Failed,
+            VmmPhase::Stopped(_) => SandboxState::Exited,
             _ if self.boot_ms.get().is_none() => SandboxState::Starting,
             _ if self.snapshotting.load(Ordering::SeqCst) => SandboxState::Paused,
             _ => SandboxState::Running,
@@ -139,7 +139,7 @@ impl Sandbox {
 
     /// Whether the VMM is starting or running (not stopped).
     pub fn is_alive(&self) -> bool {
-        !matches!(self.vmm.lifecycle(), Lifecycle::Stopped(_))
+        !matches!(self.vmm.phase(), VmmPhase::Stopped(_))
     }
 
     /// Whether an Exec may run now; otherwise FAILED_PRECONDITION saying

@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
 use crate::sandbox::expiry::{Expiry, Reaper};
 use crate::sandbox::files::reset::ResetLayer;
 use crate::sandbox::image_lookup::Images;
-use crate::sandbox::lifecycle::Manager;
+use crate::sandbox::lifecycle::Lifecycle;
 use crate::sandbox::registry::Registry;
 use crate::serve::auth::AuthLayer;
 use crate::serve::connections::{self, AcceptGate, CallLayer, ConnTable};
@@ -130,7 +130,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes, config.max_guest_memory_mib);
     let expiry = Expiry::new(config.ttl, metrics.expiry.clone());
-    let manager = Manager::new(
+    let lifecycle = Lifecycle::new(
         registry,
         data_dir.clone(),
         config.vmm_path.clone(),
@@ -139,7 +139,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         config.linux_boot_timeout,
         expiry.clone(),
     );
-    let reaper = Reaper::start(expiry, manager.clone());
+    let reaper = Reaper::start(expiry, lifecycle.clone());
     let linux = Arc::new(LinuxGuests {
         images: Images::new(config.images_dir.clone()),
         host: config.linux_host,
@@ -159,7 +159,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         ),
         Err(e) => tracing::info!(reason = %e, "Linux guests disabled"),
     }
-    metrics.observe_state(manager.registry().clone(), snapshots.clone());
+    metrics.observe_state(lifecycle.registry().clone(), snapshots.clone());
     let mut signals = Signals::install()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -195,12 +195,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SandboxServiceServer::new(Sandboxes::new(
-            manager.clone(),
+            lifecycle.clone(),
             snapshots.clone(),
             linux.clone(),
         )))
         .add_service(SnapshotServiceServer::new(SnapshotApi::new(
-            manager.clone(),
+            lifecycle.clone(),
             snapshots.clone(),
             linux,
         )));
@@ -339,7 +339,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             tracing::warn!("snapshots still being written; stopping the VMMs anyway");
         }
     }
-    manager.shutdown_all().await;
+    lifecycle.shutdown_all().await;
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
     }

@@ -13,7 +13,7 @@ use crate::api::error::{ApiError, WARMUP_SANDBOX_DELETED};
 use crate::api::sandbox_service::LinuxGuests;
 use crate::api::validate;
 use crate::sandbox::exec;
-use crate::sandbox::lifecycle::{BootPlan, Manager};
+use crate::sandbox::lifecycle::{BootPlan, Lifecycle};
 use crate::sandbox::registry::Sandbox;
 use crate::snapshot::branch::{self, BranchPlan};
 use crate::snapshot::store::Snapshots;
@@ -81,7 +81,7 @@ pub fn create_plan(req: &pb::CreateSnapshotRequest) -> Result<CreatePlan, ApiErr
 /// sandbox id. On failure the sandbox is deleted; a failed warm-up leaves
 /// nothing in the store. Run it in its own task so it always cleans up.
 pub async fn create_snapshot(
-    manager: &Arc<Manager>,
+    lifecycle: &Arc<Lifecycle>,
     snapshots: &Arc<Snapshots>,
     linux: &LinuxGuests,
     plan: CreatePlan,
@@ -110,7 +110,7 @@ pub async fn create_snapshot(
     if let Some(name) = &plan.image {
         linux.plan(&mut boot, name, plan.requested_memory_mib)?;
     }
-    let outcome = manager.spawn(boot, std::time::Instant::now()).await?;
+    let outcome = lifecycle.spawn(boot, std::time::Instant::now()).await?;
     let Some(sandbox) = outcome.started.into_iter().next() else {
         let (_, first) = outcome
             .failures
@@ -126,7 +126,7 @@ pub async fn create_snapshot(
     tracing::info!(sandbox = %id, commands = plan.warmup.len(), "warming up for a snapshot");
     let mut result = warm_and_branch(snapshots, &sandbox, &plan).await;
     if result.is_err() || !plan.keep_running {
-        if let Err(e) = manager.delete(&id).await {
+        if let Err(e) = lifecycle.delete(&id).await {
             tracing::warn!(sandbox = %id, error = %e, "could not delete the warm-up sandbox");
             // Say what really became of it.
             if let Err(

@@ -90,7 +90,7 @@ impl Stop {
 
 /// Where the VMM is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Lifecycle {
+pub enum VmmPhase {
     /// Started; no `Ready` yet.
     Booting,
     /// The guest said `Ready`.
@@ -108,7 +108,7 @@ pub struct Vmm {
     next_id: AtomicU64,
     writer: mpsc::UnboundedSender<Vec<u8>>,
     routes: Mutex<routes::Routes>,
-    lifecycle: watch::Sender<Lifecycle>,
+    phase: watch::Sender<VmmPhase>,
     kill: Mutex<Option<oneshot::Sender<()>>>,
     reaped: watch::Receiver<Option<String>>,
     /// When the reader last got a frame from the VMM.
@@ -128,7 +128,7 @@ impl std::fmt::Debug for Vmm {
         f.debug_struct("Vmm")
             .field("id", &self.id)
             .field("pid", &self.pid())
-            .field("lifecycle", &*self.lifecycle.borrow())
+            .field("phase", &*self.phase.borrow())
             .finish()
     }
 }
@@ -150,14 +150,14 @@ impl Vmm {
     }
 
     /// Where the VMM is in its life.
-    pub fn lifecycle(&self) -> Lifecycle {
-        self.lifecycle.borrow().clone()
+    pub fn phase(&self) -> VmmPhase {
+        self.phase.borrow().clone()
     }
 
     /// Why the VMM stopped, if it did.
     pub fn stop(&self) -> Option<Stop> {
-        match &*self.lifecycle.borrow() {
-            Lifecycle::Stopped(stop) => Some(stop.clone()),
+        match &*self.phase.borrow() {
+            VmmPhase::Stopped(stop) => Some(stop.clone()),
             _ => None,
         }
     }
@@ -170,14 +170,14 @@ impl Vmm {
     /// Waits for the guest's `Ready`; returns the VMM's stop if it stopped
     /// first.
     pub async fn wait_ready(&self) -> Result<(), Stop> {
-        let mut rx = self.lifecycle.subscribe();
+        let mut rx = self.phase.subscribe();
         let state = rx
-            .wait_for(|l| *l != Lifecycle::Booting)
+            .wait_for(|l| *l != VmmPhase::Booting)
             .await
             .map(|l| l.clone())
-            .unwrap_or(Lifecycle::Stopped(Stop::failure("VMM connection lost")));
+            .unwrap_or(VmmPhase::Stopped(Stop::failure("VMM connection lost")));
         match state {
-            Lifecycle::Stopped(stop) => Err(stop),
+            VmmPhase::Stopped(stop) => Err(stop),
             _ => Ok(()),
         }
     }
@@ -192,11 +192,11 @@ impl Vmm {
     /// Records the stop unless one is recorded already (the first reason
     /// wins).
     fn set_stop(&self, stop: Stop) {
-        self.lifecycle.send_if_modified(|l| {
-            if matches!(l, Lifecycle::Stopped(_)) {
+        self.phase.send_if_modified(|l| {
+            if matches!(l, VmmPhase::Stopped(_)) {
                 false
             } else {
-                *l = Lifecycle::Stopped(stop);
+                *l = VmmPhase::Stopped(stop);
                 true
             }
         });

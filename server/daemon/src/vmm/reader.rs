@@ -15,7 +15,7 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 
 use super::routes::Sink;
-use super::{ExecEvent, FileEvent, Lifecycle, Stop, Vmm};
+use super::{ExecEvent, FileEvent, Stop, Vmm, VmmPhase};
 use crate::sync::lock;
 
 /// How long a VMM gets to exit by itself after its last frame or EOF
@@ -174,10 +174,10 @@ impl Vmm {
                 if let Some(guest) = guest {
                     let _ = self.guest_boot.set(guest);
                 }
-                self.lifecycle.send_if_modified(|l| {
-                    let booting = *l == Lifecycle::Booting;
+                self.phase.send_if_modified(|l| {
+                    let booting = *l == VmmPhase::Booting;
                     if booting {
-                        *l = Lifecycle::Ready;
+                        *l = VmmPhase::Ready;
                     }
                     booting
                 });

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{reader, requests, routes, watchdog, Lifecycle, Vmm};
+use super::{reader, requests, routes, watchdog, Vmm, VmmPhase};
 use crate::api::error::BootError;
 use crate::data_dir::VMM_LOG;
 
@@ -181,7 +181,7 @@ impl Vmm {
             next_id: AtomicU64::new(1),
             writer,
             routes: Mutex::new(routes::Routes::default()),
-            lifecycle: watch::Sender::new(Lifecycle::Booting),
+            phase: watch::Sender::new(VmmPhase::Booting),
             kill: Mutex::new(Some(kill_tx)),
             reaped,
             last_heard: Mutex::new(Instant::now()),

@@ -38,11 +38,7 @@ use forkd_control::{
     encode_json, encode_output, read_to_vmm, Event, ExitReason, GuestBoot, Request, ToVmm,
 };
 
-type Out = Arc<Mutex<UnixStream>>;
-
-fn send(out: &Out, frame: &[u8]) {
-    let _ = out.lock().unwrap().write_all(frame);
-}
+use super::{send, Out};
 
 fn append(path: &str, text: &str) {
     let mut f = std::fs::OpenOptions::new()
