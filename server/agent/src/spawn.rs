@@ -189,45 +189,66 @@ pub fn fork_exec(p: &Prepared, fds: &ChildFds<'_>) -> io::Result<libc::pid_t> {
 /// async-signal-safe calls and ends with `execve` or `_exit`.
 unsafe fn child_exec(p: &Prepared, fds: [libc::c_int; 3], err_fd: libc::c_int) -> ! {
     let fail = |stage: u8| -> ! {
-        let errno = *libc::__errno_location();
-        let mut msg = [0u8; 5];
-        msg[0] = stage;
-        msg[1..].copy_from_slice(&errno.to_le_bytes());
-        libc::write(err_fd, msg.as_ptr().cast(), msg.len());
-        libc::_exit(127)
+        // SAFETY: `__errno_location` returns this thread's errno, valid for
+        // the thread's life; `msg` is a local buffer of `msg.len()` bytes;
+        // `write` and `_exit` are async-signal-safe.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 5];
+            msg[0] = stage;
+            msg[1..].copy_from_slice(&errno.to_le_bytes());
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
     };
-    // The agent ignores SIGPIPE; ignored dispositions survive exec, so restore it.
-    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    if libc::setsid() < 0 {
-        fail(STAGE_SETUP);
-    }
-    for (target, fd) in fds.into_iter().enumerate() {
-        if libc::dup2(fd, target as libc::c_int) < 0 {
+    // SAFETY: async-signal-safe calls only (the caller is a just-forked
+    // child); the sigset is a plain C struct for which all-zeroes is a valid
+    // value (and `sigemptyset` then initializes it), and `p.cwd` is a
+    // NUL-terminated CString that `p` owns.
+    unsafe {
+        // The agent ignores SIGPIPE; ignored dispositions survive exec, so restore it.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if libc::setsid() < 0 {
             fail(STAGE_SETUP);
         }
-    }
-    if libc::chdir(p.cwd.as_ptr()) < 0 {
-        fail(STAGE_CWD);
+        for (target, fd) in fds.into_iter().enumerate() {
+            if libc::dup2(fd, target as libc::c_int) < 0 {
+                fail(STAGE_SETUP);
+            }
+        }
+        if libc::chdir(p.cwd.as_ptr()) < 0 {
+            fail(STAGE_CWD);
+        }
     }
     // Like execvp: a missing entry moves on, a permission error is
     // remembered, any other error stops the search.
     let mut saw_eacces = false;
     for path in &p.candidates {
-        libc::execve(path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
-        match *libc::__errno_location() {
+        // SAFETY: `path` is a NUL-terminated CString, and `argv_ptrs` and
+        // `envp_ptrs` are NULL-terminated arrays of pointers into CStrings
+        // that `p` owns (see `Prepared::new`); `__errno_location` is this
+        // thread's errno.
+        let errno = unsafe {
+            libc::execve(path.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+            *libc::__errno_location()
+        };
+        match errno {
             libc::ENOENT | libc::ENOTDIR => {}
             libc::EACCES => saw_eacces = true,
             _ => fail(STAGE_EXEC),
         }
     }
-    if saw_eacces {
-        *libc::__errno_location() = libc::EACCES;
+    let errno = if saw_eacces {
+        libc::EACCES
     } else {
-        *libc::__errno_location() = libc::ENOENT;
-    }
+        libc::ENOENT
+    };
+    // SAFETY: `__errno_location` returns this thread's errno, valid for the
+    // thread's life.
+    unsafe { *libc::__errno_location() = errno };
     fail(STAGE_EXEC)
 }
 

@@ -120,17 +120,27 @@ pub enum ProtocolError {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Round trip through the guest's agent; answered by [`Event::Pong`].
-    Ping { id: u64 },
+    Ping {
+        /// Correlation id; the answering events carry it.
+        id: u64,
+    },
     /// Liveness check of the VMM process, answered at once by
     /// [`Event::Alive`] from the thread that reads requests, whatever the
     /// control thread and the guest are busy with (a snapshot write, an
     /// Exec). The daemon's watchdog sends one every second.
-    Heartbeat { id: u64 },
+    Heartbeat {
+        /// Correlation id; the answering events carry it.
+        id: u64,
+    },
     /// Run a command; answered by [`Output`] frames, then [`Event::ExecDone`]
     /// (or [`Event::Error`] when it cannot start). The reference guest runs
     /// a builtin and takes none of the Linux-only fields.
     Exec {
+        /// Correlation id: the command's output frames and answer carry it,
+        /// and [`Request::Cancel`] and input frames name the command by it.
         id: u64,
+        /// The command and its arguments; the reference guest takes a
+        /// builtin's name and arguments.
         argv: Vec<String>,
         /// Linux: variables added to the guest's environment, in order.
         #[serde(default)]
@@ -147,9 +157,15 @@ pub enum Request {
     /// Ask the running Exec `id` to stop; it then ends with `cancelled`.
     /// If `id` is a LIVE snapshot whose memory is still being copied, the
     /// copy stops and ends with [`Event::CopyDone`] carrying an error.
-    Cancel { id: u64 },
+    Cancel {
+        /// The id of the Exec (or LIVE Snapshot) to stop.
+        id: u64,
+    },
     /// Stop the guest and exit; answered by [`Event::Exited`].
-    Shutdown { id: u64 },
+    Shutdown {
+        /// Correlation id (the answer, [`Event::Exited`], carries none).
+        id: u64,
+    },
     /// Capture the VM into `dir` (which must exist and be empty); answered
     /// by [`Event::Snapshotted`]. The VMM pauses the vCPUs, writes
     /// `dir/vmstate` and `dir/memory` (a sparse file the size of guest RAM;
@@ -168,8 +184,12 @@ pub enum Request {
     /// `CopyDone` without error. One live copy runs at a time: another
     /// Snapshot request during it is answered with [`Event::Error`].
     Snapshot {
+        /// Correlation id; the answering events carry it.
         id: u64,
+        /// Which pages go into `dir/memory`, and whether the vCPUs run while
+        /// it is written.
         mode: SnapshotMode,
+        /// Existing empty directory that receives the files (a host path).
         dir: String,
         /// With `Full`, also count the pages dirtied in the epoch.
         measure_diff: bool,
@@ -179,7 +199,9 @@ pub enum Request {
     /// [`Event::FileCredit`]s, then [`Event::FileWritten`] or
     /// [`Event::FileFailed`].
     WriteFile {
+        /// Transfer id: the file-data frames, credits and the answer carry it.
         id: u64,
+        /// Absolute path in the guest.
         path: String,
         /// Permission bits; 0 means 0o644.
         mode: u32,
@@ -194,25 +216,52 @@ pub enum Request {
     /// [`Event::FileFailed`]. At most `window` bytes beyond the last
     /// [`Request::FileAck`] are sent.
     ReadFile {
+        /// Transfer id: the output frames, acks and answers carry it.
         id: u64,
+        /// Absolute path in the guest.
         path: String,
+        /// First byte to send.
         offset: u64,
+        /// Most bytes to send; 0 means up to the end of the file.
         length: u64,
+        /// Most bytes in flight beyond the daemon's last ack.
         window: u32,
     },
     /// Linux: the daemon has taken `bytes` bytes (cumulative) of download `id`.
-    FileAck { id: u64, bytes: u64 },
+    FileAck {
+        /// The download's transfer id.
+        id: u64,
+        /// Bytes taken since the download began (not since the last ack).
+        bytes: u64,
+    },
     /// Linux: stop upload or download `id` (its client went away); it ends
     /// with [`Event::FileFailed`] of kind `aborted` unless already ended.
-    FileAbort { id: u64 },
+    FileAbort {
+        /// The transfer to stop.
+        id: u64,
+    },
     /// Linux: describe `path` (`lstat`): [`Event::FileStat`] or [`Event::FileFailed`].
-    StatFile { id: u64, path: String },
+    StatFile {
+        /// Correlation id; the answering events carry it.
+        id: u64,
+        /// Absolute path in the guest; a symlink is described, not followed.
+        path: String,
+    },
     /// Linux: list a directory: [`Event::DirListing`] or [`Event::FileFailed`].
-    ListDir { id: u64, path: String },
+    ListDir {
+        /// Correlation id; the answering events carry it.
+        id: u64,
+        /// Absolute path of the directory in the guest.
+        path: String,
+    },
     /// Linux: remove a path: [`Event::FileRemoved`] or [`Event::FileFailed`].
     RemoveFile {
+        /// Correlation id; the answering events carry it.
         id: u64,
+        /// Absolute path in the guest.
         path: String,
+        /// Remove a directory with its contents (else only files, symlinks
+        /// and empty directories).
         recursive: bool,
     },
 }
@@ -261,13 +310,26 @@ pub enum ExitReason {
     /// The daemon asked for it.
     Shutdown,
     /// The guest powered off with this status.
-    GuestExit { status: i32 },
+    GuestExit {
+        /// What the reference guest wrote to its shutdown register; 0 for a
+        /// Linux guest's power-off.
+        status: i32,
+    },
     /// The guest crashed (unhandled exception, triple fault).
-    GuestCrash { detail: String },
+    GuestCrash {
+        /// The exception (or triple fault, halt) and where: vCPU, rip.
+        detail: String,
+    },
     /// KVM or the VMM failed.
-    VmmError { detail: String },
+    VmmError {
+        /// The VMM's error message.
+        detail: String,
+    },
     /// A Linux guest rebooted or panicked (the kernel reset the machine).
-    GuestReset { detail: String },
+    GuestReset {
+        /// How the reset came (a reboot, or a triple fault).
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for ExitReason {
@@ -298,20 +360,31 @@ pub enum Event {
     },
     /// The guest is up and waiting for requests. Sent once, unsolicited.
     Ready {
+        /// Microseconds from the VMM's start until the guest was ready.
         boot_us: u64,
         /// A Linux guest's own boot timing; `None` for the reference guest.
         #[serde(default)]
         guest: Option<GuestBoot>,
     },
     /// Answer to [`Request::Ping`].
-    Pong { id: u64 },
+    Pong {
+        /// The Ping's id.
+        id: u64,
+    },
     /// Answer to [`Request::Heartbeat`].
-    Alive { id: u64 },
+    Alive {
+        /// The Heartbeat's id.
+        id: u64,
+    },
     /// Exec `id` ended.
     ExecDone {
+        /// The Exec's id.
         id: u64,
+        /// The command's exit status (`128 + signal` when killed).
         exit_code: i32,
+        /// Microseconds from the start of the command until it ended.
         duration_us: u64,
+        /// Whether [`Request::Cancel`] stopped it.
         cancelled: bool,
         /// Linux: the signal that ended the command (`exit_code` is then
         /// `128 + signal`); `None` when it exited, and always for the
@@ -320,9 +393,15 @@ pub enum Event {
         signal: Option<i32>,
     },
     /// Request `id` could not be carried out.
-    Error { id: u64, message: String },
+    Error {
+        /// The failed request's id.
+        id: u64,
+        /// Why, for the daemon's error status and logs.
+        message: String,
+    },
     /// Answer to [`Request::Snapshot`]: the files are written.
     Snapshotted {
+        /// The Snapshot's id.
         id: u64,
         /// How long the vCPUs were stopped, measured in the VMM from the
         /// stop request until they ran again.
@@ -337,6 +416,7 @@ pub enum Event {
     },
     /// A LIVE snapshot's background copy is under way.
     CopyProgress {
+        /// The LIVE Snapshot's id.
         id: u64,
         /// Bytes of RAM handled so far (copied, or found zero).
         bytes_copied: u64,
@@ -349,6 +429,7 @@ pub enum Event {
     /// A LIVE snapshot's background copy ended: `dir/memory` is complete
     /// when `error` is `None`.
     CopyDone {
+        /// The LIVE Snapshot's id.
         id: u64,
         /// Bytes of memory data written to `dir/memory` (holes not counted).
         bytes_written: u64,
@@ -364,42 +445,74 @@ pub enum Event {
         error: Option<String>,
     },
     /// The VMM is exiting; always its last frame.
-    Exited { reason: ExitReason },
+    Exited {
+        /// Why the VMM stopped.
+        reason: ExitReason,
+    },
     /// Upload `id`'s agent has written `bytes` bytes in total (cumulative).
-    FileCredit { id: u64, bytes: u64 },
+    FileCredit {
+        /// The upload's transfer id.
+        id: u64,
+        /// Bytes written since the upload began; the daemon may send up to
+        /// [`FILE_WRITE_WINDOW`] beyond it.
+        bytes: u64,
+    },
     /// Upload `id` is complete: the file is under its final name.
     FileWritten {
+        /// The upload's transfer id.
         id: u64,
+        /// Size of the file as written.
         size: u64,
         /// Lowercase hex.
         sha256: String,
     },
     /// Download `id` is open; its data follows. `size` is the file's size
     /// when opened.
-    FileOpened { id: u64, size: u64 },
+    FileOpened {
+        /// The download's transfer id.
+        id: u64,
+        /// The file's size when opened, whatever `offset` and `length` ask for.
+        size: u64,
+    },
     /// Download `id` is complete; follows all of its data.
     FileRead {
+        /// The download's transfer id.
         id: u64,
+        /// Bytes sent in all.
         bytes: u64,
         /// Lowercase hex.
         sha256: String,
     },
     /// File request `id` failed; ends a transfer.
     FileFailed {
+        /// The file request's id.
         id: u64,
+        /// What went wrong, as the daemon maps it to a gRPC status.
         kind: FileErrorKind,
+        /// The agent's (or the VMM's) description.
         message: String,
     },
     /// Answer to [`Request::StatFile`].
-    FileStat { id: u64, info: FileInfo },
+    FileStat {
+        /// The StatFile's id.
+        id: u64,
+        /// What `lstat` said.
+        info: FileInfo,
+    },
     /// Answer to [`Request::ListDir`].
     DirListing {
+        /// The ListDir's id.
         id: u64,
+        /// The first entries by name (bytewise), each `lstat`ed; no `.` or `..`.
         entries: Vec<FileInfo>,
+        /// Whether entries were left out (the agent's count or size limit).
         truncated: bool,
     },
     /// Answer to [`Request::RemoveFile`].
-    FileRemoved { id: u64 },
+    FileRemoved {
+        /// The RemoveFile's id.
+        id: u64,
+    },
 }
 
 impl Event {
@@ -471,9 +584,19 @@ pub enum ToVmm {
     /// A JSON request.
     Request(Request),
     /// A chunk of Exec `id`'s standard input; empty data is EOF.
-    Input { id: u64, data: Vec<u8> },
+    Input {
+        /// The Exec's id.
+        id: u64,
+        /// At most [`INPUT_CHUNK`] bytes.
+        data: Vec<u8>,
+    },
     /// A chunk of upload `id`'s bytes; empty data ends the file.
-    FileData { id: u64, data: Vec<u8> },
+    FileData {
+        /// The upload's transfer id.
+        id: u64,
+        /// At most [`FILE_CHUNK`] bytes.
+        data: Vec<u8>,
+    },
 }
 
 /// Encodes a JSON frame.

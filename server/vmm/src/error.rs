@@ -11,9 +11,9 @@ pub enum VmmError {
          (kvm_intel, kvm_amd or kvm_pvm) and run as a user that can open /dev/kvm"
     )]
     KvmUnavailable(#[source] kvm_ioctls::Error),
-    /// /dev/kvm is there but lacks something forkd needs.
+    /// /dev/kvm is there but lacks something forkd needs ([`crate::kvm`]).
     #[error("KVM on this host is unusable for forkd: {0}")]
-    KvmUnsupported(String),
+    KvmUnsupported(#[from] crate::kvm::Unsupported),
     /// A KVM ioctl failed.
     #[error("KVM {op} failed: {source}")]
     Kvm {

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod kick;
+pub mod kvm;
 pub mod linux;
 pub mod live;
 pub mod loader;

@@ -4,16 +4,12 @@
 use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::error::{Result, VmmError};
 use crate::memory::GuestRam;
 use crate::state::{self, VmState};
 use crate::{boot, cpu, loader};
-
-/// Address KVM uses for the real-mode TSS on Intel hosts (unused by our
-/// guests, but KVM requires it to be set before running vCPUs there).
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -135,9 +131,9 @@ pub(crate) fn create_vcpus(
 /// Opens KVM, checks it, and creates a VM with an in-kernel irqchip.
 pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
     let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
-    check_kvm(&kvm)?;
+    crate::kvm::check(&kvm)?;
     let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
-    if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
+    if let Err(e) = fd.set_tss_address(crate::kvm::TSS_ADDRESS) {
         // Only Intel VMX needs it; other backends may refuse it.
         eprintln!("forkd-vmm: KVM_SET_TSS_ADDR not accepted ({e}); continuing");
     }
@@ -170,25 +166,6 @@ pub(crate) fn attach_memory(fd: &VmFd, ram: &GuestRam) -> Result<()> {
     // `ram`, which the Vm keeps for as long as the VM exists.
     unsafe { fd.set_user_memory_region(region) }
         .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))
-}
-
-fn check_kvm(kvm: &Kvm) -> Result<()> {
-    let version = kvm.get_api_version();
-    if version != 12 {
-        return Err(VmmError::KvmUnsupported(format!(
-            "KVM API version {version}, expected 12"
-        )));
-    }
-    for (cap, name) in [
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmmError::KvmUnsupported(format!("{name} is missing")));
-        }
-    }
-    Ok(())
 }
 
 /// The guest's TSC frequency: KVM's, or measured.

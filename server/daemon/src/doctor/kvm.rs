@@ -1,8 +1,10 @@
-//! The kvm check: `/dev/kvm` opens read-write, speaks API 12, has the
-//! capabilities `forkd-vmm` requires, and a VM with an in-kernel irqchip
-//! and one vCPU can be created (what `forkd-vmm` does first on every boot).
+//! The kvm check: `/dev/kvm` opens read-write, meets `forkd-vmm`'s own
+//! requirements (`forkd_vmm::kvm`: API version and capabilities), and a
+//! VM with an in-kernel irqchip and one vCPU can be created (what
+//! `forkd-vmm` does first on every boot).
 
-use kvm_ioctls::{Cap, Kvm};
+use forkd_vmm::kvm::{self as required, Unsupported};
+use kvm_ioctls::Kvm;
 
 use super::hypervisor::Detection;
 use super::report::Check;
@@ -10,31 +12,15 @@ use super::report::Check;
 /// Name of this check.
 pub const NAME: &str = "kvm";
 
-/// The KVM API version every KVM since Linux 2.6.22 reports.
-const KVM_API_VERSION: i32 = 12;
-
-/// Capabilities `forkd-vmm` checks before it builds a VM (`vm.rs`).
-const REQUIRED_CAPS: [(Cap, &str); 3] = [
-    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-];
-
-/// Address for KVM_SET_TSS_ADDR, as `forkd-vmm` uses (Intel needs it).
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-
 /// Why the probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmProbeError {
     /// `/dev/kvm` could not be opened read-write.
     #[error("cannot open /dev/kvm read-write: {0}")]
     Open(#[source] kvm_ioctls::Error),
-    /// Not the API this code speaks.
-    #[error("KVM_GET_API_VERSION is {0}, forkd needs {KVM_API_VERSION}")]
-    ApiVersion(i32),
-    /// A capability `forkd-vmm` requires is missing.
-    #[error("{0} is missing")]
-    MissingCap(&'static str),
+    /// It lacks what `forkd-vmm` requires (`forkd_vmm::kvm`).
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
     /// An ioctl failed.
     #[error("{what} failed: {source}")]
     Ioctl {
@@ -58,20 +44,12 @@ pub struct KvmFacts {
 /// Opens `/dev/kvm` and builds a VM like `forkd-vmm` does, then drops it.
 pub fn probe() -> Result<KvmFacts, KvmProbeError> {
     let kvm = Kvm::new().map_err(KvmProbeError::Open)?;
+    required::check(&kvm)?;
     let api_version = kvm.get_api_version();
-    if api_version != KVM_API_VERSION {
-        return Err(KvmProbeError::ApiVersion(api_version));
-    }
-    if let Some((_, name)) = REQUIRED_CAPS
-        .iter()
-        .find(|(cap, _)| !kvm.check_extension(*cap))
-    {
-        return Err(KvmProbeError::MissingCap(name));
-    }
     let ioctl = |what| move |source| KvmProbeError::Ioctl { what, source };
     let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     // Only Intel VMX needs it; other backends may refuse it (as in forkd-vmm).
-    let _ = vm.set_tss_address(KVM_TSS_ADDRESS);
+    let _ = vm.set_tss_address(required::TSS_ADDRESS);
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
     vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
     Ok(KvmFacts {
@@ -91,7 +69,7 @@ pub fn hint(error: &KvmProbeError, hv: &Detection) -> String {
             _ => "check `ls -l /dev/kvm` (a character device 10:232) and `dmesg | grep -i kvm`"
                 .into(),
         },
-        KvmProbeError::ApiVersion(_) | KvmProbeError::MissingCap(_) => {
+        KvmProbeError::Unsupported(_) => {
             "this KVM is too old or too limited for forkd-vmm: use a Linux 5.x or newer host \
              kernel with a stock KVM"
                 .into()
