@@ -17,8 +17,9 @@ use crate::sandbox::files::{self, download::ReadStream};
 use crate::sandbox::image_lookup::{self, Images};
 use crate::sandbox::lifecycle::{BootPlan, Lifecycle, SpawnOutcome};
 use crate::sandbox::linux_host::LinuxHost;
-use crate::snapshot::branch::{self, resolve_mode, BranchOutcome, BranchPlan, Started};
+use crate::snapshot::branch::{self, BranchOutcome, BranchPlan, Started};
 use crate::snapshot::fork;
+use crate::snapshot::mode::resolve_mode;
 use crate::snapshot::store::Snapshots;
 use crate::vmm::ExecCommand;
 

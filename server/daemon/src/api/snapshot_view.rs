@@ -2,9 +2,10 @@
 //! (chain, dependents, running children).
 
 use forkd_api::v1 as pb;
-use forkd_store::{Manifest, Mode, RunningChild, Status, Store};
+use forkd_store::{Manifest, RunningChild, Status, Store};
 
 use crate::api::error::ApiError;
+use crate::snapshot::mode;
 use crate::vmm::CopyProgress;
 
 /// The API status of a store status.
@@ -31,14 +32,6 @@ pub fn status_filter(s: i32) -> Result<Option<Status>, ApiError> {
     })
 }
 
-fn mode_to_proto(m: Mode) -> pb::BranchMode {
-    match m {
-        Mode::Full => pb::BranchMode::Full,
-        Mode::Diff => pb::BranchMode::Diff,
-        Mode::Live => pb::BranchMode::Live,
-    }
-}
-
 /// Builds the API view of `m`. `children` are the running sandboxes forked
 /// from it.
 pub fn to_proto(
@@ -50,7 +43,7 @@ pub fn to_proto(
     pb::Snapshot {
         tag: m.tag.clone(),
         status: status_to_proto(m.status) as i32,
-        mode: mode_to_proto(m.mode) as i32,
+        mode: mode::to_proto(m.mode) as i32,
         parent_tag: m.parent.clone().unwrap_or_default(),
         source_sandbox_id: m.source_sandbox.clone(),
         memory_mib: m.guest.memory_mib,
@@ -115,7 +108,7 @@ mod tests {
             tag: "d1".into(),
             parent: Some("base".into()),
             parent_digest: Some("ab".into()),
-            mode: Mode::Diff,
+            mode: forkd_store::Mode::Diff,
             status: Status::Ready,
             failure_reason: None,
             memory_bytes: 256 << 20,

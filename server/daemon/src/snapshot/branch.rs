@@ -11,45 +11,15 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use forkd_api::v1::BranchMode;
-use forkd_control::SnapshotMode;
 use forkd_store::{generate_tag, validate_tag, Manifest, Mode, SnapshotInfo, StoreError, Written};
 
 use crate::api::error::{ApiError, LiveFailure};
 use crate::sandbox::registry::Sandbox;
 use crate::snapshot::live_copy::BackgroundCopy;
+use crate::snapshot::mode;
 use crate::snapshot::store::{CancelSignal, Snapshots, SNAPSHOT_STORE};
 use crate::snapshot::writing::{Epoch, WritingSnapshot};
 use crate::vmm::{LiveSnapshot, RequestError, Snapshotted};
-
-/// Resolves a request's `mode`, legacy `diff` flag and `wait` into the mode
-/// to use and whether to wait for READY: `mode` wins; UNSPECIFIED means
-/// DIFF with `diff`, else FULL. `wait` (default true) may be false only for
-/// LIVE.
-pub fn resolve_mode(mode: i32, diff: bool, wait: Option<bool>) -> Result<(Mode, bool), ApiError> {
-    let mode = BranchMode::try_from(mode).map_err(|_| {
-        ApiError::InvalidArgument(format!(
-            "mode {mode} is not a BranchMode; use FULL, DIFF or LIVE"
-        ))
-    })?;
-    let resolved = match (mode, diff) {
-        (BranchMode::Unspecified, true) | (BranchMode::Diff, _) => Mode::Diff,
-        (BranchMode::Unspecified, false) | (BranchMode::Full, false) => Mode::Full,
-        (BranchMode::Live, false) => Mode::Live,
-        (BranchMode::Full | BranchMode::Live, true) => {
-            return Err(ApiError::InvalidArgument(format!(
-                "diff=true contradicts mode={}; set only mode",
-                mode.as_str_name()
-            )))
-        }
-    };
-    if wait == Some(false) && resolved != Mode::Live {
-        return Err(ApiError::InvalidArgument(
-            "wait=false applies to LIVE only; FULL and DIFF branches always wait".into(),
-        ));
-    }
-    Ok((resolved, wait.unwrap_or(true)))
-}
 
 /// A validated branch.
 #[derive(Debug, Clone)]
@@ -176,12 +146,8 @@ async fn take(
             .live_snapshot(dir, plan.measure_diff)
             .await
             .map(Answer::Live),
-        Mode::Full => vmm
-            .snapshot(SnapshotMode::Full, dir, plan.measure_diff)
-            .await
-            .map(Answer::Written),
-        Mode::Diff => vmm
-            .snapshot(SnapshotMode::Diff, dir, plan.measure_diff)
+        written => vmm
+            .snapshot(mode::to_control(written), dir, plan.measure_diff)
             .await
             .map(Answer::Written),
     };
@@ -291,71 +257,5 @@ pub async fn branch(
     match start(snapshots, sandbox, plan).await? {
         Started::Done(outcome) => Ok(outcome),
         Started::Live { copy, .. } => copy.finish().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tonic::Code;
-
-    fn code(r: Result<(Mode, bool), ApiError>) -> Code {
-        r.unwrap_err().code()
-    }
-
-    fn mode(r: Result<(Mode, bool), ApiError>) -> Mode {
-        r.unwrap().0
-    }
-
-    #[test]
-    fn mode_wins_and_legacy_diff_still_works() {
-        let (u, f, d, l) = (
-            BranchMode::Unspecified as i32,
-            BranchMode::Full as i32,
-            BranchMode::Diff as i32,
-            BranchMode::Live as i32,
-        );
-        assert_eq!(mode(resolve_mode(u, false, None)), Mode::Full);
-        assert_eq!(mode(resolve_mode(u, true, None)), Mode::Diff);
-        assert_eq!(mode(resolve_mode(f, false, None)), Mode::Full);
-        assert_eq!(mode(resolve_mode(d, false, None)), Mode::Diff);
-        assert_eq!(mode(resolve_mode(d, true, Some(true))), Mode::Diff);
-        assert_eq!(code(resolve_mode(f, true, None)), Code::InvalidArgument);
-        assert_eq!(code(resolve_mode(l, true, None)), Code::InvalidArgument);
-        let err = resolve_mode(f, true, None).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "diff=true contradicts mode=BRANCH_MODE_FULL; set only mode"
-        );
-        assert_eq!(code(resolve_mode(99, false, None)), Code::InvalidArgument);
-    }
-
-    #[test]
-    fn wait_defaults_to_true_and_false_is_for_live_only() {
-        let err = resolve_mode(BranchMode::Full as i32, false, Some(false)).unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(err.to_string().contains("wait=false applies to LIVE only"));
-        assert_eq!(
-            code(resolve_mode(
-                BranchMode::Unspecified as i32,
-                true,
-                Some(false)
-            )),
-            Code::InvalidArgument
-        );
-        let live = BranchMode::Live as i32;
-        assert_eq!(resolve_mode(live, false, None).unwrap(), (Mode::Live, true));
-        assert_eq!(
-            resolve_mode(live, false, Some(true)).unwrap(),
-            (Mode::Live, true)
-        );
-        assert_eq!(
-            resolve_mode(live, false, Some(false)).unwrap(),
-            (Mode::Live, false)
-        );
-        assert_eq!(
-            resolve_mode(BranchMode::Full as i32, false, Some(true)).unwrap(),
-            (Mode::Full, true)
-        );
     }
 }

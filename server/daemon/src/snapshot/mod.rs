@@ -6,5 +6,6 @@ pub mod branch;
 pub mod create;
 pub mod fork;
 pub mod live_copy;
+pub mod mode;
 pub mod store;
 pub mod writing;
