@@ -6,6 +6,7 @@ mod client;
 mod daemon;
 mod host;
 mod procfs;
+mod startup;
 mod stats;
 mod table;
 

@@ -19,6 +19,7 @@ use anyhow::{ensure, Context, Result};
 use super::{latency_row, Iters, LATENCY_HEADERS};
 use crate::client::Ctx;
 use crate::procfs;
+use crate::startup::{self, Phases};
 use crate::stats::{fmt_int, fmt_num, Samples};
 use crate::table::Table;
 
@@ -102,6 +103,9 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
     let mut rates = Vec::new();
     let mut all_pids = Vec::new();
     let mut prev_pids: Vec<u32> = Vec::new();
+    let data_dir = ctx.scratch.join("data");
+    // Per n: every child's start-up phases from its vmm.log.
+    let mut phase_rows: Vec<(u32, Vec<Phases>)> = Vec::new();
 
     for &n in &it.fork_ns {
         let reps = it.fork_reps(n);
@@ -110,6 +114,7 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
         let mut boot = Vec::new();
         let mut delete = Vec::new();
         let mut started = Vec::new();
+        let mut phases = Vec::new();
         for rep in 0..reps {
             let measure_mem = n >= it.fork_mem_min_n;
             let before = if measure_mem {
@@ -126,6 +131,18 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
             let pids: Vec<u32> = resp.sandboxes.iter().map(|s| s.vmm_pid).collect();
             all_pids.extend(&pids);
             let ids: Vec<String> = resp.sandboxes.iter().map(|s| s.id.clone()).collect();
+            let read: Vec<Phases> = ids
+                .iter()
+                .filter_map(|id| startup::read(&data_dir, id))
+                .collect();
+            if read.len() < ids.len() {
+                ctx.observe(format!(
+                    "{NAME}: n={n}: {} of {} children had no start-up line in their vmm.log",
+                    ids.len() - read.len(),
+                    ids.len()
+                ));
+            }
+            phases.extend(read);
             for sb in &resp.sandboxes {
                 if sb.snapshot_tag != tag {
                     ctx.observe(format!(
@@ -203,6 +220,7 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
             delete.push(t.elapsed());
             prev_pids = pids;
         }
+        phase_rows.push((n, phases));
         let wall_ms = Samples::from_millis(&wall);
         rates.push(format!(
             "n={n}: {reps} repetition(s), children started {started:?}, p50 {} children/s",
@@ -314,5 +332,54 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
          KernelStack/SUnreclaim/VmallocUsed = kernel allocations (threads, KVM vCPU and \
          memslot structures)",
     );
-    Ok(vec![table, mem, per_child])
+    Ok(vec![table, mem, per_child, phase_table(&phase_rows)])
+}
+
+/// Where a child's start-up goes: per n, the p50 (and p90) over every
+/// child of each phase of its `forkd-vmm` start-up line.
+fn phase_table(rows: &[(u32, Vec<Phases>)]) -> Table {
+    // Phase names in the order the first line lists them.
+    let names: Vec<String> = rows
+        .iter()
+        .flat_map(|(_, p)| p.first())
+        .next()
+        .map(|p| p.iter().map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    let mut headers = vec!["spawn".to_string(), "children".to_string()];
+    headers.extend(names.iter().cloned());
+    let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let mut table = Table::new(
+        format!("{NAME}: where a child's start-up goes, µs p50 (p90) per phase"),
+        &header_refs,
+    );
+    for (n, children) in rows {
+        let mut row = vec![format!("n={n}"), children.len().to_string()];
+        for name in &names {
+            let s = Samples::new(
+                children
+                    .iter()
+                    .filter_map(|p| p.iter().find(|(k, _)| k == name))
+                    .map(|(_, v)| *v as f64)
+                    .collect(),
+            );
+            row.push(if s.len() == 0 {
+                "-".into()
+            } else {
+                format!("{} ({})", fmt_int(s.p50()), fmt_int(s.percentile(90.0)))
+            });
+        }
+        table.row(row);
+    }
+    table.note(
+        "from each child's vmm.log start-up line (forkd-vmm, CLOCK_MONOTONIC): exec = the \
+         daemon's spawn call until forkd-vmm's main; vmstate = reading and parsing the \
+         snapshot's vmstate; vm = KVM_CREATE_VM, TSS, irqchip (and PIT); memory = mapping the \
+         snapshot memfd copy-on-write; memslot = KVM_SET_USER_MEMORY_REGION; vm_state = clock, \
+         irqchip and PIT state; vcpus = KVM_CREATE_VCPU and each vCPU's saved state; msrs = \
+         the MSR list; devices = dirty-log bookkeeping (and a Linux guest's devices); threads = \
+         starting the vCPU threads; ready = until the guest's Ready was sent; total = spawn \
+         call to Ready. Time spent queueing before the spawn call (the daemon starts 16 \
+         children at a time) is in boot_ms, not here",
+    );
+    table
 }

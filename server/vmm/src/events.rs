@@ -4,13 +4,17 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use forkd_control::{encode_json, output_header, Event, ExitReason};
+
+use crate::startup::Startup;
 
 /// Sends frames to the daemon; shared by the control and vCPU threads.
 pub struct EventSink {
     stream: Mutex<UnixStream>,
+    /// Start-up timing, reported when `Ready` is sent, and the VMM's id.
+    startup: Option<(Arc<Startup>, String)>,
 }
 
 impl EventSink {
@@ -18,7 +22,15 @@ impl EventSink {
     pub fn new(stream: UnixStream) -> Self {
         EventSink {
             stream: Mutex::new(stream),
+            startup: None,
         }
+    }
+
+    /// Writes `startup`'s line to the log (as VMM `id`) when the guest's
+    /// `Ready` is sent, whichever thread sends it.
+    pub fn with_startup(mut self, startup: Arc<Startup>, id: String) -> Self {
+        self.startup = Some((startup, id));
+        self
     }
 
     fn write(&self, frame: &[u8]) {
@@ -32,6 +44,9 @@ impl EventSink {
 
     /// Sends one event.
     pub fn send(&self, event: &Event) {
+        if let (Event::Ready { .. }, Some((startup, id))) = (event, &self.startup) {
+            startup.report(id, "ready");
+        }
         self.write(&encode_json(event));
     }
 

@@ -13,6 +13,7 @@ use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
 use forkd_vmm::linux::{self, boot::LinuxBoot};
 use forkd_vmm::snapshot::DirtyLog;
+use forkd_vmm::startup::{self, Startup};
 use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
 use forkd_vmm::vm::{Vm, VmConfig};
@@ -63,11 +64,18 @@ struct Args {
     /// guest RAM per second (0: no limit).
     #[arg(long, default_value_t = 0)]
     copy_rate_mibps: u64,
+    /// The daemon's `CLOCK_MONOTONIC` instant (ns) of the spawn call, so
+    /// the start-up line in the log includes process start.
+    #[arg(long)]
+    spawned_at_ns: Option<u64>,
 }
 
 fn main() {
     let started = Instant::now();
+    let main_ns = startup::monotonic_ns();
     let args = Args::parse();
+    let timing = Arc::new(Startup::begin(args.spawned_at_ns, main_ns));
+    let mark = |phase| timing.mark(phase);
     // SAFETY: the daemon passes this descriptor to us alone; we take
     // ownership of it here, once.
     let stream = unsafe { UnixStream::from_raw_fd(args.control_fd) };
@@ -81,7 +89,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let sink = Arc::new(EventSink::new(writer));
+    let sink = Arc::new(EventSink::new(writer).with_startup(timing.clone(), args.id.clone()));
     // The handshake: the first frame, before anything can fail.
     sink.send(&Event::hello(env!("CARGO_PKG_VERSION")));
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
@@ -113,7 +121,8 @@ fn main() {
             // SAFETY: the daemon passes this descriptor to us alone; we take
             // ownership of it here, once.
             let memory = unsafe { File::from_raw_fd(memory_fd) };
-            Vm::restore(&state, memory)
+            mark("vmstate");
+            Vm::restore(&state, memory, mark)
         }
         _ => {
             let image = match &args.guest {
@@ -126,10 +135,14 @@ fn main() {
         }
     }
     .unwrap_or_else(|e| fail(e.to_string()));
+    if args.restore_dir.is_none() {
+        mark("vm_built");
+    }
     if let Err(e) = kick::install() {
         fail(e.to_string());
     }
     let msr_indices = state::msr_indices(&vm.kvm).unwrap_or_else(|e| fail(e.to_string()));
+    mark("msrs");
     let Vm {
         kvm: _kvm,
         fd: vm_fd,
@@ -163,6 +176,7 @@ fn main() {
     } else {
         None
     };
+    mark("devices");
     let ctx = Arc::new(VmContext {
         ram,
         coord: Coordinator::new(vcpu_count),
@@ -187,6 +201,7 @@ fn main() {
             });
         threads.push(handle.as_pthread_t());
     }
+    mark("threads");
     if let (Some(devices), Some(_)) = (&ctx.linux, &restored_linux) {
         // A child of a Linux snapshot: its agent waits, channel parked, for
         // this; its answer is the child's Ready.

@@ -73,7 +73,13 @@ impl Vm {
 
     /// Rebuilds a VM from a snapshot: `memory` is the snapshot's memory
     /// (mapped copy-on-write), `state` its saved KVM state.
-    pub fn restore(state: &VmState, memory: std::fs::File) -> Result<Vm> {
+    /// `mark` is called with the name of each step as it ends (start-up
+    /// timing, [`crate::startup`]).
+    pub fn restore(
+        state: &VmState,
+        memory: std::fs::File,
+        mark: impl Fn(&'static str),
+    ) -> Result<Vm> {
         if state.vcpus.len() as u64 > forkd_guest_abi::MAX_VCPUS {
             return Err(VmmError::Restore(format!(
                 "vmstate has {} vCPUs; at most {} are supported",
@@ -85,9 +91,13 @@ impl Vm {
         if state.pit.is_some() {
             create_pit(&fd)?;
         }
+        mark("vm");
         let ram = GuestRam::from_snapshot(memory, state.memory_bytes)?;
+        mark("memory");
         attach_memory(&fd, &ram)?;
+        mark("memslot");
         state::restore_vm(&fd, state)?;
+        mark("vm_state");
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
         for (index, saved) in state.vcpus.iter().enumerate() {
             let vcpu = fd
@@ -96,6 +106,7 @@ impl Vm {
             state::restore_vcpu(&vcpu, saved)?;
             vcpus.push(vcpu);
         }
+        mark("vcpus");
         Ok(Vm {
             kvm,
             fd,
