@@ -242,15 +242,36 @@ fn upload_abort_and_overrun_leave_nothing() {
     assert_eq!(next_msg(&mut a), GuestMsg::Pong { id: 2 });
     assert_eq!(names(&dir), Vec::<String>::new());
 
-    // A host that ignores the window fails the upload (maybe after some credits).
+    // A host that sends more than the window beyond the credits fails the
+    // upload. The agent measures the window against what its writer has
+    // written, so a burst only overruns if the writer falls behind: a writer
+    // that keeps up (a slow or loaded host) credits every frame and rightly
+    // completes the upload. So the channel is parked first (Quiesce): the
+    // writer then stops at its first credit, having written at most one
+    // frame, and the burst overruns the window whatever the timing.
     a.send(&write_req(3, &path, 0, false, false));
-    for _ in 0..64 {
+    a.send(&HostMsg::Quiesce { id: 5 });
+    assert_eq!(next_msg(&mut a), GuestMsg::Quiesced { id: 5 });
+    let frames = FILE_WRITE_WINDOW as usize / MAX_DATA + 2;
+    for _ in 0..frames {
         send_file_data(&mut w, 3, &[3; MAX_DATA]);
     }
     send_file_data(&mut w, 3, b"");
+    a.send(&HostMsg::Resume {
+        id: 6,
+        forked: false,
+        entropy: vec![],
+        unix_ns: 0,
+        sandbox_id: None,
+    });
+    assert!(matches!(next_msg(&mut a), GuestMsg::Resumed { id: 6, .. }));
+    // The writer goes on with what was queued before the overrun (credits
+    // for at most a window and the frame it held), then fails.
     let kind = loop {
         match next_msg(&mut a) {
-            GuestMsg::FileCredit { id: 3, .. } => {}
+            GuestMsg::FileCredit { id: 3, bytes } => {
+                assert!(bytes <= FILE_WRITE_WINDOW + MAX_DATA as u64, "{bytes}");
+            }
             m => break failed_kind(&m, 3),
         }
     };
