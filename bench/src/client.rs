@@ -53,8 +53,22 @@ pub struct Ctx {
     /// A directory on the daemon's data filesystem the benchmarks may write
     /// scratch files to.
     pub scratch: PathBuf,
+    /// How the benchmark's daemon was started (for benchmarks that start
+    /// a second one).
+    pub daemon_cmd: DaemonCmd,
     observations: Mutex<Vec<String>>,
     vmm_pids: Mutex<Vec<u32>>,
+}
+
+/// A `forkd serve` command line.
+#[derive(Clone, Debug, Default)]
+pub struct DaemonCmd {
+    /// The forkd binary.
+    pub forkd: PathBuf,
+    /// Extra arguments after `serve`.
+    pub args: Vec<String>,
+    /// Bound on its start-up.
+    pub timeout: Duration,
 }
 
 /// What one Exec returned.
@@ -91,9 +105,16 @@ impl Ctx {
             shape,
             spawn_timeout,
             scratch,
+            daemon_cmd: DaemonCmd::default(),
             observations: Mutex::new(Vec::new()),
             vmm_pids: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records how the daemon was started.
+    pub fn with_daemon_cmd(mut self, cmd: DaemonCmd) -> Ctx {
+        self.daemon_cmd = cmd;
+        self
     }
 
     /// A client on the shared connection.

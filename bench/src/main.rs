@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 
 use benches::Iters;
-use client::{Ctx, GuestShape};
+use client::{Ctx, DaemonCmd, GuestShape};
 use daemon::Daemon;
 use table::Table;
 
@@ -39,6 +39,9 @@ enum Bench {
     /// SpawnSandboxes of 1, 10, 100, 1000 children of a warm snapshot, and
     /// their memory.
     ForkSpawn,
+    /// The same children started fresh against on standby VMMs
+    /// (--vmm-pool), on a second daemon, interleaved.
+    ForkPool,
     /// FULL against DIFF branch pause at several dirty sizes.
     BranchPause,
     /// LIVE (wait=true/false) against DIFF and FULL on a writing 1.5 GiB
@@ -47,13 +50,14 @@ enum Bench {
 }
 
 impl Bench {
-    const ALL: [Bench; 8] = [
+    const ALL: [Bench; 9] = [
         Bench::ColdSpawn,
         Bench::ExecEcho,
         Bench::AgentThroughput,
         Bench::IdleMemory,
         Bench::Unary,
         Bench::ForkSpawn,
+        Bench::ForkPool,
         Bench::BranchPause,
         Bench::BranchLive,
     ];
@@ -66,6 +70,7 @@ impl Bench {
             Bench::IdleMemory => benches::idle_memory::NAME,
             Bench::Unary => benches::unary::NAME,
             Bench::ForkSpawn => benches::fork_spawn::NAME,
+            Bench::ForkPool => benches::fork_pool::NAME,
             Bench::BranchPause => benches::branch_pause::NAME,
             Bench::BranchLive => benches::branch_live::NAME,
         }
@@ -79,6 +84,7 @@ impl Bench {
             Bench::IdleMemory => benches::idle_memory::run(ctx, it).await,
             Bench::Unary => benches::unary::run(ctx, it).await,
             Bench::ForkSpawn => benches::fork_spawn::run(ctx, it).await,
+            Bench::ForkPool => benches::fork_pool::run(ctx, it).await,
             Bench::BranchPause => benches::branch_pause::run(ctx, it).await,
             Bench::BranchLive => benches::branch_live::run(ctx, it).await,
         }
@@ -384,7 +390,12 @@ async fn run(args: Args) -> Result<bool> {
         },
         Duration::from_secs(args.spawn_timeout_secs),
         daemon.dir().to_path_buf(),
-    );
+    )
+    .with_daemon_cmd(DaemonCmd {
+        forkd: args.forkd.clone(),
+        args: args.daemon_args.clone(),
+        timeout: Duration::from_secs(args.startup_timeout_secs),
+    });
 
     let mut tables = Vec::new();
     let mut failures = Vec::new();

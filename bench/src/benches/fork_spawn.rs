@@ -332,12 +332,12 @@ async fn measure(ctx: &Ctx, it: &Iters, tag: &str, create_wall: Duration) -> Res
          KernelStack/SUnreclaim/VmallocUsed = kernel allocations (threads, KVM vCPU and \
          memslot structures)",
     );
-    Ok(vec![table, mem, per_child, phase_table(&phase_rows)])
+    Ok(vec![table, mem, per_child, phase_table(NAME, &phase_rows)])
 }
 
 /// Where a child's start-up goes: per n, the p50 (and p90) over every
 /// child of each phase of its `forkd-vmm` start-up line.
-fn phase_table(rows: &[(u32, Vec<Phases>)]) -> Table {
+pub(super) fn phase_table(name: &str, rows: &[(u32, Vec<Phases>)]) -> Table {
     // Phase names in the order the first line lists them.
     let names: Vec<String> = rows
         .iter()
@@ -349,7 +349,7 @@ fn phase_table(rows: &[(u32, Vec<Phases>)]) -> Table {
     headers.extend(names.iter().cloned());
     let header_refs: Vec<&str> = headers.iter().map(String::as_str).collect();
     let mut table = Table::new(
-        format!("{NAME}: where a child's start-up goes, µs p50 (p90) per phase"),
+        format!("{name}: where a child's start-up goes, µs p50 (p90) per phase"),
         &header_refs,
     );
     for (n, children) in rows {

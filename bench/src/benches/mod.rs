@@ -6,6 +6,7 @@ pub mod branch_live;
 pub mod branch_pause;
 pub mod cold_spawn;
 pub mod exec_echo;
+pub mod fork_pool;
 pub mod fork_spawn;
 pub mod idle_memory;
 pub mod unary;

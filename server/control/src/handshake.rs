@@ -4,7 +4,7 @@
 use crate::KIND_JSON;
 
 /// The version of this protocol; see the crate doc ("Versions").
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a VMM said in its hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,9 +163,9 @@ mod tests {
                 vmm_version: "2.0".into()
             })
         );
-        let body = br#"{"type":"hello","protocol":1}"#;
+        let body = format!(r#"{{"type":"hello","protocol":{PROTOCOL_VERSION}}}"#);
         assert_eq!(
-            check_hello(KIND_JSON, body).map(|h| h.vmm_version),
+            check_hello(KIND_JSON, body.as_bytes()).map(|h| h.vmm_version),
             Ok(String::new())
         );
     }

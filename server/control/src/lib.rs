@@ -28,6 +28,8 @@
 //! one that predates versioning). A new field marked `#[serde(default)]`
 //! needs no new version, since older JSON still parses; any other change
 //! does (a request or event added or removed, a meaning changed).
+//! Version 2 added the standby VMM's [`Event::Standby`] and its claim
+//! ([`standby`]).
 //!
 //! # Guests
 //!
@@ -66,9 +68,11 @@ use serde::{Deserialize, Serialize};
 pub use forkd_agent_proto::{FileErrorKind, FileInfo, FileKind, FILE_WRITE_WINDOW};
 pub use handshake::{check_hello, HandshakeError, Hello, PROTOCOL_VERSION};
 pub use reply::Reply;
+pub use standby::{recv_claim, send_claim, Claim};
 
 mod handshake;
 mod reply;
+pub mod standby;
 
 /// Frame kind of a JSON [`Request`] or [`Event`].
 pub const KIND_JSON: u8 = 1;
@@ -113,6 +117,9 @@ pub enum ProtocolError {
     /// A JSON body that does not parse as the expected message.
     #[error("malformed control message: {0}")]
     Json(#[from] serde_json::Error),
+    /// A standby's claim arrived without the snapshot's memfd.
+    #[error("the claim carries no memory fd (SCM_RIGHTS)")]
+    MissingFd,
 }
 
 /// A request from the daemon to the VMM.
@@ -358,6 +365,9 @@ pub enum Event {
         #[serde(default)]
         vmm_version: String,
     },
+    /// A `--standby` VMM built its VM and waits for its [`Claim`] (see
+    /// [`standby`](crate::standby)); sent once, right after the hello.
+    Standby,
     /// The guest is up and waiting for requests. Sent once, unsolicited.
     Ready {
         /// Microseconds from the VMM's start until the guest was ready.
@@ -544,7 +554,9 @@ impl Event {
             | Event::FileStat { id, .. }
             | Event::DirListing { id, .. }
             | Event::FileRemoved { id } => Some(*id),
-            Event::Hello { .. } | Event::Ready { .. } | Event::Exited { .. } => None,
+            Event::Hello { .. } | Event::Standby | Event::Ready { .. } | Event::Exited { .. } => {
+                None
+            }
         }
     }
 }

@@ -181,6 +181,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub live_copy_rate_mibps: u64,
 
+    /// Keep this many standby VMMs per VM shape in use (guest RAM and
+    /// vCPUs of the snapshots forked; the default sandbox shape from the
+    /// start), each with its KVM VM, vCPUs and memory slot already built:
+    /// a child of a reference-guest snapshot then starts on one and only
+    /// maps the snapshot and loads its state. 0 (the default) turns the
+    /// pool off. A standby holds no guest memory; at most 4 shapes are kept.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub vmm_pool: usize,
+
     /// Also serve Prometheus metrics over plain HTTP at http://ADDR/metrics
     /// (off by default). No token is checked there: bind it to a loopback or
     /// pod-internal address.

@@ -38,6 +38,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Bandwidth limit of LIVE copies in MiB/s (0: none), for every VMM.
     pub live_copy_rate_mibps: u64,
+    /// Standby VMMs kept per VM shape (0: no pool).
+    pub vmm_pool: usize,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// Most guest memory running and starting sandboxes may commit, MiB.
@@ -139,6 +141,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             drain_grace: Duration::from_secs(args.drain_grace),
             live_copy_rate_mibps: args.live_copy_rate_mibps,
+            vmm_pool: args.vmm_pool,
             metrics_listen: args.metrics_listen,
             max_guest_memory_mib,
             vmm_watchdog: (args.vmm_watchdog > 0).then(|| Duration::from_secs(args.vmm_watchdog)),

@@ -6,6 +6,8 @@
 //! <data-dir>/sandboxes/<id>/       one per live sandbox
 //! <data-dir>/sandboxes/<id>/vmm.log  the VMM's stdout and stderr
 //! <data-dir>/snapshots/            the snapshot store (see forkd-store)
+//! <data-dir>/pool/<n>.log          a standby VMM's log until it is claimed
+//!                                  (then it moves to its sandbox's vmm.log)
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -23,6 +25,8 @@ pub const LOCK_FILE: &str = "forkd.lock";
 pub const SANDBOXES: &str = "sandboxes";
 /// Subdirectory holding the snapshot store.
 pub const SNAPSHOTS: &str = "snapshots";
+/// Subdirectory holding the logs of unclaimed standby VMMs.
+pub const POOL: &str = "pool";
 /// A sandbox's VMM log, inside its directory.
 pub const VMM_LOG: &str = "vmm.log";
 
@@ -99,7 +103,7 @@ impl DataDir {
         let private = || std::fs::Permissions::from_mode(0o700);
         std::fs::set_permissions(&dir.root, private())
             .map_err(io_err(&dir.root, "cannot make it private (chmod 0700)"))?;
-        for sub in [SANDBOXES, SNAPSHOTS] {
+        for sub in [SANDBOXES, SNAPSHOTS, POOL] {
             let path = dir.root.join(sub);
             std::fs::create_dir_all(&path).map_err(io_err(&path, "cannot create it"))?;
             std::fs::set_permissions(&path, private())
@@ -108,6 +112,11 @@ impl DataDir {
         let stale = dir
             .remove_all_sandboxes()
             .map_err(io_err(&dir.sandboxes(), "cannot remove stale sandboxes"))?;
+        // An earlier daemon's standby logs: their processes died with it.
+        for entry in std::fs::read_dir(dir.pool()).map_err(io_err(&dir.pool(), "cannot read it"))? {
+            let path = entry.map_err(io_err(&dir.pool(), "cannot read it"))?.path();
+            std::fs::remove_file(&path).map_err(io_err(&path, "cannot remove it"))?;
+        }
         if stale > 0 {
             tracing::warn!(
                 count = stale,
@@ -130,6 +139,11 @@ impl DataDir {
     /// `<root>/snapshots`: the snapshot store.
     pub fn snapshots(&self) -> PathBuf {
         self.root.join(SNAPSHOTS)
+    }
+
+    /// `<root>/pool`: standby VMMs' logs.
+    pub fn pool(&self) -> PathBuf {
+        self.root.join(POOL)
     }
 
     /// `<root>/sandboxes/<id>`.

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use forkd_control::{encode_json, output_header, Event, ExitReason};
 
@@ -14,7 +14,7 @@ use crate::startup::Startup;
 pub struct EventSink {
     stream: Mutex<UnixStream>,
     /// Start-up timing, reported when `Ready` is sent, and the VMM's id.
-    startup: Option<(Arc<Startup>, String)>,
+    startup: OnceLock<(Arc<Startup>, String)>,
 }
 
 impl EventSink {
@@ -22,15 +22,15 @@ impl EventSink {
     pub fn new(stream: UnixStream) -> Self {
         EventSink {
             stream: Mutex::new(stream),
-            startup: None,
+            startup: OnceLock::new(),
         }
     }
 
     /// Writes `startup`'s line to the log (as VMM `id`) when the guest's
-    /// `Ready` is sent, whichever thread sends it.
-    pub fn with_startup(mut self, startup: Arc<Startup>, id: String) -> Self {
-        self.startup = Some((startup, id));
-        self
+    /// `Ready` is sent, whichever thread sends it. Set once; later calls
+    /// are ignored.
+    pub fn set_startup(&self, startup: Arc<Startup>, id: String) {
+        let _ = self.startup.set((startup, id));
     }
 
     fn write(&self, frame: &[u8]) {
@@ -44,7 +44,7 @@ impl EventSink {
 
     /// Sends one event.
     pub fn send(&self, event: &Event) {
-        if let (Event::Ready { .. }, Some((startup, id))) = (event, &self.startup) {
+        if let (Event::Ready { .. }, Some((startup, id))) = (event, self.startup.get()) {
             startup.report(id, "ready");
         }
         self.write(&encode_json(event));

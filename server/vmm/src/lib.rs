@@ -21,6 +21,7 @@ pub mod live;
 pub mod loader;
 pub mod memory;
 pub mod snapshot;
+pub mod standby;
 pub mod startup;
 pub mod state;
 pub mod vcpu;

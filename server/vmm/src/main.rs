@@ -13,6 +13,7 @@ use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
 use forkd_vmm::linux::{self, boot::LinuxBoot};
 use forkd_vmm::snapshot::DirtyLog;
+use forkd_vmm::standby::StandbyVm;
 use forkd_vmm::startup::{self, Startup};
 use forkd_vmm::state::{self, VmState};
 use forkd_vmm::vcpu::{self, VmContext};
@@ -53,6 +54,11 @@ struct Args {
     /// The Linux guest's initramfs.
     #[arg(long, requires = "kernel")]
     initrd: Option<std::path::PathBuf>,
+    /// Build the VM (of --memory-mib and --vcpus) without a guest, send
+    /// `Standby`, and wait for the daemon's claim: the snapshot to restore,
+    /// its memfd passed over the control socket (a pooled child).
+    #[arg(long, conflicts_with_all = ["guest", "restore_dir", "kernel"])]
+    standby: bool,
     /// Words appended to the Linux guest's kernel command line.
     #[arg(long, default_value = "", requires = "kernel")]
     kernel_args: String,
@@ -73,9 +79,7 @@ struct Args {
 fn main() {
     let started = Instant::now();
     let main_ns = startup::monotonic_ns();
-    let args = Args::parse();
-    let timing = Arc::new(Startup::begin(args.spawned_at_ns, main_ns));
-    let mark = |phase| timing.mark(phase);
+    let mut args = Args::parse();
     // SAFETY: the daemon passes this descriptor to us alone; we take
     // ownership of it here, once.
     let stream = unsafe { UnixStream::from_raw_fd(args.control_fd) };
@@ -89,10 +93,30 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let sink = Arc::new(EventSink::new(writer).with_startup(timing.clone(), args.id.clone()));
+    let sink = Arc::new(EventSink::new(writer));
     // The handshake: the first frame, before anything can fail.
     sink.send(&Event::hello(env!("CARGO_PKG_VERSION")));
     let fail = |detail: String| -> ! { sink.exit(ExitReason::VmmError { detail }, 1) };
+
+    let config = VmConfig {
+        memory_mib: args.memory_mib,
+        vcpus: args.vcpus,
+    };
+    // A standby VMM builds its VM now and becomes a restored child when
+    // claimed; its start-up line counts from the claim.
+    let (standby, timing) = if args.standby {
+        let (vm, claim, memory) = await_claim(&config, &stream, &sink);
+        args.id = claim.id;
+        args.restore_dir = Some(claim.restore_dir);
+        args.console_log = claim.console_log;
+        let timing = Startup::claimed(claim.claimed_at_ns, startup::monotonic_ns());
+        (Some((vm, memory)), timing)
+    } else {
+        (None, Startup::begin(args.spawned_at_ns, main_ns))
+    };
+    let timing = Arc::new(timing);
+    sink.set_startup(timing.clone(), args.id.clone());
+    let mark = |phase| timing.mark(phase);
 
     let linux_boot = match (&args.kernel, &args.initrd) {
         (Some(kernel), Some(initrd)) => Some(LinuxBoot {
@@ -102,21 +126,21 @@ fn main() {
         }),
         _ => None,
     };
-    let config = VmConfig {
-        memory_mib: args.memory_mib,
-        vcpus: args.vcpus,
-    };
     // A restored Linux guest's devices continue from the snapshot's state.
     let mut restored_linux = None;
     let vm = match (&args.restore_dir, args.memory_fd) {
         _ if linux_boot.is_some() => {
             linux::create_vm(&config, linux_boot.as_ref().expect("checked"))
         }
+        (Some(dir), _) if standby.is_some() => {
+            let (vm, memory) = standby.expect("checked");
+            let mut state = read_vmstate(dir).unwrap_or_else(|e| fail(e));
+            restored_linux = state.linux.take();
+            mark("vmstate");
+            vm.restore(&state, memory, mark)
+        }
         (Some(dir), Some(memory_fd)) => {
-            let path = dir.join(forkd_snapshot_format::VMSTATE);
-            let bytes = std::fs::read(&path)
-                .unwrap_or_else(|e| fail(format!("reading {}: {e}", path.display())));
-            let mut state = VmState::from_bytes(&bytes).unwrap_or_else(|e| fail(e.to_string()));
+            let mut state = read_vmstate(dir).unwrap_or_else(|e| fail(e));
             restored_linux = state.linux.take();
             // SAFETY: the daemon passes this descriptor to us alone; we take
             // ownership of it here, once.
@@ -216,4 +240,43 @@ fn main() {
     }
     let copy_rate = live::rate_from_mibps(args.copy_rate_mibps);
     control::serve(stream, ctx, threads, copy_rate)
+}
+
+/// Builds the standby VM, says so, and waits for the daemon's claim. A
+/// daemon that drops its pool closes the socket: the VMM exits quietly.
+fn await_claim(
+    config: &VmConfig,
+    stream: &UnixStream,
+    sink: &EventSink,
+) -> (StandbyVm, forkd_control::Claim, File) {
+    let vm = StandbyVm::prepare(config).unwrap_or_else(|e| {
+        sink.exit(
+            ExitReason::VmmError {
+                detail: e.to_string(),
+            },
+            1,
+        )
+    });
+    sink.send(&Event::Standby);
+    match forkd_control::recv_claim(stream) {
+        Ok((claim, memory)) => (vm, claim, File::from(memory)),
+        Err(forkd_control::ProtocolError::Io(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            std::process::exit(0)
+        }
+        Err(e) => sink.exit(
+            ExitReason::VmmError {
+                detail: format!("reading the claim: {e}"),
+            },
+            1,
+        ),
+    }
+}
+
+/// Reads and parses a snapshot's `vmstate`.
+fn read_vmstate(dir: &std::path::Path) -> Result<VmState, String> {
+    let path = dir.join(forkd_snapshot_format::VMSTATE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    VmState::from_bytes(&bytes).map_err(|e| e.to_string())
 }

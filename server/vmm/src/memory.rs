@@ -8,7 +8,7 @@
 //! siblings; a write gives it its own copy.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -40,16 +40,49 @@ impl GuestRam {
 
     /// Maps a snapshot's memfd privately (copy-on-write).
     pub fn from_snapshot(file: File, size: u64) -> Result<Self> {
-        let len = file
-            .metadata()
-            .map_err(|e| VmmError::Memory(format!("snapshot memory fd: {e}")))?
-            .len();
-        if len != size {
+        check_snapshot_len(&file, size)?;
+        Self::map(file, size, true)
+    }
+
+    /// Maps a snapshot's memfd privately (copy-on-write) over `reserved`,
+    /// address space a standby VM set aside (and gave KVM as its memory
+    /// slot) before the snapshot was known.
+    pub fn from_snapshot_over(file: File, size: u64, reserved: &Reservation) -> Result<Self> {
+        check_snapshot_len(&file, size)?;
+        if size != reserved.size {
             return Err(VmmError::Memory(format!(
-                "snapshot memory is {len} bytes, its vmstate says {size}"
+                "snapshot memory is {size} bytes; this standby VM reserved {}",
+                reserved.size
             )));
         }
-        Self::map(file, size, true)
+        let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: MAP_FIXED replaces only our own reservation (`addr`,
+        // `size` are exactly its range, which nothing else uses); the file
+        // is a live memfd of `size` bytes.
+        let mapped = unsafe {
+            libc::mmap(
+                reserved.addr as *mut libc::c_void,
+                size as usize,
+                prot,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(VmmError::Memory(format!(
+                "mmap of the snapshot over the reserved {size} bytes: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the range is now a valid mapping of `size` bytes with
+        // these protections and flags; it stays mapped for the process's
+        // life (the reservation is never unmapped).
+        let region =
+            unsafe { MmapRegion::<()>::build_raw(mapped as *mut u8, size as usize, prot, flags) }
+                .map_err(|e| VmmError::Memory(format!("guest region over the reservation: {e}")))?;
+        Self::from_region(region, file, size, true)
     }
 
     fn map(file: File, size: u64, private: bool) -> Result<Self> {
@@ -68,6 +101,10 @@ impl GuestRam {
             sharing | libc::MAP_NORESERVE,
         )
         .map_err(|e| VmmError::Memory(format!("mmap of {size} bytes: {e}")))?;
+        Self::from_region(region, file, size, private)
+    }
+
+    fn from_region(region: MmapRegion<()>, file: File, size: u64, private: bool) -> Result<Self> {
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmmError::Memory("guest region overflows".into()))?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
@@ -162,6 +199,70 @@ impl GuestRam {
     }
 }
 
+/// Checks that a snapshot's memfd is as long as its vmstate says.
+fn check_snapshot_len(file: &File, size: u64) -> Result<()> {
+    let len = file
+        .metadata()
+        .map_err(|e| VmmError::Memory(format!("snapshot memory fd: {e}")))?
+        .len();
+    if len != size {
+        return Err(VmmError::Memory(format!(
+            "snapshot memory is {len} bytes, its vmstate says {size}"
+        )));
+    }
+    Ok(())
+}
+
+/// Address space set aside for guest RAM that is not known yet: mapped
+/// `PROT_NONE` (no memory behind it, nothing counted), 2 MiB aligned, and
+/// never unmapped; [`GuestRam::from_snapshot_over`] maps RAM over it.
+#[derive(Debug)]
+pub struct Reservation {
+    addr: usize,
+    size: u64,
+}
+
+/// Alignment of a reservation: a huge page, so RAM mapped over it can use
+/// them.
+const RESERVATION_ALIGN: usize = 2 << 20;
+
+impl Reservation {
+    /// Reserves `size` bytes of address space.
+    pub fn new(size: u64) -> Result<Self> {
+        let len = size as usize + RESERVATION_ALIGN;
+        // SAFETY: a new anonymous PROT_NONE mapping at an address of the
+        // kernel's choosing; it touches no existing memory.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(VmmError::Memory(format!(
+                "reserving {size} bytes of address space: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let addr = (base as usize).next_multiple_of(RESERVATION_ALIGN);
+        Ok(Reservation { addr, size })
+    }
+
+    /// The reserved range's first address.
+    pub fn host_address(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Bytes reserved.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 /// The `[start, end)` ranges of `file` (of `size` bytes) that hold data, by
 /// SEEK_DATA/SEEK_HOLE.
 pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
@@ -180,4 +281,54 @@ pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
         at = end;
     }
     Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn memfd(bytes: &[u8], size: u64) -> File {
+        let mut file = memfd::MemfdOptions::default()
+            .create("memory-test")
+            .expect("memfd_create")
+            .into_file();
+        file.write_all(bytes).unwrap();
+        file.set_len(size).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_snapshot_mapped_over_a_reservation_is_copy_on_write() {
+        let size = 4 << 20;
+        let reserved = Reservation::new(size).unwrap();
+        assert_eq!(reserved.host_address() % RESERVATION_ALIGN as u64, 0);
+        let file = memfd(b"snapshot", size);
+        let mut view = file.try_clone().unwrap();
+        let ram = GuestRam::from_snapshot_over(file, size, &reserved).unwrap();
+        // Mapped exactly over the reserved range, the snapshot's bytes in it.
+        assert_eq!(ram.host_address(), reserved.host_address());
+        assert!(ram.is_private());
+        let mut got = [0u8; 8];
+        ram.read(0, &mut got).unwrap();
+        assert_eq!(&got, b"snapshot");
+        // The guest's writes stay its own: the memfd keeps the snapshot.
+        ram.write(0, b"child!!!").unwrap();
+        ram.write(size - 8, b"last8byt").unwrap();
+        ram.read(0, &mut got).unwrap();
+        assert_eq!(&got, b"child!!!");
+        view.rewind().unwrap();
+        view.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"snapshot");
+    }
+
+    #[test]
+    fn a_snapshot_of_another_size_is_refused() {
+        let reserved = Reservation::new(4 << 20).unwrap();
+        let file = memfd(b"", 2 << 20);
+        let err = GuestRam::from_snapshot_over(file, 2 << 20, &reserved)
+            .err()
+            .expect("a 2 MiB snapshot over a 4 MiB reservation");
+        assert!(err.to_string().contains("reserved"), "{err}");
+    }
 }

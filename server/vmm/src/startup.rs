@@ -10,8 +10,11 @@
 //!
 //! Each figure is the time since the previous mark; `exec` is from the
 //! spawn call to `main` (fork, exec, the dynamic loader), present only
-//! when the daemon passed its instant. `bench` (fork-spawn) reads these
-//! lines to say which step dominates a fork.
+//! when the daemon passed its instant. A standby VMM (built before it was
+//! needed, see [`crate::standby`]) times from its claim instead: its line
+//! begins with `claim` (the daemon's claim instant to the VMM reading
+//! it). `bench` (fork-spawn) reads these lines to say which step
+//! dominates a fork.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +26,10 @@ pub const LINE_TAG: &str = "startup µs:";
 /// Start-up marks of one VMM process.
 #[derive(Debug)]
 pub struct Startup {
-    /// The daemon's spawn instant, if it passed one.
+    /// The daemon's spawn (or claim) instant, if it passed one.
     spawned_at_ns: Option<u64>,
+    /// The name of the first phase, from that instant to `main_ns`.
+    first: &'static str,
     /// `main`'s first instant.
     main_ns: u64,
     /// Named instants after `main`, in order.
@@ -39,9 +44,20 @@ impl Startup {
     pub fn begin(spawned_at_ns: Option<u64>, main_ns: u64) -> Startup {
         Startup {
             spawned_at_ns,
+            first: "exec",
             main_ns,
             marks: Mutex::new(Vec::with_capacity(12)),
             reported: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts timing a standby VMM's claim: from the daemon's instant of
+    /// the claim (`claimed_at_ns`) to `received_ns`, when the VMM read it
+    /// (the line's `claim` phase).
+    pub fn claimed(claimed_at_ns: Option<u64>, received_ns: u64) -> Startup {
+        Startup {
+            first: "claim",
+            ..Startup::begin(claimed_at_ns, received_ns)
         }
     }
 
@@ -61,7 +77,8 @@ impl Startup {
         let mut out = String::from(LINE_TAG);
         let origin = self.spawned_at_ns.unwrap_or(self.main_ns);
         if let Some(spawned) = self.spawned_at_ns {
-            let _ = write!(out, " exec={}", us(self.main_ns.saturating_sub(spawned)));
+            let first = self.first;
+            let _ = write!(out, " {first}={}", us(self.main_ns.saturating_sub(spawned)));
         }
         let mut previous = self.main_ns;
         for (phase, at) in marks.iter() {
@@ -118,6 +135,13 @@ mod tests {
         let mut s = Startup::begin(None, 3_000_000);
         s.marks = Mutex::new(vec![("vm", 4_000_000)]);
         assert_eq!(s.line(), "startup µs: vm=1000 total=1000");
+    }
+
+    #[test]
+    fn a_claimed_line_starts_with_the_claim() {
+        let mut s = Startup::claimed(Some(1_000_000), 1_200_000);
+        s.marks = Mutex::new(vec![("memory", 1_300_000)]);
+        assert_eq!(s.line(), "startup µs: claim=200 memory=100 total=300");
     }
 
     #[test]

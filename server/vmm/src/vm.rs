@@ -166,15 +166,26 @@ pub(crate) fn create_pit(fd: &VmFd) -> Result<()> {
 
 /// Hands guest RAM to KVM as slot 0, with dirty logging for DIFF snapshots.
 pub(crate) fn attach_memory(fd: &VmFd, ram: &GuestRam) -> Result<()> {
+    // SAFETY: the range is a live mapping of `ram.size()` bytes owned by
+    // `ram`, which the Vm keeps for as long as the VM exists.
+    unsafe { attach_range(fd, ram.host_address(), ram.size()) }
+}
+
+/// Hands `size` bytes of host address space at `host_address` to KVM as
+/// guest RAM (slot 0, from guest address 0, dirty-logged).
+///
+/// # Safety
+/// The range must stay mapped or reserved by this process, and not be
+/// used for anything but guest RAM, for as long as the VM exists.
+pub(crate) unsafe fn attach_range(fd: &VmFd, host_address: u64, size: u64) -> Result<()> {
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: KVM_MEM_LOG_DIRTY_PAGES,
         guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_address(),
+        memory_size: size,
+        userspace_addr: host_address,
     };
-    // SAFETY: the region is a live mapping of `ram.size()` bytes owned by
-    // `ram`, which the Vm keeps for as long as the VM exists.
+    // SAFETY: the caller guarantees the range outlives the VM.
     unsafe { fd.set_user_memory_region(region) }
         .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))
 }

@@ -13,6 +13,7 @@ mod conn;
 mod expiry;
 mod exposition;
 mod http;
+mod pool;
 mod rpc;
 mod state;
 
@@ -25,6 +26,7 @@ pub use self::branch::BranchMetrics;
 pub use self::conn::ConnMetrics;
 pub use self::expiry::ExpiryMetrics;
 pub use self::http::MetricsServer;
+pub use self::pool::PoolMetrics;
 pub use self::rpc::{KnownMethods, MetricsLayer, RpcMetrics};
 use self::state::StateCollector;
 use crate::sandbox::registry::Registry as Sandboxes;
@@ -54,6 +56,8 @@ pub struct Metrics {
     pub conn: ConnMetrics,
     /// Sandboxes deleted on expiry, for the reaper.
     pub expiry: ExpiryMetrics,
+    /// The standby-VMM pool.
+    pub pool: PoolMetrics,
 }
 
 impl Metrics {
@@ -74,12 +78,15 @@ impl Metrics {
         conn.register(&mut registry);
         let expiry = ExpiryMetrics::default();
         expiry.register(&mut registry);
+        let pool = PoolMetrics::default();
+        pool.register(&mut registry);
         Ok(Metrics {
             registry,
             rpc,
             branch,
             conn,
             expiry,
+            pool,
         })
     }
 
@@ -124,6 +131,10 @@ mod tests {
                 "forkd_connections_refused_total counter",
                 "forkd_connections_closed_total counter",
                 "forkd_sandboxes_expired_total counter",
+                "forkd_vmm_pool_ready gauge",
+                "forkd_vmm_pool_claims_total counter",
+                "forkd_vmm_pool_misses_total counter",
+                "forkd_vmm_pool_start_failures_total counter",
             ],
             "{text}"
         );

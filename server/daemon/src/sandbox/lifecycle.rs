@@ -17,7 +17,7 @@ use crate::sandbox::expiry::{Deadline, Expiry};
 use crate::sandbox::ids::new_sandbox_id;
 use crate::sandbox::image_lookup::Image;
 use crate::sandbox::registry::{Registry, Reservation, Sandbox, SandboxSpec};
-use crate::vmm::{LinuxBoot, RequestError, RestoreSpec, Vmm, VmmSpec};
+use crate::vmm::{ClaimSpec, LinuxBoot, RequestError, RestoreSpec, Shape, Vmm, VmmPool, VmmSpec};
 
 /// Most VMMs booting at the same time, across all calls.
 pub const BOOT_PARALLELISM: usize = 16;
@@ -98,6 +98,8 @@ pub struct Lifecycle {
     linux_boot_timeout: Duration,
     boot_permits: Semaphore,
     expiry: Arc<Expiry>,
+    /// Standby VMMs for children of reference-guest snapshots, if on.
+    pool: Option<Arc<VmmPool>>,
 }
 
 impl Lifecycle {
@@ -105,7 +107,8 @@ impl Lifecycle {
     /// copies limited to `copy_rate_mibps` (0: unlimited) and watched by a
     /// `watchdog` of that bound (if any); Linux guests get
     /// `linux_boot_timeout` to answer their first ping; lifetimes are kept
-    /// by `expiry`.
+    /// by `expiry`; children of reference-guest snapshots start on the
+    /// standby VMMs of `pool`, if given.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Arc<Registry>,
@@ -115,6 +118,7 @@ impl Lifecycle {
         watchdog: Option<Duration>,
         linux_boot_timeout: Duration,
         expiry: Arc<Expiry>,
+        pool: Option<Arc<VmmPool>>,
     ) -> Arc<Lifecycle> {
         Arc::new(Lifecycle {
             registry,
@@ -125,6 +129,7 @@ impl Lifecycle {
             linux_boot_timeout,
             boot_permits: Semaphore::new(BOOT_PARALLELISM),
             expiry,
+            pool,
         })
     }
 
@@ -240,7 +245,7 @@ impl Lifecycle {
             watchdog: self.watchdog,
             linux,
         };
-        let vmm = match Vmm::spawn(&spec) {
+        let vmm = match self.start_vmm(&spec) {
             Ok(vmm) => vmm,
             Err(e) => {
                 reserve().release_one();
@@ -320,6 +325,39 @@ impl Lifecycle {
         Err(err)
     }
 
+    /// Starts the VMM of `spec`: a child of a reference-guest snapshot on
+    /// a standby from the pool when one of its shape is ready, any other
+    /// (or when the claim fails) as a fresh process.
+    fn start_vmm(&self, spec: &VmmSpec<'_>) -> Result<Arc<Vmm>, BootError> {
+        let pooled = match (&self.pool, &spec.restore) {
+            (Some(pool), Some(restore)) if restore.console_log.is_none() => pool.take(Shape {
+                memory_mib: spec.memory_mib,
+                vcpus: spec.vcpus,
+            }),
+            _ => None,
+        };
+        if let (Some(standby), Some(restore)) = (pooled, &spec.restore) {
+            let pid = standby.pid();
+            let claim = ClaimSpec {
+                id: spec.id,
+                dir: spec.dir,
+                restore_dir: restore.dir,
+                memory: restore.memory,
+                watchdog: spec.watchdog,
+            };
+            match standby.claim(spec.vmm_path, &claim) {
+                Ok(vmm) => return Ok(vmm),
+                Err(e) => tracing::warn!(
+                    sandbox = %spec.id,
+                    standby_pid = pid,
+                    error = %e,
+                    "claiming a standby VMM failed; starting a fresh one"
+                ),
+            }
+        }
+        Vmm::spawn(spec)
+    }
+
     /// Deletes a sandbox: removes it from the registry, stops its VMM
     /// (Shutdown, then SIGKILL after [`SHUTDOWN_GRACE`]) and removes its
     /// directory. Returns the sandbox as it was before.
@@ -355,6 +393,9 @@ impl Lifecycle {
     /// Stops every sandbox (concurrently) and refuses new ones; then
     /// removes anything left in `<data-dir>/sandboxes`.
     pub async fn shutdown_all(&self) {
+        if let Some(pool) = &self.pool {
+            pool.close();
+        }
         let all = self.registry.close();
         if !all.is_empty() {
             tracing::info!(count = all.len(), "stopping sandboxes");

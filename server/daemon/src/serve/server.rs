@@ -14,6 +14,7 @@ use tonic::transport::Server;
 use crate::api::error::{CancelReason, StartupError};
 use crate::api::sandbox_service::{LinuxGuests, Sandboxes};
 use crate::api::snapshot_service::SnapshotApi;
+use crate::api::validate::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::metrics::{Metrics, MetricsLayer, MetricsServer};
@@ -27,6 +28,7 @@ use crate::serve::connections::{self, AcceptGate, CallLayer, ConnTable};
 use crate::serve::drain::{Drain, DrainLayer};
 use crate::serve::peer::LocalUsers;
 use crate::snapshot::store::Snapshots;
+use crate::vmm::{Shape, VmmPool};
 
 /// Bound on waiting at shutdown for cancelled LIVE copies to end (each
 /// ends within `live_copy::CANCEL_WAIT`, or its VMM is killed).
@@ -130,6 +132,21 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     log_recovery(&report);
     let registry = Registry::new(config.max_sandboxes, config.max_guest_memory_mib);
     let expiry = Expiry::new(config.ttl, metrics.expiry.clone());
+    let pool = (config.vmm_pool > 0).then(|| {
+        let pool = VmmPool::new(
+            config.vmm_path.clone(),
+            data_dir.pool(),
+            config.live_copy_rate_mibps,
+            config.vmm_pool,
+            Shape {
+                memory_mib: DEFAULT_MEMORY_MIB,
+                vcpus: DEFAULT_VCPUS,
+            },
+            metrics.pool.clone(),
+        );
+        pool.run();
+        pool
+    });
     let lifecycle = Lifecycle::new(
         registry,
         data_dir.clone(),
@@ -138,6 +155,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         config.vmm_watchdog,
         config.linux_boot_timeout,
         expiry.clone(),
+        pool,
     );
     let reaper = Reaper::start(expiry, lifecycle.clone());
     let linux = Arc::new(LinuxGuests {

@@ -36,16 +36,20 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::sync::lock;
 
 pub use files::FileEvent;
+pub use pool::VmmPool;
 pub use requests::{ExecCommand, ExecEvent, RequestError};
 pub use snapshot::{CopyEvent, CopyProgress, LiveSnapshot, Snapshotted};
 pub use spawn::{LinuxBoot, RestoreSpec, VmmSpec};
+pub use standby::{ClaimSpec, Shape};
 
 mod files;
+mod pool;
 mod reader;
 mod requests;
 mod routes;
 mod snapshot;
 mod spawn;
+mod standby;
 mod watchdog;
 
 #[cfg(test)]

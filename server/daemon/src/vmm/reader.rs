@@ -30,9 +30,15 @@ type Reader = BufReader<OwnedReadHalf>;
 /// Reads frames until `Exited`, EOF or a protocol error; then records the
 /// stop, drops every route (waking its waiter), and makes sure the
 /// process is reaped.
-pub(super) async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf) {
+/// `handshaken`: the hello was read and checked already (a standby VMM's,
+/// by the pool).
+pub(super) async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf, handshaken: bool) {
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let stop = match vmm.handshake(&mut rd).await {
+    let handshake = match handshaken {
+        true => Ok(true),
+        false => vmm.handshake(&mut rd).await,
+    };
+    let stop = match handshake {
         Ok(true) => vmm.read_frames(&mut rd).await,
         Ok(false) => None,
         Err(stop) => Some(stop),

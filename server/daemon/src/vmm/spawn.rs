@@ -168,17 +168,52 @@ impl Vmm {
         drop(theirs);
         drop(memory);
         let child = spawned.map_err(launch_err)?;
-        let pid = child.id().unwrap_or(0);
+        let console_dir = (spec.linux.is_some()
+            || spec.restore.is_some_and(|r| r.console_log.is_some()))
+        .then(|| spec.dir.to_path_buf());
+        let attach = Attach {
+            id: spec.id,
+            vmm_path: spec.vmm_path,
+            console_dir,
+            watchdog: spec.watchdog,
+            handshaken: false,
+        };
+        attach.start(child, ours).map_err(launch_err)
+    }
+}
 
-        let stream = std_to_tokio(ours).map_err(launch_err)?;
+/// What a started child becomes a [`Vmm`] with.
+pub(super) struct Attach<'a> {
+    /// The sandbox id.
+    pub id: &'a str,
+    /// The forkd-vmm binary, for messages.
+    pub vmm_path: &'a Path,
+    /// Linux: the sandbox directory holding the console log.
+    pub console_dir: Option<std::path::PathBuf>,
+    /// The watchdog's bound, if any.
+    pub watchdog: Option<Duration>,
+    /// Whether the VMM's hello was read and checked already (a standby's).
+    pub handshaken: bool,
+}
+
+impl Attach<'_> {
+    /// Makes the running `child`, connected by `ours`, a [`Vmm`] and
+    /// starts its tasks (writer, reader, reaper, watchdog).
+    pub(super) fn start(
+        self,
+        child: tokio::process::Child,
+        ours: OwnedFd,
+    ) -> std::io::Result<Arc<Vmm>> {
+        let pid = child.id().unwrap_or(0);
+        let stream = std_to_tokio(ours)?;
         let (rd, wr) = stream.into_split();
         let (writer, writer_rx) = mpsc::unbounded_channel();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (reaped_tx, reaped) = watch::channel(None);
         let pid_cell = Arc::new(AtomicU32::new(pid));
         let vmm = Arc::new(Vmm {
-            id: spec.id.to_string(),
-            vmm_path: spec.vmm_path.to_path_buf(),
+            id: self.id.to_string(),
+            vmm_path: self.vmm_path.to_path_buf(),
             pid: pid_cell.clone(),
             next_id: AtomicU64::new(1),
             writer,
@@ -188,16 +223,14 @@ impl Vmm {
             reaped,
             last_heard: Mutex::new(Instant::now()),
             reader_waiting: AtomicBool::new(false),
-            console_dir: (spec.linux.is_some()
-                || spec.restore.is_some_and(|r| r.console_log.is_some()))
-            .then(|| spec.dir.to_path_buf()),
+            console_dir: self.console_dir,
             guest_boot: OnceLock::new(),
         });
 
         tokio::spawn(reap(vmm.id.clone(), child, kill_rx, pid_cell, reaped_tx));
         tokio::spawn(requests::write_loop(wr, writer_rx));
-        tokio::spawn(reader::read_loop(vmm.clone(), rd));
-        if let Some(bound) = spec.watchdog {
+        tokio::spawn(reader::read_loop(vmm.clone(), rd, self.handshaken));
+        if let Some(bound) = self.watchdog {
             tokio::spawn(watchdog::watchdog(Arc::downgrade(&vmm), bound));
         }
         Ok(vmm)
@@ -233,7 +266,7 @@ async fn reap(
 
 /// Makes `fd` the child's fd `target`, inheritable across exec. Runs
 /// between fork and exec.
-fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
+pub(super) fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
     // SAFETY: dup2 in the child onto a descriptor number it does not use
     // otherwise; the duplicate does not carry FD_CLOEXEC, and stdio (0-2)
     // is already set up at this point. `fd` is never equal to `target`
@@ -248,14 +281,14 @@ fn inherit_as(fd: i32, target: i32) -> std::io::Result<()> {
 /// child's stdio setup and its `dup2`s onto 3 and 4 then cannot overwrite
 /// it before it is used (possible when the daemon was started with a
 /// standard stream closed, or when the fd happens to be 3 or 4).
-fn above_inherited(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+pub(super) fn above_inherited(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(MEMORY_FD + 1))?;
     // SAFETY: `raw` is a new descriptor returned by F_DUPFD_CLOEXEC and is
     // owned by nothing else.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
-fn std_to_tokio(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
+pub(super) fn std_to_tokio(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
     let stream = std::os::unix::net::UnixStream::from(fd);
     stream.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(stream)
@@ -263,7 +296,7 @@ fn std_to_tokio(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
 
 /// `CLOCK_MONOTONIC` now, in ns: the clock `forkd-vmm` times its start-up
 /// on (`--spawned-at-ns`).
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
