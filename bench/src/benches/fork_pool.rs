@@ -12,6 +12,7 @@
 //! refill runs during either). Checks (untimed): every child answers
 //! `echo`, and the first child's `checksum` is the same on both daemons.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use super::fork_spawn::phase_table;
 use super::{latency_row, Iters, LATENCY_HEADERS};
 use crate::client::Ctx;
 use crate::daemon::Daemon;
+use crate::procfs;
 use crate::startup::{self, Phases};
 use crate::stats::{fmt_num, Samples};
 use crate::table::Table;
@@ -60,6 +62,7 @@ pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
         "--metrics-listen".to_string(),
         metrics.to_string(),
     ]);
+    let before = procfs::meminfo()?;
     let mut daemon = Daemon::start(&ctx.daemon_cmd.forkd, &args, ctx.daemon_cmd.timeout).await?;
     let pooled = Ctx::new(
         daemon.connect().await?,
@@ -70,6 +73,9 @@ pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
     );
     let tag = format!("{NAME}-base");
     let result = async {
+        // The default shape's standbys, started with the daemon.
+        wait_pool_ready(metrics, pool).await?;
+        let default_full = procfs::meminfo()?;
         let fill_mib = it.fork_fill_mib.to_string();
         let warmup: [&[&str]; 1] = [&["fill", &fill_mib, "1"]];
         let mut shape = (0, 0);
@@ -86,6 +92,24 @@ pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
             let ids: Vec<String> = resp.sandboxes.iter().map(|s| s.id.clone()).collect();
             c.delete_many(&ids).await?;
         }
+        let mut memory = vec![standby_row(
+            "default shape (256 MiB, 2 vCPUs)",
+            pool,
+            &before,
+            &default_full,
+            true,
+        )];
+        if shapes == 2 {
+            wait_pool_ready(metrics, 2 * pool).await?;
+            let both_full = procfs::meminfo()?;
+            memory.push(standby_row(
+                &format!("snapshot's shape ({} MiB, {} vCPUs)", shape.0, shape.1),
+                pool,
+                &default_full,
+                &both_full,
+                false,
+            ));
+        }
         let arms = [
             Arm {
                 name: "fresh",
@@ -100,7 +124,9 @@ pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
                 metrics: Some(metrics),
             },
         ];
-        measure(&arms, it, &tag, pool, shapes).await
+        let mut tables = measure(&arms, it, &tag, pool, shapes).await?;
+        tables.push(standby_table(memory));
+        Ok(tables)
     }
     .await;
     for c in [ctx, &pooled] {
@@ -201,6 +227,69 @@ async fn measure(
         tables.push(t);
     }
     Ok(tables)
+}
+
+/// `/proc/meminfo` fields reported per standby (KiB).
+const STANDBY_FIELDS: &[&str] = &[
+    "AnonPages",
+    "PageTables",
+    "SecPageTables",
+    "KernelStack",
+    "SUnreclaim",
+    "VmallocUsed",
+];
+
+/// One row of host memory per standby: `/proc/meminfo` growth from
+/// `from` to `to` over `n` standbys; MemAvailable only when nothing else
+/// happened in between (`with_available`).
+fn standby_row(
+    what: &str,
+    n: u32,
+    from: &HashMap<String, u64>,
+    to: &HashMap<String, u64>,
+    with_available: bool,
+) -> Vec<String> {
+    let per = |k: &str| -> String {
+        match (from.get(k), to.get(k)) {
+            (Some(a), Some(b)) => format!("{:+.0}", (*b as f64 - *a as f64) / f64::from(n)),
+            _ => "-".into(),
+        }
+    };
+    let mut row = vec![what.to_string(), n.to_string()];
+    row.push(if with_available {
+        let drop = |k: &str| -> String {
+            match (from.get(k), to.get(k)) {
+                (Some(a), Some(b)) => format!("{:.0}", (*a as f64 - *b as f64) / f64::from(n)),
+                _ => "-".into(),
+            }
+        };
+        drop("MemAvailable")
+    } else {
+        "-".into()
+    });
+    row.extend(STANDBY_FIELDS.iter().map(|k| per(k)));
+    row
+}
+
+fn standby_table(rows: Vec<Vec<String>>) -> Table {
+    let mut headers = vec!["standbys", "count", "MemAvailable drop"];
+    headers.extend(STANDBY_FIELDS);
+    let mut t = Table::new(
+        format!("{NAME}: host memory per standby VMM, KiB (/proc/meminfo growth / standbys)"),
+        &headers,
+    );
+    for r in rows {
+        t.row(r);
+    }
+    t.note(
+        "default shape: from before the pooled daemon started until its default-shape pool was \
+         full (the daemon's own few MiB included); snapshot's shape: from then until that shape's \
+         pool was full too, with snapshot creation and one fork per daemon in between, so \
+         MemAvailable (which moved with the snapshot's memory and files) is left out there. \
+         AnonPages = the processes' own memory, KernelStack/SUnreclaim/VmallocUsed = kernel \
+         allocations (threads, KVM's VM, vCPU and memory-slot structures)",
+    );
+    t
 }
 
 /// Every child answers `echo`; the first one's checksum matches the
