@@ -249,25 +249,21 @@ fn standby_row(
     to: &HashMap<String, u64>,
     with_available: bool,
 ) -> Vec<String> {
-    let per = |k: &str| -> String {
-        match (from.get(k), to.get(k)) {
-            (Some(a), Some(b)) => format!("{:+.0}", (*b as f64 - *a as f64) / f64::from(n)),
-            _ => "-".into(),
-        }
+    // Growth of field `k` per standby, KiB.
+    let growth = |k: &str| -> Option<f64> {
+        Some((*to.get(k)? as f64 - *from.get(k)? as f64) / f64::from(n))
     };
+    let shown = |v: Option<f64>, f: fn(f64) -> String| v.map_or_else(|| "-".into(), f);
     let mut row = vec![what.to_string(), n.to_string()];
-    row.push(if with_available {
-        let drop = |k: &str| -> String {
-            match (from.get(k), to.get(k)) {
-                (Some(a), Some(b)) => format!("{:.0}", (*a as f64 - *b as f64) / f64::from(n)),
-                _ => "-".into(),
-            }
-        };
-        drop("MemAvailable")
-    } else {
-        "-".into()
+    row.push(match with_available {
+        true => shown(growth("MemAvailable").map(|g| -g), |v| format!("{v:.0}")),
+        false => "-".into(),
     });
-    row.extend(STANDBY_FIELDS.iter().map(|k| per(k)));
+    row.extend(
+        STANDBY_FIELDS
+            .iter()
+            .map(|k| shown(growth(k), |v| format!("{v:+.0}"))),
+    );
     row
 }
 

@@ -83,7 +83,9 @@ pub(super) async fn read_loop(vmm: Arc<Vmm>, rd: OwnedReadHalf, handshaken: bool
 }
 
 /// One frame: its kind and body; `None` at EOF before a frame.
-async fn read_raw(rd: &mut Reader) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+pub(super) async fn read_raw(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     match rd.read_exact(&mut header).await {
         Ok(_) => {}

@@ -14,10 +14,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkd_control::{check_hello, parse_header, Claim, Event, HEADER_LEN, KIND_JSON};
+use forkd_control::{check_hello, Claim, Event, KIND_JSON};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use tokio::io::AsyncReadExt;
 
+use super::reader::read_raw;
 use super::spawn::{above_inherited, inherit_as, monotonic_ns, std_to_tokio, Attach, CONTROL_FD};
 use super::Vmm;
 use crate::data_dir::VMM_LOG;
@@ -210,12 +210,13 @@ async fn await_standby(ours: OwnedFd) -> Result<UnixStream, StandbyError> {
     Ok(stream)
 }
 
+/// The standby's next frame; EOF or a bad frame is "not ready".
 async fn read_frame(stream: &mut tokio::net::UnixStream) -> Result<(u8, Vec<u8>), StandbyError> {
-    let eof = |e: std::io::Error| StandbyError::NotReady(format!("control socket: {e}"));
-    let mut header = [0u8; HEADER_LEN];
-    stream.read_exact(&mut header).await.map_err(eof)?;
-    let (len, kind) = parse_header(header).map_err(|e| StandbyError::NotReady(e.to_string()))?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.map_err(eof)?;
-    Ok((kind, body))
+    match read_raw(stream).await {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(StandbyError::NotReady(
+            "it closed its control socket".into(),
+        )),
+        Err(e) => Err(StandbyError::NotReady(e.to_string())),
+    }
 }
