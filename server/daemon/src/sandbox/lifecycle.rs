@@ -19,7 +19,8 @@ use crate::sandbox::image_lookup::Image;
 use crate::sandbox::registry::{Registry, Reservation, Sandbox, SandboxSpec};
 use crate::vmm::{ClaimSpec, LinuxBoot, RequestError, RestoreSpec, Shape, Vmm, VmmPool, VmmSpec};
 
-/// Most VMMs booting at the same time, across all calls.
+/// Most VMMs starting at the same time, across all calls (a claimed
+/// standby holds its permit only until the claim is sent).
 pub const BOOT_PARALLELISM: usize = 16;
 /// Time a reference-guest sandbox gets from VMM start to answering its
 /// first ping (a Linux guest gets `--linux-boot-timeout`).
@@ -85,6 +86,14 @@ pub struct SpawnOutcome {
     pub failures: Vec<(usize, BootError)>,
     /// Wall time of the whole call.
     pub elapsed: Duration,
+}
+
+/// How a sandbox's VMM came to be.
+enum Started {
+    /// A new `forkd-vmm` process.
+    Fresh(Arc<Vmm>),
+    /// A standby VMM from the pool, claimed for this sandbox.
+    Claimed(Arc<Vmm>),
 }
 
 /// Owns the sandboxes' processes and directories.
@@ -203,7 +212,7 @@ impl Lifecycle {
         reservation: &Mutex<Reservation>,
     ) -> Result<Arc<Sandbox>, BootError> {
         let reserve = || reservation.lock().unwrap_or_else(|e| e.into_inner());
-        let _permit = self.boot_permits.acquire().await;
+        let permit = self.boot_permits.acquire().await;
         let id = loop {
             let id = new_sandbox_id();
             if !self.registry.contains(&id) {
@@ -246,7 +255,14 @@ impl Lifecycle {
             linux,
         };
         let vmm = match self.start_vmm(&spec) {
-            Ok(vmm) => vmm,
+            Ok(Started::Claimed(vmm)) => {
+                // A claimed standby only loads state (about 2 ms): it gives
+                // its boot permit back at once, so the next child's claim
+                // does not wait for this one's Ready.
+                drop(permit);
+                vmm
+            }
+            Ok(Started::Fresh(vmm)) => vmm,
             Err(e) => {
                 reserve().release_one();
                 remove_dir(&dir);
@@ -328,7 +344,7 @@ impl Lifecycle {
     /// Starts the VMM of `spec`: a child of a reference-guest snapshot on
     /// a standby from the pool when one of its shape is ready, any other
     /// (or when the claim fails) as a fresh process.
-    fn start_vmm(&self, spec: &VmmSpec<'_>) -> Result<Arc<Vmm>, BootError> {
+    fn start_vmm(&self, spec: &VmmSpec<'_>) -> Result<Started, BootError> {
         let pooled = match (&self.pool, &spec.restore) {
             (Some(pool), Some(restore)) if restore.console_log.is_none() => pool.take(Shape {
                 memory_mib: spec.memory_mib,
@@ -346,7 +362,7 @@ impl Lifecycle {
                 watchdog: spec.watchdog,
             };
             match standby.claim(spec.vmm_path, &claim) {
-                Ok(vmm) => return Ok(vmm),
+                Ok(vmm) => return Ok(Started::Claimed(vmm)),
                 Err(e) => tracing::warn!(
                     sandbox = %spec.id,
                     standby_pid = pid,
@@ -355,7 +371,7 @@ impl Lifecycle {
                 ),
             }
         }
-        Vmm::spawn(spec)
+        Vmm::spawn(spec).map(Started::Fresh)
     }
 
     /// Deletes a sandbox: removes it from the registry, stops its VMM
