@@ -129,6 +129,7 @@ class Sandbox(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     GUEST_BOOT_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    HUGE_PAGES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, for example `sb-3k9x2m7q4d`."""
     state: Global___SandboxState.ValueType
@@ -156,6 +157,10 @@ class Sandbox(_message.Message):
     image: _builtins.str
     """Name of the Linux image the sandbox booted; empty for the reference
     guest and for children forked from a snapshot of it.
+    """
+    huge_pages: _builtins.bool
+    """Whether guest RAM is backed by 2 MiB huge pages (see
+    SpawnSandboxesRequest's `huge_pages`).
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -194,10 +199,11 @@ class Sandbox(_message.Message):
         image: _builtins.str = ...,
         guest_boot: Global___GuestBoot | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        huge_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "guest_boot", b"guest_boot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "expire_time", b"expire_time", "guest_boot", b"guest_boot", "id", b"id", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_ms", b"boot_ms", "create_time", b"create_time", "exit_reason", b"exit_reason", "expire_time", b"expire_time", "guest_boot", b"guest_boot", "huge_pages", b"huge_pages", "id", b"id", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "snapshot_tag", b"snapshot_tag", "state", b"state", "vcpus", b"vcpus", "vmm_pid", b"vmm_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,6 +270,7 @@ class SpawnSandboxesRequest(_message.Message):
     WAIT_FOR_SNAPSHOT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    HUGE_PAGES_FIELD_NUMBER: _builtins.int
     snapshot_tag: _builtins.str
     """Snapshot to fork the children from. Empty means a cold boot (of the
     reference guest, or of `image`). Must be empty when `image` is set.
@@ -303,6 +310,16 @@ class SpawnSandboxesRequest(_message.Message):
     INVALID_ARGUMENT. Children forked from a snapshot get this lifetime,
     not their source's. SetSandboxTtl changes it later.
     """
+    huge_pages: _builtins.bool
+    """Back guest RAM with 2 MiB huge pages from the host's hugetlb pool
+    (`vm.nr_hugepages`) instead of 4 KiB pages, for a cold boot of the
+    reference guest; `memory_mib` must then be even. Arming a LIVE branch
+    then touches one entry per 2 MiB instead of per 4 KiB. Too few free
+    huge pages on the host is RESOURCE_EXHAUSTED. Children of a snapshot
+    use the page size their snapshot was taken with: when forking, leave
+    this false or match the snapshot's `huge_pages`. Not available for
+    Linux images yet (INVALID_ARGUMENT).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels to attach to every new sandbox. Keys: 1-63 characters of
@@ -322,10 +339,11 @@ class SpawnSandboxesRequest(_message.Message):
         wait_for_snapshot: _builtins.bool = ...,
         image: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        huge_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "live_fork", b"live_fork"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "ttl_seconds", b"ttl_seconds", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork", "huge_pages", b"huge_pages", "image", b"image", "labels", b"labels", "live_fork", b"live_fork", "memory_mib", b"memory_mib", "n", b"n", "snapshot_tag", b"snapshot_tag", "ttl_seconds", b"ttl_seconds", "vcpus", b"vcpus", "wait_for_snapshot", b"wait_for_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__live_fork: _TypeAlias = _typing.Literal["live_fork"]  # noqa: Y015
     _WhichOneofArgType__live_fork: _TypeAlias = _typing.Literal["_live_fork", b"_live_fork"]  # noqa: Y015

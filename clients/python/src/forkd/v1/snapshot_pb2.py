@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66orkd/v1/snapshot.proto\x12\x08\x66orkd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x02\n\x08Snapshot\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.forkd.v1.BranchMode\x12\x12\n\nparent_tag\x18\x04 \x01(\t\x12\x19\n\x11source_sandbox_id\x18\x05 \x01(\t\x12\x12\n\nmemory_mib\x18\x06 \x01(\r\x12\r\n\x05vcpus\x18\x07 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x12\n\ndisk_bytes\x18\t \x01(\x04\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x12\r\n\x05\x63hain\x18\x0c \x03(\t\x12\x12\n\ndependents\x18\r \x03(\t\x12\x10\n\x08\x63hildren\x18\x0e \x03(\t\x12\r\n\x05image\x18\x0f \x01(\t\"1\n\rWarmupCommand\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"\x95\x01\n\x15\x43reateSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\'\n\x06warmup\x18\x04 \x03(\x0b\x32\x17.forkd.v1.WarmupCommand\x12\x14\n\x0ckeep_running\x18\x05 \x01(\x08\x12\r\n\x05image\x18\x06 \x01(\t\"R\n\x16\x43reateSnapshotResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\"!\n\x12GetSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\";\n\x13GetSnapshotResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\"@\n\x14ListSnapshotsRequest\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\">\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.forkd.v1.Snapshot\"D\n\x15\x44\x65leteSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61scade\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\".\n\x16\x44\x65leteSnapshotResponse\x12\x14\n\x0c\x64\x65leted_tags\x18\x01 \x03(\t\"#\n\x14WatchSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"\xa8\x01\n\x15WatchSnapshotResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x15\n\rfaults_served\x18\x05 \x01(\x04\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t*k\n\nBranchMode\x12\x1b\n\x17\x42RANCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42RANCH_MODE_FULL\x10\x01\x12\x14\n\x10\x42RANCH_MODE_DIFF\x10\x02\x12\x14\n\x10\x42RANCH_MODE_LIVE\x10\x03*\x85\x01\n\x0eSnapshotStatus\x12\x1f\n\x1bSNAPSHOT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_STATUS_WRITING\x10\x01\x12\x19\n\x15SNAPSHOT_STATUS_READY\x10\x02\x12\x1a\n\x16SNAPSHOT_STATUS_FAILED\x10\x03\x32\xad\x03\n\x0fSnapshotService\x12S\n\x0e\x43reateSnapshot\x12\x1f.forkd.v1.CreateSnapshotRequest\x1a .forkd.v1.CreateSnapshotResponse\x12J\n\x0bGetSnapshot\x12\x1c.forkd.v1.GetSnapshotRequest\x1a\x1d.forkd.v1.GetSnapshotResponse\x12P\n\rListSnapshots\x12\x1e.forkd.v1.ListSnapshotsRequest\x1a\x1f.forkd.v1.ListSnapshotsResponse\x12S\n\x0e\x44\x65leteSnapshot\x12\x1f.forkd.v1.DeleteSnapshotRequest\x1a .forkd.v1.DeleteSnapshotResponse\x12R\n\rWatchSnapshot\x12\x1e.forkd.v1.WatchSnapshotRequest\x1a\x1f.forkd.v1.WatchSnapshotResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66orkd/v1/snapshot.proto\x12\x08\x66orkd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x03\n\x08Snapshot\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.forkd.v1.BranchMode\x12\x12\n\nparent_tag\x18\x04 \x01(\t\x12\x19\n\x11source_sandbox_id\x18\x05 \x01(\t\x12\x12\n\nmemory_mib\x18\x06 \x01(\r\x12\r\n\x05vcpus\x18\x07 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x08 \x01(\x04\x12\x12\n\ndisk_bytes\x18\t \x01(\x04\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x0b \x01(\t\x12\r\n\x05\x63hain\x18\x0c \x03(\t\x12\x12\n\ndependents\x18\r \x03(\t\x12\x10\n\x08\x63hildren\x18\x0e \x03(\t\x12\r\n\x05image\x18\x0f \x01(\t\x12\x12\n\nhuge_pages\x18\x10 \x01(\x08\"1\n\rWarmupCommand\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"\x95\x01\n\x15\x43reateSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\'\n\x06warmup\x18\x04 \x03(\x0b\x32\x17.forkd.v1.WarmupCommand\x12\x14\n\x0ckeep_running\x18\x05 \x01(\x08\x12\r\n\x05image\x18\x06 \x01(\t\"R\n\x16\x43reateSnapshotResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\"!\n\x12GetSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\";\n\x13GetSnapshotResponse\x12$\n\x08snapshot\x18\x01 \x01(\x0b\x32\x12.forkd.v1.Snapshot\"@\n\x14ListSnapshotsRequest\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\">\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.forkd.v1.Snapshot\"D\n\x15\x44\x65leteSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61scade\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\".\n\x16\x44\x65leteSnapshotResponse\x12\x14\n\x0c\x64\x65leted_tags\x18\x01 \x03(\t\"#\n\x14WatchSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"\xa8\x01\n\x15WatchSnapshotResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.forkd.v1.SnapshotStatus\x12\x14\n\x0c\x62ytes_copied\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x15\n\rfaults_served\x18\x05 \x01(\x04\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t*k\n\nBranchMode\x12\x1b\n\x17\x42RANCH_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42RANCH_MODE_FULL\x10\x01\x12\x14\n\x10\x42RANCH_MODE_DIFF\x10\x02\x12\x14\n\x10\x42RANCH_MODE_LIVE\x10\x03*\x85\x01\n\x0eSnapshotStatus\x12\x1f\n\x1bSNAPSHOT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_STATUS_WRITING\x10\x01\x12\x19\n\x15SNAPSHOT_STATUS_READY\x10\x02\x12\x1a\n\x16SNAPSHOT_STATUS_FAILED\x10\x03\x32\xad\x03\n\x0fSnapshotService\x12S\n\x0e\x43reateSnapshot\x12\x1f.forkd.v1.CreateSnapshotRequest\x1a .forkd.v1.CreateSnapshotResponse\x12J\n\x0bGetSnapshot\x12\x1c.forkd.v1.GetSnapshotRequest\x1a\x1d.forkd.v1.GetSnapshotResponse\x12P\n\rListSnapshots\x12\x1e.forkd.v1.ListSnapshotsRequest\x1a\x1f.forkd.v1.ListSnapshotsResponse\x12S\n\x0e\x44\x65leteSnapshot\x12\x1f.forkd.v1.DeleteSnapshotRequest\x1a .forkd.v1.DeleteSnapshotResponse\x12R\n\rWatchSnapshot\x12\x1e.forkd.v1.WatchSnapshotRequest\x1a\x1f.forkd.v1.WatchSnapshotResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'forkd.v1.snapshot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BRANCHMODE']._serialized_start=1278
-  _globals['_BRANCHMODE']._serialized_end=1385
-  _globals['_SNAPSHOTSTATUS']._serialized_start=1388
-  _globals['_SNAPSHOTSTATUS']._serialized_end=1521
+  _globals['_BRANCHMODE']._serialized_start=1298
+  _globals['_BRANCHMODE']._serialized_end=1405
+  _globals['_SNAPSHOTSTATUS']._serialized_start=1408
+  _globals['_SNAPSHOTSTATUS']._serialized_end=1541
   _globals['_SNAPSHOT']._serialized_start=71
-  _globals['_SNAPSHOT']._serialized_end=437
-  _globals['_WARMUPCOMMAND']._serialized_start=439
-  _globals['_WARMUPCOMMAND']._serialized_end=488
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=491
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=640
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=642
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=724
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=726
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=759
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=761
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=820
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=822
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=886
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=888
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=950
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=952
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1020
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1022
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1068
-  _globals['_WATCHSNAPSHOTREQUEST']._serialized_start=1070
-  _globals['_WATCHSNAPSHOTREQUEST']._serialized_end=1105
-  _globals['_WATCHSNAPSHOTRESPONSE']._serialized_start=1108
-  _globals['_WATCHSNAPSHOTRESPONSE']._serialized_end=1276
-  _globals['_SNAPSHOTSERVICE']._serialized_start=1524
-  _globals['_SNAPSHOTSERVICE']._serialized_end=1953
+  _globals['_SNAPSHOT']._serialized_end=457
+  _globals['_WARMUPCOMMAND']._serialized_start=459
+  _globals['_WARMUPCOMMAND']._serialized_end=508
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=511
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=660
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=662
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=744
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=746
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=779
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=781
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=840
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=842
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=906
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=908
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=970
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=972
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1040
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1042
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1088
+  _globals['_WATCHSNAPSHOTREQUEST']._serialized_start=1090
+  _globals['_WATCHSNAPSHOTREQUEST']._serialized_end=1125
+  _globals['_WATCHSNAPSHOTRESPONSE']._serialized_start=1128
+  _globals['_WATCHSNAPSHOTRESPONSE']._serialized_end=1296
+  _globals['_SNAPSHOTSERVICE']._serialized_start=1544
+  _globals['_SNAPSHOTSERVICE']._serialized_end=1973
 # @@protoc_insertion_point(module_scope)

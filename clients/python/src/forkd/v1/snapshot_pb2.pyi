@@ -101,6 +101,7 @@ class Snapshot(_message.Message):
     DEPENDENTS_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    HUGE_PAGES_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Unique tag: 1-64 characters of letters, digits, `.`, `_`, `-`,
     starting with a letter or digit.
@@ -126,6 +127,11 @@ class Snapshot(_message.Message):
     image: _builtins.str
     """The Linux image its guest booted (children run it too); empty for the
     reference guest.
+    """
+    huge_pages: _builtins.bool
+    """Whether the snapshot was taken of a sandbox whose RAM is backed by 2 MiB
+    huge pages; its children's RAM is too (each child's copy-on-write unit
+    is then 2 MiB).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -161,10 +167,11 @@ class Snapshot(_message.Message):
         dependents: _abc.Iterable[_builtins.str] | None = ...,
         children: _abc.Iterable[_builtins.str] | None = ...,
         image: _builtins.str = ...,
+        huge_pages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "children", b"children", "create_time", b"create_time", "dependents", b"dependents", "disk_bytes", b"disk_bytes", "failure_reason", b"failure_reason", "image", b"image", "memory_bytes", b"memory_bytes", "memory_mib", b"memory_mib", "mode", b"mode", "parent_tag", b"parent_tag", "source_sandbox_id", b"source_sandbox_id", "status", b"status", "tag", b"tag", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "children", b"children", "create_time", b"create_time", "dependents", b"dependents", "disk_bytes", b"disk_bytes", "failure_reason", b"failure_reason", "huge_pages", b"huge_pages", "image", b"image", "memory_bytes", b"memory_bytes", "memory_mib", b"memory_mib", "mode", b"mode", "parent_tag", b"parent_tag", "source_sandbox_id", b"source_sandbox_id", "status", b"status", "tag", b"tag", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
