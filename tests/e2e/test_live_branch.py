@@ -140,13 +140,18 @@ def seq(d: Daemon, sandbox_id: str) -> int:
 
 
 def writing_source(
-    d: Daemon, memory_mib: int = 512, fill_mib: int = 128, seed: int = 1, rate: int = WRITER_RATE
+    d: Daemon,
+    memory_mib: int = 512,
+    fill_mib: int = 128,
+    seed: int = 1,
+    rate: int = WRITER_RATE,
+    **spawn_fields,
 ):
     """A running sandbox with `fill_mib` filled and the writer running at
     `rate` (scaled by `writer_rate`); returns (sandbox, checksum of the
-    filled region)."""
+    filled region). `spawn_fields` go into its SpawnSandboxes request."""
     rate = writer_rate(d, rate)
-    [sb] = d.spawn(1, memoryMib=memory_mib)
+    [sb] = d.spawn(1, memoryMib=memory_mib, **spawn_fields)
     sid = sb["id"]
     fill(d, sid, fill_mib, seed)
     out = d.exec_ok(sid, ["dirty", str(WRITER_PAGES), str(rate)])

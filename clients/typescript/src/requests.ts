@@ -88,6 +88,13 @@ export interface SpawnOptions {
    * sandbox's `expireTime` says when (absent: never).
    */
   ttlSeconds?: number | bigint | undefined;
+  /**
+   * Back a cold-booted reference guest's RAM with 2 MiB huge pages from the
+   * host's pool (`memoryMib` must be even; too few free huge pages is
+   * RESOURCE_EXHAUSTED). Children of a snapshot use its page size. Default
+   * false.
+   */
+  hugePages?: boolean | undefined;
 }
 
 /** Options of {@link Controller.branchSandbox}. */
@@ -240,6 +247,7 @@ export function spawnSandboxesRequest(opts: SpawnOptions = {}): SpawnSandboxesRe
     waitForSnapshot: checkBool("waitForSnapshot", waitForSnapshot),
     image: checkString("image", opts.image ?? ""),
     ttlSeconds: checkUint64("ttlSeconds", opts.ttlSeconds ?? 0),
+    hugePages: checkBool("hugePages", opts.hugePages ?? false),
   });
   if (checkBool("liveFork", liveFork)) {
     req.liveFork = true;

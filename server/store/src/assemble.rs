@@ -12,6 +12,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::digest::{chunk_digest, par_chunks, sha256_hex, Chunk, ZeroDigests};
 use crate::error::{Result, StoreError};
+use crate::huge::HugeMap;
 use crate::manifest::{Manifest, Mode, Status};
 use crate::recovery::chain_problem;
 use crate::store::{mark_failed_keeping_data, write_failed_keeping_data, Store};
@@ -50,16 +51,37 @@ impl Store {
         let chain = self.verified_chain(tag)?;
         self.verify_vmstate(tag)?;
         let leaf = &chain[0];
-        let memfd = MemfdOptions::default()
+        let huge = leaf.guest.huge_pages;
+        let options = MemfdOptions::default()
             .close_on_exec(true)
-            .allow_sealing(true)
+            .allow_sealing(true);
+        // A huge-page guest's children map 2 MiB pages: its memory goes in
+        // a hugetlbfs memfd, which is written through a mapping.
+        let options = match huge {
+            true => options.hugetlb(Some(memfd::HugetlbSize::Huge2MB)),
+            false => options,
+        };
+        let memfd = options
             .create(format!("forkd-snapshot-{tag}"))
             .map_err(|e| io_error("creating a memfd for", tag, memfd_io(e)))?;
         let file = memfd.as_file();
         file.set_len(leaf.memory_bytes)
             .map_err(|e| io_error("sizing the memfd of", tag, e))?;
-        for (i, m) in chain.iter().rev().enumerate() {
-            apply(&self.snapshot_dir(&m.tag), m, i == 0, file)?;
+        {
+            let map = match huge {
+                true => Some(
+                    HugeMap::new(file, leaf.memory_bytes)
+                        .map_err(|e| io_error("mapping the huge-page memfd of", tag, e))?,
+                ),
+                false => None,
+            };
+            let target = match &map {
+                Some(map) => Target::Huge(map),
+                None => Target::File(file),
+            };
+            for (i, m) in chain.iter().rev().enumerate() {
+                apply(&self.snapshot_dir(&m.tag), m, i == 0, target)?;
+            }
         }
         memfd
             .add_seals(&[
@@ -279,7 +301,7 @@ fn corrupt(m: &Manifest, file: &'static str, detail: String) -> StoreError {
 /// Applies one snapshot of the chain to `target`: the root (`root` true)
 /// contributes every non-zero page; a diff contributes the pages its
 /// bitmap selects, zero ones as holes. Verifies every chunk on the way.
-fn apply(dir: &Path, m: &Manifest, root: bool, target: &File) -> Result<()> {
+fn apply(dir: &Path, m: &Manifest, root: bool, target: Target<'_>) -> Result<()> {
     let bitmap = if root {
         None
     } else {
@@ -348,6 +370,7 @@ fn apply_chunk(
         ));
     }
     let root = bitmap.is_none();
+    let out_target = out.target;
     let first_page = chunk.offset / PAGE_SIZE;
     let apply = |out: &mut Runs<'_>| -> std::io::Result<()> {
         for i in 0..chunk.len.div_ceil(PAGE_SIZE) {
@@ -367,7 +390,15 @@ fn apply_chunk(
         }
         out.flush()
     };
-    apply(out).map_err(|e| io_error("assembling memory of", &m.tag, e))
+    apply(out).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::ENOMEM) if matches!(out_target, Target::Huge(_)) => {
+            StoreError::NoHugePages {
+                tag: m.tag.clone(),
+                source: e,
+            }
+        }
+        _ => io_error("assembling memory of", &m.tag, e),
+    })
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -379,10 +410,18 @@ fn is_zero(bytes: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
+/// Where assembled memory goes: a shmem memfd (`pwrite`, holes punched),
+/// or a hugetlbfs one through its mapping.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    File(&'a File),
+    Huge(&'a HugeMap<'a>),
+}
+
 /// Coalesces consecutive page writes (and consecutive hole punches) into
 /// one system call each.
 struct Runs<'a> {
-    target: &'a File,
+    target: Target<'a>,
     size: u64,
     /// First page of the pending write; its bytes are in `buf`.
     write_first: Option<u64>,
@@ -392,7 +431,7 @@ struct Runs<'a> {
 }
 
 impl<'a> Runs<'a> {
-    fn new(target: &'a File, size: u64) -> Self {
+    fn new(target: Target<'a>, size: u64) -> Self {
         Runs {
             target,
             size,
@@ -433,9 +472,13 @@ impl<'a> Runs<'a> {
 
     fn flush_write(&mut self) -> std::io::Result<()> {
         if let Some(first) = self.write_first.take() {
-            // pwrite, not a shared mapping: F_SEAL_WRITE needs no writable
-            // shared mapping to exist.
-            self.target.write_all_at(&self.buf, first * PAGE_SIZE)?;
+            match self.target {
+                // pwrite, not a shared mapping: F_SEAL_WRITE needs no
+                // writable shared mapping to exist.
+                Target::File(file) => file.write_all_at(&self.buf, first * PAGE_SIZE)?,
+                // Unmapped before the seal.
+                Target::Huge(map) => map.write_at(&self.buf, first * PAGE_SIZE)?,
+            }
             self.buf.clear();
         }
         Ok(())
@@ -445,12 +488,16 @@ impl<'a> Runs<'a> {
         if let Some((first, n)) = self.punch.take() {
             let offset = first * PAGE_SIZE;
             let len = (n * PAGE_SIZE).min(self.size - offset);
-            fallocate(
-                self.target,
-                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                offset as i64,
-                len as i64,
-            )?;
+            match self.target {
+                Target::File(file) => fallocate(
+                    file,
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                )?,
+                // hugetlbfs punches whole 2 MiB pages only: zero in place.
+                Target::Huge(map) => map.zero(offset, len)?,
+            }
         }
         Ok(())
     }

@@ -11,6 +11,8 @@ use crate::manifest::Status;
 pub enum ErrorKind {
     /// The caller passed something malformed (a bad tag).
     InvalidArgument,
+    /// A host resource ran out (the huge page pool).
+    ResourceExhausted,
     /// No snapshot has this tag.
     NotFound,
     /// The tag is taken.
@@ -36,6 +38,20 @@ pub enum StoreError {
     InvalidTag {
         /// The rejected tag.
         tag: String,
+    },
+    /// The host's pool of 2 MiB huge pages cannot hold a huge-page
+    /// snapshot's memory.
+    #[error(
+        "loading snapshot {tag} (2 MiB huge pages): the host's huge page pool is exhausted \
+         ({source}); raise it with `sysctl vm.nr_hugepages=<pages>` (as root), or delete \
+         huge-page sandboxes"
+    )]
+    NoHugePages {
+        /// The tag.
+        tag: String,
+        /// The error from fallocate.
+        #[source]
+        source: std::io::Error,
     },
     /// No snapshot has this tag.
     #[error("snapshot {tag} not found")]
@@ -171,6 +187,7 @@ impl StoreError {
         match self {
             StoreError::InvalidTag { .. } => ErrorKind::InvalidArgument,
             StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::NoHugePages { .. } => ErrorKind::ResourceExhausted,
             StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             StoreError::NotReady { .. }
             | StoreError::ParentUnusable { .. }

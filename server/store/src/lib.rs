@@ -25,6 +25,7 @@ mod assemble;
 mod digest;
 mod error;
 mod fsio;
+mod huge;
 mod manifest;
 mod recovery;
 mod store;

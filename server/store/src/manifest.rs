@@ -52,6 +52,10 @@ pub struct GuestConfig {
     pub memory_mib: u32,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// RAM is 2 MiB huge pages (hugetlb); absent in manifests of 4 KiB
+    /// guests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub huge_pages: bool,
 }
 
 impl GuestConfig {
@@ -207,6 +211,7 @@ mod tests {
             guest: GuestConfig {
                 memory_mib: 64,
                 vcpus: 2,
+                huge_pages: false,
             },
             image: Some("debian-python".into()),
             pause_us: 10,

@@ -138,6 +138,7 @@ fn placeholder(tag: &str) -> Manifest {
     let unknown = GuestConfig {
         memory_mib: 0,
         vcpus: 0,
+        huge_pages: false,
     };
     Manifest::begun(
         tag,

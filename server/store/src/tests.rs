@@ -18,6 +18,7 @@ fn guest() -> GuestConfig {
     GuestConfig {
         memory_mib: MIB,
         vcpus: 2,
+        huge_pages: false,
     }
 }
 

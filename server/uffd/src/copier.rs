@@ -7,17 +7,20 @@ use std::time::{Duration, Instant};
 use crate::engine::Shared;
 use crate::pages::PAGE_SIZE;
 
-/// Pages the copier copies before lifting their protection in one call.
-const UNPROTECT_BATCH: usize = 512;
-/// Most pages the copier writes with one `pwrite`.
-const WRITE_RUN: usize = 64;
+/// Bytes the copier copies before lifting their protection in one call
+/// (at least one unit).
+const UNPROTECT_BATCH_BYTES: usize = 512 * PAGE_SIZE;
+/// Most bytes the copier claims and writes at once (at least one unit).
+const WRITE_RUN_BYTES: usize = 64 * PAGE_SIZE;
 /// Longest single sleep of a rate-limited copier (keeps cancel prompt).
 const MAX_NAP: Duration = Duration::from_millis(50);
 
-/// Copies every pending page; on failure records it in `s` and returns.
-/// `rate` is bytes per second of pages walked (0: unlimited).
+/// Copies every pending unit; on failure records it in `s` and returns.
+/// `rate` is bytes per second of memory walked (0: unlimited).
 pub(crate) fn copy_all(s: &Shared, rate: u64) {
     let pages = s.states.len();
+    let write_run = (WRITE_RUN_BYTES / s.unit).max(1);
+    let unprotect_batch = (UNPROTECT_BATCH_BYTES / s.unit).max(1);
     let started = Instant::now();
     let mut walked = 0u64;
     let mut batch_start = 0;
@@ -28,22 +31,26 @@ pub(crate) fn copy_all(s: &Shared, rate: u64) {
         }
         // Claim a run of consecutive pending pages.
         let mut run = 0;
-        while page + run < pages && run < WRITE_RUN && s.states.claim(page + run) {
+        while page + run < pages && run < write_run && s.states.claim(page + run) {
             run += 1;
         }
         if run > 0 {
             if let Err(e) = s.copy(page, run) {
                 s.fail(e);
+                // Release the claims, so no fault waits on them.
+                for p in page..page + run {
+                    s.states.finish(p);
+                }
                 return;
             }
             page += run;
-            walked += (run * PAGE_SIZE) as u64;
+            walked += (run * s.unit) as u64;
         } else {
             // Needs no copy, or claimed by the fault handler.
             s.states.wait_done(page);
             page += 1;
         }
-        if page - batch_start >= UNPROTECT_BATCH || page == pages {
+        if page - batch_start >= unprotect_batch || page == pages {
             if let Err(e) = s.unprotect(batch_start, page - batch_start) {
                 s.fail(e);
                 return;

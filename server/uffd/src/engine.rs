@@ -63,6 +63,10 @@ pub(crate) enum Phase {
 pub(crate) struct Shared {
     pub(crate) uffd: Uffd,
     base: usize,
+    /// Bytes per unit: the mapping's page size (4 KiB, or 2 MiB for
+    /// hugetlb), the smallest range userfaultfd protects. `states` has one
+    /// entry per unit.
+    pub(crate) unit: usize,
     pub(crate) states: PageStates,
     pub(crate) phase: Mutex<Phase>,
     out: RwLock<Option<Arc<File>>>,
@@ -83,22 +87,28 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    fn page_ptr(&self, page: usize) -> *mut libc::c_void {
-        (self.base + page * PAGE_SIZE) as *mut libc::c_void
+    fn page_ptr(&self, unit: usize) -> *mut libc::c_void {
+        (self.base + unit * self.unit) as *mut libc::c_void
     }
 
-    /// Page index of a faulting address.
+    /// Unit index of a faulting address.
     pub(crate) fn page_of(&self, addr: usize) -> usize {
-        (addr - self.base) / PAGE_SIZE
+        (addr - self.base) / self.unit
+    }
+
+    /// 4 KiB pages per unit.
+    fn pages_per_unit(&self) -> usize {
+        self.unit / PAGE_SIZE
     }
 
     fn page_bytes(&self, first: usize, count: usize) -> &[u8] {
-        // SAFETY: pages lie inside the armed mapping, which outlives the
+        // SAFETY: units lie inside the armed mapping, which outlives the
         // copy; reading is allowed under write-protection.
-        unsafe { std::slice::from_raw_parts(self.page_ptr(first) as *const u8, count * PAGE_SIZE) }
+        unsafe { std::slice::from_raw_parts(self.page_ptr(first) as *const u8, count * self.unit) }
     }
 
-    /// Writes claimed pages `first..first+count` and marks them done.
+    /// Writes claimed units `first..first+count` and marks them done. Zero
+    /// 4 KiB pages inside them stay holes in the output.
     pub(crate) fn copy(&self, first: usize, count: usize) -> Result<(), CopyError> {
         let out = self
             .out
@@ -112,23 +122,25 @@ impl Shared {
                 .iter()
                 .all(|b| *b == 0)
         };
+        let first_page = first * self.pages_per_unit();
+        let pages = count * self.pages_per_unit();
         let mut i = 0;
-        while i < count {
+        while i < pages {
             // Zero pages stay holes: the output is sparse and reads them as 0.
             if is_zero(i) {
                 i += 1;
                 continue;
             }
             let mut j = i + 1;
-            while j < count && !is_zero(j) {
+            while j < pages && !is_zero(j) {
                 j += 1;
             }
             out.write_all_at(
                 &bytes[i * PAGE_SIZE..j * PAGE_SIZE],
-                ((first + i) * PAGE_SIZE) as u64,
+                ((first_page + i) * PAGE_SIZE) as u64,
             )
             .map_err(|source| CopyError::Write {
-                page: first + i,
+                page: first_page + i,
                 source,
             })?;
             self.written
@@ -139,19 +151,19 @@ impl Shared {
             self.states.finish(p);
         }
         self.copied
-            .fetch_add((count * PAGE_SIZE) as u64, Ordering::Relaxed);
+            .fetch_add((count * self.unit) as u64, Ordering::Relaxed);
         Ok(())
     }
 
     pub(crate) fn protect(&self, first: usize, count: usize) -> Result<(), CopyError> {
         self.uffd
-            .write_protect(self.page_ptr(first), count * PAGE_SIZE)
+            .write_protect(self.page_ptr(first), count * self.unit)
             .map_err(|e| CopyError::Arm(format!("UFFDIO_WRITEPROTECT: {e}")))
     }
 
     pub(crate) fn unprotect(&self, first: usize, count: usize) -> Result<(), CopyError> {
         self.uffd
-            .remove_write_protection(self.page_ptr(first), count * PAGE_SIZE, true)
+            .remove_write_protection(self.page_ptr(first), count * self.unit, true)
             .map_err(|e| CopyError::Fault(format!("removing write-protection: {e}")))
     }
 
@@ -172,9 +184,10 @@ impl Shared {
     }
 }
 
-/// The fault-handler thread and the teardown every phase shares: drop
-/// protection over the whole range (waking any blocked writer), then stop
-/// the handler.
+/// The fault-handler thread and the teardown every phase shares: stop the
+/// handler, then drop protection over the whole range (which wakes any
+/// writer still blocked). In that order, the handler never serves a fault
+/// on a range that is no longer registered.
 struct Handler {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -186,7 +199,6 @@ impl Handler {
             return;
         };
         let s = &self.shared;
-        let _ = s.uffd.unregister(s.page_ptr(0), s.states.len() * PAGE_SIZE);
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to our eventfd.
         unsafe {
@@ -197,6 +209,7 @@ impl Handler {
             )
         };
         let _ = thread.join();
+        let _ = s.uffd.unregister(s.page_ptr(0), s.states.len() * s.unit);
     }
 }
 
@@ -204,6 +217,67 @@ impl Drop for Handler {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Marks done every 4 KiB page whose `needs_copy` bit is clear (units are
+/// pages); returns how many need copying. Word by word: this runs inside
+/// the pause, over every page of RAM.
+fn mark_skipped_pages(s: &Shared, needs_copy: &[u64]) -> usize {
+    let pages = s.states.len();
+    let mut needed = 0usize;
+    for (w, first) in (0..pages).step_by(64).enumerate() {
+        let bits = needs_copy.get(w).copied().unwrap_or(0);
+        let count = (pages - first).min(64);
+        if count == 64 && bits == u64::MAX {
+            needed += 64;
+            continue;
+        }
+        for b in 0..count {
+            if bits & (1 << b) != 0 {
+                needed += 1;
+            } else {
+                s.states.skip(first + b);
+            }
+        }
+    }
+    needed
+}
+
+/// Marks done every unit of several pages none of whose `needs_copy` bits
+/// is set; returns how many units need copying.
+fn mark_skipped_units(s: &Shared, needs_copy: &[u64]) -> usize {
+    let per_unit = s.pages_per_unit();
+    let mut needed = 0usize;
+    for unit in 0..s.states.len() {
+        let first = unit * per_unit;
+        if any_bit(needs_copy, first, first + per_unit) {
+            needed += 1;
+        } else {
+            s.states.skip(unit);
+        }
+    }
+    needed
+}
+
+/// Whether any bit in `start..end` of `bits` is set (bits past its end
+/// are clear).
+fn any_bit(bits: &[u64], start: usize, end: usize) -> bool {
+    let mut i = start;
+    while i < end {
+        let word = bits.get(i / 64).copied().unwrap_or(0);
+        let from = i % 64;
+        let to = (end - (i - from)).min(64);
+        let mask = if to - from == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (to - from)) - 1) << from
+        };
+        if word & mask != 0 {
+            return true;
+        }
+        i += to - from;
+    }
+    false
 }
 
 /// Protects `pages` (any order, repeats allowed), one call per run.
@@ -255,12 +329,25 @@ impl LiveCopy {
     /// Registers `len` bytes at `base` for write-protect faults, protects
     /// them, and starts the fault handler. Writers may run during and after
     /// this call; their writes are let through until [`LiveCopy::freeze`].
+    /// `page_size` is the mapping's page size: [`PAGE_SIZE`], or 2 MiB for
+    /// a hugetlb mapping, which is then protected, faulted and copied in
+    /// 2 MiB units (the arming walk touches one entry per huge page).
     ///
     /// # Safety
-    /// `base..base+len` must be a page-aligned shmem or anonymous mapping
-    /// that stays mapped until the copy ends (the `LiveCopy`, `Frozen` or
-    /// `RunningCopy` is dropped, or `RunningCopy::wait` returns).
-    pub unsafe fn arm(base: *mut u8, len: usize) -> Result<LiveCopy, CopyError> {
+    /// `base..base+len` must be a shmem, hugetlb or anonymous mapping with
+    /// pages of `page_size`, aligned to it, that stays mapped until the
+    /// copy ends (the `LiveCopy`, `Frozen` or `RunningCopy` is dropped, or
+    /// `RunningCopy::wait` returns).
+    pub unsafe fn arm(base: *mut u8, len: usize, page_size: usize) -> Result<LiveCopy, CopyError> {
+        if page_size < PAGE_SIZE
+            || !page_size.is_power_of_two()
+            || !len.is_multiple_of(page_size)
+            || !(base as usize).is_multiple_of(page_size)
+        {
+            return Err(CopyError::Arm(format!(
+                "{len} bytes at {base:p} are not whole pages of {page_size} bytes"
+            )));
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -279,7 +366,8 @@ impl LiveCopy {
         let shared = Arc::new(Shared {
             uffd,
             base: base as usize,
-            states: PageStates::new(len / PAGE_SIZE, |_| true),
+            unit: page_size,
+            states: PageStates::new(len / page_size, |_| true),
             phase: Mutex::new(Phase::Armed(Vec::new())),
             out: RwLock::new(None),
             copied: AtomicU64::new(0),
@@ -309,20 +397,20 @@ impl LiveCopy {
             shared: shared.clone(),
             thread: Some(thread),
         };
-        shared.protect(0, len / PAGE_SIZE)?;
+        shared.protect(0, len / page_size)?;
         Ok(LiveCopy { handler })
     }
 
     /// Fixes the instant. Call it with every writer stopped: from now on
     /// the copy holds memory exactly as it is. `out` receives the pages (at
     /// their own offsets; it must be at least the range's size and hold
-    /// zeros, e.g. a new sparse file). `needs_copy` has one bit per page
-    /// (bit `i % 64` of word `i / 64`); pages whose bit is clear are right
-    /// in `out` already (holes) and are never copied.
-    /// `written_since_arm` lists pages written since `arm` that this copy
-    /// could not have seen fault (e.g. pages that had no page-table entry
-    /// yet, from KVM's dirty log); they are protected again, like every
-    /// page whose fault was let through.
+    /// zeros, e.g. a new sparse file). `needs_copy` has one bit per 4 KiB
+    /// page (bit `i % 64` of word `i / 64`); a unit whose pages' bits are
+    /// all clear is right in `out` already (holes) and is never copied.
+    /// `written_since_arm` lists 4 KiB pages written since `arm` that this
+    /// copy could not have seen fault (e.g. pages that had no page-table
+    /// entry yet, from KVM's dirty log); their units are protected again,
+    /// like every unit whose fault was let through.
     pub fn freeze(
         self,
         out: File,
@@ -330,26 +418,13 @@ impl LiveCopy {
         written_since_arm: impl IntoIterator<Item = usize>,
     ) -> Result<Frozen, CopyError> {
         let s = self.handler.shared.clone();
-        let pages = s.states.len();
-        let mut needed = 0usize;
-        // Word by word: this runs inside the pause, over every page of RAM.
-        for (w, first) in (0..pages).step_by(64).enumerate() {
-            let bits = needs_copy.get(w).copied().unwrap_or(0);
-            let count = (pages - first).min(64);
-            if count == 64 && bits == u64::MAX {
-                needed += 64;
-                continue;
-            }
-            for b in 0..count {
-                if bits & (1 << b) != 0 {
-                    needed += 1;
-                } else {
-                    s.states.skip(first + b);
-                }
-            }
-        }
-        s.total
-            .store((needed * PAGE_SIZE) as u64, Ordering::Relaxed);
+        let units = s.states.len();
+        let needed = if s.pages_per_unit() == 1 {
+            mark_skipped_pages(&s, needs_copy)
+        } else {
+            mark_skipped_units(&s, needs_copy)
+        };
+        s.total.store((needed * s.unit) as u64, Ordering::Relaxed);
         // A new copy (after `wait_and_rearm`, the old one's flags remain).
         s.cancel.store(false, Ordering::Release);
         *s.out.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(out));
@@ -360,10 +435,11 @@ impl LiveCopy {
                 Phase::Copying => Vec::new(),
             }
         };
+        let per_unit = s.pages_per_unit();
         let mut again: Vec<usize> = let_through
             .into_iter()
-            .chain(written_since_arm)
-            .filter(|&p| p < pages && !s.states.is_done(p))
+            .chain(written_since_arm.into_iter().map(|p| p / per_unit))
+            .filter(|&u| u < units && !s.states.is_done(u))
             .collect();
         protect_pages(&s, &mut again)?;
         Ok(Frozen {
@@ -376,8 +452,8 @@ impl LiveCopy {
         self.handler.shared.progress()
     }
 
-    /// Pages let through since arming (or since the last
-    /// [`LiveCopy::protect_let_through`]).
+    /// Units (pages of the mapping's page size) let through since arming
+    /// (or since the last [`LiveCopy::protect_let_through`]).
     pub fn let_through(&self) -> usize {
         match &*self
             .handler
@@ -400,7 +476,7 @@ impl LiveCopy {
     }
 
     /// Like [`LiveCopy::protect_let_through`], and also protects `also`
-    /// (e.g. pages a dirty log saw written since arming).
+    /// (4 KiB pages, e.g. ones a dirty log saw written since arming).
     pub fn protect_let_through_and(
         &self,
         also: impl IntoIterator<Item = usize>,
@@ -411,7 +487,12 @@ impl LiveCopy {
             Phase::Copying => return Ok(()),
         };
         let total = s.states.len();
-        pages.extend(also.into_iter().filter(|&p| p < total));
+        let per_unit = s.pages_per_unit();
+        pages.extend(
+            also.into_iter()
+                .map(|p| p / per_unit)
+                .filter(|&u| u < total),
+        );
         protect_pages(s, &mut pages)
     }
 }

@@ -54,18 +54,19 @@ pub(crate) fn handle_faults(s: &Shared) {
 }
 
 fn serve(s: &Shared, page: usize) {
-    {
-        // Held across the un-protect, so freeze (which takes the list) never
-        // misses a page let through.
-        let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());
-        if let Phase::Armed(let_through) = &mut *phase {
-            let_through.push(page);
-            s.early_faults.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = s.unprotect(page, 1) {
-                s.fail(e);
-            }
-            return;
+    // Held for the whole fault: freeze (which takes the let-through list)
+    // never misses a page let through, and a re-arm (which resets every
+    // page to pending) cannot land between this fault's claim and its
+    // wait, which would leave it waiting for a copy nobody makes. A fault
+    // read after the copy ended is then served as a let-through.
+    let mut phase = s.phase.lock().unwrap_or_else(|e| e.into_inner());
+    if let Phase::Armed(let_through) = &mut *phase {
+        let_through.push(page);
+        s.early_faults.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = s.unprotect(page, 1) {
+            s.fail(e);
         }
+        return;
     }
     if s.states.claim(page) {
         if let Err(e) = s.copy(page, 1) {

@@ -26,6 +26,15 @@ pub enum VmmError {
     /// Guest RAM could not be created or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// The host's pool of 2 MiB huge pages cannot hold guest RAM.
+    #[error(
+        "not enough free 2 MiB huge pages for {mib} MiB of guest RAM: raise the host's pool \
+         (sysctl vm.nr_hugepages, see HugePages_Free in /proc/meminfo)"
+    )]
+    HugePagesExhausted {
+        /// Guest RAM in MiB.
+        mib: u64,
+    },
     /// The guest image could not be loaded.
     #[error("loading the guest image: {0}")]
     Load(String),

@@ -145,12 +145,18 @@ pub fn start(
         }
         None => {
             ctx.dirty.start_window(&ctx.vm)?;
-            // SAFETY: guest RAM is one page-aligned shmem mapping of `size`
-            // bytes that lives as long as the VmContext, which outlives the
-            // copy (the monitor thread and the slot hold the context or
-            // are held by it).
-            unsafe { LiveCopy::arm(ctx.ram.host_address() as *mut u8, ctx.ram.size() as usize) }
-                .map_err(|e| VmmError::Snapshot(e.to_string()))?
+            // SAFETY: guest RAM is one shmem or hugetlb mapping of `size`
+            // bytes, aligned to its page size, that lives as long as the
+            // VmContext, which outlives the copy (the monitor thread and
+            // the slot hold the context or are held by it).
+            unsafe {
+                LiveCopy::arm(
+                    ctx.ram.host_address() as *mut u8,
+                    ctx.ram.size() as usize,
+                    ctx.ram.page_size().bytes() as usize,
+                )
+            }
+            .map_err(|e| VmmError::Snapshot(e.to_string()))?
         }
     };
     // Pages that may hold data, known before the pause; pages that gain

@@ -12,6 +12,7 @@ use forkd_control::{Event, ExitReason};
 use forkd_vmm::coordinator::Coordinator;
 use forkd_vmm::events::EventSink;
 use forkd_vmm::linux::{self, boot::LinuxBoot};
+use forkd_vmm::memory::PageSize;
 use forkd_vmm::snapshot::DirtyLog;
 use forkd_vmm::standby::StandbyVm;
 use forkd_vmm::startup::{self, Startup};
@@ -59,6 +60,10 @@ struct Args {
     /// its memfd passed over the control socket (a pooled child).
     #[arg(long, conflicts_with_all = ["guest", "restore_dir", "kernel"])]
     standby: bool,
+    /// Back the cold-booted reference guest's RAM with 2 MiB huge pages
+    /// (a hugetlb memfd from the host's pool); --memory-mib must be even.
+    #[arg(long, conflicts_with_all = ["restore_dir", "standby", "kernel"])]
+    huge_pages: bool,
     /// Words appended to the Linux guest's kernel command line.
     #[arg(long, default_value = "", requires = "kernel")]
     kernel_args: String,
@@ -101,6 +106,11 @@ fn main() {
     let config = VmConfig {
         memory_mib: args.memory_mib,
         vcpus: args.vcpus,
+        page_size: if args.huge_pages {
+            PageSize::Huge
+        } else {
+            PageSize::Base
+        },
     };
     // A standby VMM builds its VM now and becomes a restored child when
     // claimed; its start-up line counts from the claim.

@@ -6,6 +6,11 @@
 //! snapshot maps the snapshot's sealed memfd (held by the daemon, shared by
 //! every child) private: pages it never writes stay shared with its
 //! siblings; a write gives it its own copy.
+//!
+//! RAM is 4 KiB pages of shmem, or (`--huge-pages`) 2 MiB pages of a
+//! hugetlb memfd from the host's pool (`vm.nr_hugepages`). A snapshot's
+//! memfd says which it is (hugetlbfs), and a child's copy-on-write unit is
+//! that page.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
@@ -13,6 +18,38 @@ use std::os::fd::{AsFd, AsRawFd};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Result, VmmError};
+
+/// The size of the pages behind guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageSize {
+    /// 4 KiB pages of shmem.
+    Base,
+    /// 2 MiB pages of hugetlbfs.
+    Huge,
+}
+
+impl PageSize {
+    /// Bytes per page.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            PageSize::Base => 4 << 10,
+            PageSize::Huge => 2 << 20,
+        }
+    }
+
+    /// The page size of the memfd `file`: huge if it lives on hugetlbfs.
+    pub fn of(file: &File) -> Result<PageSize> {
+        let fs = nix::sys::statfs::fstatfs(file)
+            .map_err(|e| VmmError::Memory(format!("fstatfs of the memory fd: {e}")))?;
+        Ok(
+            if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+                PageSize::Huge
+            } else {
+                PageSize::Base
+            },
+        )
+    }
+}
 
 /// The guest's RAM and its host mapping.
 pub struct GuestRam {
@@ -22,26 +59,46 @@ pub struct GuestRam {
     /// (private).
     file: File,
     private: bool,
+    page_size: PageSize,
 }
 
 impl GuestRam {
     /// Creates `size` bytes of zeroed RAM in a new memfd, mapped shared.
     pub fn new(size: u64) -> Result<Self> {
-        let memfd = memfd::MemfdOptions::default()
+        Self::with_page_size(size, PageSize::Base)
+    }
+
+    /// Creates `size` bytes of zeroed RAM of `page_size` pages, mapped
+    /// shared. Huge pages are taken from the host's pool when mapped (not
+    /// on first touch), so a pool too small fails here, not in the guest.
+    pub fn with_page_size(size: u64, page_size: PageSize) -> Result<Self> {
+        if !size.is_multiple_of(page_size.bytes()) {
+            return Err(VmmError::Config(format!(
+                "guest RAM of {size} bytes is not a whole number of {} KiB pages",
+                page_size.bytes() >> 10
+            )));
+        }
+        let options = memfd::MemfdOptions::default()
             .close_on_exec(true)
-            .allow_sealing(true)
+            .allow_sealing(true);
+        let options = match page_size {
+            PageSize::Base => options,
+            PageSize::Huge => options.hugetlb(Some(memfd::HugetlbSize::Huge2MB)),
+        };
+        let memfd = options
             .create("forkd-guest-ram")
             .map_err(|e| VmmError::Memory(format!("memfd_create: {e}")))?;
         let file = memfd.into_file();
         file.set_len(size)
             .map_err(|e| VmmError::Memory(format!("sizing memfd to {size} bytes: {e}")))?;
-        Self::map(file, size, false)
+        Self::map(file, size, false, page_size)
     }
 
     /// Maps a snapshot's memfd privately (copy-on-write).
     pub fn from_snapshot(file: File, size: u64) -> Result<Self> {
         check_snapshot_len(&file, size)?;
-        Self::map(file, size, true)
+        let page_size = PageSize::of(&file)?;
+        Self::map(file, size, true, page_size)
     }
 
     /// Maps a snapshot's memfd privately (copy-on-write) over `reserved`,
@@ -49,6 +106,7 @@ impl GuestRam {
     /// slot) before the snapshot was known.
     pub fn from_snapshot_over(file: File, size: u64, reserved: &Reservation) -> Result<Self> {
         check_snapshot_len(&file, size)?;
+        let page_size = PageSize::of(&file)?;
         if size != reserved.size {
             return Err(VmmError::Memory(format!(
                 "snapshot memory is {size} bytes; this standby VM reserved {}",
@@ -82,29 +140,45 @@ impl GuestRam {
         let region =
             unsafe { MmapRegion::<()>::build_raw(mapped as *mut u8, size as usize, prot, flags) }
                 .map_err(|e| VmmError::Memory(format!("guest region over the reservation: {e}")))?;
-        Self::from_region(region, file, size, true)
+        Self::from_region(region, file, size, true, page_size)
     }
 
-    fn map(file: File, size: u64, private: bool) -> Result<Self> {
+    fn map(file: File, size: u64, private: bool, page_size: PageSize) -> Result<Self> {
         let dup = file
             .try_clone()
             .map_err(|e| VmmError::Memory(format!("dup memfd: {e}")))?;
-        let sharing = if private {
-            libc::MAP_PRIVATE
-        } else {
-            libc::MAP_SHARED
+        // A private view never reserves: its copy-on-write pages are taken
+        // as the guest writes. Shared huge pages are reserved now, so an
+        // empty pool fails here rather than as a fault inside the guest.
+        let flags = match (private, page_size) {
+            (true, _) => libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            (false, PageSize::Base) => libc::MAP_SHARED | libc::MAP_NORESERVE,
+            (false, PageSize::Huge) => libc::MAP_SHARED,
         };
         let region = MmapRegion::<()>::build(
             Some(FileOffset::new(dup, 0)),
             size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
-            sharing | libc::MAP_NORESERVE,
+            flags,
         )
-        .map_err(|e| VmmError::Memory(format!("mmap of {size} bytes: {e}")))?;
-        Self::from_region(region, file, size, private)
+        .map_err(|e| match (e, page_size) {
+            (vm_memory::mmap::MmapRegionError::Mmap(io), PageSize::Huge)
+                if io.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                VmmError::HugePagesExhausted { mib: size >> 20 }
+            }
+            (e, _) => VmmError::Memory(format!("mmap of {size} bytes: {e}")),
+        })?;
+        Self::from_region(region, file, size, private, page_size)
     }
 
-    fn from_region(region: MmapRegion<()>, file: File, size: u64, private: bool) -> Result<Self> {
+    fn from_region(
+        region: MmapRegion<()>,
+        file: File,
+        size: u64,
+        private: bool,
+        page_size: PageSize,
+    ) -> Result<Self> {
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| VmmError::Memory("guest region overflows".into()))?;
         let memory = GuestMemoryMmap::from_regions(vec![region])
@@ -114,6 +188,7 @@ impl GuestRam {
             size,
             file,
             private,
+            page_size,
         })
     }
 
@@ -122,10 +197,54 @@ impl GuestRam {
         self.private
     }
 
-    /// Byte ranges of the backing memfd that hold data (everything else is
-    /// a hole, i.e. zero, and was never written through a shared mapping).
+    /// The size of the pages behind RAM.
+    pub fn page_size(&self) -> PageSize {
+        self.page_size
+    }
+
+    /// Byte ranges of the backing memfd that may hold data (everything
+    /// else is zero, and was never written through a shared mapping).
+    ///
+    /// hugetlbfs has no SEEK_DATA (it reports the whole file as data), and
+    /// reading a hole through a mapping would take a huge page for it. Our
+    /// own huge RAM is asked with `mincore` (a page is there once mapped
+    /// in this process, which every writer's access does); a snapshot's
+    /// is read with `pread` (holes read as zeros without being allocated)
+    /// and its non-zero pages kept: one read of the whole memfd, paid on
+    /// a child's first snapshot, not at its start.
     pub fn backing_data_ranges(&self) -> Result<Vec<(u64, u64)>> {
-        data_ranges(&self.file, self.size)
+        match (self.page_size, self.private) {
+            (PageSize::Base, _) => data_ranges(&self.file, self.size),
+            (PageSize::Huge, false) => self.resident_ranges(),
+            (PageSize::Huge, true) => nonzero_ranges(&self.file, self.size),
+        }
+    }
+
+    /// Ranges of RAM mapped in this process, in huge pages (`mincore`).
+    fn resident_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let huge = PageSize::Huge.bytes();
+        let base = PageSize::Base.bytes();
+        let mut vec = vec![0u8; (self.size / base) as usize];
+        // SAFETY: the range is our mapping of `size` bytes; `vec` has one
+        // byte per 4 KiB page of it, as mincore writes.
+        let rc = unsafe {
+            libc::mincore(
+                self.host_address() as *mut libc::c_void,
+                self.size as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(VmmError::Memory(format!(
+                "mincore over guest RAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let per_huge = (huge / base) as usize;
+        let present = vec
+            .chunks(per_huge)
+            .map(|pages| pages.iter().any(|b| b & 1 != 0));
+        Ok(runs(present, huge, self.size))
     }
 
     /// The guest's RAM as host memory, for bulk reads of pages known to be
@@ -263,6 +382,43 @@ impl Reservation {
     }
 }
 
+/// Coalesces per-unit flags (`true`: may hold data) into `[start, end)`
+/// byte ranges, each unit `unit` bytes, clipped to `size`.
+fn runs(flags: impl Iterator<Item = bool>, unit: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (i, data) in flags.enumerate() {
+        if !data {
+            continue;
+        }
+        let start = i as u64 * unit;
+        let end = (start + unit).min(size);
+        match ranges.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => ranges.push((start, end)),
+        }
+    }
+    ranges
+}
+
+/// The 4 KiB pages of `file` (of `size` bytes) that are not zero, read
+/// with `pread` a huge page at a time, as `[start, end)` ranges.
+fn nonzero_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let chunk = PageSize::Huge.bytes() as usize;
+    let page = PageSize::Base.bytes() as usize;
+    let mut buf = vec![0u8; chunk];
+    let mut flags = Vec::with_capacity((size / page as u64) as usize);
+    let mut at = 0u64;
+    while at < size {
+        let len = chunk.min((size - at) as usize);
+        file.read_exact_at(&mut buf[..len], at)
+            .map_err(|e| VmmError::Memory(format!("reading snapshot memory at {at}: {e}")))?;
+        flags.extend(buf[..len].chunks(page).map(|p| p.iter().any(|&b| b != 0)));
+        at += len as u64;
+    }
+    Ok(runs(flags.into_iter(), page as u64, size))
+}
+
 /// The `[start, end)` ranges of `file` (of `size` bytes) that hold data, by
 /// SEEK_DATA/SEEK_HOLE.
 pub fn data_ranges(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
@@ -320,6 +476,42 @@ mod tests {
         view.rewind().unwrap();
         view.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"snapshot");
+    }
+
+    #[test]
+    fn nonzero_ranges_are_the_pages_with_data() {
+        use std::os::unix::fs::FileExt;
+        let size: u64 = 4 << 20;
+        let file = memfd(b"", size);
+        for (offset, byte) in [(5 * 4096 + 7, b"x"), (6 * 4096, b"y"), (size - 1, b"z")] {
+            file.write_all_at(byte, offset).unwrap();
+        }
+        let want = vec![(5 * 4096, 7 * 4096), (size - 4096, size)];
+        assert_eq!(nonzero_ranges(&file, size).unwrap(), want);
+    }
+
+    #[test]
+    fn huge_ram_is_on_hugetlbfs_when_the_pool_has_pages() {
+        // Whether the host's pool has two free pages is not this test's to
+        // set; without them the mapping must fail with the typed error.
+        match GuestRam::with_page_size(4 << 20, PageSize::Huge) {
+            Ok(ram) => {
+                assert_eq!(PageSize::of(&ram.file).unwrap(), PageSize::Huge);
+                assert_eq!(ram.backing_data_ranges().unwrap(), vec![]);
+                ram.write(3 << 20, b"data").unwrap();
+                assert_eq!(ram.backing_data_ranges().unwrap(), vec![(2 << 20, 4 << 20)]);
+            }
+            Err(e) => assert!(matches!(e, VmmError::HugePagesExhausted { mib: 4 }), "{e}"),
+        }
+        let odd = GuestRam::with_page_size(3 << 20, PageSize::Huge)
+            .err()
+            .expect("3 MiB");
+        assert!(
+            odd.to_string().contains("whole number of 2048 KiB pages"),
+            "{odd}"
+        );
+        let base = GuestRam::new(4 << 20).unwrap();
+        assert_eq!(PageSize::of(&base.file).unwrap(), PageSize::Base);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::error::{Result, VmmError};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, PageSize};
 use crate::state::{self, VmState};
 use crate::{boot, cpu, loader};
 
@@ -18,6 +18,8 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// The pages behind a cold-booted guest's RAM.
+    pub page_size: PageSize,
 }
 
 /// A built VM, ready to run.
@@ -52,7 +54,7 @@ impl Vm {
             )));
         }
         let (kvm, fd) = create_vm()?;
-        let ram = GuestRam::new(u64::from(config.memory_mib) << 20)?;
+        let ram = GuestRam::with_page_size(u64::from(config.memory_mib) << 20, config.page_size)?;
         attach_memory(&fd, &ram)?;
 
         let entry = loader::load(&ram, image)?;

@@ -148,6 +148,7 @@ class AsyncController:
         wait_for_snapshot: bool = False,
         image: str | None = None,
         ttl_seconds: int | None = None,
+        huge_pages: bool = False,
     ) -> SpawnResult:
         """See :meth:`forkd.Controller.spawn_sandboxes`."""
         req = wire.spawn_request(
@@ -160,6 +161,7 @@ class AsyncController:
             wait_for_snapshot=wait_for_snapshot,
             image=image,
             ttl_seconds=ttl_seconds,
+            huge_pages=huge_pages,
         )
         return SpawnResult(await self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 

@@ -136,6 +136,7 @@ class Controller:
         wait_for_snapshot: bool = False,
         image: str | None = None,
         ttl_seconds: int | None = None,
+        huge_pages: bool = False,
     ) -> SpawnResult:
         """Starts ``n`` sandboxes: cold boots when ``tag`` is None, else
         children forked copy-on-write from snapshot ``tag``.
@@ -160,6 +161,10 @@ class Controller:
         or 0 means the daemon's ``--default-ttl`` (no expiry unless set), and
         above the daemon's ``--max-ttl`` is InvalidArgumentError. Each
         sandbox's ``expire_time`` says when (unset: never).
+        ``huge_pages`` backs a cold-booted reference guest's RAM with 2 MiB
+        huge pages from the host's pool (``memory_mib`` even; too few free
+        pages is ResourceExhaustedError); children of a snapshot use its
+        page size.
 
         Returns a :class:`forkd.SpawnResult`: a sequence of the sandboxes
         that started (``res[0]``, ``len(res)``, ``for sb in res``; each a
@@ -178,6 +183,7 @@ class Controller:
             wait_for_snapshot=wait_for_snapshot,
             image=image,
             ttl_seconds=ttl_seconds,
+            huge_pages=huge_pages,
         )
         return SpawnResult(self._unary("SpawnSandboxes", self._sandboxes.SpawnSandboxes, req))
 

@@ -361,6 +361,10 @@ class SandboxView(MessageView[sandbox_pb2.Sandbox]):
         return self._message.boot_ms
 
     @property
+    def huge_pages(self) -> bool:
+        return self._message.huge_pages
+
+    @property
     def image(self) -> str:
         return self._message.image
 

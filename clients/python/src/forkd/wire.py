@@ -82,6 +82,7 @@ def spawn_request(
     wait_for_snapshot: bool = False,
     image: str | None = None,
     ttl_seconds: int | None = None,
+    huge_pages: bool = False,
 ) -> sandbox_pb2.SpawnSandboxesRequest:
     """SpawnSandboxesRequest; ``live_fork`` is present only when True,
     ``image`` only when non-empty, ``ttl_seconds`` None is 0 (the daemon's
@@ -97,6 +98,7 @@ def spawn_request(
         wait_for_snapshot=wait_for_snapshot,
         image=image or "",
         ttl_seconds=ttl,
+        huge_pages=huge_pages,
     )
     if live_fork:
         req.live_fork = True

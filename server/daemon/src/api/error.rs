@@ -52,6 +52,25 @@ pub enum ApiError {
         /// The configured limit, MiB.
         limit_mib: u64,
     },
+    /// A `huge_pages` spawn needs more 2 MiB huge pages than the host's
+    /// pool has free.
+    #[error(
+        "{}huge_pages needs {needed} free 2 MiB huge pages; the host has {available} available \
+         of {total} (HugePages_Free minus HugePages_Rsvd in /proc/meminfo); raise the pool with \
+         `sysctl vm.nr_hugepages=<pages>` (as root), spawn fewer or smaller sandboxes, or leave \
+         huge_pages false",
+        if detail.is_empty() { String::new() } else { format!("{detail}: ") }
+    )]
+    HugePages {
+        /// Pages the spawn needs.
+        needed: u64,
+        /// Pages free and not reserved.
+        available: u64,
+        /// Pages in the pool.
+        total: u64,
+        /// What else went wrong, if anything (empty: the pool is too small).
+        detail: String,
+    },
     /// The sandbox is not in a state that allows the operation.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -249,7 +268,8 @@ impl ApiError {
             ApiError::SandboxNotFound(_) => Code::NotFound,
             ApiError::TooManySandboxes { .. }
             | ApiError::NoSpace { .. }
-            | ApiError::OverCommit { .. } => Code::ResourceExhausted,
+            | ApiError::OverCommit { .. }
+            | ApiError::HugePages { .. } => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::SnapshotWriting { .. } => Code::FailedPrecondition,
             ApiError::LiveFailed { failure, .. } => failure.code(),
@@ -339,6 +359,7 @@ pub fn store_code(kind: ErrorKind) -> Code {
     match kind {
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::DataLoss => Code::DataLoss,

@@ -121,11 +121,13 @@ impl Sandboxes {
                 &req.snapshot_tag,
                 req.memory_mib,
                 req.vcpus,
+                req.huge_pages,
                 req.wait_for_snapshot,
             )
             .await?;
             plan.memory_mib = source.memory_mib;
             plan.vcpus = source.vcpus;
+            plan.huge_pages = source.huge_pages;
             plan.restore = Some(source.restore);
         }
         Ok(plan)
@@ -149,10 +151,11 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
         image_lookup::check_name(&req.image)?;
     }
     let (memory_mib, vcpus) = if req.snapshot_tag.is_empty() {
-        (
-            validate::memory_mib(req.memory_mib)?,
-            validate::vcpus(req.vcpus)?,
-        )
+        let memory_mib = validate::memory_mib(req.memory_mib)?;
+        if req.huge_pages {
+            validate::huge_pages(memory_mib, &req.image)?;
+        }
+        (memory_mib, validate::vcpus(req.vcpus)?)
     } else {
         validate::snapshot_tag(&req.snapshot_tag)?;
         (req.memory_mib, req.vcpus)
@@ -166,6 +169,7 @@ pub fn boot_plan(req: &pb::SpawnSandboxesRequest) -> Result<BootPlan, ApiError> 
         restore: None,
         image: None,
         ttl: None,
+        huge_pages: req.huge_pages,
     })
 }
 

@@ -58,6 +58,7 @@ pub fn to_proto(
         dependents,
         children,
         image: m.image.clone().unwrap_or_default(),
+        huge_pages: m.guest.huge_pages,
     }
 }
 
@@ -124,6 +125,7 @@ mod tests {
             guest: GuestConfig {
                 memory_mib: 256,
                 vcpus: 2,
+                huge_pages: false,
             },
             image: None,
             pause_us: 900,

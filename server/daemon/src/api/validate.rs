@@ -44,6 +44,24 @@ pub fn spawn_count(n: u32) -> Result<usize, ApiError> {
     }
 }
 
+/// Checks `huge_pages` on a cold boot: the reference guest only, and RAM
+/// a whole number of 2 MiB pages.
+pub fn huge_pages(memory_mib: u32, image: &str) -> Result<(), ApiError> {
+    if !image.is_empty() {
+        return Err(invalid(format!(
+            "huge_pages is not available for Linux images yet (image {image:?}): leave it \
+             false, or spawn the reference guest"
+        )));
+    }
+    if !memory_mib.is_multiple_of(2) {
+        return Err(invalid(format!(
+            "memory_mib must be even with huge_pages (RAM is whole 2 MiB pages), got \
+             {memory_mib}"
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves `memory_mib` (0 means the default).
 pub fn memory_mib(m: u32) -> Result<u32, ApiError> {
     let min = forkd_guest_abi::MIN_MEMORY_MIB;
@@ -127,14 +145,23 @@ pub fn snapshot_tag(tag: &str) -> Result<(), ApiError> {
 }
 
 /// The guest shape of children forked from `m`: `memory_mib` and `vcpus`
-/// must be 0 or the snapshot's own.
+/// must be 0 or the snapshot's own, and `huge_pages` false or the
+/// snapshot's.
 pub fn fork_shape(
     m: &forkd_store::Manifest,
     memory_mib: u32,
     vcpus: u32,
+    huge_pages: bool,
 ) -> Result<(u32, u32), ApiError> {
     let tag = &m.tag;
     let g = m.guest;
+    if huge_pages && !g.huge_pages {
+        return Err(invalid(format!(
+            "huge_pages must be false when forking snapshot {tag}: its RAM is 4 KiB pages, and \
+             children use their snapshot's page size (take the snapshot of a sandbox spawned \
+             with huge_pages)"
+        )));
+    }
     if memory_mib != 0 && memory_mib != g.memory_mib {
         return Err(invalid(format!(
             "memory_mib must be 0 or {} (the guest RAM of snapshot {tag}) when forking, got \
@@ -379,13 +406,26 @@ mod tests {
                 "source_sandbox":"sb-1","guest":{"memory_mib":512,"vcpus":2},"pause_us":0}"#,
         )
         .unwrap();
-        assert_eq!(fork_shape(&m, 0, 0).unwrap(), (512, 2));
-        assert_eq!(fork_shape(&m, 512, 2).unwrap(), (512, 2));
-        assert!(msg(fork_shape(&m, 256, 0).unwrap_err())
+        assert_eq!(fork_shape(&m, 0, 0, false).unwrap(), (512, 2));
+        assert_eq!(fork_shape(&m, 512, 2, false).unwrap(), (512, 2));
+        assert!(msg(fork_shape(&m, 256, 0, false).unwrap_err())
             .contains("memory_mib must be 0 or 512 (the guest RAM of snapshot base)"));
-        assert!(msg(fork_shape(&m, 0, 1).unwrap_err()).contains("vcpus must be 0 or 2"));
+        assert!(msg(fork_shape(&m, 0, 1, false).unwrap_err()).contains("vcpus must be 0 or 2"));
         m.guest.vcpus = 1;
-        assert_eq!(fork_shape(&m, 0, 1).unwrap(), (512, 1));
+        assert_eq!(fork_shape(&m, 0, 1, false).unwrap(), (512, 1));
+        assert!(msg(fork_shape(&m, 0, 0, true).unwrap_err())
+            .contains("huge_pages must be false when forking snapshot base"));
+        m.guest.huge_pages = true;
+        assert_eq!(fork_shape(&m, 0, 0, true).unwrap(), (512, 1));
+        assert_eq!(fork_shape(&m, 0, 0, false).unwrap(), (512, 1));
+    }
+
+    #[test]
+    fn huge_pages_rules() {
+        assert!(huge_pages(512, "").is_ok());
+        assert!(msg(huge_pages(511, "").unwrap_err()).contains("memory_mib must be even"));
+        assert!(msg(huge_pages(512, "debian-python").unwrap_err())
+            .contains("not available for Linux images"));
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn probe() -> Result<usize, UffdProbeError> {
     // SAFETY: `ram` is a page-aligned shared (shmem) mapping of `len` bytes
     // that outlives `copy`: `copy` is dropped below before `ram`, and `ram`
     // is leaked if the writer thread cannot be accounted for.
-    let copy = unsafe { LiveCopy::arm(ram.as_ptr(), len) }?;
+    let copy = unsafe { LiveCopy::arm(ram.as_ptr(), len, PAGE_SIZE) }?;
     let target = ram.as_ptr() as usize + PAGE_SIZE;
     let (done_tx, done) = mpsc::channel();
     let writer = std::thread::Builder::new()

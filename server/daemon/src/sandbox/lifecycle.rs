@@ -51,6 +51,8 @@ pub struct BootPlan {
     pub image: Option<Image>,
     /// Lifetime of each sandbox from when it runs; `None`: no expiry.
     pub ttl: Option<Duration>,
+    /// RAM is 2 MiB huge pages (asked for a cold boot, or the snapshot's).
+    pub huge_pages: bool,
 }
 
 /// The snapshot children are forked from.
@@ -168,6 +170,9 @@ impl Lifecycle {
         start: Instant,
     ) -> Result<SpawnOutcome, ApiError> {
         let create_time = SystemTime::now();
+        if plan.huge_pages && plan.restore.is_none() {
+            super::huge_pages::check(plan.n, plan.memory_mib)?;
+        }
         let reservation = Arc::new(Mutex::new(self.registry.reserve(plan.n, plan.memory_mib)?));
         let mut tasks = JoinSet::new();
         for index in 0..plan.n {
@@ -253,6 +258,7 @@ impl Lifecycle {
             copy_rate_mibps: self.copy_rate_mibps,
             watchdog: self.watchdog,
             linux,
+            huge_pages: plan.huge_pages,
         };
         let vmm = match self.start_vmm(&spec) {
             Ok(Started::Claimed(vmm)) => {
@@ -279,6 +285,7 @@ impl Lifecycle {
             live_fork: plan.live_fork,
             snapshot_tag: plan.restore.as_ref().map(|r| r.tag.clone()),
             image: plan.image_name().map(str::to_string),
+            huge_pages: plan.huge_pages,
         };
         let inserted = reserve().insert(index, spec, vmm.clone());
         let sandbox = match inserted {
@@ -346,10 +353,14 @@ impl Lifecycle {
     /// (or when the claim fails) as a fresh process.
     fn start_vmm(&self, spec: &VmmSpec<'_>) -> Result<Started, BootError> {
         let pooled = match (&self.pool, &spec.restore) {
-            (Some(pool), Some(restore)) if restore.console_log.is_none() => pool.take(Shape {
-                memory_mib: spec.memory_mib,
-                vcpus: spec.vcpus,
-            }),
+            // Standbys reserve 4 KiB-page shapes; a huge-page snapshot's
+            // children start fresh (not measured on standbys yet).
+            (Some(pool), Some(restore)) if restore.console_log.is_none() && !spec.huge_pages => {
+                pool.take(Shape {
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                })
+            }
             _ => None,
         };
         if let (Some(standby), Some(restore)) = (pooled, &spec.restore) {

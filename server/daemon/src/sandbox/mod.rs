@@ -6,6 +6,7 @@ pub mod console;
 pub mod exec;
 pub mod expiry;
 pub mod files;
+pub mod huge_pages;
 pub mod ids;
 pub mod image_lookup;
 pub mod lifecycle;

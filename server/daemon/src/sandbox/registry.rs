@@ -35,6 +35,8 @@ pub struct SandboxSpec {
     pub snapshot_tag: Option<String>,
     /// The Linux image it booted; `None` for the reference guest.
     pub image: Option<String>,
+    /// RAM is 2 MiB huge pages.
+    pub huge_pages: bool,
 }
 
 /// One sandbox.
@@ -181,6 +183,7 @@ impl Sandbox {
             live_fork: self.spec.live_fork,
             boot_ms: self.boot_ms.get().copied().unwrap_or(0.0),
             image: self.spec.image.clone().unwrap_or_default(),
+            huge_pages: self.spec.huge_pages,
             guest_boot: self.vmm.guest_boot().map(|g| pb::GuestBoot {
                 kernel_ms: g.kernel_us as f64 / 1000.0,
                 init_ms: g.init_us as f64 / 1000.0,

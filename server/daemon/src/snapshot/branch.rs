@@ -191,6 +191,7 @@ pub async fn start(
         guest: forkd_store::GuestConfig {
             memory_mib: sandbox.spec.memory_mib,
             vcpus: sandbox.spec.vcpus,
+            huge_pages: sandbox.spec.huge_pages,
         },
         image: sandbox.spec.image.clone(),
     };

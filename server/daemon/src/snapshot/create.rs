@@ -106,6 +106,7 @@ pub async fn create_snapshot(
         image: None,
         // Deleted by this call: never expires on its own.
         ttl: None,
+        huge_pages: false,
     };
     if let Some(name) = &plan.image {
         linux.plan(&mut boot, name, plan.requested_memory_mib)?;

@@ -15,13 +15,16 @@ pub struct ForkSource {
     pub memory_mib: u32,
     /// vCPUs (the snapshot's).
     pub vcpus: u32,
+    /// RAM is 2 MiB huge pages (the snapshot's).
+    pub huge_pages: bool,
     /// The snapshot to restore.
     pub restore: Restore,
 }
 
 /// Resolves `tag` into a fork source: NOT_FOUND if unknown,
 /// FAILED_PRECONDITION unless READY, INVALID_ARGUMENT if `memory_mib` or
-/// `vcpus` (0 = the snapshot's) differ from the snapshot, DATA_LOSS if its
+/// `vcpus` (0 = the snapshot's) differ from the snapshot or `huge_pages`
+/// asks for huge pages from a 4 KiB snapshot, DATA_LOSS if its
 /// files do not match their digests (the store then marks the snapshot
 /// FAILED, so later calls get FAILED_PRECONDITION with the mismatch),
 /// FAILED_PRECONDITION for a diff whose chain is broken. A snapshot still WRITING is waited
@@ -35,6 +38,7 @@ pub async fn prepare(
     tag: &str,
     memory_mib: u32,
     vcpus: u32,
+    huge_pages: bool,
     wait_for_snapshot: bool,
 ) -> Result<ForkSource, ApiError> {
     validate::snapshot_tag(tag)?;
@@ -60,7 +64,7 @@ pub async fn prepare(
     // A READY diff whose ancestor failed or went away keeps its own files
     // but cannot be restored (also when its memory is already cached).
     snapshots.store().check_chain(tag)?;
-    let (memory_mib, vcpus) = validate::fork_shape(&m, memory_mib, vcpus)?;
+    let (memory_mib, vcpus) = validate::fork_shape(&m, memory_mib, vcpus, huge_pages)?;
     let memory = snapshots.memory(tag).await?;
     let t = tag.to_string();
     if let Err(e) = snapshots.blocking(move |s| s.verify_vmstate(&t)).await {
@@ -71,6 +75,7 @@ pub async fn prepare(
     Ok(ForkSource {
         memory_mib,
         vcpus,
+        huge_pages: m.guest.huge_pages,
         restore: Restore {
             tag: tag.to_string(),
             dir: snapshots.store().snapshot_dir(tag),

@@ -305,6 +305,7 @@ mod tests {
             guest: forkd_store::GuestConfig {
                 memory_mib: 36,
                 vcpus: 1,
+                huge_pages: false,
             },
             image: None,
         };

@@ -44,6 +44,9 @@ pub struct VmmSpec<'a> {
     pub watchdog: Option<Duration>,
     /// Boot a Linux image instead of the reference guest.
     pub linux: Option<LinuxBoot<'a>>,
+    /// Back a cold boot's RAM with 2 MiB huge pages (`--huge-pages`); a
+    /// restore takes its snapshot memfd's pages.
+    pub huge_pages: bool,
 }
 
 /// The Linux image a VMM boots.
@@ -108,6 +111,9 @@ impl Vmm {
                     .arg(spec.memory_mib.to_string())
                     .arg("--vcpus")
                     .arg(spec.vcpus.to_string());
+                if spec.huge_pages {
+                    cmd.arg("--huge-pages");
+                }
                 if let Some(linux) = &spec.linux {
                     cmd.arg("--kernel")
                         .arg(linux.kernel)

@@ -49,6 +49,7 @@ fn spawn_fake(dir: &Path, events: &[Event]) -> Arc<Vmm> {
         copy_rate_mibps: 0,
         watchdog: None,
         linux: None,
+        huge_pages: false,
     };
     // Another test's fork may hold the script open for writing a moment
     // (ETXTBSY); that passes.
