@@ -32,7 +32,16 @@ import { type FieldValue, wireFields } from "./helpers/wire.js";
 
 // Field numbers from proto/forkd/v1/sandbox.proto.
 const BRANCH = { sandboxId: 1, tag: 2, mode: 3, wait: 4, diff: 5, measureDiff: 6 } as const;
-const SPAWN = { snapshotTag: 1, n: 2, liveFork: 3, memoryMib: 4, labels: 6, waitForSnapshot: 7, ttlSeconds: 9 };
+const SPAWN = {
+  snapshotTag: 1,
+  n: 2,
+  liveFork: 3,
+  memoryMib: 4,
+  labels: 6,
+  waitForSnapshot: 7,
+  ttlSeconds: 9,
+  hugePages: 10,
+};
 
 function branchFields(...args: Parameters<typeof branchSandboxRequest>): Map<number, FieldValue[]> {
   return wireFields(toBinary(BranchSandboxRequestSchema, branchSandboxRequest(...args)));
@@ -151,6 +160,12 @@ describe("spawnSandboxesRequest", () => {
 
   test("n=0 is passed through for the server to judge", () => {
     assert.equal(spawnSandboxesRequest({ n: 0 }).n, 0);
+  });
+
+  test("hugePages is field 10, off the wire unless true", () => {
+    assert.deepEqual(spawnFields({ hugePages: true }).get(SPAWN.hugePages), [1n]);
+    assert.equal(spawnFields().has(SPAWN.hugePages), false);
+    assert.equal(spawnFields({ hugePages: false }).has(SPAWN.hugePages), false);
   });
 
   test("ttlSeconds is field 9, off the wire when absent or 0", () => {

@@ -53,6 +53,23 @@ describe("spawn", () => {
   });
 });
 
+describe("huge pages", () => {
+  test("more than the host's huge page pool is RESOURCE_EXHAUSTED naming the sysctl", async () => {
+    // 64 GiB of 2 MiB pages: more than this kind of host has, pool or not.
+    const err = await rejectsWith(
+      forkd.spawnSandboxes({ memoryMib: 65536, hugePages: true }),
+      "RESOURCE_EXHAUSTED",
+    );
+    assert.match(err.message, /huge_pages needs 32768 free 2 MiB huge pages/);
+    assert.match(err.message, /vm\.nr_hugepages/);
+  });
+
+  test("odd memoryMib with hugePages is INVALID_ARGUMENT", async () => {
+    const err = await rejectsWith(forkd.spawnSandboxes({ memoryMib: 65, hugePages: true }), "INVALID_ARGUMENT");
+    assert.match(err.message, /memory_mib must be even with huge_pages/);
+  });
+});
+
 describe("get, list, delete", () => {
   test("a sandbox is listed until deleted, then NOT_FOUND", async () => {
     const {
