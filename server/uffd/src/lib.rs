@@ -1,5 +1,9 @@
 //! A point-in-time copy of memory that keeps running: userfaultfd
-//! write-protection (UFFD_WP) on a shmem mapping.
+//! write-protection (UFFD_WP) on a shmem or hugetlb mapping.
+//!
+//! The copy works in units of the mapping's page size (4 KiB, or 2 MiB for
+//! hugetlb, which userfaultfd protects only whole): "page" below means one
+//! unit. The caller's bitmaps and page lists are always in 4 KiB pages.
 //!
 //! The copy has two phases, so that the writers (vCPUs) need to be stopped
 //! only briefly:
@@ -28,6 +32,10 @@
 //!   wakes the writer.
 //!
 //! When every page is copied, protection is dropped and the handler exits.
+//! On teardown the handler is stopped before the range is unregistered (so
+//! it never serves a fault on an unregistered range), and each fault is
+//! served under the phase lock (so a re-arm, which resets every page to
+//! pending, cannot land between a fault's claim check and its wait).
 
 mod copier;
 mod engine;
