@@ -11,6 +11,7 @@
 mod dirty_log;
 pub(crate) mod disk;
 mod health;
+mod hugepages;
 pub(crate) mod hypervisor;
 mod kvm;
 mod mapping;
@@ -78,6 +79,7 @@ pub fn run_checks(args: &DoctorArgs) -> Vec<Check> {
     checks.push(timed(dirty_log::check));
     checks.push(timed(memfd::check));
     checks.push(timed(uffd::check));
+    checks.push(timed(hugepages::check));
     checks.push(timed(|| vmm::check(args.vmm_path.as_deref())));
     checks.push(timed(|| disk::check(&args.data_dir)));
     checks.push(if args.no_daemon {
