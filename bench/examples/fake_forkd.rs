@@ -82,6 +82,7 @@ impl Fake {
             source_sandbox_id: sandbox.id.clone(),
             memory_mib: sandbox.memory_mib,
             vcpus: sandbox.vcpus,
+            huge_pages: sandbox.huge_pages,
             chain,
             ..Default::default()
         };
@@ -117,9 +118,10 @@ impl SandboxService for Fake {
         if !(1..=1000).contains(&req.n) {
             return Err(Status::invalid_argument("n must be 1..1000"));
         }
-        let mut memory_mib = req.memory_mib;
+        let (mut memory_mib, mut huge_pages) = (req.memory_mib, req.huge_pages);
         if !req.snapshot_tag.is_empty() {
-            memory_mib = self.snapshot(&req.snapshot_tag)?.memory_mib;
+            let snap = self.snapshot(&req.snapshot_tag)?;
+            (memory_mib, huge_pages) = (snap.memory_mib, snap.huge_pages);
         }
         let mut out = Vec::new();
         for _ in 0..req.n {
@@ -144,6 +146,7 @@ impl SandboxService for Fake {
                 vmm_pid: child.id(),
                 live_fork: req.live_fork.unwrap_or(false),
                 boot_ms: start.elapsed().as_secs_f64() * 1e3,
+                huge_pages,
                 ..Default::default()
             };
             if !req.snapshot_tag.is_empty() {

@@ -38,6 +38,9 @@ pub struct GuestShape {
     pub memory_mib: u32,
     /// vCPUs; 0 lets the daemon choose (2).
     pub vcpus: u32,
+    /// Guest RAM in 2 MiB huge pages (cold boots only; children take their
+    /// snapshot's page size).
+    pub huge_pages: bool,
 }
 
 /// Shared state of one benchmark run.
@@ -167,6 +170,7 @@ impl Ctx {
         let shape = GuestShape {
             memory_mib: 0,
             vcpus: 0,
+            huge_pages: false,
         };
         self.spawn_with(bench, n, tag, shape).await
     }
@@ -188,6 +192,7 @@ impl Ctx {
             vcpus: shape.vcpus,
             labels: HashMap::from([(LABEL_KEY.to_string(), bench.to_string())]),
             wait_for_snapshot: false,
+            huge_pages: shape.huge_pages,
             ..Default::default()
         });
         req.set_timeout(self.spawn_timeout);

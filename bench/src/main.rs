@@ -387,6 +387,7 @@ async fn run(args: Args) -> Result<bool> {
         GuestShape {
             memory_mib: args.memory_mib,
             vcpus: args.vcpus,
+            huge_pages: false,
         },
         Duration::from_secs(args.spawn_timeout_secs),
         daemon.dir().to_path_buf(),

@@ -60,6 +60,7 @@ pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
     let shape = GuestShape {
         memory_mib: it.branch_memory_mib,
         vcpus: 0,
+        huge_pages: false,
     };
     let (resp, _) = ctx.spawn_with(NAME, 1, "", shape).await?;
     let id = resp.sandboxes[0].id.clone();

@@ -77,6 +77,7 @@ impl Source {
         let shape = GuestShape {
             memory_mib,
             vcpus: 0,
+            huge_pages: false,
         };
         let (resp, _) = ctx.spawn_with(NAME, 1, "", shape).await?;
         let id = resp.sandboxes[0].id.clone();
