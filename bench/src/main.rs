@@ -47,10 +47,13 @@ enum Bench {
     /// LIVE (wait=true/false) against DIFF and FULL on a writing 1.5 GiB
     /// guest, the writer's slowdown, and the LIVE pause against RAM size.
     BranchLive,
+    /// 4 KiB against 2 MiB guest pages: the first LIVE branch's pause and
+    /// round trip per RAM size, and the memory of idle children.
+    LiveHuge,
 }
 
 impl Bench {
-    const ALL: [Bench; 9] = [
+    const ALL: [Bench; 10] = [
         Bench::ColdSpawn,
         Bench::ExecEcho,
         Bench::AgentThroughput,
@@ -60,6 +63,7 @@ impl Bench {
         Bench::ForkPool,
         Bench::BranchPause,
         Bench::BranchLive,
+        Bench::LiveHuge,
     ];
 
     fn name(self) -> &'static str {
@@ -73,6 +77,7 @@ impl Bench {
             Bench::ForkPool => benches::fork_pool::NAME,
             Bench::BranchPause => benches::branch_pause::NAME,
             Bench::BranchLive => benches::branch_live::NAME,
+            Bench::LiveHuge => benches::live_huge::NAME,
         }
     }
 
@@ -87,6 +92,7 @@ impl Bench {
             Bench::ForkPool => benches::fork_pool::run(ctx, it).await,
             Bench::BranchPause => benches::branch_pause::run(ctx, it).await,
             Bench::BranchLive => benches::branch_live::run(ctx, it).await,
+            Bench::LiveHuge => benches::live_huge::run(ctx, it).await,
         }
     }
 }
@@ -197,6 +203,15 @@ struct Args {
     /// branch-live: no scratch-file ballast before each branch.
     #[arg(long)]
     live_no_ballast: bool,
+    /// live-huge: guest RAM sizes, MiB, even (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    huge_sizes: Vec<u32>,
+    /// live-huge: sandboxes per size and page size (default 3, --quick 1).
+    #[arg(long)]
+    huge_reps: Option<usize>,
+    /// live-huge: idle children forked per page size.
+    #[arg(long)]
+    huge_children: Option<u32>,
     /// Deadline of one SpawnSandboxes call, seconds.
     #[arg(long, default_value_t = 300)]
     spawn_timeout_secs: u64,
@@ -282,6 +297,15 @@ impl Args {
         }
         if self.live_no_ballast {
             it.live_ballast = false;
+        }
+        if !self.huge_sizes.is_empty() {
+            it.huge_sizes = self.huge_sizes.clone();
+        }
+        if let Some(n) = self.huge_reps {
+            it.huge_reps = n.max(1);
+        }
+        if let Some(n) = self.huge_children {
+            it.huge_children = n.clamp(1, 1000);
         }
         if let Some(s) = self.unary_secs {
             it.unary_duration = Duration::from_secs_f64(s.max(0.1));

@@ -33,7 +33,7 @@ const CHECK_CONCURRENCY: usize = 32;
 /// `/proc/meminfo` fields whose growth per child is reported: where the
 /// host memory of an idle child goes (user pages, page tables, kernel
 /// allocations such as KVM's per-VM structures).
-const MEMINFO_FIELDS: &[&str] = &[
+pub(super) const MEMINFO_FIELDS: &[&str] = &[
     "AnonPages",
     "Shmem",
     "PageTables",
@@ -57,7 +57,7 @@ struct MemRow {
 
 /// Waits (up to 10 s) until none of `pids` is a live forkd-vmm, then 1 s
 /// more, so the host's memory figures no longer move with their exits.
-async fn settle(pids: &[u32]) {
+pub(super) async fn settle(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|&p| procfs::process_alive(p, "forkd-vmm")) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

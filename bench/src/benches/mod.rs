@@ -9,6 +9,7 @@ pub mod exec_echo;
 pub mod fork_pool;
 pub mod fork_spawn;
 pub mod idle_memory;
+pub mod live_huge;
 pub mod unary;
 
 use std::time::Duration;
@@ -82,6 +83,16 @@ pub struct Iters {
     pub live_writer_rate: u64,
     /// branch-live: scratch-file ballast before every branch.
     pub live_ballast: bool,
+    /// live-huge: guest RAM sizes of the first-LIVE-branch comparison, MiB.
+    pub huge_sizes: Vec<u32>,
+    /// live-huge: sandboxes per size and page size.
+    pub huge_reps: usize,
+    /// live-huge: idle children forked per page size.
+    pub huge_children: u32,
+    /// live-huge: guest RAM of the children's snapshot, MiB.
+    pub huge_child_memory_mib: u32,
+    /// live-huge: MiB the children's source fills before its snapshot.
+    pub huge_child_fill_mib: u32,
 }
 
 impl Default for Iters {
@@ -117,6 +128,11 @@ impl Default for Iters {
             live_writer_pages: 4096,
             live_writer_rate: 0,
             live_ballast: true,
+            huge_sizes: vec![256, 1536, 4096],
+            huge_reps: 3,
+            huge_children: 10,
+            huge_child_memory_mib: 1536,
+            huge_child_fill_mib: 512,
         }
     }
 }
@@ -155,6 +171,8 @@ impl Iters {
             live_writer_pages: 4096,
             live_writer_rate: 0,
             live_ballast: true,
+            huge_reps: 1,
+            ..Iters::default()
         }
     }
 

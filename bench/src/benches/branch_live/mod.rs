@@ -30,7 +30,7 @@
 mod compare;
 mod report;
 mod sizes;
-mod watch;
+pub(super) mod watch;
 mod writer;
 
 use anyhow::{ensure, Result};
@@ -45,7 +45,7 @@ pub const NAME: &str = "branch-live";
 
 /// Where `fill` starts in guest RAM, MiB (forkd-guest-abi FILL_ADDR): a
 /// guest of M MiB can fill M - 32.
-const FILL_START_MIB: u32 = 32;
+pub(super) const FILL_START_MIB: u32 = 32;
 
 /// Runs the benchmark.
 pub async fn run(ctx: &Ctx, it: &Iters) -> Result<Vec<Table>> {
