@@ -122,13 +122,17 @@ async fn measure(
     let pids: Vec<u32> = resp.sandboxes.iter().map(|s| s.vmm_pid).collect();
     let mut usage = Vec::new();
     let mut vmas = Vec::new();
+    let wrong = resp.sandboxes.iter().filter(|s| s.huge_pages != huge);
+    if let Some(first) = wrong.clone().next() {
+        ctx.observe(format!(
+            "{NAME}: {} of {} children of {tag} report huge_pages={}, e.g. {}",
+            wrong.count(),
+            resp.sandboxes.len(),
+            !huge,
+            first.id
+        ));
+    }
     for sb in &resp.sandboxes {
-        if sb.huge_pages != huge {
-            ctx.observe(format!(
-                "{NAME}: child {} of {tag} reports huge_pages={}",
-                sb.id, sb.huge_pages
-            ));
-        }
         let what = || format!("memory of child {} (pid {})", sb.id, sb.vmm_pid);
         usage.push(procfs::mem_usage(sb.vmm_pid).with_context(what)?);
         vmas.push(procfs::hugetlb_vmas(sb.vmm_pid).with_context(what)?);
