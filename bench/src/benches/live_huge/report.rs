@@ -59,7 +59,7 @@ fn first_live(it: &Iters, cases: &[Case]) -> Table {
     ));
     t.note(
         "pause = VMM-reported pause_ms of the BranchSandbox reply (vCPUs stopped until they run \
-         again: write-protecting guest RAM is most of it); RPC = client round trip of \
+         again, write-protecting guest RAM included); RPC = client round trip of \
          BranchSandbox; to READY = from the request until the READY message; copied MiB = \
          WatchSnapshot bytes_total; no page-cache ballast (the pause writes no memory)",
     );
