@@ -93,23 +93,24 @@ impl<'a> HugeMap<'a> {
     }
 
     /// Whether the huge page holding `offset` is mapped here (every page
-    /// this map wrote is).
+    /// this map wrote is; a huge page is mapped whole, so its first 4 KiB
+    /// answers for it).
     fn is_present(&self, offset: u64) -> io::Result<bool> {
         let start = offset / HUGE_PAGE * HUGE_PAGE;
-        let mut vec = vec![0u8; (HUGE_PAGE / 4096) as usize];
-        // SAFETY: one huge page inside the mapping; `vec` has a byte per
-        // 4 KiB page of it.
+        let mut byte = 0u8;
+        // SAFETY: the first 4 KiB of a huge page inside the mapping;
+        // `byte` receives mincore's one byte for it.
         let rc = unsafe {
             libc::mincore(
                 self.addr.add(start as usize) as *mut libc::c_void,
-                HUGE_PAGE as usize,
-                vec.as_mut_ptr(),
+                4096,
+                &mut byte,
             )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(vec[0] & 1 != 0)
+        Ok(byte & 1 != 0)
     }
 
     fn check(&self, offset: u64, end: u64) -> io::Result<()> {
